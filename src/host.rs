@@ -1,0 +1,296 @@
+//! Hosts: thin async drivers that feed inputs to a state machine and carry out its outputs in order.
+//!
+//! A host holds no protocol rule. It loads durable state at boot, turns network frames, timer expiries and
+//! finished downloads into inputs, and executes outputs one after the other: a `Persist` is written and synced
+//! before the next output runs, so a crash may land between any two outputs but never lets a reply overtake
+//! the write it depends on. Everything it does is told to an [`Observer`].
+
+use std::fmt;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::coordinator::{Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorTimer, RestoreRequest};
+use crate::io::{Disk, RemoteStore, StateFile, Transport};
+use crate::protocol::{
+    DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, StoreError, decode_frame, encode_frame,
+};
+use crate::shard::{Shard, ShardConfig, ShardDurable, ShardTimer};
+
+/// A protocol state machine as a host sees it.
+pub trait Machine {
+    type Durable: Serialize + DeserializeOwned + Clone + fmt::Debug;
+    type Timer: Clone + fmt::Debug + 'static;
+    fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<Output<Self::Durable, Self::Timer>>;
+    fn handle_timer(&mut self, now_ms: u64, timer: Self::Timer) -> Vec<Output<Self::Durable, Self::Timer>>;
+    fn handle_download(&mut self, now_ms: u64, result: DownloadResult) -> Vec<Output<Self::Durable, Self::Timer>>;
+}
+
+impl Machine for Coordinator {
+    type Durable = CoordinatorDurable;
+    type Timer = CoordinatorTimer;
+    fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Coordinator::handle_message(self, now_ms, from, msg)
+    }
+    fn handle_timer(&mut self, now_ms: u64, timer: Self::Timer) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Coordinator::handle_timer(self, now_ms, timer)
+    }
+    fn handle_download(&mut self, now_ms: u64, result: DownloadResult) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Coordinator::handle_download(self, now_ms, result)
+    }
+}
+
+impl Machine for Shard {
+    type Durable = ShardDurable;
+    type Timer = ShardTimer;
+    fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Shard::handle_message(self, now_ms, from, msg)
+    }
+    fn handle_timer(&mut self, now_ms: u64, timer: Self::Timer) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Shard::handle_timer(self, now_ms, timer)
+    }
+    fn handle_download(&mut self, now_ms: u64, result: DownloadResult) -> Vec<Output<Self::Durable, Self::Timer>> {
+        Shard::handle_download(self, now_ms, result)
+    }
+}
+
+/// Moments at which a host asks its observer whether the node crashes right there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CrashPoint {
+    /// State was written but not yet synced.
+    BeforeSync,
+    /// State is durable; the outputs after it (usually the reply) have not run.
+    AfterPersist,
+}
+
+/// What a host did, as told to its observer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// The node booted with this durable state (`None`: nothing was ever synced).
+    CoordinatorBooted { generation: u64, loaded: Option<CoordinatorDurable> },
+    ShardBooted { loaded: Option<ShardDurable> },
+    /// A persist is durable (written and synced).
+    Persisted(PersistNote),
+    Sent { to: NodeAddr, msg: Message },
+    Received { from: NodeAddr, msg: Message },
+    /// A frame that did not decode; dropped.
+    BadFrame { from: NodeAddr, error: String },
+    Download { request: DownloadRequest, outcome: Result<(usize, u64), StoreError> },
+    Report(String),
+    /// The restore request given at boot was refused.
+    StartRefused(String),
+    /// A disk or state error the host cannot carry on after; the node stops.
+    Fatal(String),
+}
+
+/// Sees everything hosts do; decides nothing about the protocol.
+pub trait Observer {
+    fn record(&self, node: NodeAddr, event: HostEvent);
+    /// Whether the node crashes at this point (fault injection). Real hosts never crash on purpose.
+    fn crash_point(&self, _node: NodeAddr, _point: CrashPoint) -> bool {
+        false
+    }
+}
+
+/// The IO a host carries outputs out with.
+pub struct HostIo<D, S, T, O> {
+    pub disk: Rc<D>,
+    pub store: Rc<S>,
+    pub transport: Rc<T>,
+    pub observer: Rc<O>,
+    /// Time zero of the `now_ms` the machines see.
+    pub epoch: Instant,
+    /// How long a ranged read may take before it counts as failed.
+    pub download_timeout_ms: u64,
+}
+
+impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
+    fn clone(&self) -> Self {
+        Self {
+            disk: self.disk.clone(),
+            store: self.store.clone(),
+            transport: self.transport.clone(),
+            observer: self.observer.clone(),
+            epoch: self.epoch,
+            download_timeout_ms: self.download_timeout_ms,
+        }
+    }
+}
+
+/// Name of the durable state file of every node.
+pub const STATE_FILE: &str = "node.state";
+
+enum Input<T> {
+    Message(NodeAddr, Message),
+    Timer(T),
+    Download(DownloadResult),
+}
+
+impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Observer + 'static> HostIo<D, S, T, O> {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).expect("time fits in u64 ms")
+    }
+
+    fn load<Dur: DeserializeOwned>(&self, node: NodeAddr) -> Option<(StateFile, Option<Dur>)> {
+        let (file, bytes) = match StateFile::load(&*self.disk, STATE_FILE) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                self.observer.record(node, HostEvent::Fatal(error.to_string()));
+                return None;
+            }
+        };
+        match bytes.map(|b| decode_frame::<Dur>(&b)).transpose() {
+            Ok(state) => Some((file, state)),
+            Err(error) => {
+                let message = format!("state file {STATE_FILE} holds an intact but undecodable state: {error}");
+                self.observer.record(node, HostEvent::Fatal(message));
+                None
+            }
+        }
+    }
+
+    /// Boots and runs the coordinator until the node is killed. `request` is started at boot (idempotently).
+    pub async fn run_coordinator(self, config: CoordinatorConfig, seed: u64, request: Option<RestoreRequest>) {
+        let node = NodeAddr::Coordinator;
+        let Some((file, loaded)) = self.load::<CoordinatorDurable>(node) else { return };
+        let (mut machine, mut outputs) = Coordinator::boot(config, loaded.clone(), seed, self.now_ms());
+        let generation = machine.generation();
+        self.observer.record(node, HostEvent::CoordinatorBooted { generation, loaded });
+        if let Some(request) = request {
+            match machine.start(self.now_ms(), request) {
+                Ok(more) => outputs.extend(more),
+                Err(error) => self.observer.record(node, HostEvent::StartRefused(error.to_string())),
+            }
+        }
+        self.run(node, machine, file, outputs).await;
+    }
+
+    /// Boots and runs a shard until the node is killed.
+    pub async fn run_shard(self, shard: crate::model::ShardId, config: ShardConfig) {
+        let node = NodeAddr::Shard(shard);
+        let Some((file, loaded)) = self.load::<ShardDurable>(node) else { return };
+        self.observer.record(node, HostEvent::ShardBooted { loaded: loaded.clone() });
+        let machine = Shard::boot(shard, config, loaded);
+        self.run(node, machine, file, Vec::new()).await;
+    }
+
+    async fn run<M: Machine>(
+        self,
+        node: NodeAddr,
+        mut machine: M,
+        mut file: StateFile,
+        first: Vec<Output<M::Durable, M::Timer>>,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Input<M::Timer>>();
+        self.spawn_receiver(node, tx.clone());
+        let mut outputs = first;
+        loop {
+            for output in outputs {
+                if !self.execute(node, &mut file, output, &tx).await {
+                    // Crashed on purpose or hit a fatal disk error: do nothing more until the node is restarted.
+                    std::future::pending::<()>().await;
+                }
+            }
+            let Some(input) = rx.recv().await else { return };
+            let now_ms = self.now_ms();
+            outputs = match input {
+                Input::Message(from, msg) => {
+                    self.observer.record(node, HostEvent::Received { from, msg: msg.clone() });
+                    machine.handle_message(now_ms, from, msg)
+                }
+                Input::Timer(timer) => machine.handle_timer(now_ms, timer),
+                Input::Download(result) => machine.handle_download(now_ms, result),
+            };
+        }
+    }
+
+    fn spawn_receiver<Tm: 'static>(&self, node: NodeAddr, tx: mpsc::UnboundedSender<Input<Tm>>) {
+        let transport = self.transport.clone();
+        let observer = self.observer.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok((from, frame)) = transport.recv().await {
+                match decode_frame::<Message>(&frame) {
+                    Ok(msg) => {
+                        if tx.send(Input::Message(from, msg)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => observer.record(node, HostEvent::BadFrame { from, error: error.to_string() }),
+                }
+            }
+        });
+    }
+
+    /// Carries out one output; `false` means the node must stop here.
+    async fn execute<Dur: Serialize, Tm: Clone + 'static>(
+        &self,
+        node: NodeAddr,
+        file: &mut StateFile,
+        output: Output<Dur, Tm>,
+        tx: &mpsc::UnboundedSender<Input<Tm>>,
+    ) -> bool {
+        match output {
+            Output::Persist { state, note } => return self.persist(node, file, &state, note).await,
+            Output::Send { to, msg } => {
+                let frame = encode_frame(&msg);
+                self.observer.record(node, HostEvent::Sent { to, msg });
+                self.transport.send(to, frame).await;
+            }
+            Output::SetTimer { at_ms, timer } => {
+                let deadline = self.epoch + Duration::from_millis(at_ms);
+                let tx = tx.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep_until(deadline).await;
+                    let _ = tx.send(Input::Timer(timer));
+                });
+            }
+            Output::Download(request) => self.spawn_download(node, request, tx.clone()),
+            Output::Report(text) => self.observer.record(node, HostEvent::Report(text)),
+        }
+        true
+    }
+
+    async fn persist<Dur: Serialize>(&self, node: NodeAddr, file: &mut StateFile, state: &Dur, note: PersistNote) -> bool {
+        let bytes = encode_frame(state);
+        let written = file.write(&*self.disk, &bytes).await;
+        if let Err(error) = written {
+            self.observer.record(node, HostEvent::Fatal(format!("writing state: {error}")));
+            return false;
+        }
+        if self.observer.crash_point(node, CrashPoint::BeforeSync) {
+            return false;
+        }
+        if let Err(error) = self.disk.sync().await {
+            self.observer.record(node, HostEvent::Fatal(format!("syncing state: {error}")));
+            return false;
+        }
+        self.observer.record(node, HostEvent::Persisted(note));
+        !self.observer.crash_point(node, CrashPoint::AfterPersist)
+    }
+
+    fn spawn_download<Tm: 'static>(&self, node: NodeAddr, request: DownloadRequest, tx: mpsc::UnboundedSender<Input<Tm>>) {
+        let store = self.store.clone();
+        let observer = self.observer.clone();
+        let timeout_ms = self.download_timeout_ms;
+        tokio::task::spawn_local(async move {
+            let read = store.get_range(&request.object, request.offset, request.len);
+            let outcome = match tokio::time::timeout(Duration::from_millis(timeout_ms), read).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(StoreError::Timeout { timeout_ms }),
+            };
+            let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
+            observer.record(node, HostEvent::Download { request: request.clone(), outcome: summary });
+            let result = DownloadResult {
+                download_id: request.download_id,
+                object: request.object,
+                offset: request.offset,
+                outcome,
+            };
+            let _ = tx.send(Input::Download(result));
+        });
+    }
+}

@@ -1,0 +1,268 @@
+//! The IO interfaces the hosts carry out outputs with, the durable state file format on top of a [`Disk`], and
+//! the real adapters (files with fsync, a directory as an object store).
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+
+use crate::protocol::{NodeAddr, RangeRead, StoreError};
+
+/// A node's local disk: named files, writes that are durable only after `sync`.
+pub trait Disk {
+    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
+    /// Replaces the file's content. Not durable until [`Disk::sync`] returns.
+    fn write(&self, name: &str, bytes: &[u8]) -> impl Future<Output = io::Result<()>>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> impl Future<Output = io::Result<()>>;
+}
+
+/// An S3-like object store.
+pub trait RemoteStore {
+    fn put(&self, object: &str, bytes: Vec<u8>) -> impl Future<Output = Result<(), StoreError>>;
+    /// Reads up to `len` bytes from `offset`; a shorter read is allowed and the caller resumes.
+    fn get_range(&self, object: &str, offset: u64, len: u64) -> impl Future<Output = Result<RangeRead, StoreError>>;
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StoreError>>;
+}
+
+/// Carries serde-encoded frames between nodes. Delivery is best effort: frames may be lost.
+pub trait Transport {
+    fn send(&self, to: NodeAddr, frame: Vec<u8>) -> impl Future<Output = ()>;
+    fn recv(&self) -> impl Future<Output = io::Result<(NodeAddr, Vec<u8>)>>;
+}
+
+const STATE_MAGIC: &[u8; 4] = b"LSST";
+const STATE_HEADER_LEN: usize = 20;
+
+/// Durable state kept in two slots, written alternately, each with a sequence number and a checksum. A crash
+/// that tears the write in progress damages only the slot being written; the other still holds the last synced
+/// state, so a torn write never loses state that was acknowledged as durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateFile {
+    name: String,
+    /// Sequence number of the last state written or loaded.
+    seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("reading state file {name}: {source}")]
+    Io { name: String, source: io::Error },
+}
+
+impl StateFile {
+    /// Loads the newest intact slot of state `name`; `None` when nothing intact was ever synced.
+    pub fn load<D: Disk>(disk: &D, name: &str) -> Result<(Self, Option<Vec<u8>>), StateError> {
+        let mut best: Option<(u64, Vec<u8>)> = None;
+        for slot in 0..2 {
+            let path = slot_name(name, slot);
+            let bytes = disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })?;
+            if let Some((seq, payload)) = bytes.as_deref().and_then(parse_slot)
+                && best.as_ref().is_none_or(|(best_seq, _)| seq > *best_seq)
+            {
+                best = Some((seq, payload.to_vec()));
+            }
+        }
+        let seq = best.as_ref().map_or(0, |(seq, _)| *seq);
+        Ok((Self { name: name.to_string(), seq }, best.map(|(_, payload)| payload)))
+    }
+
+    /// Writes `payload` into the slot not holding the newest state. The caller syncs.
+    pub async fn write<D: Disk>(&mut self, disk: &D, payload: &[u8]) -> io::Result<()> {
+        self.seq += 1;
+        let mut bytes = Vec::with_capacity(STATE_HEADER_LEN + payload.len());
+        bytes.extend_from_slice(STATE_MAGIC);
+        bytes.extend_from_slice(&self.seq.to_le_bytes());
+        bytes.extend_from_slice(&u32::try_from(payload.len()).expect("state fits in u32").to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        disk.write(&slot_name(&self.name, self.seq % 2), &bytes).await
+    }
+}
+
+fn slot_name(name: &str, slot: u64) -> String {
+    format!("{name}.{slot}")
+}
+
+fn parse_slot(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    if bytes.len() < STATE_HEADER_LEN || &bytes[0..4] != STATE_MAGIC {
+        return None;
+    }
+    let seq = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
+    let len = u32::from_le_bytes(bytes[12..16].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
+    let payload = bytes.get(STATE_HEADER_LEN..)?;
+    (payload.len() == len && crc32fast::hash(payload) == crc).then_some((seq, payload))
+}
+
+/// A real disk: one directory, files written in place and made durable with fsync (files and directory).
+pub struct FileDisk {
+    dir: PathBuf,
+    unsynced: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl FileDisk {
+    pub fn open(dir: impl Into<PathBuf>) -> io::Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir, unsynced: Default::default() })
+    }
+}
+
+impl Disk for FileDisk {
+    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.dir.join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, bytes)?;
+        self.unsynced.borrow_mut().push(path);
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        let paths: Vec<PathBuf> = self.unsynced.borrow_mut().drain(..).collect();
+        for path in paths {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// A real object store on a local directory: object names are relative paths.
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(Self { root })
+    }
+
+    fn path_of(&self, object: &str) -> Result<PathBuf, StoreError> {
+        let safe = !object.is_empty()
+            && std::path::Path::new(object).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if safe {
+            Ok(self.root.join(object))
+        } else {
+            Err(StoreError::NotFound { object: object.to_string() })
+        }
+    }
+}
+
+fn unavailable(error: io::Error) -> StoreError {
+    StoreError::Unavailable { detail: error.to_string() }
+}
+
+impl RemoteStore for DirStore {
+    async fn put(&self, object: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.path_of(object)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(unavailable)?;
+        }
+        std::fs::write(path, bytes).map_err(unavailable)
+    }
+
+    async fn get_range(&self, object: &str, offset: u64, len: u64) -> Result<RangeRead, StoreError> {
+        let bytes = match std::fs::read(self.path_of(object)?) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { object: object.to_string() });
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        range_of(object, &bytes, offset, len)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut names = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(unavailable)? {
+                let path = entry.map_err(unavailable)?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(relative) = path.strip_prefix(&self.root) {
+                    let name = relative.to_string_lossy().replace('\\', "/");
+                    if name.starts_with(prefix) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// The ranged read of `object` = `bytes` that a well-behaved store returns.
+pub fn range_of(object: &str, bytes: &[u8], offset: u64, len: u64) -> Result<RangeRead, StoreError> {
+    let total_len = bytes.len() as u64;
+    if offset > total_len {
+        return Err(StoreError::BadRange { object: object.to_string(), offset, len: total_len });
+    }
+    let end = offset.saturating_add(len).min(total_len);
+    Ok(RangeRead { bytes: bytes[offset as usize..end as usize].to_vec(), total_len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        // The real adapters never await anything that is not ready, so polling once finishes them.
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut future = std::pin::pin!(future);
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("real adapters complete without waiting"),
+        }
+    }
+
+    #[test]
+    fn state_file_survives_a_torn_write_of_the_newer_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FileDisk::open(dir.path()).unwrap();
+        let (mut file, loaded) = StateFile::load(&disk, "state").unwrap();
+        assert_eq!(loaded, None);
+        block_on(file.write(&disk, b"first")).unwrap();
+        block_on(disk.sync()).unwrap();
+        block_on(file.write(&disk, b"second")).unwrap();
+        block_on(disk.sync()).unwrap();
+        let (_, loaded) = StateFile::load(&disk, "state").unwrap();
+        assert_eq!(loaded.as_deref(), Some(&b"second"[..]));
+        // Tear the newest slot: keep half of it.
+        let newest = dir.path().join("state.0");
+        let bytes = std::fs::read(&newest).unwrap();
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+        let (mut file, loaded) = StateFile::load(&disk, "state").unwrap();
+        assert_eq!(loaded.as_deref(), Some(&b"first"[..]));
+        // The next write goes to the torn slot, not over the intact one.
+        block_on(file.write(&disk, b"third")).unwrap();
+        let (_, loaded) = StateFile::load(&disk, "state").unwrap();
+        assert_eq!(loaded.as_deref(), Some(&b"third"[..]));
+    }
+
+    #[test]
+    fn dir_store_serves_ranges_lists_and_names_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open(dir.path()).unwrap();
+        block_on(store.put("backups/1/a", b"hello world".to_vec())).unwrap();
+        let read = block_on(store.get_range("backups/1/a", 6, 100)).unwrap();
+        assert_eq!(read, RangeRead { bytes: b"world".to_vec(), total_len: 11 });
+        assert_eq!(block_on(store.list("backups/")).unwrap(), vec!["backups/1/a".to_string()]);
+        assert_eq!(
+            block_on(store.get_range("backups/1/b", 0, 1)),
+            Err(StoreError::NotFound { object: "backups/1/b".into() })
+        );
+        assert!(block_on(store.get_range("../escape", 0, 1)).is_err());
+        assert!(matches!(block_on(store.get_range("backups/1/a", 12, 1)), Err(StoreError::BadRange { .. })));
+    }
+}

@@ -1,0 +1,273 @@
+//! The data model: rows, tables, shard key ranges and the backup chain.
+//!
+//! A table maps `Key -> Value`. It is split across shards by contiguous key ranges. Backups are taken in time
+//! order: a full backup holds every row of every shard, an incremental holds the changes (upserts and deletes)
+//! since the backup before it. A restore uses the newest full backup and every incremental after it, in order;
+//! everything before the newest full is ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A row key.
+pub type Key = u64;
+/// A row value.
+pub type Value = u64;
+/// The rows of a table, or of one shard of it, in key order.
+pub type Rows = BTreeMap<Key, Value>;
+
+/// Index of a shard within a table, `0..shard_count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ShardId(pub u32);
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard-{}", self.0)
+    }
+}
+
+/// Position of a backup in a restore chain: 0 is the full backup, 1.. the incrementals after it.
+pub type IncrementIndex = u32;
+
+/// A half-open key range `[start, end)`; `end == None` means "to the end of the key space".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyRange {
+    pub start: Key,
+    pub end: Option<Key>,
+}
+
+impl KeyRange {
+    pub fn contains(&self, key: Key) -> bool {
+        key >= self.start && self.end.is_none_or(|end| key < end)
+    }
+}
+
+/// How a table's key space is cut into shards: contiguous ranges covering every key exactly once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShardMap {
+    ranges: Vec<KeyRange>,
+}
+
+impl ShardMap {
+    /// Cuts `[0, key_space)` into `shard_count` equal ranges; the last one runs to the end of the key space.
+    pub fn even(shard_count: u32, key_space: Key) -> Self {
+        assert!(shard_count > 0, "a table has at least one shard");
+        let width = (key_space / u64::from(shard_count)).max(1);
+        let ranges = (0..shard_count)
+            .map(|i| KeyRange {
+                start: u64::from(i) * width,
+                end: (i + 1 < shard_count).then(|| u64::from(i + 1) * width),
+            })
+            .collect();
+        Self { ranges }
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        u32::try_from(self.ranges.len()).expect("shard count fits in u32")
+    }
+
+    pub fn shards(&self) -> impl Iterator<Item = ShardId> + use<> {
+        (0..self.shard_count()).map(ShardId)
+    }
+
+    pub fn range(&self, shard: ShardId) -> KeyRange {
+        self.ranges[shard.0 as usize]
+    }
+
+    pub fn shard_for(&self, key: Key) -> ShardId {
+        let index = self.ranges.partition_point(|range| range.start <= key);
+        assert!(index > 0, "the first range starts at key 0");
+        ShardId(u32::try_from(index - 1).expect("shard index fits in u32"))
+    }
+
+    /// The rows of `rows` that fall in `shard`'s range.
+    pub fn rows_of(&self, rows: &Rows, shard: ShardId) -> Rows {
+        let range = self.range(shard);
+        let upper = match range.end {
+            Some(end) => std::ops::Bound::Excluded(end),
+            None => std::ops::Bound::Unbounded,
+        };
+        rows.range((std::ops::Bound::Included(range.start), upper))
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+}
+
+/// One change carried by a backup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Change {
+    Upsert { key: Key, value: Value },
+    Delete { key: Key },
+}
+
+impl Change {
+    pub fn key(&self) -> Key {
+        match *self {
+            Change::Upsert { key, .. } | Change::Delete { key } => key,
+        }
+    }
+}
+
+/// Applies `changes` to `rows` in order.
+pub fn apply_changes(rows: &mut Rows, changes: &[Change]) {
+    for change in changes {
+        match *change {
+            Change::Upsert { key, value } => {
+                rows.insert(key, value);
+            }
+            Change::Delete { key } => {
+                rows.remove(&key);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BackupKind {
+    Full,
+    Incremental,
+}
+
+impl fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+        })
+    }
+}
+
+/// The manifest of one backup: what it is, when it was taken and where each shard's bundle lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BackupManifest {
+    pub backup_id: u64,
+    pub kind: BackupKind,
+    /// Source time at which the backup was taken; backups are ordered by it.
+    pub taken_at_ms: u64,
+    /// One bundle object per shard, indexed by shard.
+    pub shard_objects: Vec<String>,
+}
+
+impl BackupManifest {
+    /// The conventional object name of a shard's bundle in a backup.
+    pub fn object_name(backup_id: u64, shard: ShardId) -> String {
+        format!("backups/{backup_id:06}/{shard}.bundle")
+    }
+}
+
+/// The backups a restore applies, in order: the newest full backup, then every later incremental.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RestoreChain {
+    pub backups: Vec<BackupManifest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("the catalog holds no full backup, so there is nothing to restore from")]
+    NoFullBackup,
+    #[error("backup {backup_id} has {found} shard objects but the table has {expected} shards")]
+    ShardCountMismatch { backup_id: u64, found: usize, expected: u32 },
+}
+
+impl RestoreChain {
+    /// Picks the restore chain out of a catalog of backups in any order: the newest full backup and every
+    /// incremental taken after it, by time. Incrementals before the newest full are ignored.
+    pub fn plan(catalog: &[BackupManifest], shard_count: u32) -> Result<Self, ChainError> {
+        let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
+        sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
+        let newest_full = sorted
+            .iter()
+            .rposition(|m| m.kind == BackupKind::Full)
+            .ok_or(ChainError::NoFullBackup)?;
+        let backups: Vec<BackupManifest> = sorted[newest_full..]
+            .iter()
+            .filter(|m| m.kind == BackupKind::Incremental || m.backup_id == sorted[newest_full].backup_id)
+            .map(|m| (*m).clone())
+            .collect();
+        for manifest in &backups {
+            if manifest.shard_objects.len() != shard_count as usize {
+                return Err(ChainError::ShardCountMismatch {
+                    backup_id: manifest.backup_id,
+                    found: manifest.shard_objects.len(),
+                    expected: shard_count,
+                });
+            }
+        }
+        Ok(Self { backups })
+    }
+
+    /// Number of increments, the full backup included.
+    pub fn len(&self) -> u32 {
+        u32::try_from(self.backups.len()).expect("chain length fits in u32")
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.backups.is_empty()
+    }
+
+    pub fn last_index(&self) -> IncrementIndex {
+        assert!(!self.is_empty(), "a planned chain starts with a full backup");
+        self.len() - 1
+    }
+
+    pub fn get(&self, index: IncrementIndex) -> &BackupManifest {
+        &self.backups[index as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(backup_id: u64, kind: BackupKind, taken_at_ms: u64) -> BackupManifest {
+        BackupManifest {
+            backup_id,
+            kind,
+            taken_at_ms,
+            shard_objects: vec![BackupManifest::object_name(backup_id, ShardId(0))],
+        }
+    }
+
+    #[test]
+    fn chain_starts_at_the_newest_full_and_ignores_older_incrementals() {
+        let catalog = vec![
+            manifest(4, BackupKind::Incremental, 40),
+            manifest(1, BackupKind::Full, 10),
+            manifest(2, BackupKind::Incremental, 20),
+            manifest(3, BackupKind::Full, 30),
+            manifest(5, BackupKind::Incremental, 50),
+        ];
+        let chain = RestoreChain::plan(&catalog, 1).unwrap();
+        let ids: Vec<u64> = chain.backups.iter().map(|m| m.backup_id).collect();
+        assert_eq!(ids, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn chain_without_a_full_backup_is_an_error() {
+        let catalog = vec![manifest(2, BackupKind::Incremental, 20)];
+        assert_eq!(RestoreChain::plan(&catalog, 1), Err(ChainError::NoFullBackup));
+    }
+
+    #[test]
+    fn chain_with_the_wrong_number_of_shard_objects_is_an_error() {
+        let catalog = vec![manifest(1, BackupKind::Full, 10)];
+        assert!(matches!(
+            RestoreChain::plan(&catalog, 2),
+            Err(ChainError::ShardCountMismatch { backup_id: 1, found: 1, expected: 2 })
+        ));
+    }
+
+    #[test]
+    fn even_shard_map_covers_every_key_exactly_once() {
+        let map = ShardMap::even(3, 30);
+        assert_eq!(map.shard_for(0), ShardId(0));
+        assert_eq!(map.shard_for(9), ShardId(0));
+        assert_eq!(map.shard_for(10), ShardId(1));
+        assert_eq!(map.shard_for(29), ShardId(2));
+        assert_eq!(map.shard_for(u64::MAX), ShardId(2));
+        let rows: Rows = (0..30).map(|k| (k, k * 10)).collect();
+        let total: usize = map.shards().map(|s| map.rows_of(&rows, s).len()).sum();
+        assert_eq!(total, 30);
+    }
+}

@@ -1,0 +1,217 @@
+//! The protocol vocabulary shared by every state machine and host: node addresses, messages, the outputs a
+//! machine asks its host to carry out, and the frame codec for the wire.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BackupKind, IncrementIndex, ShardId};
+
+/// Identifies one restore operation.
+pub type OperationId = u64;
+/// Bumped on every coordinator boot; replies carry the generation of the request they answer.
+pub type Generation = u64;
+
+/// Where a message goes or comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum NodeAddr {
+    Coordinator,
+    Shard(ShardId),
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeAddr::Coordinator => f.write_str("coordinator"),
+            NodeAddr::Shard(shard) => write!(f, "{shard}"),
+        }
+    }
+}
+
+/// A protocol message between the coordinator and a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Message {
+    Apply(ApplyRequest),
+    Reply(ApplyReply),
+}
+
+/// "Apply increment `increment` of operation `op` to your rows."
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub op: OperationId,
+    pub generation: Generation,
+    /// Distinguishes retries of the same increment, so a late reply to an old attempt is not mistaken.
+    pub attempt: u32,
+    pub increment: IncrementIndex,
+    pub backup_id: u64,
+    pub kind: BackupKind,
+    pub shard: ShardId,
+    pub object: String,
+}
+
+/// A shard's answer to one [`ApplyRequest`], echoing its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ApplyReply {
+    pub op: OperationId,
+    pub generation: Generation,
+    pub attempt: u32,
+    pub increment: IncrementIndex,
+    pub shard: ShardId,
+    pub outcome: ApplyOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ApplyOutcome {
+    /// The increment is now durably applied.
+    Applied,
+    /// The increment was durably applied before; nothing was re-applied.
+    AlreadyApplied,
+    /// The shard could not apply the increment. Transient failures are retried; permanent ones end the operation.
+    Failed { permanent: bool, cause: ShardFailure },
+}
+
+/// Why a shard could not apply an increment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum ShardFailure {
+    #[error("object {object} is missing from the store")]
+    ObjectMissing { object: String },
+    #[error("download of {object} failed {attempts} times, last: {detail}")]
+    DownloadFailed { object: String, attempts: u32, detail: String },
+    #[error("bundle rejected: {detail}")]
+    BadBundle { detail: String },
+    #[error("bundle {object} holds backup {found_backup} shard {found_shard}, not the one requested")]
+    WrongBundle { object: String, found_backup: u64, found_shard: u32 },
+    #[error("asked for increment {requested} but the next increment to apply is {expected}")]
+    OutOfOrder { expected: IncrementIndex, requested: IncrementIndex },
+    #[error("request addressed to {requested} reached {actual}")]
+    WrongShard { requested: ShardId, actual: ShardId },
+}
+
+/// A byte range of an object, requested from the remote store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    /// Ties the result to the download that asked for it; results of abandoned downloads are ignored.
+    pub download_id: u64,
+    pub object: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What the store gave back for a [`DownloadRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DownloadResult {
+    pub download_id: u64,
+    pub object: String,
+    pub offset: u64,
+    pub outcome: Result<RangeRead, StoreError>,
+}
+
+/// Bytes read from an object starting at the requested offset; may be shorter than asked (a partial read).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RangeRead {
+    pub bytes: Vec<u8>,
+    /// The object's total length as the store reports it.
+    pub total_len: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {object} not found")]
+    NotFound { object: String },
+    #[error("store unavailable: {detail}")]
+    Unavailable { detail: String },
+    #[error("throttled, retry after {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u64 },
+    #[error("request timed out after {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    #[error("range starts at {offset} past the end of {object} ({len} bytes)")]
+    BadRange { object: String, offset: u64, len: u64 },
+}
+
+/// What a host writes down about a persist, for observers; the machine knows why it persists, the host does not.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PersistNote {
+    /// Coordinator state: its operation's progress.
+    Coordinator(crate::coordinator::ProgressMark),
+    /// A shard applied an increment: rows and marker in this one write.
+    ShardApplied { increment: IncrementIndex, backup_id: u64, bundle_crc32: u32 },
+}
+
+/// An effect a state machine asks its host to carry out, in order. A host finishes a `Persist` (write and sync)
+/// before it carries out the next output.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Output<D, T> {
+    Persist { state: D, note: PersistNote },
+    Send { to: NodeAddr, msg: Message },
+    SetTimer { at_ms: u64, timer: T },
+    Download(DownloadRequest),
+    /// A status change worth telling an operator about.
+    Report(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode frame of {len} bytes: {source}")]
+pub struct FrameError {
+    pub len: usize,
+    #[source]
+    pub source: postcard::Error,
+}
+
+/// Encodes a value as one wire frame.
+pub fn encode_frame<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("protocol values always serialize")
+}
+
+/// Decodes one wire frame; garbage is an error, never a panic.
+pub fn decode_frame<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(bytes).map_err(|source| FrameError { len: bytes.len(), source })
+}
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Apply(r) => write!(
+                f,
+                "apply op={} gen={} attempt={} inc={} backup={} {} {}",
+                r.op, r.generation, r.attempt, r.increment, r.backup_id, r.shard, r.object
+            ),
+            Message::Reply(r) => {
+                write!(f, "reply op={} gen={} attempt={} inc={} {} ", r.op, r.generation, r.attempt, r.increment, r.shard)?;
+                match &r.outcome {
+                    ApplyOutcome::Applied => f.write_str("applied"),
+                    ApplyOutcome::AlreadyApplied => f.write_str("already-applied"),
+                    ApplyOutcome::Failed { permanent, cause } => {
+                        let kind = if *permanent { "permanent" } else { "transient" };
+                        write!(f, "failed {kind}: {cause}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_round_trips_through_a_frame() {
+        let msg = Message::Reply(ApplyReply {
+            op: 1,
+            generation: 2,
+            attempt: 3,
+            increment: 4,
+            shard: ShardId(5),
+            outcome: ApplyOutcome::Failed { permanent: true, cause: ShardFailure::OutOfOrder { expected: 1, requested: 3 } },
+        });
+        let frame = encode_frame(&msg);
+        assert_eq!(decode_frame::<Message>(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn garbage_frames_are_errors() {
+        for garbage in [&[][..], &[0xff; 3][..], &[9, 9, 9, 9, 9][..]] {
+            assert!(decode_frame::<Message>(garbage).is_err());
+        }
+    }
+}

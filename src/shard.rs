@@ -1,0 +1,244 @@
+//! A shard: a pure state machine that applies one increment at a time to its rows.
+//!
+//! On an apply request it downloads its bundle in byte ranges (resuming after a partial read), verifies it, and
+//! applies the rows together with "applied through increment k" in one durable write, and only then replies.
+//! A request for an increment already applied is answered without re-applying; a request that would skip an
+//! increment is refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::Bundle;
+use crate::model::{BackupKind, IncrementIndex, Rows, ShardId, apply_changes};
+use crate::protocol::{
+    ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
+    PersistNote, ShardFailure, StoreError,
+};
+
+/// Tunables of a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShardConfig {
+    /// Bytes asked for in one ranged read.
+    pub download_chunk_bytes: u64,
+    /// Wait before retrying a failed ranged read; multiplied by the number of failures so far.
+    pub download_retry_ms: u64,
+    /// Failed ranged reads of one download before the shard reports a transient failure to the coordinator.
+    pub max_download_failures: u32,
+    /// A deliberately broken behaviour, for showing that the checkers catch it. `None` in production.
+    pub bug: Option<ShardBug>,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self { download_chunk_bytes: 1024, download_retry_ms: 50, max_download_failures: 4, bug: None }
+    }
+}
+
+/// Known-wrong shard behaviours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ShardBug {
+    /// Applies a downloaded bundle without verifying its checksum.
+    SkipChecksum,
+}
+
+/// What a shard keeps on disk. Rows and the applied marker always change in the same write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShardDurable {
+    /// The operation the rows belong to.
+    pub op: Option<OperationId>,
+    /// The last increment of `op` applied to `rows`.
+    pub applied_through: Option<IncrementIndex>,
+    pub rows: Rows,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ShardTimer {
+    /// Retry the current ranged read of download `download_id`.
+    DownloadRetry { download_id: u64 },
+}
+
+pub type ShardOutput = Output<ShardDurable, ShardTimer>;
+
+/// The increment being downloaded; volatile, lost on reboot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Work {
+    request: ApplyRequest,
+    download_id: u64,
+    buffer: Vec<u8>,
+    failures: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shard {
+    id: ShardId,
+    config: ShardConfig,
+    durable: ShardDurable,
+    work: Option<Work>,
+    next_download_id: u64,
+}
+
+impl Shard {
+    pub fn boot(id: ShardId, config: ShardConfig, loaded: Option<ShardDurable>) -> Self {
+        assert!(config.download_chunk_bytes > 0, "a ranged read asks for at least one byte");
+        Self { id, config, durable: loaded.unwrap_or_default(), work: None, next_download_id: 0 }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn durable(&self) -> &ShardDurable {
+        &self.durable
+    }
+
+    pub fn handle_message(&mut self, _now_ms: u64, from: NodeAddr, msg: Message) -> Vec<ShardOutput> {
+        match msg {
+            Message::Apply(request) if from == NodeAddr::Coordinator => self.on_apply(request),
+            Message::Apply(_) | Message::Reply(_) => Vec::new(),
+        }
+    }
+
+    pub fn handle_timer(&mut self, _now_ms: u64, timer: ShardTimer) -> Vec<ShardOutput> {
+        let ShardTimer::DownloadRetry { download_id } = timer;
+        match &self.work {
+            Some(work) if work.download_id == download_id => vec![self.next_range()],
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn handle_download(&mut self, now_ms: u64, result: DownloadResult) -> Vec<ShardOutput> {
+        let Some(work) = &mut self.work else { return Vec::new() };
+        if work.download_id != result.download_id || result.offset != work.buffer.len() as u64 {
+            return Vec::new();
+        }
+        match result.outcome {
+            Ok(read) => {
+                work.buffer.extend_from_slice(&read.bytes);
+                if work.buffer.len() as u64 >= read.total_len {
+                    self.finish_download()
+                } else if read.bytes.is_empty() {
+                    self.on_read_failure(now_ms, "empty read before the end of the object".to_string(), None)
+                } else {
+                    vec![self.next_range()]
+                }
+            }
+            Err(StoreError::NotFound { object }) => {
+                let cause = ShardFailure::ObjectMissing { object };
+                self.finish_with(ApplyOutcome::Failed { permanent: true, cause })
+            }
+            Err(StoreError::Throttled { retry_after_ms }) => {
+                self.on_read_failure(now_ms, format!("throttled for {retry_after_ms} ms"), Some(retry_after_ms))
+            }
+            Err(error) => self.on_read_failure(now_ms, error.to_string(), None),
+        }
+    }
+
+    fn on_apply(&mut self, request: ApplyRequest) -> Vec<ShardOutput> {
+        if request.shard != self.id {
+            let cause = ShardFailure::WrongShard { requested: request.shard, actual: self.id };
+            return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
+        }
+        let applied = if self.durable.op == Some(request.op) { self.durable.applied_through } else { None };
+        if applied.is_some_and(|through| request.increment <= through) {
+            return vec![reply(&request, ApplyOutcome::AlreadyApplied)];
+        }
+        let expected = applied.map_or(0, |through| through + 1);
+        if request.increment != expected {
+            let cause = ShardFailure::OutOfOrder { expected, requested: request.increment };
+            return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
+        }
+        if let Some(work) = &mut self.work
+            && work.request.op == request.op
+            && work.request.increment == request.increment
+        {
+            // A retry of the download in progress: answer the newest request when done, download nothing new.
+            work.request = request;
+            return Vec::new();
+        }
+        self.next_download_id += 1;
+        self.work = Some(Work { request, download_id: self.next_download_id, buffer: Vec::new(), failures: 0 });
+        vec![self.next_range()]
+    }
+
+    fn next_range(&self) -> ShardOutput {
+        let work = self.work.as_ref().expect("a range is read only during a download");
+        Output::Download(DownloadRequest {
+            download_id: work.download_id,
+            object: work.request.object.clone(),
+            offset: work.buffer.len() as u64,
+            len: self.config.download_chunk_bytes,
+        })
+    }
+
+    fn on_read_failure(&mut self, now_ms: u64, detail: String, wait_ms: Option<u64>) -> Vec<ShardOutput> {
+        let max_failures = self.config.max_download_failures;
+        let retry_ms = self.config.download_retry_ms;
+        let work = self.work.as_mut().expect("a read fails only during a download");
+        work.failures += 1;
+        if work.failures >= max_failures {
+            let cause = ShardFailure::DownloadFailed {
+                object: work.request.object.clone(),
+                attempts: work.failures,
+                detail,
+            };
+            return self.finish_with(ApplyOutcome::Failed { permanent: false, cause });
+        }
+        let wait = wait_ms.unwrap_or(retry_ms * u64::from(work.failures));
+        vec![Output::SetTimer { at_ms: now_ms + wait, timer: ShardTimer::DownloadRetry { download_id: work.download_id } }]
+    }
+
+    fn finish_download(&mut self) -> Vec<ShardOutput> {
+        let work = self.work.as_ref().expect("a download finishes only while running");
+        let request = &work.request;
+        let decoded = match self.config.bug {
+            Some(ShardBug::SkipChecksum) => Bundle::decode_unverified(&request.object, &work.buffer),
+            None => Bundle::decode(&request.object, &work.buffer),
+        };
+        let bundle = match decoded {
+            Ok(bundle) => bundle,
+            Err(error) => {
+                // A bad download is transient: the store keeps an intact copy, a later download may get it.
+                let cause = ShardFailure::BadBundle { detail: error.to_string() };
+                return self.finish_with(ApplyOutcome::Failed { permanent: false, cause });
+            }
+        };
+        let expected_kind = if request.increment == 0 { BackupKind::Full } else { BackupKind::Incremental };
+        if bundle.backup_id != request.backup_id || bundle.shard != self.id || bundle.kind != expected_kind {
+            let cause = ShardFailure::WrongBundle {
+                object: request.object.clone(),
+                found_backup: bundle.backup_id,
+                found_shard: bundle.shard.0,
+            };
+            return self.finish_with(ApplyOutcome::Failed { permanent: true, cause });
+        }
+        let mut rows = if bundle.kind == BackupKind::Full { Rows::new() } else { self.durable.rows.clone() };
+        apply_changes(&mut rows, &bundle.changes);
+        let note = PersistNote::ShardApplied {
+            increment: request.increment,
+            backup_id: request.backup_id,
+            bundle_crc32: crc32fast::hash(&work.buffer),
+        };
+        let request = request.clone();
+        self.durable = ShardDurable { op: Some(request.op), applied_through: Some(request.increment), rows };
+        self.work = None;
+        vec![Output::Persist { state: self.durable.clone(), note }, reply(&request, ApplyOutcome::Applied)]
+    }
+
+    fn finish_with(&mut self, outcome: ApplyOutcome) -> Vec<ShardOutput> {
+        let work = self.work.take().expect("only a running download finishes");
+        vec![reply(&work.request, outcome)]
+    }
+}
+
+fn reply(request: &ApplyRequest, outcome: ApplyOutcome) -> ShardOutput {
+    Output::Send {
+        to: NodeAddr::Coordinator,
+        msg: Message::Reply(ApplyReply {
+            op: request.op,
+            generation: request.generation,
+            attempt: request.attempt,
+            increment: request.increment,
+            shard: request.shard,
+            outcome,
+        }),
+    }
+}
