@@ -116,7 +116,10 @@ fn split_payload<'a>(object: &str, bytes: &'a [u8]) -> Result<&'a [u8], BundleEr
     }
     let reserved = u16::from_le_bytes([bytes[6], bytes[7]]);
     if reserved != 0 {
-        return Err(BundleError::Malformed { object: object.to_string(), reason: format!("reserved header field is {reserved}, not 0") });
+        return Err(BundleError::Malformed {
+            object: object.to_string(),
+            reason: format!("reserved header field is {reserved}, not 0"),
+        });
     }
     let payload_len = read_u32(bytes, 8) as usize;
     let needed = HEADER_LEN + payload_len;

@@ -98,8 +98,14 @@ pub struct Operation {
 pub enum OperationStatus {
     Running(RunningState),
     /// Every increment is durably applied on every shard. Working state is gone; this stays queryable.
-    Done { increments: u32, finished_at_ms: u64 },
-    Failed { error: RestoreError, failed_at_ms: u64 },
+    Done {
+        increments: u32,
+        finished_at_ms: u64,
+    },
+    Failed {
+        error: RestoreError,
+        failed_at_ms: u64,
+    },
 }
 
 /// Working state of a running operation.
@@ -185,7 +191,11 @@ impl Coordinator {
             && matches!(operation.status, OperationStatus::Running(_))
         {
             out.push(Output::SetTimer { at_ms: operation.deadline_at_ms, timer: CoordinatorTimer::Deadline });
-            out.push(Output::Report(format!("resuming operation {} in generation {}", operation.op, machine.generation())));
+            out.push(Output::Report(format!(
+                "resuming operation {} in generation {}",
+                operation.op,
+                machine.generation()
+            )));
             machine.drive(now_ms, &mut out);
         }
         (machine, out)
@@ -481,7 +491,9 @@ pub fn progress_of(durable: &CoordinatorDurable) -> ProgressMark {
                 increment: running.increment,
                 shards_done: u32::try_from(running.done.len()).expect("fits"),
             },
-            OperationStatus::Done { increments, .. } => ProgressMark::Done { op: operation.op, increments: *increments },
+            OperationStatus::Done { increments, .. } => {
+                ProgressMark::Done { op: operation.op, increments: *increments }
+            }
             OperationStatus::Failed { .. } => ProgressMark::Failed { op: operation.op },
         },
     }

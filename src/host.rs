@@ -71,15 +71,32 @@ pub enum CrashPoint {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostEvent {
     /// The node booted with this durable state (`None`: nothing was ever synced).
-    CoordinatorBooted { generation: u64, loaded: Option<CoordinatorDurable> },
-    ShardBooted { loaded: Option<ShardDurable> },
+    CoordinatorBooted {
+        generation: u64,
+        loaded: Option<CoordinatorDurable>,
+    },
+    ShardBooted {
+        loaded: Option<ShardDurable>,
+    },
     /// A persist is durable (written and synced).
     Persisted(PersistNote),
-    Sent { to: NodeAddr, msg: Message },
-    Received { from: NodeAddr, msg: Message },
+    Sent {
+        to: NodeAddr,
+        msg: Message,
+    },
+    Received {
+        from: NodeAddr,
+        msg: Message,
+    },
     /// A frame that did not decode; dropped.
-    BadFrame { from: NodeAddr, error: String },
-    Download { request: DownloadRequest, outcome: Result<(usize, u64), StoreError> },
+    BadFrame {
+        from: NodeAddr,
+        error: String,
+    },
+    Download {
+        request: DownloadRequest,
+        outcome: Result<(usize, u64), StoreError>,
+    },
     Report(String),
     /// The restore request given at boot was refused.
     StartRefused(String),
@@ -254,7 +271,13 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         true
     }
 
-    async fn persist<Dur: Serialize>(&self, node: NodeAddr, file: &mut StateFile, state: &Dur, note: PersistNote) -> bool {
+    async fn persist<Dur: Serialize>(
+        &self,
+        node: NodeAddr,
+        file: &mut StateFile,
+        state: &Dur,
+        note: PersistNote,
+    ) -> bool {
         let bytes = encode_frame(state);
         let written = file.write(&*self.disk, &bytes).await;
         if let Err(error) = written {
@@ -272,7 +295,12 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         !self.observer.crash_point(node, CrashPoint::AfterPersist)
     }
 
-    fn spawn_download<Tm: 'static>(&self, node: NodeAddr, request: DownloadRequest, tx: mpsc::UnboundedSender<Input<Tm>>) {
+    fn spawn_download<Tm: 'static>(
+        &self,
+        node: NodeAddr,
+        request: DownloadRequest,
+        tx: mpsc::UnboundedSender<Input<Tm>>,
+    ) {
         let store = self.store.clone();
         let observer = self.observer.clone();
         let timeout_ms = self.download_timeout_ms;

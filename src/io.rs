@@ -148,11 +148,7 @@ impl DirStore {
     fn path_of(&self, object: &str) -> Result<PathBuf, StoreError> {
         let safe = !object.is_empty()
             && std::path::Path::new(object).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-        if safe {
-            Ok(self.root.join(object))
-        } else {
-            Err(StoreError::NotFound { object: object.to_string() })
-        }
+        if safe { Ok(self.root.join(object)) } else { Err(StoreError::NotFound { object: object.to_string() }) }
     }
 }
 

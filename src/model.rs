@@ -88,9 +88,7 @@ impl ShardMap {
             Some(end) => std::ops::Bound::Excluded(end),
             None => std::ops::Bound::Unbounded,
         };
-        rows.range((std::ops::Bound::Included(range.start), upper))
-            .map(|(k, v)| (*k, *v))
-            .collect()
+        rows.range((std::ops::Bound::Included(range.start), upper)).map(|(k, v)| (*k, *v)).collect()
     }
 }
 
@@ -176,10 +174,7 @@ impl RestoreChain {
     pub fn plan(catalog: &[BackupManifest], shard_count: u32) -> Result<Self, ChainError> {
         let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
-        let newest_full = sorted
-            .iter()
-            .rposition(|m| m.kind == BackupKind::Full)
-            .ok_or(ChainError::NoFullBackup)?;
+        let newest_full = sorted.iter().rposition(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
         let backups: Vec<BackupManifest> = sorted[newest_full..]
             .iter()
             .filter(|m| m.kind == BackupKind::Incremental || m.backup_id == sorted[newest_full].backup_id)

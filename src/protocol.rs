@@ -141,9 +141,18 @@ pub enum PersistNote {
 /// before it carries out the next output.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Output<D, T> {
-    Persist { state: D, note: PersistNote },
-    Send { to: NodeAddr, msg: Message },
-    SetTimer { at_ms: u64, timer: T },
+    Persist {
+        state: D,
+        note: PersistNote,
+    },
+    Send {
+        to: NodeAddr,
+        msg: Message,
+    },
+    SetTimer {
+        at_ms: u64,
+        timer: T,
+    },
     Download(DownloadRequest),
     /// A status change worth telling an operator about.
     Report(String),
@@ -176,7 +185,11 @@ impl fmt::Display for Message {
                 r.op, r.generation, r.attempt, r.increment, r.backup_id, r.shard, r.object
             ),
             Message::Reply(r) => {
-                write!(f, "reply op={} gen={} attempt={} inc={} {} ", r.op, r.generation, r.attempt, r.increment, r.shard)?;
+                write!(
+                    f,
+                    "reply op={} gen={} attempt={} inc={} {} ",
+                    r.op, r.generation, r.attempt, r.increment, r.shard
+                )?;
                 match &r.outcome {
                     ApplyOutcome::Applied => f.write_str("applied"),
                     ApplyOutcome::AlreadyApplied => f.write_str("already-applied"),
@@ -202,7 +215,10 @@ mod tests {
             attempt: 3,
             increment: 4,
             shard: ShardId(5),
-            outcome: ApplyOutcome::Failed { permanent: true, cause: ShardFailure::OutOfOrder { expected: 1, requested: 3 } },
+            outcome: ApplyOutcome::Failed {
+                permanent: true,
+                cause: ShardFailure::OutOfOrder { expected: 1, requested: 3 },
+            },
         });
         let frame = encode_frame(&msg);
         assert_eq!(decode_frame::<Message>(&frame).unwrap(), msg);

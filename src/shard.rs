@@ -175,15 +175,15 @@ impl Shard {
         let work = self.work.as_mut().expect("a read fails only during a download");
         work.failures += 1;
         if work.failures >= max_failures {
-            let cause = ShardFailure::DownloadFailed {
-                object: work.request.object.clone(),
-                attempts: work.failures,
-                detail,
-            };
+            let cause =
+                ShardFailure::DownloadFailed { object: work.request.object.clone(), attempts: work.failures, detail };
             return self.finish_with(ApplyOutcome::Failed { permanent: false, cause });
         }
         let wait = wait_ms.unwrap_or(retry_ms * u64::from(work.failures));
-        vec![Output::SetTimer { at_ms: now_ms + wait, timer: ShardTimer::DownloadRetry { download_id: work.download_id } }]
+        vec![Output::SetTimer {
+            at_ms: now_ms + wait,
+            timer: ShardTimer::DownloadRetry { download_id: work.download_id },
+        }]
     }
 
     fn finish_download(&mut self) -> Vec<ShardOutput> {

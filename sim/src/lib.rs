@@ -1,1 +1,24 @@
+//! lockstep-sim: the deterministic simulation test bed.
+//!
+//! One seed builds one [`world::World`]; [`runner`] runs it under madsim with faulty fakes of the disk
+//! ([`disk`]), the object store ([`store`]) and the network ([`net`]); [`checkers`] judge the event log and the
+//! final durable state; [`sweep`] runs many seeds in parallel and summarises them.
+//!
+//! Everything that needs the simulator is compiled only with `--cfg madsim` (the `cargo sim` aliases set it).
 
+pub mod checkers;
+pub mod disk;
+pub mod events;
+pub mod faults;
+pub mod world;
+
+#[cfg(madsim)]
+pub mod net;
+#[cfg(madsim)]
+pub mod runner;
+#[cfg(madsim)]
+pub mod state;
+#[cfg(madsim)]
+pub mod store;
+#[cfg(madsim)]
+pub mod sweep;

@@ -1,1 +1,288 @@
-fn main() {}
+//! `cargo sim …`: the simulator's command line.
+//!
+//! Exit codes: 0 all seeds passed; 1 a safety invariant broke; 3 liveness; 4 the simulation crashed;
+//! 5 determinism mismatch; 2 bad command line.
+
+#[cfg(not(madsim))]
+fn main() {
+    eprintln!("lockstep-sim must be built with --cfg madsim: run it as `cargo sim run` (see README.md)");
+    std::process::exit(2);
+}
+
+#[cfg(madsim)]
+fn main() {
+    std::process::exit(cli::main());
+}
+
+#[cfg(madsim)]
+mod cli {
+    use clap::{Args, Parser, Subcommand, ValueEnum};
+    use indicatif::{ProgressBar, ProgressStyle};
+    use lockstep::coordinator::CoordinatorBug;
+    use lockstep::shard::ShardBug;
+    use lockstep_sim::events::{Event, EventKind};
+    use lockstep_sim::faults::FaultKind;
+    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::sweep::{SeedFailure, SweepConfig, SweepSummary, run_sweep};
+    use lockstep_sim::world::{Bugs, World, WorldParams};
+
+    #[derive(Parser)]
+    #[command(name = "cargo sim", about = "Deterministic simulation of lockstep's sharded incremental restore")]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Sweep a range of seeds and summarise.
+        Run(RunArgs),
+        /// Rerun one seed with its full trace and the invariant that broke.
+        Repro(ReproArgs),
+    }
+
+    #[derive(Args)]
+    struct RunArgs {
+        /// Number of seeds to run.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Parallel workers (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+        jobs: Option<u64>,
+        /// Run every this-many seeds twice and compare event logs (0: off).
+        #[arg(long, default_value_t = 50)]
+        determinism_every: u64,
+        /// Failing seeds printed in full (the rest are counted).
+        #[arg(long, default_value_t = 20)]
+        show_failures: usize,
+        #[command(flatten)]
+        world: WorldArgs,
+    }
+
+    #[derive(Args)]
+    struct ReproArgs {
+        /// The seed to rerun.
+        #[arg(long)]
+        seed: u64,
+        #[command(flatten)]
+        world: WorldArgs,
+    }
+
+    /// What shapes the world besides the seed; a repro line repeats these.
+    #[derive(Args, Clone, Default)]
+    struct WorldArgs {
+        /// Run with a deliberate bug (repeatable).
+        #[arg(long = "bug", value_enum)]
+        bugs: Vec<BugName>,
+        /// Fix the shard count instead of drawing it (1-64).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        shards: Option<u32>,
+        /// Fix the number of incrementals after the newest full backup (1-50).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+        incrementals: Option<u32>,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+    enum BugName {
+        /// The coordinator advances when the first shard reports, not the last.
+        AdvanceOnFirstReport,
+        /// Shards apply bundles without verifying the checksum.
+        SkipChecksum,
+    }
+
+    impl WorldArgs {
+        fn params(&self) -> WorldParams {
+            let mut bugs = Bugs::default();
+            for bug in &self.bugs {
+                match bug {
+                    BugName::AdvanceOnFirstReport => bugs.coordinator = Some(CoordinatorBug::AdvanceOnFirstReport),
+                    BugName::SkipChecksum => bugs.shard = Some(ShardBug::SkipChecksum),
+                }
+            }
+            WorldParams { shard_count: self.shards, incrementals: self.incrementals, bugs, ..WorldParams::sweep_default() }
+        }
+
+        fn as_flags(&self) -> String {
+            let mut flags = String::new();
+            for bug in &self.bugs {
+                let name = bug.to_possible_value().expect("every bug has a name");
+                flags.push_str(&format!(" --bug {}", name.get_name()));
+            }
+            if let Some(shards) = self.shards {
+                flags.push_str(&format!(" --shards {shards}"));
+            }
+            if let Some(incrementals) = self.incrementals {
+                flags.push_str(&format!(" --incrementals {incrementals}"));
+            }
+            flags
+        }
+    }
+
+    pub fn main() -> i32 {
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(error) => {
+                let _ = error.print();
+                return if error.use_stderr() { 2 } else { 0 };
+            }
+        };
+        match cli.command {
+            Command::Run(args) => run(args),
+            Command::Repro(args) => repro(args),
+        }
+    }
+
+    fn run(args: RunArgs) -> i32 {
+        let jobs = args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        let config = SweepConfig {
+            start: args.start,
+            seeds: args.seeds,
+            jobs,
+            params: args.world.params(),
+            determinism_every: args.determinism_every,
+        };
+        let end = args.start.saturating_add(args.seeds);
+        println!("lockstep sweep: seeds {}..{end} ({} seeds), {jobs} job(s){}", args.start, args.seeds, args.world.as_flags());
+        let bar = ProgressBar::new(args.seeds);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
+                .expect("the template is valid"),
+        );
+        let summary = run_sweep(&config, &|done| bar.set_position(done));
+        bar.finish_and_clear();
+        print_summary(&summary, &args);
+        summary.worst_class().map_or(0, |class| class.exit_code())
+    }
+
+    fn print_summary(summary: &SweepSummary, args: &RunArgs) {
+        let failed = summary.failures.iter().map(|f| f.seed).collect::<std::collections::BTreeSet<_>>().len() as u64;
+        for failure in summary.failures.iter().take(args.show_failures) {
+            print_failure(failure, &args.world);
+        }
+        if summary.failures.len() > args.show_failures {
+            println!("... and {} more failing seed(s)", summary.failures.len() - args.show_failures);
+        }
+        let count = |class: &str| summary.failures.iter().filter(|f| f.class.name() == class).count();
+        println!();
+        println!("seeds run        {}", summary.seeds_run);
+        println!(
+            "failed seeds     {failed} (safety {}, liveness {}, crash {}, determinism {})",
+            count("safety"),
+            count("liveness"),
+            count("crash"),
+            count("determinism")
+        );
+        println!("violations by invariant:");
+        for invariant in lockstep_sim::checkers::Invariant::ALL {
+            println!("  {:<26} {}", invariant.name(), summary.by_invariant.get(&invariant).copied().unwrap_or(0));
+        }
+        println!(
+            "determinism      {} seed(s) rerun, {} mismatch(es)",
+            summary.determinism_checked,
+            count("determinism")
+        );
+        println!("lost-object worlds (must end in a clean Failed): {}", summary.lost_object_worlds);
+        println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
+        let mut never = Vec::new();
+        for kind in FaultKind::ALL {
+            let times = summary.faults.get(kind);
+            if times == 0 {
+                never.push(kind.name());
+            }
+            println!("                 {:<22} {:>10} {:>8}", kind.name(), times, summary.seeds_with_fault.get(kind));
+        }
+        if !never.is_empty() {
+            println!("fault kinds that never fired: {}", never.join(", "));
+        }
+        let wall = summary.wall.as_secs_f64();
+        let sim = summary.sim_ms as f64 / 1000.0;
+        println!(
+            "time             simulated {sim:.0} s, wall {wall:.2} s ({:.0}x), {:.1} seeds/s, {:.0} messages/s",
+            sim / wall.max(1e-9),
+            summary.seeds_per_second(),
+            summary.messages as f64 / wall.max(1e-9)
+        );
+        println!("{} passed, {} failed", summary.seeds_run - failed, failed);
+    }
+
+    fn print_failure(failure: &SeedFailure, world: &WorldArgs) {
+        println!("FAIL seed {} [{}]", failure.seed, failure.class.name());
+        for line in &failure.lines {
+            println!("  {line}");
+        }
+        println!("  reproduce: cargo sim repro --seed {}{}", failure.seed, world.as_flags());
+    }
+
+    fn repro(args: ReproArgs) -> i32 {
+        init_tracing();
+        let world = World::generate(args.seed, &args.world.params());
+        describe_world(&world);
+        let outcome = run_seed(&world, true);
+        for event in outcome.log.iter().flatten() {
+            emit(event);
+        }
+        println!("event log: {} events, hash {:016x}", outcome.events, outcome.log_hash);
+        match SeedFailure::of(&outcome) {
+            None => {
+                println!("seed {} passed every invariant", args.seed);
+                0
+            }
+            Some(failure) => {
+                print_failure(&failure, &args.world);
+                failure.class.exit_code()
+            }
+        }
+    }
+
+    fn describe_world(world: &World) {
+        println!(
+            "seed {}: {} shard(s), {} rows at the last backup, chain of {} increments (backups {:?}), heal at {} ms",
+            world.seed,
+            world.shard_count(),
+            world.total_rows(),
+            world.chain_len,
+            world.chain_backup_ids,
+            world.faults.heal_at_ms
+        );
+        let enabled: Vec<String> =
+            world.faults.enabled().map(|k| format!("{}={:.2}", k.name(), world.faults.rate(k))).collect();
+        println!("faults on: {}", if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") });
+        if let Some(lost) = &world.lost_object {
+            println!("object lost for good: {} (increment {}, {})", lost.object, lost.increment, lost.shard);
+        }
+    }
+
+    fn init_tracing() {
+        use tracing_subscriber::EnvFilter;
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("debug"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_writer(std::io::stdout)
+            .init();
+    }
+
+    /// Sends one trace line through tracing, under a target per kind of event so `RUST_LOG` can filter:
+    /// `lockstep::fault`, `lockstep::apply`, `lockstep::state`, `lockstep::net`, `lockstep::store`.
+    fn emit(event: &Event) {
+        use lockstep::host::HostEvent;
+        match &event.kind {
+            EventKind::Fault { .. } | EventKind::Killed { .. } | EventKind::Restarted | EventKind::Healed => {
+                tracing::warn!(target: "lockstep::fault", "{event}")
+            }
+            EventKind::Host(HostEvent::Persisted(lockstep::protocol::PersistNote::ShardApplied { .. })) => {
+                tracing::info!(target: "lockstep::apply", "{event}")
+            }
+            EventKind::Host(HostEvent::Sent { .. } | HostEvent::Received { .. } | HostEvent::BadFrame { .. }) => {
+                tracing::debug!(target: "lockstep::net", "{event}")
+            }
+            EventKind::Host(HostEvent::Download { .. }) => tracing::debug!(target: "lockstep::store", "{event}"),
+            EventKind::Host(_) => tracing::info!(target: "lockstep::state", "{event}"),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Invariant checkers. They run after a seed, outside the nodes, and only read: the event log and the final
+//! durable state. Each violation names its invariant and the first event that broke it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, progress_of};
+use lockstep::host::HostEvent;
+use lockstep::model::{BackupManifest, IncrementIndex, ShardId};
+use lockstep::protocol::{NodeAddr, PersistNote, ShardFailure};
+use lockstep::shard::ShardDurable;
+
+use crate::events::{Event, EventKind, SimNode};
+use crate::world::World;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Invariant {
+    /// Every shard applies full, 1, 2, ... with no gap, no changing repeat, no regression across reboots, and no
+    /// shard applies k+1 before every shard has durably applied k.
+    InOrderApply,
+    /// At Done every shard's rows equal the oracle.
+    NoLostIncrement,
+    /// Done only when every shard durably holds every increment.
+    NoFalseSuccess,
+    /// Only intact bundles are applied.
+    CorruptNeverApplied,
+    /// Coordinator progress never goes backwards, across reboots included.
+    ProgressNeverBackwards,
+    /// The operation ends as the world demands: Done, or (object lost for good) a clean Failed naming the
+    /// increment and shard.
+    ExpectedOutcome,
+    /// After healing, the operation ends within the bound.
+    Liveness,
+}
+
+impl Invariant {
+    pub const ALL: [Invariant; 7] = [
+        Invariant::InOrderApply,
+        Invariant::NoLostIncrement,
+        Invariant::NoFalseSuccess,
+        Invariant::CorruptNeverApplied,
+        Invariant::ProgressNeverBackwards,
+        Invariant::ExpectedOutcome,
+        Invariant::Liveness,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Invariant::InOrderApply => "in-order-apply",
+            Invariant::NoLostIncrement => "no-lost-increment",
+            Invariant::NoFalseSuccess => "no-false-success",
+            Invariant::CorruptNeverApplied => "corrupt-never-applied",
+            Invariant::ProgressNeverBackwards => "progress-never-backwards",
+            Invariant::ExpectedOutcome => "expected-outcome",
+            Invariant::Liveness => "liveness",
+        }
+    }
+
+    pub fn is_liveness(self) -> bool {
+        self == Invariant::Liveness
+    }
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub invariant: Invariant,
+    /// Index in the event log of the first offending event, when one event is to blame.
+    pub event_index: Option<usize>,
+    pub event_text: Option<String>,
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invariant {} violated: {}", self.invariant, self.detail)?;
+        if let (Some(index), Some(text)) = (self.event_index, &self.event_text) {
+            write!(f, "\n    first offending event #{index}: {}", text.trim())?;
+        }
+        Ok(())
+    }
+}
+
+/// What the world looks like when the run stops.
+#[derive(Clone, Debug)]
+pub struct FinalState {
+    pub coordinator: Option<CoordinatorDurable>,
+    pub shards: BTreeMap<ShardId, Option<ShardDurable>>,
+    /// The run reached its time bound without the operation ending.
+    pub timed_out: bool,
+}
+
+/// Runs every checker; returns violations in event order (final-state violations last).
+pub fn check(world: &World, log: &[Event], final_state: &FinalState) -> Vec<Violation> {
+    let mut walker = Walker::new(world, log);
+    for (index, event) in log.iter().enumerate() {
+        walker.step(index, event);
+    }
+    let mut violations = walker.violations;
+    check_final(world, final_state, &mut violations);
+    violations
+}
+
+struct Walker<'a> {
+    world: &'a World,
+    log: &'a [Event],
+    /// Highest increment each shard holds durably, with the checksum of the bundle it applied.
+    applied: BTreeMap<ShardId, Option<(IncrementIndex, u32)>>,
+    /// Last durable coordinator progress.
+    progress: ProgressMark,
+    violations: Vec<Violation>,
+}
+
+impl<'a> Walker<'a> {
+    fn new(world: &'a World, log: &'a [Event]) -> Self {
+        let applied = world.shard_map.shards().map(|s| (s, None)).collect();
+        Self { world, log, applied, progress: ProgressMark::Idle, violations: Vec::new() }
+    }
+
+    fn violate(&mut self, invariant: Invariant, index: usize, detail: String) {
+        // One violation per invariant is enough to name the first offending event.
+        if self.violations.iter().any(|v| v.invariant == invariant) {
+            return;
+        }
+        let event_text = Some(self.log[index].to_string());
+        self.violations.push(Violation { invariant, event_index: Some(index), event_text, detail });
+    }
+
+    fn step(&mut self, index: usize, event: &Event) {
+        let EventKind::Host(host) = &event.kind else { return };
+        match (event.node, host) {
+            (SimNode::Protocol(NodeAddr::Shard(shard)), HostEvent::Persisted(note)) => {
+                if let PersistNote::ShardApplied { increment, backup_id, bundle_crc32 } = note {
+                    self.on_applied(index, shard, *increment, *backup_id, *bundle_crc32);
+                }
+            }
+            (SimNode::Protocol(NodeAddr::Shard(shard)), HostEvent::ShardBooted { loaded }) => {
+                let loaded_through = loaded.as_ref().and_then(|s| s.applied_through);
+                let durable_through = self.applied[&shard].map(|(k, _)| k);
+                if loaded_through != durable_through {
+                    let detail = format!(
+                        "{shard} rebooted holding increment {loaded_through:?} but had durably applied {durable_through:?}"
+                    );
+                    self.violate(Invariant::InOrderApply, index, detail);
+                }
+            }
+            (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::Persisted(PersistNote::Coordinator(mark))) => {
+                self.on_progress(index, *mark);
+            }
+            (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::CoordinatorBooted { loaded, .. }) => {
+                let loaded = loaded.as_ref().map_or(ProgressMark::Idle, progress_of);
+                if rank(loaded) < rank(self.progress) {
+                    let detail = format!("coordinator rebooted into {loaded:?} after durable {:?}", self.progress);
+                    self.violate(Invariant::ProgressNeverBackwards, index, detail);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_applied(&mut self, index: usize, shard: ShardId, increment: IncrementIndex, backup_id: u64, crc: u32) {
+        let previous = self.applied[&shard];
+        match previous {
+            Some((k, previous_crc)) if k == increment && previous_crc == crc => return,
+            Some((k, _)) if k == increment => {
+                self.violate(
+                    Invariant::InOrderApply,
+                    index,
+                    format!("{shard} re-applied increment {k} with other data"),
+                );
+            }
+            _ => {
+                let expected = previous.map_or(0, |(k, _)| k + 1);
+                if increment != expected {
+                    let detail = format!("{shard} applied increment {increment} when the next one was {expected}");
+                    self.violate(Invariant::InOrderApply, index, detail);
+                }
+            }
+        }
+        if increment > 0 {
+            let behind: Vec<ShardId> = self
+                .applied
+                .iter()
+                .filter(|(s, a)| **s != shard && a.is_none_or(|(k, _)| k < increment - 1))
+                .map(|(s, _)| *s)
+                .collect();
+            if let Some(first) = behind.first() {
+                let detail = format!(
+                    "{shard} applied increment {increment} before {first} durably applied increment {}",
+                    increment - 1
+                );
+                self.violate(Invariant::InOrderApply, index, detail);
+            }
+        }
+        match self.world.chain_backup_ids.get(increment as usize) {
+            Some(expected_backup) if *expected_backup == backup_id => {
+                let object = BackupManifest::object_name(backup_id, shard);
+                if self.world.intact_crc32(&object) != Some(crc) {
+                    let detail = format!("{shard} applied increment {increment} from a damaged copy of {object}");
+                    self.violate(Invariant::CorruptNeverApplied, index, detail);
+                }
+            }
+            expected => {
+                let detail =
+                    format!("{shard} applied backup {backup_id} as increment {increment}, expected {expected:?}");
+                self.violate(Invariant::InOrderApply, index, detail);
+            }
+        }
+        self.applied.insert(shard, Some((increment, crc)));
+    }
+
+    fn on_progress(&mut self, index: usize, mark: ProgressMark) {
+        if rank(mark) < rank(self.progress) {
+            let detail = format!("coordinator persisted {mark:?} after {:?}", self.progress);
+            self.violate(Invariant::ProgressNeverBackwards, index, detail);
+        }
+        self.progress = mark;
+        if let ProgressMark::Done { increments, .. } = mark {
+            let last = self.world.chain_len - 1;
+            let missing: Vec<String> = self
+                .applied
+                .iter()
+                .filter(|(_, a)| a.is_none_or(|(k, _)| k < last))
+                .map(|(s, a)| format!("{s} holds {:?}", a.map(|(k, _)| k)))
+                .collect();
+            if !missing.is_empty() || increments != self.world.chain_len {
+                let detail = format!(
+                    "Done with {increments} of {} increments while {}",
+                    self.world.chain_len,
+                    if missing.is_empty() { "every shard is done".to_string() } else { missing.join(", ") }
+                );
+                self.violate(Invariant::NoFalseSuccess, index, detail);
+            }
+        }
+    }
+}
+
+/// Orders progress marks: running increments in order, then any end state.
+fn rank(mark: ProgressMark) -> (u8, u32) {
+    match mark {
+        ProgressMark::Idle => (0, 0),
+        ProgressMark::Running { increment, .. } => (1, increment),
+        ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0),
+    }
+}
+
+fn final_violation(invariant: Invariant, detail: String) -> Violation {
+    Violation { invariant, event_index: None, event_text: None, detail }
+}
+
+fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Violation>) {
+    let status = final_state.coordinator.as_ref().and_then(|c| c.operation.as_ref()).map(|op| &op.status);
+    match (status, &world.lost_object) {
+        (Some(OperationStatus::Done { .. }), None) => {
+            for shard in world.shard_map.shards() {
+                let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| s.rows.clone());
+                let expected = world.expected_rows_of(shard);
+                if rows.as_ref() != Some(&expected) {
+                    let got = rows.map_or(0, |r| r.len());
+                    let detail = format!(
+                        "at Done {shard} holds {got} rows that differ from the {} rows of the source table",
+                        expected.len()
+                    );
+                    violations.push(final_violation(Invariant::NoLostIncrement, detail));
+                    break;
+                }
+            }
+        }
+        (Some(OperationStatus::Done { .. }), Some(lost)) => {
+            let detail = format!(
+                "Done although {} (increment {}, {}) is missing for good",
+                lost.object, lost.increment, lost.shard
+            );
+            violations.push(final_violation(Invariant::ExpectedOutcome, detail));
+        }
+        (Some(OperationStatus::Failed { error, .. }), Some(lost)) => {
+            let clean = matches!(
+                error,
+                RestoreError::Shard { increment, shard, cause: ShardFailure::ObjectMissing { object }, .. }
+                    if *increment == lost.increment && *shard == lost.shard && *object == lost.object
+            );
+            if !clean {
+                let detail =
+                    format!("expected Failed naming increment {} and {}, got: {error}", lost.increment, lost.shard);
+                violations.push(final_violation(Invariant::ExpectedOutcome, detail));
+            }
+        }
+        (Some(OperationStatus::Failed { error, .. }), None) => {
+            let detail = format!("restore failed although every object is intact: {error}");
+            violations.push(final_violation(Invariant::ExpectedOutcome, detail));
+        }
+        (Some(OperationStatus::Running(running)), _) => {
+            let detail = format!(
+                "still running at increment {} ({} shard(s) done) {} ms after healing",
+                running.increment,
+                running.done.len(),
+                world.liveness_bound_ms
+            );
+            violations.push(final_violation(Invariant::Liveness, detail));
+        }
+        (None, _) => {
+            let detail = format!("no operation was ever durably started, {} ms after healing", world.liveness_bound_ms);
+            violations.push(final_violation(Invariant::Liveness, detail));
+        }
+    }
+    if final_state.timed_out && !violations.iter().any(|v| v.invariant.is_liveness()) {
+        let detail = "the run hit its time bound".to_string();
+        violations.push(final_violation(Invariant::Liveness, detail));
+    }
+}

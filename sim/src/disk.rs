@@ -1,0 +1,148 @@
+//! The simulated disk.
+//!
+//! Fault model:
+//! - a write lands in a volatile buffer; only `sync` makes it durable (after a short simulated delay, during
+//!   which a crash can strike);
+//! - a crash loses every unsynced write (`disk-lost-write`), and with the seed's `disk-torn-write` rate the
+//!   last unsynced write instead reaches the disk torn: a random prefix of it replaces the file;
+//! - synced data is never lost or damaged. This is stricter than a real disk only in that the tear is always
+//!   a prefix; the state file format detects any damage by checksum.
+//!
+//! madsim's own file system keeps unsynced data across a kill, so it cannot stand in for this.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use lockstep::io::Disk;
+use lockstep::protocol::NodeAddr;
+use rand::Rng;
+
+/// The contents of one node's disk. Lives in the world state, so it survives the node's restarts.
+#[derive(Clone, Debug, Default)]
+pub struct DiskState {
+    durable: BTreeMap<String, Vec<u8>>,
+    /// Writes since the last sync, oldest first.
+    unsynced: Vec<(String, Vec<u8>)>,
+}
+
+/// What a crash did to a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashDamage {
+    pub lost_writes: usize,
+    pub torn: bool,
+}
+
+impl DiskState {
+    /// Reads as the node would see it: its own unsynced writes included.
+    pub fn read(&self, name: &str) -> Option<Vec<u8>> {
+        let unsynced = self.unsynced.iter().rev().find(|(n, _)| n == name);
+        unsynced.map(|(_, bytes)| bytes.clone()).or_else(|| self.durable.get(name).cloned())
+    }
+
+    /// Reads only what is durable.
+    pub fn read_durable(&self, name: &str) -> Option<Vec<u8>> {
+        self.durable.get(name).cloned()
+    }
+
+    pub fn write(&mut self, name: &str, bytes: &[u8]) {
+        self.unsynced.push((name.to_string(), bytes.to_vec()));
+    }
+
+    pub fn sync(&mut self) {
+        for (name, bytes) in self.unsynced.drain(..) {
+            self.durable.insert(name, bytes);
+        }
+    }
+
+    /// A crash: unsynced writes are lost, the last one possibly torn onto the disk when `tear` says so.
+    pub fn crash(&mut self, rng: &mut impl Rng, tear: bool) -> CrashDamage {
+        let lost_writes = self.unsynced.len();
+        let torn = tear && lost_writes > 0;
+        if torn {
+            let (name, bytes) = self.unsynced.pop().expect("there is an unsynced write");
+            let keep = rng.gen_range(0..bytes.len().max(1));
+            self.durable.insert(name, bytes[..keep.min(bytes.len())].to_vec());
+        }
+        self.unsynced.clear();
+        CrashDamage { lost_writes, torn }
+    }
+
+    /// A view of only the durable part, as a [`Disk`] for loading final states.
+    pub fn durable_view(&self) -> DurableView<'_> {
+        DurableView(self)
+    }
+}
+
+/// Read-only [`Disk`] over the durable part of a [`DiskState`].
+pub struct DurableView<'a>(&'a DiskState);
+
+impl Disk for DurableView<'_> {
+    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.0.read_durable(name))
+    }
+
+    async fn write(&self, _name: &str, _bytes: &[u8]) -> io::Result<()> {
+        Err(io::Error::other("a durable view is read-only"))
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A node's handle on its simulated disk.
+#[cfg(madsim)]
+pub struct SimDisk {
+    pub node: NodeAddr,
+    pub state: crate::state::Shared,
+}
+
+/// How long a sync takes; crashes can land inside it.
+#[cfg(madsim)]
+const SYNC_LATENCY: std::time::Duration = std::time::Duration::from_millis(2);
+
+#[cfg(madsim)]
+impl Disk for SimDisk {
+    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.state.lock().disks.get(&self.node).and_then(|d| d.read(name)))
+    }
+
+    async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.state.lock().disks.entry(self.node).or_default().write(name, bytes);
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        tokio::time::sleep(SYNC_LATENCY).await;
+        self.state.lock().disks.entry(self.node).or_default().sync();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn a_crash_loses_unsynced_writes_and_keeps_synced_ones() {
+        let mut disk = DiskState::default();
+        disk.write("a", b"one");
+        disk.sync();
+        disk.write("a", b"two");
+        assert_eq!(disk.read("a").as_deref(), Some(&b"two"[..]));
+        let damage = disk.crash(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1), false);
+        assert_eq!(damage, CrashDamage { lost_writes: 1, torn: false });
+        assert_eq!(disk.read("a").as_deref(), Some(&b"one"[..]));
+    }
+
+    #[test]
+    fn a_torn_crash_leaves_a_prefix_of_the_last_write() {
+        let mut disk = DiskState::default();
+        disk.write("b", b"0123456789");
+        let damage = disk.crash(&mut rand_chacha::ChaCha8Rng::seed_from_u64(3), true);
+        assert!(damage.torn);
+        let left = disk.read_durable("b").unwrap();
+        assert!(left.len() < 10 && b"0123456789".starts_with(&left));
+    }
+}

@@ -1,0 +1,120 @@
+//! The event log: what hosts and fakes did, in simulated-time order. Checkers read only this and the final
+//! durable state. Its text form is the readable trace of a seed, and its hash proves determinism.
+
+use std::fmt;
+
+use lockstep::host::HostEvent;
+use lockstep::protocol::{NodeAddr, PersistNote};
+
+use crate::faults::FaultKind;
+
+/// A node of the simulated world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimNode {
+    Protocol(NodeAddr),
+    Store,
+    /// The simulator itself (fault schedule, heal).
+    World,
+}
+
+impl fmt::Display for SimNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SimNode::Protocol(addr) => write!(f, "{addr}"),
+            SimNode::Store => f.write_str("store"),
+            SimNode::World => f.write_str("world"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Host(HostEvent),
+    /// A fault was injected.
+    Fault {
+        kind: FaultKind,
+        detail: String,
+    },
+    /// The node was killed; its disk lost `lost_writes` unsynced writes, one of them torn if `torn`.
+    Killed {
+        lost_writes: usize,
+        torn: bool,
+    },
+    Restarted,
+    /// Faults stop from here on.
+    Healed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub at_ms: u64,
+    pub node: SimNode,
+    pub kind: EventKind,
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:>9.3}s {:<12} ", self.at_ms as f64 / 1000.0, self.node.to_string())?;
+        match &self.kind {
+            EventKind::Host(event) => write_host_event(f, event),
+            EventKind::Fault { kind, detail } => write!(f, "FAULT {kind}: {detail}"),
+            EventKind::Killed { lost_writes, torn } => {
+                write!(f, "KILLED (lost {lost_writes} unsynced write(s){})", if *torn { ", last one torn" } else { "" })
+            }
+            EventKind::Restarted => f.write_str("restarted"),
+            EventKind::Healed => f.write_str("HEALED: faults stop"),
+        }
+    }
+}
+
+fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Result {
+    match event {
+        HostEvent::CoordinatorBooted { generation, loaded } => {
+            let progress = loaded.as_ref().map(lockstep::coordinator::progress_of);
+            write!(f, "booted generation {generation}, loaded {progress:?}")
+        }
+        HostEvent::ShardBooted { loaded } => match loaded {
+            Some(state) => write!(
+                f,
+                "booted, loaded op {:?} applied through {:?} ({} rows)",
+                state.op,
+                state.applied_through,
+                state.rows.len()
+            ),
+            None => f.write_str("booted, empty disk"),
+        },
+        HostEvent::Persisted(PersistNote::Coordinator(mark)) => write!(f, "persisted {mark:?}"),
+        HostEvent::Persisted(PersistNote::ShardApplied { increment, backup_id, bundle_crc32 }) => {
+            write!(f, "APPLIED increment {increment} (backup {backup_id}, bundle crc {bundle_crc32:08x}), durable")
+        }
+        HostEvent::Sent { to, msg } => write!(f, "-> {to}: {msg}"),
+        HostEvent::Received { from, msg } => write!(f, "<- {from}: {msg}"),
+        HostEvent::BadFrame { from, error } => write!(f, "bad frame from {from}: {error}"),
+        HostEvent::Download { request, outcome } => {
+            write!(f, "read {} @{}+{}: ", request.object, request.offset, request.len)?;
+            match outcome {
+                Ok((got, total)) => write!(f, "{got} bytes of {total}"),
+                Err(error) => write!(f, "error: {error}"),
+            }
+        }
+        HostEvent::Report(text) => write!(f, "REPORT {text}"),
+        HostEvent::StartRefused(text) => write!(f, "start refused: {text}"),
+        HostEvent::Fatal(text) => write!(f, "FATAL {text}"),
+    }
+}
+
+/// A 64-bit FNV-1a hash of the trace text: stable across runs and builds of the same source.
+pub fn log_hash(events: &[Event]) -> u64 {
+    use std::fmt::Write;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut line = String::new();
+    for event in events {
+        line.clear();
+        write!(line, "{event}").expect("writing to a String cannot fail");
+        for byte in line.bytes().chain(std::iter::once(b'\n')) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}

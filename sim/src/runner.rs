@@ -1,0 +1,399 @@
+//! Runs one seed: builds the madsim world (store, shards, coordinator), drives the fault schedule, heals,
+//! waits for the operation to end or the liveness bound to pass, then hands the event log and the final durable
+//! state to the checkers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::coordinator::{CoordinatorDurable, ProgressMark};
+use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
+use lockstep::io::StateFile;
+use lockstep::model::ShardId;
+use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
+use lockstep::shard::ShardDurable;
+use madsim::net::Endpoint;
+use madsim::runtime::Handle;
+use madsim::task::NodeId;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::checkers::{FinalState, Violation, check};
+use crate::disk::SimDisk;
+use crate::events::{Event, EventKind, SimNode, log_hash};
+use crate::faults::{FaultCounts, FaultKind};
+use crate::net::{Directory, SimTransport};
+use crate::state::{Shared, SimState};
+use crate::store::SimStoreClient;
+use crate::world::World;
+
+pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 9, 1)), 9000);
+const PROTOCOL_PORT: u16 = 7000;
+const STORE_CLIENT_PORT: u16 = 7001;
+
+/// What one seed produced.
+#[derive(Clone, Debug)]
+pub struct SeedOutcome {
+    pub seed: u64,
+    pub violations: Vec<Violation>,
+    /// Hash of the whole event log, for determinism checks.
+    pub log_hash: u64,
+    pub events: usize,
+    /// The log itself, when asked for.
+    pub log: Option<Vec<Event>>,
+    pub sim_ms: u64,
+    pub faults: FaultCounts,
+    pub messages: u64,
+    /// The seed's run panicked with this message.
+    pub panic: Option<String>,
+}
+
+/// Runs `world` under madsim with the world's seed.
+pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
+    let seed = world.seed;
+    let world_for_run = world.clone();
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+        runtime.block_on(simulate(world_for_run))
+    }));
+    match run {
+        Ok((state, final_state)) => {
+            let violations = check(world, &state.log, &final_state);
+            SeedOutcome {
+                seed,
+                violations,
+                log_hash: log_hash(&state.log),
+                events: state.log.len(),
+                sim_ms: state.now_ms,
+                faults: state.counts.clone(),
+                messages: state.messages,
+                log: keep_log.then(|| state.log.clone()),
+                panic: None,
+            }
+        }
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".to_string());
+            SeedOutcome {
+                seed,
+                violations: Vec::new(),
+                log_hash: 0,
+                events: 0,
+                log: None,
+                sim_ms: 0,
+                faults: FaultCounts::default(),
+                messages: 0,
+                panic: Some(message),
+            }
+        }
+    }
+}
+
+struct SimObserver {
+    node: NodeAddr,
+    state: Shared,
+    epoch: Instant,
+    crash_tx: mpsc::UnboundedSender<NodeAddr>,
+    finished_tx: mpsc::UnboundedSender<()>,
+}
+
+impl Observer for SimObserver {
+    fn record(&self, node: NodeAddr, event: HostEvent) {
+        let finished = matches!(
+            event,
+            HostEvent::Persisted(PersistNote::Coordinator(ProgressMark::Done { .. } | ProgressMark::Failed { .. }))
+        );
+        let now = now_ms(self.epoch);
+        self.state.lock().record(now, SimNode::Protocol(node), EventKind::Host(event));
+        if finished {
+            let _ = self.finished_tx.send(());
+        }
+    }
+
+    fn crash_point(&self, node: NodeAddr, point: CrashPoint) -> bool {
+        let kind = match point {
+            CrashPoint::BeforeSync => FaultKind::CrashBeforeSync,
+            CrashPoint::AfterPersist => FaultKind::CrashAfterPersist,
+        };
+        let now = now_ms(self.epoch);
+        let hit =
+            self.state.lock().fault(now, SimNode::Protocol(node), kind, || format!("{node} crashes at {point:?}"));
+        if hit {
+            let _ = self.crash_tx.send(self.node);
+        }
+        hit
+    }
+}
+
+fn now_ms(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).expect("fits")
+}
+
+fn node_ip(node: NodeAddr) -> IpAddr {
+    match node {
+        NodeAddr::Coordinator => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        NodeAddr::Shard(ShardId(i)) => {
+            let i = u8::try_from(i).expect("fewer than 256 shards");
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, i + 1))
+        }
+    }
+}
+
+/// Everything a node's init closure needs; cheap to clone on every (re)start.
+#[derive(Clone)]
+struct NodeEnv {
+    state: Shared,
+    epoch: Instant,
+    directory: Arc<Directory>,
+    crash_tx: mpsc::UnboundedSender<NodeAddr>,
+    finished_tx: mpsc::UnboundedSender<()>,
+    world: Arc<World>,
+}
+
+impl NodeEnv {
+    async fn host_io(&self, node: NodeAddr) -> Option<HostIo<SimDisk, SimStoreClient, SimTransport, SimObserver>> {
+        let ip = node_ip(node);
+        let endpoint = Endpoint::bind(SocketAddr::new(ip, PROTOCOL_PORT)).await.ok()?;
+        let store = SimStoreClient::bind(SocketAddr::new(ip, STORE_CLIENT_PORT)).await.ok()?;
+        let transport = SimTransport {
+            node,
+            endpoint: Rc::new(endpoint),
+            directory: self.directory.clone(),
+            state: self.state.clone(),
+            epoch: self.epoch,
+        };
+        let observer = SimObserver {
+            node,
+            state: self.state.clone(),
+            epoch: self.epoch,
+            crash_tx: self.crash_tx.clone(),
+            finished_tx: self.finished_tx.clone(),
+        };
+        Some(HostIo {
+            disk: Rc::new(SimDisk { node, state: self.state.clone() }),
+            store: Rc::new(store),
+            transport: Rc::new(transport),
+            observer: Rc::new(observer),
+            epoch: self.epoch,
+            download_timeout_ms: self.world.download_timeout_ms,
+        })
+    }
+
+    async fn run(self, node: NodeAddr) {
+        let Some(io) = self.host_io(node).await else { return };
+        match node {
+            NodeAddr::Coordinator => {
+                let request = self.world.restore_request();
+                io.run_coordinator(self.world.coordinator.clone(), self.world.seed, Some(request)).await;
+            }
+            NodeAddr::Shard(shard) => io.run_shard(shard, self.world.shard.clone()).await,
+        }
+    }
+}
+
+async fn simulate(world: World) -> (SimState, FinalState) {
+    let world = Arc::new(world);
+    let epoch = Instant::now();
+    let state = Shared::new(SimState::new(world.seed, world.faults.clone()));
+    let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
+    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
+    let nodes: Vec<NodeAddr> =
+        world.shard_map.shards().map(NodeAddr::Shard).chain(std::iter::once(NodeAddr::Coordinator)).collect();
+    let directory = Arc::new(Directory {
+        addrs: nodes.iter().map(|n| (*n, SocketAddr::new(node_ip(*n), PROTOCOL_PORT))).collect(),
+    });
+    let env = NodeEnv { state: state.clone(), epoch, directory, crash_tx, finished_tx, world: world.clone() };
+    let handle = Handle::current();
+
+    let lost: BTreeSet<String> = world.lost_object.iter().map(|l| l.object.clone()).collect();
+    let store_state = state.clone();
+    let objects = world.objects.clone();
+    handle
+        .create_node()
+        .name("store")
+        .ip(STORE_ADDR.ip())
+        .init(move || crate::store::serve(store_state.clone(), epoch, objects.clone(), lost.clone()))
+        .build();
+
+    let mut ids: BTreeMap<NodeAddr, NodeId> = BTreeMap::new();
+    for node in &nodes {
+        let env = env.clone();
+        let node = *node;
+        let id = handle
+            .create_node()
+            .name(node.to_string())
+            .ip(node_ip(node))
+            .init(move || env.clone().run(node))
+            .build()
+            .id();
+        ids.insert(node, id);
+    }
+    drop(env);
+
+    let mut supervisor = Supervisor::new(&world, state.clone(), epoch, handle, ids);
+    let timed_out = loop {
+        let wake = supervisor.next_wake();
+        tokio::select! {
+            _ = finished_rx.recv() => break false,
+            Some(node) = crash_rx.recv() => supervisor.crash(node, 100..2_000),
+            _ = tokio::time::sleep_until(epoch + Duration::from_millis(wake)) => {
+                if supervisor.tick() {
+                    break true;
+                }
+            }
+        }
+    };
+    let final_state = supervisor.final_state(&world, timed_out);
+    let state = std::mem::replace(&mut *state.lock(), SimState::new(0, crate::faults::FaultPlan::none()));
+    (state, final_state)
+}
+
+/// The fault schedule: random reboots during the fault phase, crash requests from crash points, restarts,
+/// healing, and the liveness bound.
+struct Supervisor {
+    state: Shared,
+    epoch: Instant,
+    handle: Handle,
+    ids: BTreeMap<NodeAddr, NodeId>,
+    /// Nodes that are down, with the time they come back.
+    down: BTreeMap<NodeAddr, u64>,
+    heal_at_ms: u64,
+    give_up_at_ms: u64,
+    next_coordinator_reboot_ms: Option<u64>,
+    next_shard_reboot_ms: Option<u64>,
+    shard_count: u32,
+}
+
+impl Supervisor {
+    fn new(world: &World, state: Shared, epoch: Instant, handle: Handle, ids: BTreeMap<NodeAddr, NodeId>) -> Self {
+        let heal_at_ms = world.faults.heal_at_ms;
+        let mut supervisor = Self {
+            state,
+            epoch,
+            handle,
+            ids,
+            down: BTreeMap::new(),
+            heal_at_ms,
+            give_up_at_ms: heal_at_ms + world.liveness_bound_ms,
+            next_coordinator_reboot_ms: None,
+            next_shard_reboot_ms: None,
+            shard_count: world.shard_count(),
+        };
+        supervisor.next_coordinator_reboot_ms = supervisor.draw_reboot(FaultKind::CoordinatorReboot, 0);
+        supervisor.next_shard_reboot_ms = supervisor.draw_reboot(FaultKind::ShardReboot, 0);
+        supervisor
+    }
+
+    /// The time of the next reboot of this kind, exponentially distributed at the seed's rate per second.
+    fn draw_reboot(&self, kind: FaultKind, after_ms: u64) -> Option<u64> {
+        let mut state = self.state.lock();
+        let rate_per_s = state.plan.rate(kind);
+        if rate_per_s <= 0.0 {
+            return None;
+        }
+        let uniform: f64 = state.rng.gen_range(f64::EPSILON..1.0);
+        let gap_ms = (-uniform.ln() / rate_per_s * 1000.0) as u64;
+        let at = after_ms.saturating_add(gap_ms.max(1));
+        (at < self.heal_at_ms).then_some(at)
+    }
+
+    fn next_wake(&self) -> u64 {
+        let mut wake = self.give_up_at_ms;
+        if !self.state.lock().healed {
+            wake = wake.min(self.heal_at_ms);
+        }
+        for at in [self.next_coordinator_reboot_ms, self.next_shard_reboot_ms].into_iter().flatten() {
+            wake = wake.min(at);
+        }
+        self.down.values().fold(wake, |wake, at| wake.min(*at))
+    }
+
+    /// Handles everything due now; `true` when the liveness bound has passed.
+    fn tick(&mut self) -> bool {
+        let now = now_ms(self.epoch);
+        if now >= self.give_up_at_ms {
+            return true;
+        }
+        let due: Vec<NodeAddr> = self.down.iter().filter(|(_, at)| **at <= now).map(|(n, _)| *n).collect();
+        for node in due {
+            self.down.remove(&node);
+            self.handle.restart(self.ids[&node]);
+            self.state.lock().record(now, SimNode::Protocol(node), EventKind::Restarted);
+        }
+        if now >= self.heal_at_ms && !self.state.lock().healed {
+            let mut state = self.state.lock();
+            state.healed = true;
+            state.record(now, SimNode::World, EventKind::Healed);
+        }
+        if self.next_coordinator_reboot_ms.is_some_and(|at| at <= now) {
+            self.reboot(now, NodeAddr::Coordinator, FaultKind::CoordinatorReboot);
+            self.next_coordinator_reboot_ms = self.draw_reboot(FaultKind::CoordinatorReboot, now);
+        }
+        if self.next_shard_reboot_ms.is_some_and(|at| at <= now) {
+            let shard = ShardId(self.state.lock().rng.gen_range(0..self.shard_count));
+            self.reboot(now, NodeAddr::Shard(shard), FaultKind::ShardReboot);
+            self.next_shard_reboot_ms = self.draw_reboot(FaultKind::ShardReboot, now);
+        }
+        false
+    }
+
+    fn reboot(&mut self, now: u64, node: NodeAddr, kind: FaultKind) {
+        if self.down.contains_key(&node) || self.state.lock().healed {
+            return;
+        }
+        {
+            let mut state = self.state.lock();
+            state.counts.add(kind);
+            let detail = format!("kill {node}");
+            state.record(now, SimNode::Protocol(node), EventKind::Fault { kind, detail });
+        }
+        self.crash(node, 10..3_000);
+    }
+
+    /// Kills `node` now, damages its disk as a crash does, and schedules its restart.
+    fn crash(&mut self, node: NodeAddr, downtime_ms: std::ops::Range<u64>) {
+        if self.down.contains_key(&node) {
+            return;
+        }
+        let now = now_ms(self.epoch);
+        self.handle.kill(self.ids[&node]);
+        let mut state = self.state.lock();
+        let tear_rate = state.plan.rate(FaultKind::DiskTornWrite);
+        let tear = !state.healed && tear_rate > 0.0 && state.rng.gen_bool(tear_rate.min(1.0));
+        let mut disk = state.disks.remove(&node).unwrap_or_default();
+        let damage = disk.crash(&mut state.rng, tear);
+        state.disks.insert(node, disk);
+        if damage.lost_writes > 0 {
+            state.counts.add(FaultKind::DiskLostWrite);
+        }
+        if damage.torn {
+            state.counts.add(FaultKind::DiskTornWrite);
+        }
+        let kind = EventKind::Killed { lost_writes: damage.lost_writes, torn: damage.torn };
+        state.record(now, SimNode::Protocol(node), kind);
+        let back_at = now + state.rng.gen_range(downtime_ms);
+        drop(state);
+        self.down.insert(node, back_at);
+    }
+
+    fn final_state(&self, world: &World, timed_out: bool) -> FinalState {
+        let state = self.state.lock();
+        let load = |node: NodeAddr| -> Option<Vec<u8>> {
+            let disk = state.disks.get(&node)?;
+            StateFile::load(&disk.durable_view(), STATE_FILE).ok()?.1
+        };
+        let coordinator = load(NodeAddr::Coordinator).and_then(|b| decode_frame::<CoordinatorDurable>(&b).ok());
+        let shards = world
+            .shard_map
+            .shards()
+            .map(|s| (s, load(NodeAddr::Shard(s)).and_then(|b| decode_frame::<ShardDurable>(&b).ok())))
+            .collect();
+        FinalState { coordinator, shards, timed_out }
+    }
+}

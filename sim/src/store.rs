@@ -1,0 +1,219 @@
+//! The simulated S3-like object store: a madsim node that serves put, ranged get and list over the simulated
+//! network, and the client shards use to reach it.
+//!
+//! Fault model (on reads, each rolled per request with the seed's rate, none after healing):
+//! - `store-unavailable`: a transient error instead of data;
+//! - `store-throttled`: "slow down, retry after 50-500 ms";
+//! - `store-slow`: the answer comes 100-2500 ms late, sometimes past the reader's timeout;
+//! - `download-partial`: fewer bytes than asked (the reader must resume at the right offset);
+//! - `download-truncated`: the object is reported to end where this read ends, as a cut-off transfer does;
+//! - `download-corrupt`: one byte of the answer is flipped.
+//! A lost object (only where the world says so) answers "not found" for good.
+//!
+//! Fault atlas: the stored bytes are never changed, damage is done only to the copy sent, and after
+//! `MAX_DAMAGED_STREAK` faulty answers in a row for one object the next answer for it is intact. So at least one
+//! intact copy of every bundle is always reachable, and a restore that fails under faults is a real bug.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use lockstep::io::{RemoteStore, range_of};
+use lockstep::protocol::{RangeRead, StoreError};
+use madsim::net::Endpoint;
+use rand::Rng;
+
+use crate::events::SimNode;
+use crate::faults::FaultKind;
+use crate::state::Shared;
+
+/// Tag the store listens on.
+pub const STORE_TAG: u64 = 1;
+/// Faulty answers in a row for one object after which the next answer is intact.
+pub const MAX_DAMAGED_STREAK: u32 = 3;
+
+#[derive(Clone, Debug)]
+pub enum StoreRequest {
+    Put { object: String, bytes: Vec<u8> },
+    GetRange { object: String, offset: u64, len: u64 },
+    List { prefix: String },
+}
+
+#[derive(Clone, Debug)]
+pub enum StoreResponse {
+    Put(Result<(), StoreError>),
+    GetRange(Result<RangeRead, StoreError>),
+    List(Result<Vec<String>, StoreError>),
+}
+
+struct Envelope {
+    reply_tag: u64,
+    request: StoreRequest,
+}
+
+/// The store node's main loop. Never returns.
+pub async fn serve(
+    state: Shared,
+    epoch: tokio::time::Instant,
+    objects: BTreeMap<String, Vec<u8>>,
+    lost: BTreeSet<String>,
+) {
+    let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
+    let server = Rc::new(StoreServer { state, epoch, objects: objects.into(), lost, streaks: Default::default() });
+    loop {
+        let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
+        let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
+        let server = server.clone();
+        let endpoint = endpoint.clone();
+        tokio::task::spawn_local(async move {
+            let (response, delay) = server.answer(envelope.request);
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            let _ = endpoint.send_to_raw(from, envelope.reply_tag, Box::new(response)).await;
+        });
+    }
+}
+
+struct StoreServer {
+    state: Shared,
+    epoch: tokio::time::Instant,
+    objects: std::cell::RefCell<BTreeMap<String, Vec<u8>>>,
+    lost: BTreeSet<String>,
+    /// Faulty answers in a row, per object.
+    streaks: std::cell::RefCell<BTreeMap<String, u32>>,
+}
+
+impl StoreServer {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).expect("fits")
+    }
+
+    fn answer(&self, request: StoreRequest) -> (StoreResponse, Option<Duration>) {
+        self.state.lock().messages += 1;
+        match request {
+            StoreRequest::Put { object, bytes } => {
+                self.objects.borrow_mut().insert(object, bytes);
+                (StoreResponse::Put(Ok(())), None)
+            }
+            StoreRequest::List { prefix } => {
+                let names = self.objects.borrow().keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                (StoreResponse::List(Ok(names)), None)
+            }
+            StoreRequest::GetRange { object, offset, len } => {
+                let (result, delay) = self.get_range(&object, offset, len);
+                (StoreResponse::GetRange(result), delay)
+            }
+        }
+    }
+
+    fn get_range(&self, object: &str, offset: u64, len: u64) -> (Result<RangeRead, StoreError>, Option<Duration>) {
+        if self.lost.contains(object) {
+            return (Err(StoreError::NotFound { object: object.to_string() }), None);
+        }
+        let objects = self.objects.borrow();
+        let Some(bytes) = objects.get(object) else {
+            return (Err(StoreError::NotFound { object: object.to_string() }), None);
+        };
+        let mut read = match range_of(object, bytes, offset, len) {
+            Ok(read) => read,
+            Err(error) => return (Err(error), None),
+        };
+        let streak = self.streaks.borrow().get(object).copied().unwrap_or(0);
+        if streak >= MAX_DAMAGED_STREAK {
+            self.streaks.borrow_mut().insert(object.to_string(), 0);
+            return (Ok(read), None);
+        }
+        let now = self.now_ms();
+        let node = SimNode::Store;
+        let mut state = self.state.lock();
+        let at = || format!("{object} @{offset}+{len}");
+        let mut damaged = true;
+        let result = if state.fault(now, node, FaultKind::StoreUnavailable, at) {
+            Err(StoreError::Unavailable { detail: "injected 503".to_string() })
+        } else if state.fault(now, node, FaultKind::StoreThrottled, at) {
+            Err(StoreError::Throttled { retry_after_ms: state.rng.gen_range(50..500) })
+        } else {
+            damaged = false;
+            if read.bytes.len() > 1 && state.fault(now, node, FaultKind::DownloadPartial, at) {
+                let keep = state.rng.gen_range(1..read.bytes.len());
+                read.bytes.truncate(keep);
+            }
+            let end = offset + read.bytes.len() as u64;
+            if end < read.total_len && state.fault(now, node, FaultKind::DownloadTruncated, at) {
+                read.total_len = end;
+                damaged = true;
+            }
+            if !read.bytes.is_empty() && state.fault(now, node, FaultKind::DownloadCorrupt, at) {
+                let at = state.rng.gen_range(0..read.bytes.len());
+                read.bytes[at] ^= 1 << state.rng.gen_range(0..8);
+                damaged = true;
+            }
+            Ok(read)
+        };
+        let delay = state
+            .fault(now, node, FaultKind::StoreSlow, at)
+            .then(|| Duration::from_millis(state.rng.gen_range(100..2_500)));
+        drop(state);
+        let streak = if damaged { streak + 1 } else { 0 };
+        self.streaks.borrow_mut().insert(object.to_string(), streak);
+        (result, delay)
+    }
+}
+
+/// A shard's client of the simulated store. Each request waits on its own reply tag.
+pub struct SimStoreClient {
+    endpoint: Endpoint,
+    next_tag: Cell<u64>,
+}
+
+impl SimStoreClient {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self { endpoint: Endpoint::bind(addr).await?, next_tag: Cell::new(STORE_TAG + 1) })
+    }
+
+    async fn call(&self, request: StoreRequest) -> Result<StoreResponse, StoreError> {
+        let reply_tag = self.next_tag.get();
+        self.next_tag.set(reply_tag + 1);
+        let envelope = Envelope { reply_tag, request };
+        let unavailable = |error: std::io::Error| StoreError::Unavailable { detail: error.to_string() };
+        self.endpoint
+            .send_to_raw(crate::runner::STORE_ADDR, STORE_TAG, Box::new(envelope))
+            .await
+            .map_err(unavailable)?;
+        let (payload, _) = self.endpoint.recv_from_raw(reply_tag).await.map_err(unavailable)?;
+        payload
+            .downcast::<StoreResponse>()
+            .map(|response| *response)
+            .map_err(|_| StoreError::Unavailable { detail: "garbled store response".to_string() })
+    }
+}
+
+fn mismatched() -> StoreError {
+    StoreError::Unavailable { detail: "store answered a different kind of request".to_string() }
+}
+
+impl RemoteStore for SimStoreClient {
+    async fn put(&self, object: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        match self.call(StoreRequest::Put { object: object.to_string(), bytes }).await? {
+            StoreResponse::Put(result) => result,
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn get_range(&self, object: &str, offset: u64, len: u64) -> Result<RangeRead, StoreError> {
+        match self.call(StoreRequest::GetRange { object: object.to_string(), offset, len }).await? {
+            StoreResponse::GetRange(result) => result,
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self.call(StoreRequest::List { prefix: prefix.to_string() }).await? {
+            StoreResponse::List(result) => result,
+            _ => Err(mismatched()),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Seed sweeps: many seeds over a pool of worker threads (one madsim runtime per seed), a determinism
+//! self-check on a sample of seeds, and a summary. Memory stays flat: only counts and failures are kept.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::checkers::Invariant;
+use crate::faults::{FaultCounts, FaultKind};
+use crate::runner::{SeedOutcome, run_seed};
+use crate::world::{World, WorldParams};
+
+#[derive(Clone, Debug)]
+pub struct SweepConfig {
+    pub start: u64,
+    pub seeds: u64,
+    pub jobs: usize,
+    pub params: WorldParams,
+    /// Every this-many seeds one is run twice and the two event-log hashes compared; 0 turns the check off.
+    pub determinism_every: u64,
+}
+
+/// The kinds of failure, in order of severity; each has its own exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailureClass {
+    /// A safety invariant broke (wrong data, wrong order, false success, ...).
+    Safety,
+    /// The restore did not end within the bound after healing.
+    Liveness,
+    /// The simulation itself panicked.
+    Crash,
+    /// The same seed gave two different event logs.
+    Determinism,
+}
+
+impl FailureClass {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            FailureClass::Safety => 1,
+            FailureClass::Liveness => 3,
+            FailureClass::Crash => 4,
+            FailureClass::Determinism => 5,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureClass::Safety => "safety",
+            FailureClass::Liveness => "liveness",
+            FailureClass::Crash => "crash",
+            FailureClass::Determinism => "determinism",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SeedFailure {
+    pub seed: u64,
+    pub class: FailureClass,
+    /// One line per violation (or the panic, or the hash mismatch).
+    pub lines: Vec<String>,
+}
+
+impl SeedFailure {
+    /// Classifies a seed's outcome; `None` when it passed.
+    pub fn of(outcome: &SeedOutcome) -> Option<Self> {
+        if let Some(message) = &outcome.panic {
+            return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines: vec![format!("panicked: {message}")] });
+        }
+        if outcome.violations.is_empty() {
+            return None;
+        }
+        let class = if outcome.violations.iter().all(|v| v.invariant.is_liveness()) {
+            FailureClass::Liveness
+        } else {
+            FailureClass::Safety
+        };
+        let lines = outcome.violations.iter().map(|v| v.to_string()).collect();
+        Some(Self { seed: outcome.seed, class, lines })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SweepSummary {
+    pub seeds_run: u64,
+    pub failures: Vec<SeedFailure>,
+    pub by_invariant: BTreeMap<Invariant, u64>,
+    pub faults: FaultCounts,
+    /// Seeds in which each fault kind fired at least once.
+    pub seeds_with_fault: FaultCounts,
+    pub determinism_checked: u64,
+    pub sim_ms: u64,
+    pub messages: u64,
+    pub events: u64,
+    pub wall: Duration,
+    /// Worlds that lost an object for good (and so must end in a clean Failed).
+    pub lost_object_worlds: u64,
+}
+
+impl SweepSummary {
+    pub fn worst_class(&self) -> Option<FailureClass> {
+        self.failures.iter().map(|f| f.class).min()
+    }
+
+    pub fn seeds_per_second(&self) -> f64 {
+        self.seeds_run as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn add(&mut self, world: &World, outcome: &SeedOutcome) {
+        self.seeds_run += 1;
+        self.sim_ms += outcome.sim_ms;
+        self.messages += outcome.messages;
+        self.events += outcome.events as u64;
+        self.faults.merge(&outcome.faults);
+        for kind in FaultKind::ALL {
+            if outcome.faults.get(kind) > 0 {
+                self.seeds_with_fault.add(kind);
+            }
+        }
+        if world.lost_object.is_some() {
+            self.lost_object_worlds += 1;
+        }
+        for violation in &outcome.violations {
+            *self.by_invariant.entry(violation.invariant).or_default() += 1;
+        }
+        if let Some(failure) = SeedFailure::of(outcome) {
+            self.failures.push(failure);
+        }
+    }
+}
+
+/// Runs the sweep; `progress` is called after every seed with the number done so far.
+pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> SweepSummary {
+    let began = Instant::now();
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let summary = Mutex::new(SweepSummary::default());
+    let jobs = config.jobs.max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= config.seeds {
+                        return;
+                    }
+                    let seed = config.start + index;
+                    let (world, outcome, mismatch) = run_one(seed, config);
+                    let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
+                    summary.add(&world, &outcome);
+                    if let Some(mismatch) = mismatch {
+                        summary.determinism_checked += 1;
+                        if let Some(line) = mismatch {
+                            summary.failures.push(SeedFailure { seed, class: FailureClass::Determinism, lines: vec![line] });
+                        }
+                    }
+                    drop(summary);
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+                }
+            });
+        }
+    });
+    let mut summary = summary.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.failures.sort_by_key(|f| (f.seed, f.class));
+    summary.wall = began.elapsed();
+    summary
+}
+
+/// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
+/// checked, `Some(None)` when the two runs agreed, `Some(Some(line))` when they did not.
+fn run_one(seed: u64, config: &SweepConfig) -> (World, SeedOutcome, Option<Option<String>>) {
+    let world = World::generate(seed, &config.params);
+    let outcome = run_seed(&world, false);
+    let checked = config.determinism_every > 0 && seed % config.determinism_every == 0 && outcome.panic.is_none();
+    let mismatch = checked.then(|| {
+        let again = run_seed(&world, false);
+        (again.log_hash != outcome.log_hash).then(|| {
+            format!(
+                "event log hash {:016x} on the first run, {:016x} on the second ({} vs {} events)",
+                outcome.log_hash, again.log_hash, outcome.events, again.events
+            )
+        })
+    });
+    (world, outcome, mismatch)
+}

@@ -1,0 +1,1210 @@
+//! Unit tests of the two pure state machines, driven by hand: every input is a method call with the time as an
+//! argument, every assertion is on the returned outputs or on the machine's durable state.
+
+use std::collections::BTreeSet;
+
+use lockstep::bundle::Bundle;
+use lockstep::coordinator::{
+    Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer,
+    OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, backoff_ms,
+};
+use lockstep::io::range_of;
+use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, Rows, ShardId};
+use lockstep::protocol::{
+    ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
+    PersistNote, RangeRead, ShardFailure, StoreError,
+};
+use lockstep::shard::{Shard, ShardBug, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+const OP: OperationId = 7;
+const SEED: u64 = 42;
+
+fn coordinator_config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        max_in_flight_shards: 8,
+        request_timeout_ms: 1_000,
+        backoff_base_ms: 100,
+        backoff_cap_ms: 800,
+        deadline_ms: 60_000,
+        bug: None,
+    }
+}
+
+fn manifest(backup_id: u64, kind: BackupKind, shard_count: u32) -> BackupManifest {
+    BackupManifest {
+        backup_id,
+        kind,
+        taken_at_ms: backup_id * 10,
+        shard_objects: (0..shard_count).map(|s| BackupManifest::object_name(backup_id, ShardId(s))).collect(),
+    }
+}
+
+/// A catalog whose restore chain is backup 1 (full), then backups 2..=increments (incrementals).
+fn restore_request(op: OperationId, shard_count: u32, increments: u32) -> RestoreRequest {
+    let catalog = (1..=u64::from(increments))
+        .map(|id| manifest(id, if id == 1 { BackupKind::Full } else { BackupKind::Incremental }, shard_count))
+        .collect();
+    RestoreRequest { op, shard_count, catalog }
+}
+
+fn booted(config: CoordinatorConfig) -> Coordinator {
+    Coordinator::boot(config, None, SEED, 0).0
+}
+
+/// A coordinator that has started `OP` at `now_ms`, and the requests the start sent.
+fn started(
+    config: CoordinatorConfig,
+    shard_count: u32,
+    increments: u32,
+    now_ms: u64,
+) -> (Coordinator, Vec<ApplyRequest>) {
+    let mut coordinator = booted(config);
+    let out = coordinator.start(now_ms, restore_request(OP, shard_count, increments)).expect("start succeeds");
+    (coordinator, apply_requests(&out))
+}
+
+/// The apply requests among `out`, in order; each one is addressed to the shard it names.
+fn apply_requests(out: &[CoordinatorOutput]) -> Vec<ApplyRequest> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send { to, msg: Message::Apply(request) } => {
+                assert_eq!(*to, NodeAddr::Shard(request.shard), "request sent to the shard it names");
+                Some(request.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn shards_of(requests: &[ApplyRequest]) -> Vec<u32> {
+    requests.iter().map(|r| r.shard.0).collect()
+}
+
+fn persisted(out: &[CoordinatorOutput]) -> Vec<CoordinatorDurable> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Persist { state, .. } => Some(state.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn last_persisted(out: &[CoordinatorOutput]) -> CoordinatorDurable {
+    persisted(out).pop().expect("the outputs hold a persist")
+}
+
+fn timers(out: &[CoordinatorOutput]) -> Vec<(u64, CoordinatorTimer)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::SetTimer { at_ms, timer } => Some((*at_ms, timer.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn retry_due_at(out: &[CoordinatorOutput]) -> Vec<u64> {
+    timers(out).into_iter().filter(|(_, t)| *t == CoordinatorTimer::RetryDue).map(|(at, _)| at).collect()
+}
+
+fn first_persist_index(out: &[CoordinatorOutput]) -> Option<usize> {
+    out.iter().position(|o| matches!(o, Output::Persist { .. }))
+}
+
+fn first_send_index(out: &[CoordinatorOutput]) -> Option<usize> {
+    out.iter().position(|o| matches!(o, Output::Send { .. }))
+}
+
+fn answer(request: &ApplyRequest, outcome: ApplyOutcome) -> ApplyReply {
+    ApplyReply {
+        op: request.op,
+        generation: request.generation,
+        attempt: request.attempt,
+        increment: request.increment,
+        shard: request.shard,
+        outcome,
+    }
+}
+
+/// Delivers the shard's reply to `request`, from that shard.
+fn reply(
+    coordinator: &mut Coordinator,
+    now_ms: u64,
+    request: &ApplyRequest,
+    outcome: ApplyOutcome,
+) -> Vec<CoordinatorOutput> {
+    coordinator.handle_message(now_ms, NodeAddr::Shard(request.shard), Message::Reply(answer(request, outcome)))
+}
+
+fn transient() -> ApplyOutcome {
+    ApplyOutcome::Failed { permanent: false, cause: ShardFailure::BadBundle { detail: "checksum mismatch".into() } }
+}
+
+fn running(coordinator: &Coordinator) -> &RunningState {
+    match &coordinator.operation().expect("an operation").status {
+        OperationStatus::Running(running) => running,
+        other => panic!("expected a running operation, got {other:?}"),
+    }
+}
+
+fn running_of(durable: &CoordinatorDurable) -> &RunningState {
+    match &durable.operation.as_ref().expect("an operation").status {
+        OperationStatus::Running(running) => running,
+        other => panic!("expected a running operation, got {other:?}"),
+    }
+}
+
+fn done_set(shards: &[u32]) -> BTreeSet<ShardId> {
+    shards.iter().copied().map(ShardId).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: start, boot, in-flight cap
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_boot_bumps_the_generation_and_persists_it_before_anything_else() {
+    let (coordinator, out) = Coordinator::boot(coordinator_config(), None, SEED, 0);
+    assert_eq!(coordinator.generation(), 1);
+    assert_eq!(out.len(), 1, "an idle first boot only persists: {out:?}");
+    assert_eq!(last_persisted(&out), CoordinatorDurable { generation: 1, operation: None });
+    assert_eq!(coordinator.progress(), ProgressMark::Idle);
+
+    let (again, out) = Coordinator::boot(coordinator_config(), Some(coordinator.durable().clone()), SEED, 0);
+    assert_eq!(again.generation(), 2);
+    assert_eq!(last_persisted(&out).generation, 2);
+}
+
+#[test]
+fn coordinator_start_persists_the_operation_before_it_sends_any_request() {
+    let mut coordinator = booted(coordinator_config());
+    let out = coordinator.start(1_000, restore_request(OP, 3, 2)).unwrap();
+
+    let persist_at = first_persist_index(&out).expect("start persists");
+    let send_at = first_send_index(&out).expect("start sends");
+    assert!(persist_at < send_at, "persist at {persist_at} must precede the first send at {send_at}: {out:?}");
+
+    let state = &persisted(&out)[0];
+    let operation = state.operation.as_ref().expect("the persisted state holds the operation");
+    assert_eq!(operation.op, OP);
+    assert_eq!(operation.shard_count, 3);
+    assert_eq!(operation.started_at_ms, 1_000);
+    assert_eq!(operation.deadline_at_ms, 61_000);
+    let running = running_of(state);
+    assert_eq!(running.increment, 0);
+    assert!(running.done.is_empty());
+    assert_eq!(running.chain.len(), 2);
+    assert!(out.contains(&Output::SetTimer { at_ms: 61_000, timer: CoordinatorTimer::Deadline }));
+
+    let requests = apply_requests(&out);
+    assert_eq!(shards_of(&requests), vec![0, 1, 2]);
+    for request in &requests {
+        assert_eq!(request.op, OP);
+        assert_eq!(request.generation, 1);
+        assert_eq!(request.increment, 0);
+        assert_eq!(request.backup_id, 1);
+        assert_eq!(request.kind, BackupKind::Full);
+        assert_eq!(request.object, BackupManifest::object_name(1, request.shard));
+        let timeout = CoordinatorTimer::RequestTimeout { shard: request.shard, increment: 0, attempt: request.attempt };
+        assert!(out.contains(&Output::SetTimer { at_ms: 2_000, timer: timeout }), "each request has a timeout");
+    }
+    let attempts: BTreeSet<u32> = requests.iter().map(|r| r.attempt).collect();
+    assert_eq!(attempts.len(), requests.len(), "every request has its own attempt number");
+}
+
+#[test]
+fn coordinator_refuses_a_restore_without_shards_or_without_a_full_backup() {
+    let mut coordinator = booted(coordinator_config());
+    assert_eq!(coordinator.start(0, restore_request(OP, 0, 1)), Err(StartError::NoShards));
+    let only_incremental =
+        RestoreRequest { op: OP, shard_count: 1, catalog: vec![manifest(2, BackupKind::Incremental, 1)] };
+    assert_eq!(coordinator.start(0, only_incremental), Err(StartError::Chain(ChainError::NoFullBackup)));
+    assert_eq!(coordinator.durable(), &CoordinatorDurable { generation: 1, operation: None });
+}
+
+#[test]
+fn coordinator_keeps_at_most_max_in_flight_shards_requests_outstanding() {
+    let config = CoordinatorConfig { max_in_flight_shards: 2, ..coordinator_config() };
+    let (mut coordinator, first) = started(config, 5, 2, 0);
+    assert_eq!(shards_of(&first), vec![0, 1], "only two of five shards get a request");
+
+    // Answer the oldest outstanding request each step; the cap must hold and be used fully while work remains.
+    let mut outstanding: Vec<ApplyRequest> = first;
+    let mut sent_per_increment = [0u32; 2];
+    for request in &outstanding {
+        sent_per_increment[request.increment as usize] += 1;
+    }
+    let mut now = 0;
+    while !outstanding.is_empty() {
+        now += 10;
+        let request = outstanding.remove(0);
+        let out = reply(&mut coordinator, now, &request, ApplyOutcome::Applied);
+        let sent = apply_requests(&out);
+        for request in &sent {
+            sent_per_increment[request.increment as usize] += 1;
+        }
+        outstanding.extend(sent);
+        assert!(outstanding.len() <= 2, "{} requests outstanding, cap is 2", outstanding.len());
+        let pending_in_increment = match coordinator.operation().unwrap().status {
+            OperationStatus::Running(ref r) => 5 - r.done.len(),
+            _ => 0,
+        };
+        assert_eq!(outstanding.len(), pending_in_increment.min(2), "the cap is used fully while shards are pending");
+    }
+    assert_eq!(sent_per_increment, [5, 5], "every shard got exactly one request per increment");
+    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Done { .. }));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: increments in lockstep, done
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_does_not_advance_until_every_shard_reported_the_increment() {
+    let (mut coordinator, requests) = started(coordinator_config(), 3, 2, 0);
+
+    let out = reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    assert!(apply_requests(&out).is_empty(), "no increment 1 after one of three reports: {out:?}");
+    assert_eq!(running_of(&last_persisted(&out)).done, done_set(&[0]), "the result is persisted");
+    let out = reply(&mut coordinator, 20, &requests[2], ApplyOutcome::AlreadyApplied);
+    assert!(apply_requests(&out).is_empty(), "no increment 1 after two of three reports: {out:?}");
+    assert_eq!(running(&coordinator).increment, 0);
+    assert_eq!(running(&coordinator).done, done_set(&[0, 2]));
+    assert_eq!(coordinator.progress(), ProgressMark::Running { op: OP, increment: 0, shards_done: 2 });
+
+    let out = reply(&mut coordinator, 30, &requests[1], ApplyOutcome::Applied);
+    let next = apply_requests(&out);
+    assert_eq!(shards_of(&next), vec![0, 1, 2], "the last report starts increment 1 on every shard");
+    for request in &next {
+        assert_eq!(request.increment, 1);
+        assert_eq!(request.backup_id, 2);
+        assert_eq!(request.kind, BackupKind::Incremental);
+        assert_eq!(request.object, BackupManifest::object_name(2, request.shard));
+    }
+    let persist_at = first_persist_index(&out).expect("advancing persists");
+    assert!(persist_at < first_send_index(&out).unwrap(), "the advance is durable before increment 1 is sent");
+    let advanced = running_of(&persisted(&out)[0]).clone();
+    assert_eq!(advanced.increment, 1);
+    assert!(advanced.done.is_empty());
+}
+
+#[test]
+fn coordinator_is_done_after_the_last_increment_with_working_state_gone_and_status_queryable() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
+    reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    let out = reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied);
+    let last_increment = apply_requests(&out);
+    assert_eq!(shards_of(&last_increment), vec![0, 1]);
+
+    let out = reply(&mut coordinator, 30, &last_increment[0], ApplyOutcome::Applied);
+    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Running(_)), "one shard still owes");
+    assert!(apply_requests(&out).is_empty());
+    let out = reply(&mut coordinator, 40, &last_increment[1], ApplyOutcome::Applied);
+    assert!(apply_requests(&out).is_empty(), "nothing is sent after the last increment: {out:?}");
+
+    let done = OperationStatus::Done { increments: 2, finished_at_ms: 40 };
+    let state = last_persisted(&out);
+    assert_eq!(state.operation.as_ref().unwrap().status, done, "Done replaces the working state and is persisted");
+    assert_eq!(coordinator.operation().unwrap().status, done);
+    assert_eq!(coordinator.operation().unwrap().op, OP);
+    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments: 2 });
+    assert!(out.iter().any(|o| matches!(o, Output::Report(text) if text.contains("done"))));
+
+    // Late replies, timers and a reboot leave a finished operation alone.
+    assert!(reply(&mut coordinator, 50, &last_increment[1], ApplyOutcome::Applied).is_empty());
+    assert!(coordinator.handle_timer(60_000, CoordinatorTimer::Deadline).is_empty());
+    let (rebooted, out) = Coordinator::boot(coordinator_config(), Some(state), SEED, 100);
+    assert!(apply_requests(&out).is_empty(), "a done operation is not resumed: {out:?}");
+    assert_eq!(rebooted.operation().unwrap().status, done, "the status survives a reboot");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: retries, backoff, timeouts
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_retries_a_transient_failure_after_a_backoff_between_half_and_full() {
+    let mut jitters = BTreeSet::new();
+    for seed in 0..64 {
+        let mut coordinator = Coordinator::boot(coordinator_config(), None, seed, 0).0;
+        let requests = apply_requests(&coordinator.start(0, restore_request(OP, 2, 1)).unwrap());
+        let now = 1_000;
+        let out = reply(&mut coordinator, now, &requests[0], transient());
+        assert!(apply_requests(&out).is_empty(), "a failed shard is not re-sent at once: {out:?}");
+
+        let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+        assert_eq!(retry.failed_attempts, 1);
+        let delay = retry.not_before_ms - now;
+        assert!((50..=100).contains(&delay), "seed {seed}: backoff {delay} ms outside [50, 100]");
+        assert!(retry_due_at(&out).contains(&retry.not_before_ms), "a RetryDue timer at the backoff's end");
+        jitters.insert(delay);
+
+        if retry.not_before_ms > now + 1 {
+            let early = coordinator.handle_timer(retry.not_before_ms - 1, CoordinatorTimer::RetryDue);
+            assert!(apply_requests(&early).is_empty(), "seed {seed}: re-sent before the backoff ended");
+        }
+        let out = coordinator.handle_timer(retry.not_before_ms, CoordinatorTimer::RetryDue);
+        let resent = apply_requests(&out);
+        assert_eq!(shards_of(&resent), vec![0], "seed {seed}: the failed shard is re-sent when its backoff ends");
+        assert_eq!(resent[0].increment, 0);
+        assert_ne!(resent[0].attempt, requests[0].attempt, "a retry has a fresh attempt number");
+        assert_ne!(resent[0].attempt, requests[1].attempt, "a retry has a fresh attempt number");
+    }
+    assert!(jitters.len() > 1, "the backoff is jittered by the seed, got only {jitters:?}");
+}
+
+#[test]
+fn coordinator_backoff_is_capped_exponential() {
+    assert_eq!((1..=6).map(|n| backoff_ms(100, 800, n)).collect::<Vec<_>>(), vec![100, 200, 400, 800, 800, 800]);
+    assert_eq!(backoff_ms(100, 5_000, 40), 5_000, "a long failure streak stays at the cap");
+    assert_eq!(backoff_ms(u64::MAX / 2, u64::MAX, 3), u64::MAX, "no overflow");
+    assert_eq!(backoff_ms(100, 5_000, u32::MAX), 5_000);
+}
+
+#[test]
+fn coordinator_backs_off_longer_on_every_failure_of_the_same_shard_up_to_the_cap() {
+    let (mut coordinator, requests) = started(coordinator_config(), 1, 1, 0);
+    let mut request = requests[0].clone();
+    let mut now = 0;
+    for (failure, expected) in [100u64, 200, 400, 800, 800, 800].into_iter().enumerate() {
+        now += 10;
+        let out = reply(&mut coordinator, now, &request, transient());
+        let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+        assert_eq!(retry.failed_attempts, failure as u32 + 1);
+        let delay = retry.not_before_ms - now;
+        assert!(
+            (expected / 2..=expected).contains(&delay),
+            "failure {}: delay {delay} outside [{}, {expected}]",
+            failure + 1,
+            expected / 2
+        );
+        now = retry.not_before_ms;
+        let resent = apply_requests(&coordinator.handle_timer(now, CoordinatorTimer::RetryDue));
+        assert_eq!(resent.len(), 1);
+        request = resent[0].clone();
+    }
+    let out = reply(&mut coordinator, now + 1, &request, ApplyOutcome::Applied);
+    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+}
+
+#[test]
+fn coordinator_retries_a_timed_out_request_and_never_counts_it_as_success() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
+    let timed_out = &requests[0];
+    let timer = CoordinatorTimer::RequestTimeout { shard: ShardId(0), increment: 0, attempt: timed_out.attempt };
+
+    let out = coordinator.handle_timer(1_000, timer.clone());
+    let state = last_persisted(&out);
+    let running = running_of(&state);
+    assert!(!running.done.contains(&ShardId(0)), "a missing reply is not success");
+    assert_eq!(running.retries[&ShardId(0)].failed_attempts, 1);
+    let not_before = running.retries[&ShardId(0)].not_before_ms;
+    assert!((1_050..=1_100).contains(&not_before), "timeout retried after a backoff, got {not_before}");
+    assert!(retry_due_at(&out).contains(&not_before));
+    assert!(apply_requests(&out).is_empty());
+
+    // The same timer again, or a late reply to the abandoned attempt, changes nothing.
+    assert!(coordinator.handle_timer(1_001, timer).is_empty());
+    assert!(reply(&mut coordinator, 1_002, timed_out, ApplyOutcome::Applied).is_empty());
+    assert!(!running_of(coordinator.durable()).done.contains(&ShardId(0)));
+
+    let resent = apply_requests(&coordinator.handle_timer(not_before, CoordinatorTimer::RetryDue));
+    assert_eq!(shards_of(&resent), vec![0]);
+    reply(&mut coordinator, not_before + 1, &requests[1], ApplyOutcome::Applied);
+    let out = reply(&mut coordinator, not_before + 2, &resent[0], ApplyOutcome::AlreadyApplied);
+    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+}
+
+#[test]
+fn coordinator_ignores_a_request_timeout_once_the_request_was_answered() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
+    reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    let before = coordinator.durable().clone();
+    let timer = CoordinatorTimer::RequestTimeout { shard: ShardId(0), increment: 0, attempt: requests[0].attempt };
+    assert!(coordinator.handle_timer(1_000, timer).is_empty());
+    assert_eq!(coordinator.durable(), &before);
+
+    // A timeout of increment 0 that fires after the advance is ignored too.
+    let next = apply_requests(&reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied));
+    let before = coordinator.durable().clone();
+    let stale = CoordinatorTimer::RequestTimeout { shard: ShardId(1), increment: 0, attempt: requests[1].attempt };
+    assert!(coordinator.handle_timer(1_000, stale).is_empty());
+    assert_eq!(coordinator.durable(), &before);
+    assert!(running(&coordinator).retries.is_empty());
+    assert_eq!(next.len(), 2);
+}
+
+#[test]
+fn coordinator_fails_on_a_permanent_failure_naming_increment_backup_and_shard() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 3, 0);
+    reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    let second = apply_requests(&reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied));
+    assert_eq!(second[1].increment, 1);
+
+    let cause = ShardFailure::ObjectMissing { object: second[1].object.clone() };
+    let out = reply(&mut coordinator, 30, &second[1], ApplyOutcome::Failed { permanent: true, cause: cause.clone() });
+    let expected = RestoreError::Shard { increment: 1, backup_id: 2, shard: ShardId(1), cause };
+    let failed = OperationStatus::Failed { error: expected.clone(), failed_at_ms: 30 };
+    assert_eq!(last_persisted(&out).operation.unwrap().status, failed, "the failure is persisted");
+    assert_eq!(coordinator.operation().unwrap().status, failed);
+    assert_eq!(coordinator.progress(), ProgressMark::Failed { op: OP });
+    assert!(apply_requests(&out).is_empty());
+    let text = expected.to_string();
+    assert!(text.contains("increment 1") && text.contains("backup 2") && text.contains("shard-1"), "{text}");
+    assert!(out.iter().any(|o| matches!(o, Output::Report(r) if r.contains(&text))), "the failure is reported");
+
+    // Nothing moves a failed operation any more.
+    assert!(reply(&mut coordinator, 40, &second[0], ApplyOutcome::Applied).is_empty());
+    assert!(coordinator.handle_timer(50, CoordinatorTimer::RetryDue).is_empty());
+    assert_eq!(coordinator.operation().unwrap().status, failed);
+}
+
+#[test]
+fn coordinator_fails_with_deadline_exceeded_when_the_deadline_passes() {
+    let (mut coordinator, requests) = started(coordinator_config(), 3, 2, 1_000);
+    reply(&mut coordinator, 10, &requests[2], ApplyOutcome::Applied);
+
+    assert!(
+        coordinator.handle_timer(60_999, CoordinatorTimer::Deadline).is_empty(),
+        "an early deadline timer is ignored"
+    );
+    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Running(_)));
+
+    let out = coordinator.handle_timer(61_000, CoordinatorTimer::Deadline);
+    let failed = OperationStatus::Failed {
+        error: RestoreError::DeadlineExceeded { increment: 0, pending: 2 },
+        failed_at_ms: 61_000,
+    };
+    assert_eq!(last_persisted(&out).operation.unwrap().status, failed);
+    assert!(apply_requests(&out).is_empty());
+    assert!(reply(&mut coordinator, 61_001, &requests[0], ApplyOutcome::Applied).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: stale and misdirected replies
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_ignores_replies_of_an_older_generation() {
+    let (coordinator, old_requests) = started(coordinator_config(), 2, 1, 0);
+    let (mut rebooted, out) = Coordinator::boot(coordinator_config(), Some(coordinator.durable().clone()), SEED, 500);
+    let new_requests = apply_requests(&out);
+    assert_eq!(new_requests[0].generation, 2);
+    // Attempt numbers restart with the generation, so only the generation tells these two replies apart.
+    assert_eq!(new_requests[0].attempt, old_requests[0].attempt);
+
+    let before = rebooted.durable().clone();
+    assert!(reply(&mut rebooted, 600, &old_requests[0], ApplyOutcome::Applied).is_empty());
+    let old_failure = ApplyOutcome::Failed { permanent: true, cause: ShardFailure::BadBundle { detail: "x".into() } };
+    assert!(reply(&mut rebooted, 600, &old_requests[1], old_failure).is_empty(), "an old permanent failure too");
+    assert_eq!(rebooted.durable(), &before);
+
+    let out = reply(&mut rebooted, 700, &new_requests[0], ApplyOutcome::Applied);
+    assert_eq!(running_of(&last_persisted(&out)).done, done_set(&[0]), "the current generation's reply counts");
+}
+
+#[test]
+fn coordinator_ignores_replies_with_a_wrong_attempt_increment_op_or_sender() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
+    let request = &requests[0];
+    let before = coordinator.durable().clone();
+    let from = NodeAddr::Shard(ShardId(0));
+
+    let wrong_attempt = ApplyReply { attempt: requests[1].attempt, ..answer(request, ApplyOutcome::Applied) };
+    assert!(coordinator.handle_message(10, from, Message::Reply(wrong_attempt)).is_empty());
+    let wrong_increment = ApplyReply { increment: 1, ..answer(request, ApplyOutcome::Applied) };
+    assert!(coordinator.handle_message(10, from, Message::Reply(wrong_increment)).is_empty());
+    let wrong_op = ApplyReply { op: OP + 1, ..answer(request, ApplyOutcome::Applied) };
+    assert!(coordinator.handle_message(10, from, Message::Reply(wrong_op)).is_empty());
+    let impostor = NodeAddr::Shard(ShardId(1));
+    assert!(
+        coordinator.handle_message(10, impostor, Message::Reply(answer(request, ApplyOutcome::Applied))).is_empty()
+    );
+    let from_coordinator = Message::Reply(answer(request, ApplyOutcome::Applied));
+    assert!(coordinator.handle_message(10, NodeAddr::Coordinator, from_coordinator).is_empty());
+    assert!(coordinator.handle_message(10, from, Message::Apply(request.clone())).is_empty(), "apply is not for it");
+    let stray = DownloadResult {
+        download_id: 1,
+        object: request.object.clone(),
+        offset: 0,
+        outcome: Err(StoreError::Unavailable { detail: "x".into() }),
+    };
+    assert!(coordinator.handle_download(10, stray).is_empty());
+    assert_eq!(coordinator.durable(), &before, "none of those replies changed anything");
+
+    let out = reply(&mut coordinator, 20, request, ApplyOutcome::Applied);
+    assert_eq!(running_of(&last_persisted(&out)).done, done_set(&[0]), "the genuine reply still counts");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: reboot
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_resends_only_to_shards_without_a_result_after_reboot() {
+    let (mut coordinator, requests) = started(coordinator_config(), 4, 2, 0);
+    let mut last = None;
+    for shard in [0, 2] {
+        last = Some(last_persisted(&reply(&mut coordinator, 10, &requests[shard], ApplyOutcome::Applied)));
+    }
+    let durable = last.expect("replies persisted");
+    assert_eq!(running_of(&durable).done, done_set(&[0, 2]));
+
+    let (rebooted, out) = Coordinator::boot(coordinator_config(), Some(durable.clone()), SEED, 5_000);
+    assert_eq!(rebooted.generation(), 2);
+    let persist_at = first_persist_index(&out).expect("boot persists");
+    assert_eq!(persist_at, 0, "the bumped generation is persisted before anything else: {out:?}");
+    let bumped = &persisted(&out)[0];
+    assert_eq!(bumped.generation, 2);
+    assert_eq!(bumped.operation, durable.operation, "only the generation changed");
+
+    let resent = apply_requests(&out);
+    assert_eq!(shards_of(&resent), vec![1, 3], "shards 0 and 2 already have a result");
+    assert!(resent.iter().all(|r| r.generation == 2 && r.increment == 0));
+    assert!(out.contains(&Output::SetTimer { at_ms: 60_000, timer: CoordinatorTimer::Deadline }), "deadline re-armed");
+    for request in &resent {
+        let timeout = CoordinatorTimer::RequestTimeout { shard: request.shard, increment: 0, attempt: request.attempt };
+        assert!(out.contains(&Output::SetTimer { at_ms: 6_000, timer: timeout }));
+    }
+}
+
+#[test]
+fn coordinator_keeps_a_persisted_backoff_across_a_reboot() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
+    let out = reply(&mut coordinator, 100, &requests[0], transient());
+    let durable = last_persisted(&out);
+    let Retry { failed_attempts, not_before_ms } = running_of(&durable).retries[&ShardId(0)];
+    assert_eq!(failed_attempts, 1);
+
+    // Rebooted before the backoff ended: shard 1 (still unanswered) is re-sent, shard 0 waits for its timer.
+    let (mut rebooted, out) = Coordinator::boot(coordinator_config(), Some(durable), SEED, not_before_ms - 1);
+    assert_eq!(shards_of(&apply_requests(&out)), vec![1]);
+    assert!(retry_due_at(&out).contains(&not_before_ms));
+    let resent = apply_requests(&rebooted.handle_timer(not_before_ms, CoordinatorTimer::RetryDue));
+    assert_eq!(shards_of(&resent), vec![0]);
+    let out = reply(&mut rebooted, not_before_ms + 1, &resent[0], transient());
+    let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+    assert_eq!(retry.failed_attempts, 2, "the failure count survives the reboot, so the backoff keeps growing");
+    assert!((100..=200).contains(&(retry.not_before_ms - (not_before_ms + 1))));
+}
+
+#[test]
+fn coordinator_persists_every_change_of_its_durable_state_before_the_next_output() {
+    let config = CoordinatorConfig { max_in_flight_shards: 2, ..coordinator_config() };
+    let mut coordinator = booted(config);
+    let mut last_durable = coordinator.durable().clone();
+    let mut check = |coordinator: &Coordinator, out: &[CoordinatorOutput]| {
+        if coordinator.durable() != &last_durable {
+            assert_eq!(&last_persisted(out), coordinator.durable(), "a durable change was not persisted: {out:?}");
+            last_durable = coordinator.durable().clone();
+        }
+    };
+    let out = coordinator.start(0, restore_request(OP, 3, 2)).unwrap();
+    check(&coordinator, &out);
+    let mut outstanding = apply_requests(&out);
+    let mut now = 0;
+    let mut step = 0;
+    while let Some(request) = outstanding.first().cloned() {
+        now += 100;
+        step += 1;
+        let out = if step % 3 == 0 {
+            // Every third request times out instead of being answered.
+            outstanding.remove(0);
+            let timer = CoordinatorTimer::RequestTimeout {
+                shard: request.shard,
+                increment: request.increment,
+                attempt: request.attempt,
+            };
+            let mut out = coordinator.handle_timer(now, timer);
+            check(&coordinator, &out);
+            now += 1_000;
+            out.extend(coordinator.handle_timer(now, CoordinatorTimer::RetryDue));
+            out
+        } else {
+            outstanding.remove(0);
+            reply(&mut coordinator, now, &request, ApplyOutcome::Applied)
+        };
+        check(&coordinator, &out);
+        outstanding.extend(apply_requests(&out));
+        assert!(step < 100, "the restore does not finish");
+    }
+    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments: 2 });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Coordinator: start idempotence, one operation at a time, the known bug
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_refuses_to_start_a_different_operation_while_one_runs() {
+    let (mut coordinator, requests) = started(coordinator_config(), 1, 1, 0);
+    let before = coordinator.durable().clone();
+    assert_eq!(
+        coordinator.start(10, restore_request(OP + 1, 1, 1)),
+        Err(StartError::AnotherOperationRunning { running: OP, requested: OP + 1 })
+    );
+    assert_eq!(coordinator.durable(), &before);
+
+    // Once the running operation is done, another one may start.
+    reply(&mut coordinator, 20, &requests[0], ApplyOutcome::Applied);
+    let out = coordinator.start(30, restore_request(OP + 1, 1, 1)).expect("a new operation after the old one ended");
+    assert_eq!(last_persisted(&out).operation.unwrap().op, OP + 1);
+    assert_eq!(apply_requests(&out)[0].op, OP + 1);
+}
+
+#[test]
+fn coordinator_treats_starting_the_same_operation_again_as_a_no_op() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
+    reply(&mut coordinator, 5, &requests[0], ApplyOutcome::Applied);
+    let before = coordinator.durable().clone();
+    assert_eq!(coordinator.start(10, restore_request(OP, 2, 1)), Ok(Vec::new()));
+    assert_eq!(coordinator.durable(), &before, "progress is kept");
+    // The original in-flight request is still the one awaited.
+    let out = reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied);
+    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+    assert_eq!(coordinator.start(30, restore_request(OP, 2, 1)), Ok(Vec::new()), "also after it is done");
+    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Done { .. }));
+}
+
+#[test]
+fn coordinator_with_advance_on_first_report_bug_advances_after_the_first_report() {
+    let (mut correct, requests) = started(coordinator_config(), 3, 2, 0);
+    let out = reply(&mut correct, 10, &requests[0], ApplyOutcome::Applied);
+    assert!(apply_requests(&out).is_empty());
+    assert_eq!(running(&correct).increment, 0);
+
+    let buggy_config = CoordinatorConfig { bug: Some(CoordinatorBug::AdvanceOnFirstReport), ..coordinator_config() };
+    let (mut buggy, requests) = started(buggy_config, 3, 2, 0);
+    let out = reply(&mut buggy, 10, &requests[0], ApplyOutcome::Applied);
+    let next = apply_requests(&out);
+    assert_eq!(shards_of(&next), vec![0, 1, 2], "the bug sends increment 1 although shards 1 and 2 never reported");
+    assert!(next.iter().all(|r| r.increment == 1));
+    assert_eq!(running_of(&last_persisted(&out)).increment, 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shard helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+const SHARD: ShardId = ShardId(3);
+
+fn shard_config() -> ShardConfig {
+    ShardConfig { download_chunk_bytes: 16, download_retry_ms: 50, max_download_failures: 3, bug: None }
+}
+
+fn fresh_shard(config: ShardConfig) -> Shard {
+    Shard::boot(SHARD, config, None)
+}
+
+/// Increment `increment` of operation `op` is backup `increment + 1` in these tests.
+fn apply_request(op: OperationId, increment: u32, attempt: u32) -> ApplyRequest {
+    let backup_id = u64::from(increment) + 1;
+    ApplyRequest {
+        op,
+        generation: 1,
+        attempt,
+        increment,
+        backup_id,
+        kind: if increment == 0 { BackupKind::Full } else { BackupKind::Incremental },
+        shard: SHARD,
+        object: BackupManifest::object_name(backup_id, SHARD),
+    }
+}
+
+fn bundle_for(request: &ApplyRequest, changes: Vec<Change>) -> Vec<u8> {
+    Bundle { backup_id: request.backup_id, shard: request.shard, kind: request.kind, changes }.encode()
+}
+
+fn full_changes() -> Vec<Change> {
+    vec![
+        Change::Upsert { key: 10, value: 100 },
+        Change::Upsert { key: 20, value: 200 },
+        Change::Upsert { key: 30, value: 300 },
+    ]
+}
+
+fn rows(pairs: &[(u64, u64)]) -> Rows {
+    pairs.iter().copied().collect()
+}
+
+fn send_apply(shard: &mut Shard, request: &ApplyRequest) -> Vec<ShardOutput> {
+    shard.handle_message(0, NodeAddr::Coordinator, Message::Apply(request.clone()))
+}
+
+fn downloads(out: &[ShardOutput]) -> Vec<DownloadRequest> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Download(request) => Some(request.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn only_download(out: &[ShardOutput]) -> DownloadRequest {
+    assert_eq!(out.len(), 1, "expected exactly one output, a download: {out:?}");
+    downloads(out).pop().expect("a download")
+}
+
+fn only_reply(out: &[ShardOutput]) -> ApplyReply {
+    assert_eq!(out.len(), 1, "expected exactly one output, a reply: {out:?}");
+    match &out[0] {
+        Output::Send { to: NodeAddr::Coordinator, msg: Message::Reply(reply) } => reply.clone(),
+        other => panic!("expected a reply to the coordinator, got {other:?}"),
+    }
+}
+
+fn served(request: &DownloadRequest, bytes: &[u8]) -> DownloadResult {
+    DownloadResult {
+        download_id: request.download_id,
+        object: request.object.clone(),
+        offset: request.offset,
+        outcome: range_of(&request.object, bytes, request.offset, request.len),
+    }
+}
+
+fn failed_read(request: &DownloadRequest, error: StoreError) -> DownloadResult {
+    DownloadResult {
+        download_id: request.download_id,
+        object: request.object.clone(),
+        offset: request.offset,
+        outcome: Err(error),
+    }
+}
+
+/// Serves every ranged read from `bytes` until the shard asks for no more; returns the reads asked for and the
+/// outputs that ended the download.
+fn download_all(shard: &mut Shard, out: Vec<ShardOutput>, bytes: &[u8]) -> (Vec<DownloadRequest>, Vec<ShardOutput>) {
+    let mut asked = Vec::new();
+    let mut out = out;
+    loop {
+        let reads = downloads(&out);
+        if reads.is_empty() {
+            return (asked, out);
+        }
+        assert_eq!(out.len(), 1, "a download step asks for one range and nothing else: {out:?}");
+        let read = reads[0].clone();
+        out = shard.handle_download(0, served(&read, bytes));
+        asked.push(read);
+        assert!(asked.len() < 1_000, "the download does not end");
+    }
+}
+
+/// Sends `request` and serves its download from `bytes`.
+fn serve_request(shard: &mut Shard, request: &ApplyRequest, bytes: &[u8]) -> (Vec<DownloadRequest>, Vec<ShardOutput>) {
+    let out = send_apply(shard, request);
+    download_all(shard, out, bytes)
+}
+
+/// Applies `request` with a bundle of `changes`, served intact; returns the outputs that ended it.
+fn apply_with(shard: &mut Shard, request: &ApplyRequest, changes: Vec<Change>) -> Vec<ShardOutput> {
+    serve_request(shard, request, &bundle_for(request, changes)).1
+}
+
+/// The outputs of a successful apply: one Persist, then the Applied reply.
+fn persisted_then_applied(out: &[ShardOutput], request: &ApplyRequest) -> ShardDurable {
+    assert_eq!(out.len(), 2, "an apply ends in a persist and a reply: {out:?}");
+    let Output::Persist { state, note } = &out[0] else { panic!("the persist comes first: {out:?}") };
+    let PersistNote::ShardApplied { increment, backup_id, .. } = note else { panic!("a shard note: {note:?}") };
+    assert_eq!((*increment, *backup_id), (request.increment, request.backup_id));
+    let Output::Send { to: NodeAddr::Coordinator, msg: Message::Reply(reply) } = &out[1] else {
+        panic!("the reply comes second: {out:?}")
+    };
+    assert_eq!(reply, &answer(request, ApplyOutcome::Applied));
+    state.clone()
+}
+
+fn has_persist(out: &[ShardOutput]) -> bool {
+    out.iter().any(|o| matches!(o, Output::Persist { .. }))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shard: downloading
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn shard_downloads_its_bundle_in_ranges_of_the_chunk_size() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    assert!(bytes.len() > 64, "the bundle spans several chunks");
+    let (asked, out) = serve_request(&mut shard, &request, &bytes);
+
+    let offsets: Vec<u64> = asked.iter().map(|r| r.offset).collect();
+    let expected: Vec<u64> = (0..bytes.len() as u64).step_by(16).collect();
+    assert_eq!(offsets, expected, "consecutive 16-byte ranges");
+    assert!(asked.iter().all(|r| r.len == 16 && r.object == request.object));
+    assert!(asked.iter().all(|r| r.download_id == asked[0].download_id), "one download, one id");
+    persisted_then_applied(&out, &request);
+}
+
+#[test]
+fn shard_resumes_after_a_short_read_at_the_offset_it_reached() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+
+    let first = only_download(&send_apply(&mut shard, &request));
+    assert_eq!((first.offset, first.len), (0, 16));
+    let short = DownloadResult {
+        outcome: Ok(RangeRead { bytes: bytes[..5].to_vec(), total_len: bytes.len() as u64 }),
+        ..served(&first, &bytes)
+    };
+    let second = only_download(&shard.handle_download(10, short));
+    assert_eq!((second.offset, second.len), (5, 16), "resumes at byte 5 after a 5-byte read");
+    assert_eq!(second.download_id, first.download_id);
+    let third = only_download(&shard.handle_download(20, served(&second, &bytes)));
+    assert_eq!(third.offset, 21);
+
+    let (_, out) = download_all(&mut shard, vec![Output::Download(third)], &bytes);
+    let state = persisted_then_applied(&out, &request);
+    assert_eq!(state.rows, rows(&[(10, 100), (20, 200), (30, 300)]), "the resumed bytes decode to the intact bundle");
+}
+
+#[test]
+fn shard_counts_an_empty_read_before_the_end_as_a_failed_read() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    let first = only_download(&send_apply(&mut shard, &request));
+    let empty = DownloadResult {
+        outcome: Ok(RangeRead { bytes: Vec::new(), total_len: bytes.len() as u64 }),
+        ..served(&first, &bytes)
+    };
+    let out = shard.handle_download(1_000, empty);
+    assert_eq!(
+        out,
+        vec![Output::SetTimer { at_ms: 1_050, timer: ShardTimer::DownloadRetry { download_id: first.download_id } }]
+    );
+    let again = only_download(&shard.handle_timer(1_050, ShardTimer::DownloadRetry { download_id: first.download_id }));
+    assert_eq!(again.offset, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shard: applying
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn shard_applies_a_full_bundle_replacing_its_rows_and_persists_before_replying() {
+    let old = ShardDurable { op: Some(1), applied_through: Some(4), rows: rows(&[(1, 1), (20, 999), (500, 5)]) };
+    let mut shard = Shard::boot(SHARD, shard_config(), Some(old));
+    let request = apply_request(2, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    let (_, out) = serve_request(&mut shard, &request, &bytes);
+
+    let state = persisted_then_applied(&out, &request);
+    let expected =
+        ShardDurable { op: Some(2), applied_through: Some(0), rows: rows(&[(10, 100), (20, 200), (30, 300)]) };
+    assert_eq!(state, expected, "a full bundle replaces every row, and rows and marker are one write");
+    assert_eq!(shard.durable(), &expected);
+    let Output::Persist { note, .. } = &out[0] else { unreachable!() };
+    assert_eq!(note, &PersistNote::ShardApplied { increment: 0, backup_id: 1, bundle_crc32: crc32fast::hash(&bytes) });
+}
+
+#[test]
+fn shard_applies_an_incremental_with_upserts_and_deletes_in_one_persist() {
+    let mut shard = fresh_shard(shard_config());
+    let full = apply_request(1, 0, 0);
+    persisted_then_applied(&apply_with(&mut shard, &full, full_changes()), &full);
+
+    let incremental = apply_request(1, 1, 1);
+    let changes = vec![
+        Change::Upsert { key: 10, value: 111 },
+        Change::Delete { key: 20 },
+        Change::Upsert { key: 40, value: 400 },
+        Change::Delete { key: 99 },
+        Change::Upsert { key: 30, value: 1 },
+        Change::Delete { key: 30 },
+    ];
+    let state = persisted_then_applied(&apply_with(&mut shard, &incremental, changes), &incremental);
+    let expected = ShardDurable { op: Some(1), applied_through: Some(1), rows: rows(&[(10, 111), (40, 400)]) };
+    assert_eq!(state, expected, "upserts and deletes applied in order on top of the full, marker in the same state");
+    assert_eq!(shard.durable(), &expected);
+}
+
+#[test]
+fn shard_answers_a_duplicate_request_for_an_applied_increment_without_persisting() {
+    let mut shard = fresh_shard(shard_config());
+    let full = apply_request(1, 0, 0);
+    apply_with(&mut shard, &full, full_changes());
+    let incremental = apply_request(1, 1, 1);
+    apply_with(&mut shard, &incremental, vec![Change::Delete { key: 10 }]);
+    let before = shard.durable().clone();
+
+    for duplicate in [ApplyRequest { attempt: 9, generation: 2, ..full }, ApplyRequest { attempt: 10, ..incremental }] {
+        let out = send_apply(&mut shard, &duplicate);
+        assert_eq!(only_reply(&out), answer(&duplicate, ApplyOutcome::AlreadyApplied), "no download, no persist");
+        assert_eq!(shard.durable(), &before);
+    }
+}
+
+#[test]
+fn shard_refuses_a_request_that_skips_an_increment() {
+    let mut fresh = fresh_shard(shard_config());
+    let skip_full = apply_request(1, 1, 0);
+    let reply = only_reply(&send_apply(&mut fresh, &skip_full));
+    let cause = ShardFailure::OutOfOrder { expected: 0, requested: 1 };
+    assert_eq!(reply, answer(&skip_full, ApplyOutcome::Failed { permanent: true, cause }));
+
+    let mut shard = fresh_shard(shard_config());
+    apply_with(&mut shard, &apply_request(1, 0, 0), full_changes());
+    let before = shard.durable().clone();
+    let skip = apply_request(1, 2, 1);
+    let reply = only_reply(&send_apply(&mut shard, &skip));
+    let cause = ShardFailure::OutOfOrder { expected: 1, requested: 2 };
+    assert_eq!(reply, answer(&skip, ApplyOutcome::Failed { permanent: true, cause }));
+    assert_eq!(shard.durable(), &before);
+}
+
+#[test]
+fn shard_rejects_a_corrupted_bundle_as_transient_without_persisting() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let intact = bundle_for(&request, full_changes());
+    let mut corrupt = intact.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x01;
+
+    let (_, out) = serve_request(&mut shard, &request, &corrupt);
+    let reply = only_reply(&out);
+    match &reply.outcome {
+        ApplyOutcome::Failed { permanent: false, cause: ShardFailure::BadBundle { detail } } => {
+            assert!(detail.contains("checksum") && detail.contains(&request.object), "{detail}");
+        }
+        other => panic!("expected a transient BadBundle, got {other:?}"),
+    }
+    assert_eq!(shard.durable(), &ShardDurable::default(), "nothing of the corrupt bundle is applied");
+
+    // The retry downloads again from the start and applies the intact copy.
+    let retry = ApplyRequest { attempt: 1, ..request.clone() };
+    let (asked, out) = serve_request(&mut shard, &retry, &intact);
+    assert_eq!(asked[0].offset, 0);
+    persisted_then_applied(&out, &retry);
+}
+
+#[test]
+fn shard_with_skip_checksum_bug_applies_a_corrupted_payload() {
+    let request = apply_request(1, 0, 0);
+    let mut corrupt = bundle_for(&request, full_changes());
+    // The last byte belongs to the value of key 30.
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x01;
+
+    let mut correct = fresh_shard(shard_config());
+    let (_, out) = serve_request(&mut correct, &request, &corrupt);
+    assert!(!has_persist(&out), "a verifying shard rejects it");
+
+    let mut buggy = fresh_shard(ShardConfig { bug: Some(ShardBug::SkipChecksum), ..shard_config() });
+    let (_, out) = serve_request(&mut buggy, &request, &corrupt);
+    let state = persisted_then_applied(&out, &request);
+    assert_eq!(state.rows[&30], 300 ^ (1 << 56), "the bug persists the corrupted value");
+    assert_ne!(state.rows, rows(&[(10, 100), (20, 200), (30, 300)]));
+}
+
+#[test]
+fn shard_rejects_a_bundle_of_another_backup_as_permanent() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let wrong = Bundle { backup_id: 77, shard: SHARD, kind: BackupKind::Full, changes: full_changes() }.encode();
+    let (_, out) = serve_request(&mut shard, &request, &wrong);
+    let cause = ShardFailure::WrongBundle { object: request.object.clone(), found_backup: 77, found_shard: SHARD.0 };
+    assert_eq!(only_reply(&out), answer(&request, ApplyOutcome::Failed { permanent: true, cause }));
+    assert_eq!(shard.durable(), &ShardDurable::default());
+}
+
+#[test]
+fn shard_refuses_a_request_addressed_to_another_shard_and_ignores_requests_not_from_the_coordinator() {
+    let mut shard = fresh_shard(shard_config());
+    let misaddressed = ApplyRequest { shard: ShardId(4), ..apply_request(1, 0, 0) };
+    let cause = ShardFailure::WrongShard { requested: ShardId(4), actual: SHARD };
+    assert_eq!(
+        only_reply(&send_apply(&mut shard, &misaddressed)),
+        answer(&misaddressed, ApplyOutcome::Failed { permanent: true, cause })
+    );
+    let request = Message::Apply(apply_request(1, 0, 0));
+    assert!(shard.handle_message(0, NodeAddr::Shard(ShardId(0)), request).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shard: store failures and stale results
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn shard_reports_a_missing_object_as_a_permanent_failure() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let read = only_download(&send_apply(&mut shard, &request));
+    let out = shard.handle_download(5, failed_read(&read, StoreError::NotFound { object: request.object.clone() }));
+    let cause = ShardFailure::ObjectMissing { object: request.object.clone() };
+    assert_eq!(only_reply(&out), answer(&request, ApplyOutcome::Failed { permanent: true, cause }), "no retry timer");
+    assert!(shard.handle_timer(100, ShardTimer::DownloadRetry { download_id: read.download_id }).is_empty());
+}
+
+#[test]
+fn shard_retries_throttled_and_unavailable_reads_then_fails_transiently() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    let first = only_download(&send_apply(&mut shard, &request));
+    let partial = only_download(&shard.handle_download(0, served(&first, &bytes)));
+    assert_eq!(partial.offset, 16);
+    let retry = ShardTimer::DownloadRetry { download_id: first.download_id };
+
+    // Failure 1: throttled, waits as long as the store says.
+    let out = shard.handle_download(1_000, failed_read(&partial, StoreError::Throttled { retry_after_ms: 700 }));
+    assert_eq!(out, vec![Output::SetTimer { at_ms: 1_700, timer: retry.clone() }]);
+    let again = only_download(&shard.handle_timer(1_700, retry.clone()));
+    assert_eq!(again, partial, "the same range is asked for again, progress kept");
+
+    // Failure 2: unavailable, waits download_retry_ms times the failures so far.
+    let out = shard.handle_download(2_000, failed_read(&again, StoreError::Unavailable { detail: "503".into() }));
+    assert_eq!(out, vec![Output::SetTimer { at_ms: 2_100, timer: retry.clone() }]);
+    let again = only_download(&shard.handle_timer(2_100, retry));
+
+    // Failure 3 reaches max_download_failures: a transient failure goes to the coordinator.
+    let out = shard.handle_download(3_000, failed_read(&again, StoreError::Unavailable { detail: "503".into() }));
+    let reply = only_reply(&out);
+    match &reply.outcome {
+        ApplyOutcome::Failed { permanent: false, cause: ShardFailure::DownloadFailed { object, attempts, detail } } => {
+            assert_eq!(object, &request.object);
+            assert_eq!(*attempts, 3);
+            assert!(detail.contains("503"), "{detail}");
+        }
+        other => panic!("expected a transient DownloadFailed, got {other:?}"),
+    }
+    assert_eq!(shard.durable(), &ShardDurable::default());
+
+    // The coordinator's retry starts a fresh download.
+    let fresh = only_download(&send_apply(&mut shard, &ApplyRequest { attempt: 1, ..request }));
+    assert_eq!(fresh.offset, 0);
+    assert_ne!(fresh.download_id, first.download_id);
+}
+
+#[test]
+fn shard_ignores_stale_download_results_and_timers() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    let first = only_download(&send_apply(&mut shard, &request));
+    let second = only_download(&shard.handle_download(0, served(&first, &bytes)));
+
+    let wrong_id = DownloadResult { download_id: first.download_id + 1, ..served(&second, &bytes) };
+    assert!(shard.handle_download(1, wrong_id).is_empty());
+    let replayed = served(&first, &bytes);
+    assert!(shard.handle_download(1, replayed).is_empty(), "a result for offset 0 is stale at offset 16");
+    let ahead = served(&DownloadRequest { offset: 32, ..second.clone() }, &bytes);
+    assert!(shard.handle_download(1, ahead).is_empty(), "a result past the current offset is stale too");
+    let stale_failure = failed_read(&first, StoreError::NotFound { object: request.object.clone() });
+    assert!(shard.handle_download(1, stale_failure).is_empty(), "a stale failure does not end the download");
+    let stale_timer = ShardTimer::DownloadRetry { download_id: first.download_id + 1 };
+    assert!(shard.handle_timer(1, stale_timer).is_empty());
+
+    let (asked, out) = download_all(&mut shard, vec![Output::Download(second)], &bytes);
+    assert_eq!(asked[0].offset, 16, "the download went on from where it was");
+    let state = persisted_then_applied(&out, &request);
+    assert_eq!(state.rows, rows(&[(10, 100), (20, 200), (30, 300)]));
+
+    // With no download running, results are ignored.
+    assert!(shard.handle_download(2, served(&first, &bytes)).is_empty());
+}
+
+#[test]
+fn shard_answers_a_retried_request_during_its_download_once_with_the_newest_attempt() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    let bytes = bundle_for(&request, full_changes());
+    let first = only_download(&send_apply(&mut shard, &request));
+
+    let retried = ApplyRequest { attempt: 5, generation: 2, ..request.clone() };
+    assert!(send_apply(&mut shard, &retried).is_empty(), "no second download for the same increment");
+    let (_, out) = download_all(&mut shard, vec![Output::Download(first)], &bytes);
+    persisted_then_applied(&out, &retried);
+}
+
+#[test]
+fn shard_starts_over_for_a_new_operation_at_increment_zero() {
+    let mut shard = fresh_shard(shard_config());
+    apply_with(&mut shard, &apply_request(1, 0, 0), full_changes());
+    apply_with(&mut shard, &apply_request(1, 1, 1), vec![Change::Upsert { key: 50, value: 500 }]);
+    assert_eq!(shard.durable().applied_through, Some(1));
+
+    // A new operation may not begin past its full backup, even though op 1 is at increment 1.
+    let skip = apply_request(2, 1, 0);
+    let cause = ShardFailure::OutOfOrder { expected: 0, requested: 1 };
+    assert_eq!(
+        only_reply(&send_apply(&mut shard, &skip)),
+        answer(&skip, ApplyOutcome::Failed { permanent: true, cause })
+    );
+
+    // Increment 0 of a new operation is not "already applied": it downloads and replaces everything.
+    let restart = apply_request(2, 0, 0);
+    let state =
+        persisted_then_applied(&apply_with(&mut shard, &restart, vec![Change::Upsert { key: 7, value: 70 }]), &restart);
+    assert_eq!(state, ShardDurable { op: Some(2), applied_through: Some(0), rows: rows(&[(7, 70)]) });
+}
+
+#[test]
+fn shard_abandons_a_download_of_an_old_operation_when_a_new_operation_starts() {
+    let mut shard = fresh_shard(shard_config());
+    let old = apply_request(1, 0, 0);
+    let old_bytes = bundle_for(&old, full_changes());
+    let old_read = only_download(&send_apply(&mut shard, &old));
+
+    let new = apply_request(2, 0, 0);
+    let new_read = only_download(&send_apply(&mut shard, &new));
+    assert_ne!(new_read.download_id, old_read.download_id);
+    assert!(shard.handle_download(0, served(&old_read, &old_bytes)).is_empty(), "the old download is abandoned");
+
+    let new_bytes = bundle_for(&new, vec![Change::Upsert { key: 1, value: 2 }]);
+    let (_, out) = download_all(&mut shard, vec![Output::Download(new_read)], &new_bytes);
+    let state = persisted_then_applied(&out, &new);
+    assert_eq!(state.op, Some(2));
+    assert_eq!(state.rows, rows(&[(1, 2)]));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Both machines together
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_and_shards_restore_every_increment_in_order() {
+    let shard_count = 3;
+    let increments = 3;
+    let config = CoordinatorConfig { max_in_flight_shards: 2, ..coordinator_config() };
+    let mut coordinator = booted(config);
+    let mut shards: Vec<Shard> = (0..shard_count).map(|s| Shard::boot(ShardId(s), shard_config(), None)).collect();
+    // Shard s in backup b upserts key s*100+b with value b, and the incrementals delete the previous backup's key.
+    let bundle = |backup_id: u64, shard: ShardId| {
+        let base = u64::from(shard.0) * 100;
+        let mut changes = vec![Change::Upsert { key: base + backup_id, value: backup_id }];
+        let kind = if backup_id == 1 { BackupKind::Full } else { BackupKind::Incremental };
+        if backup_id > 1 {
+            changes.push(Change::Delete { key: base + backup_id - 1 });
+        }
+        Bundle { backup_id, shard, kind, changes }.encode()
+    };
+
+    let mut queue: Vec<ApplyRequest> =
+        apply_requests(&coordinator.start(0, restore_request(OP, shard_count, increments)).unwrap());
+    let mut now = 0;
+    while !queue.is_empty() {
+        let request = queue.remove(0);
+        now += 1;
+        let shard = &mut shards[request.shard.0 as usize];
+        let bytes = bundle(request.backup_id, request.shard);
+        let (_, out) = serve_request(shard, &request, &bytes);
+        let state = persisted_then_applied(&out, &request);
+        assert_eq!(state.applied_through, Some(request.increment));
+        let out = reply(&mut coordinator, now, &request, ApplyOutcome::Applied);
+        queue.extend(apply_requests(&out));
+        assert!(now < 100, "the restore does not finish");
+    }
+    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments });
+    for shard in &shards {
+        let key = u64::from(shard.id().0) * 100 + u64::from(increments);
+        assert_eq!(shard.durable().rows, rows(&[(key, u64::from(increments))]));
+        assert_eq!(shard.durable().applied_through, Some(increments - 1));
+    }
+}
