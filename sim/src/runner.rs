@@ -55,10 +55,16 @@ pub struct SeedOutcome {
 pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
     let seed = world.seed;
     let world_for_run = world.clone();
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-        runtime.block_on(simulate(world_for_run))
-    }));
+    // A fresh thread per seed: std seeds each thread's hash-map keys once and then steps them, so a second
+    // runtime on the same thread would iterate madsim's internal maps in another order.
+    let run = std::thread::Builder::new()
+        .name(format!("seed-{seed}"))
+        .spawn(move || {
+            let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+            runtime.block_on(simulate(world_for_run))
+        })
+        .expect("a seed thread can be spawned")
+        .join();
     match run {
         Ok((state, final_state)) => {
             let violations = check(world, &state.log, &final_state);
@@ -160,7 +166,7 @@ impl NodeEnv {
     async fn host_io(&self, node: NodeAddr) -> Option<HostIo<SimDisk, SimStoreClient, SimTransport, SimObserver>> {
         let ip = node_ip(node);
         let endpoint = Endpoint::bind(SocketAddr::new(ip, PROTOCOL_PORT)).await.ok()?;
-        let store = SimStoreClient::bind(SocketAddr::new(ip, STORE_CLIENT_PORT)).await.ok()?;
+        let store = SimStoreClient::bind(SocketAddr::new(ip, STORE_CLIENT_PORT), self.state.clone()).await.ok()?;
         let transport = SimTransport {
             node,
             endpoint: Rc::new(endpoint),
@@ -239,7 +245,9 @@ async fn simulate(world: World) -> (SimState, FinalState) {
     let mut supervisor = Supervisor::new(&world, state.clone(), epoch, handle, ids);
     let timed_out = loop {
         let wake = supervisor.next_wake();
+        // `biased`: tokio's unbiased select draws from a process-wide counter, which breaks determinism.
         tokio::select! {
+            biased;
             _ = finished_rx.recv() => break false,
             Some(node) = crash_rx.recv() => supervisor.crash(node, 100..2_000),
             _ = tokio::time::sleep_until(epoch + Duration::from_millis(wake)) => {

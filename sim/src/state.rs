@@ -22,8 +22,10 @@ pub struct SimState {
     pub disks: BTreeMap<NodeAddr, DiskState>,
     /// Protocol messages sent plus store requests served.
     pub messages: u64,
-    /// Keep the full log (for repro and determinism checks); otherwise only what the checkers need is kept.
+    /// Simulated time of the last event.
     pub now_ms: u64,
+    /// Reply tags handed out to store clients so far.
+    pub next_store_tag: u64,
 }
 
 impl SimState {
@@ -37,6 +39,7 @@ impl SimState {
             disks: BTreeMap::new(),
             messages: 0,
             now_ms: 0,
+            next_store_tag: 0,
         }
     }
 

@@ -14,7 +14,6 @@
 //! `MAX_DAMAGED_STREAK` faulty answers in a row for one object the next answer for it is intact. So at least one
 //! intact copy of every bundle is always reachable, and a restore that fails under faults is a real bug.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -163,20 +162,24 @@ impl StoreServer {
     }
 }
 
-/// A shard's client of the simulated store. Each request waits on its own reply tag.
+/// A shard's client of the simulated store. Each request waits on its own reply tag, unique across the whole
+/// run: a late answer to a request sent before a restart must never be taken for the answer to a new one.
 pub struct SimStoreClient {
     endpoint: Endpoint,
-    next_tag: Cell<u64>,
+    state: Shared,
 }
 
 impl SimStoreClient {
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
-        Ok(Self { endpoint: Endpoint::bind(addr).await?, next_tag: Cell::new(STORE_TAG + 1) })
+    pub async fn bind(addr: SocketAddr, state: Shared) -> std::io::Result<Self> {
+        Ok(Self { endpoint: Endpoint::bind(addr).await?, state })
     }
 
     async fn call(&self, request: StoreRequest) -> Result<StoreResponse, StoreError> {
-        let reply_tag = self.next_tag.get();
-        self.next_tag.set(reply_tag + 1);
+        let reply_tag = {
+            let mut state = self.state.lock();
+            state.next_store_tag += 1;
+            STORE_TAG + state.next_store_tag
+        };
         let envelope = Envelope { reply_tag, request };
         let unavailable = |error: std::io::Error| StoreError::Unavailable { detail: error.to_string() };
         self.endpoint
