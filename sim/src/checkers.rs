@@ -261,11 +261,10 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
                 let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| s.rows.clone());
                 let expected = world.expected_rows_of(shard);
                 if rows.as_ref() != Some(&expected) {
-                    let got = rows.map_or(0, |r| r.len());
-                    let detail = format!(
-                        "at Done {shard} holds {got} rows that differ from the {} rows of the source table",
-                        expected.len()
-                    );
+                    let detail = match &rows {
+                        None => format!("at Done {shard} holds no durable rows at all"),
+                        Some(rows) => format!("at Done {shard} differs from the source table: {}", first_difference(rows, &expected)),
+                    };
                     violations.push(final_violation(Invariant::NoLostIncrement, detail));
                     break;
                 }
@@ -312,4 +311,18 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
         let detail = "the run hit its time bound".to_string();
         violations.push(final_violation(Invariant::Liveness, detail));
     }
+}
+
+/// Names the first key at which two row sets differ.
+fn first_difference(got: &lockstep::model::Rows, expected: &lockstep::model::Rows) -> String {
+    let keys = got.keys().chain(expected.keys()).copied().collect::<std::collections::BTreeSet<_>>();
+    for key in keys {
+        match (got.get(&key), expected.get(&key)) {
+            (Some(g), Some(e)) if g != e => return format!("key {key} holds {g}, source has {e}"),
+            (Some(g), None) => return format!("key {key} holds {g}, source has no such row"),
+            (None, Some(e)) => return format!("key {key} is missing, source has {e}"),
+            _ => {}
+        }
+    }
+    "no differing key".to_string()
 }

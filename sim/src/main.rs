@@ -209,7 +209,7 @@ mod cli {
     }
 
     fn print_failure(failure: &SeedFailure, world: &WorldArgs) {
-        println!("FAIL seed {} [{}]", failure.seed, failure.class.name());
+        println!("FAIL seed {} [{}] event log hash {:016x}", failure.seed, failure.class.name(), failure.log_hash);
         for line in &failure.lines {
             println!("  {line}");
         }

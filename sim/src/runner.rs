@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lockstep::coordinator::{CoordinatorDurable, ProgressMark};
+use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError};
 use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
 use lockstep::io::StateFile;
 use lockstep::model::ShardId;
@@ -49,6 +49,29 @@ pub struct SeedOutcome {
     pub messages: u64,
     /// The seed's run panicked with this message.
     pub panic: Option<String>,
+    /// How the operation ended, from the coordinator's final durable state.
+    pub end: RunEnd,
+}
+
+/// The coordinator's durable verdict when the run stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    Done,
+    Failed(RestoreError),
+    StillRunning,
+    NeverStarted,
+}
+
+impl RunEnd {
+    fn of(final_state: &FinalState) -> Self {
+        let operation = final_state.coordinator.as_ref().and_then(|c| c.operation.as_ref());
+        match operation.map(|op| &op.status) {
+            Some(OperationStatus::Done { .. }) => RunEnd::Done,
+            Some(OperationStatus::Failed { error, .. }) => RunEnd::Failed(error.clone()),
+            Some(OperationStatus::Running(_)) => RunEnd::StillRunning,
+            None => RunEnd::NeverStarted,
+        }
+    }
 }
 
 /// Runs `world` under madsim with the world's seed.
@@ -66,18 +89,20 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
         .expect("a seed thread can be spawned")
         .join();
     match run {
-        Ok((state, final_state)) => {
-            let violations = check(world, &state.log, &final_state);
+        Ok((mut state, final_state)) => {
+            let log = std::mem::take(&mut state.log);
+            let violations = check(world, &log, &final_state);
             SeedOutcome {
                 seed,
                 violations,
-                log_hash: log_hash(&state.log),
-                events: state.log.len(),
+                log_hash: log_hash(&log),
+                events: log.len(),
                 sim_ms: state.now_ms,
                 faults: state.counts.clone(),
                 messages: state.messages,
-                log: keep_log.then(|| state.log.clone()),
+                log: keep_log.then_some(log),
                 panic: None,
+                end: RunEnd::of(&final_state),
             }
         }
         Err(payload) => {
@@ -96,6 +121,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 faults: FaultCounts::default(),
                 messages: 0,
                 panic: Some(message),
+                end: RunEnd::NeverStarted,
             }
         }
     }

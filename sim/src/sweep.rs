@@ -60,13 +60,16 @@ pub struct SeedFailure {
     pub class: FailureClass,
     /// One line per violation (or the panic, or the hash mismatch).
     pub lines: Vec<String>,
+    /// Hash of the failing run's event log; `cargo sim repro` prints the same hash.
+    pub log_hash: u64,
 }
 
 impl SeedFailure {
     /// Classifies a seed's outcome; `None` when it passed.
     pub fn of(outcome: &SeedOutcome) -> Option<Self> {
         if let Some(message) = &outcome.panic {
-            return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines: vec![format!("panicked: {message}")] });
+            let lines = vec![format!("panicked: {message}")];
+            return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines, log_hash: 0 });
         }
         if outcome.violations.is_empty() {
             return None;
@@ -77,7 +80,7 @@ impl SeedFailure {
             FailureClass::Safety
         };
         let lines = outcome.violations.iter().map(|v| v.to_string()).collect();
-        Some(Self { seed: outcome.seed, class, lines })
+        Some(Self { seed: outcome.seed, class, lines, log_hash: outcome.log_hash })
     }
 }
 
@@ -152,7 +155,9 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
                     if let Some(mismatch) = mismatch {
                         summary.determinism_checked += 1;
                         if let Some(line) = mismatch {
-                            summary.failures.push(SeedFailure { seed, class: FailureClass::Determinism, lines: vec![line] });
+                            let class = FailureClass::Determinism;
+                            let log_hash = outcome.log_hash;
+                            summary.failures.push(SeedFailure { seed, class, lines: vec![line], log_hash });
                         }
                     }
                     drop(summary);
