@@ -61,7 +61,12 @@ fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_
         let outcome = run_seed(&world, false);
         assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
         match outcome.end {
-            RunEnd::Failed(RestoreError::Shard { increment, shard, cause: ShardFailure::ObjectMissing { object }, .. }) => {
+            RunEnd::Failed(RestoreError::Shard {
+                increment,
+                shard,
+                cause: ShardFailure::ObjectMissing { object },
+                ..
+            }) => {
                 assert_eq!((increment, shard, object), (lost.increment, lost.shard, lost.object), "seed {seed}");
             }
             other => panic!("seed {seed}: expected a clean Failed, got {other:?}"),

@@ -134,11 +134,10 @@ impl<'a> Walker<'a> {
     fn step(&mut self, index: usize, event: &Event) {
         let EventKind::Host(host) = &event.kind else { return };
         match (event.node, host) {
-            (SimNode::Protocol(NodeAddr::Shard(shard)), HostEvent::Persisted(note)) => {
-                if let PersistNote::ShardApplied { increment, backup_id, bundle_crc32 } = note {
-                    self.on_applied(index, shard, *increment, *backup_id, *bundle_crc32);
-                }
-            }
+            (
+                SimNode::Protocol(NodeAddr::Shard(shard)),
+                HostEvent::Persisted(PersistNote::ShardApplied { increment, backup_id, bundle_crc32 }),
+            ) => self.on_applied(index, shard, *increment, *backup_id, *bundle_crc32),
             (SimNode::Protocol(NodeAddr::Shard(shard)), HostEvent::ShardBooted { loaded }) => {
                 let loaded_through = loaded.as_ref().and_then(|s| s.applied_through);
                 let durable_through = self.applied[&shard].map(|(k, _)| k);
@@ -263,7 +262,10 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
                 if rows.as_ref() != Some(&expected) {
                     let detail = match &rows {
                         None => format!("at Done {shard} holds no durable rows at all"),
-                        Some(rows) => format!("at Done {shard} differs from the source table: {}", first_difference(rows, &expected)),
+                        Some(rows) => format!(
+                            "at Done {shard} differs from the source table: {}",
+                            first_difference(rows, &expected)
+                        ),
                     };
                     violations.push(final_violation(Invariant::NoLostIncrement, detail));
                     break;

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::io;
 
 use lockstep::io::Disk;
-use lockstep::protocol::NodeAddr;
 use rand::Rng;
 
 /// The contents of one node's disk. Lives in the world state, so it survives the node's restarts.
@@ -93,7 +92,7 @@ impl Disk for DurableView<'_> {
 /// A node's handle on its simulated disk.
 #[cfg(madsim)]
 pub struct SimDisk {
-    pub node: NodeAddr,
+    pub node: lockstep::protocol::NodeAddr,
     pub state: crate::state::Shared,
 }
 

@@ -102,7 +102,12 @@ mod cli {
                     BugName::SkipChecksum => bugs.shard = Some(ShardBug::SkipChecksum),
                 }
             }
-            WorldParams { shard_count: self.shards, incrementals: self.incrementals, bugs, ..WorldParams::sweep_default() }
+            WorldParams {
+                shard_count: self.shards,
+                incrementals: self.incrementals,
+                bugs,
+                ..WorldParams::sweep_default()
+            }
         }
 
         fn as_flags(&self) -> String {
@@ -136,7 +141,8 @@ mod cli {
     }
 
     fn run(args: RunArgs) -> i32 {
-        let jobs = args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        let jobs =
+            args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
         let config = SweepConfig {
             start: args.start,
             seeds: args.seeds,
@@ -145,7 +151,12 @@ mod cli {
             determinism_every: args.determinism_every,
         };
         let end = args.start.saturating_add(args.seeds);
-        println!("lockstep sweep: seeds {}..{end} ({} seeds), {jobs} job(s){}", args.start, args.seeds, args.world.as_flags());
+        println!(
+            "lockstep sweep: seeds {}..{end} ({} seeds), {jobs} job(s){}",
+            args.start,
+            args.seeds,
+            args.world.as_flags()
+        );
         let bar = ProgressBar::new(args.seeds);
         bar.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")

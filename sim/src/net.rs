@@ -4,6 +4,7 @@
 //! - `message-drop`: the message is lost;
 //! - `message-duplicate`: the message is delivered twice (madsim never duplicates on its own);
 //! - `message-delay`: the message is held back 50-3000 ms, so later messages overtake it (reordering).
+//!
 //! On top of these madsim adds 1-10 ms of latency per message, and drops everything sent to a node that is
 //! down. A message is never altered: frames are checked by the codec anyway, and the protocol's concern here
 //! is loss, repetition and order.

@@ -8,6 +8,7 @@
 //! - `download-partial`: fewer bytes than asked (the reader must resume at the right offset);
 //! - `download-truncated`: the object is reported to end where this read ends, as a cut-off transfer does;
 //! - `download-corrupt`: one byte of the answer is flipped.
+//!
 //! A lost object (only where the world says so) answers "not found" for good.
 //!
 //! Fault atlas: the stored bytes are never changed, damage is done only to the copy sent, and after
