@@ -60,13 +60,13 @@ impl Transport for SimTransport {
         let node = SimNode::Protocol(self.node);
         let (copies, delay) = {
             let mut state = self.state.lock();
-            state.messages += 1;
             let detail = || format!("frame of {} bytes to {to}", frame.len());
             if state.fault(now, node, FaultKind::MessageDrop, detail) {
                 return;
             }
             let copies = if state.fault(now, node, FaultKind::MessageDuplicate, detail) { 2 } else { 1 };
             let delay = state.fault(now, node, FaultKind::MessageDelay, detail).then(|| state.rng.gen_range(50..3_000));
+            state.messages += copies;
             (copies, delay)
         };
         for copy in 0..copies {

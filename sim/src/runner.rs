@@ -246,12 +246,13 @@ async fn simulate(world: World) -> (SimState, FinalState) {
     let lost: BTreeSet<String> = world.lost_object.iter().map(|l| l.object.clone()).collect();
     let store_state = state.clone();
     let objects = world.objects.clone();
-    handle
+    let store_id = handle
         .create_node()
         .name("store")
         .ip(STORE_ADDR.ip())
         .init(move || crate::store::serve(store_state.clone(), epoch, objects.clone(), lost.clone()))
-        .build();
+        .build()
+        .id();
 
     let mut ids: BTreeMap<NodeAddr, NodeId> = BTreeMap::new();
     for node in &nodes {
@@ -284,6 +285,7 @@ async fn simulate(world: World) -> (SimState, FinalState) {
         }
     };
     let final_state = supervisor.final_state(&world, timed_out);
+    supervisor.shut_down(store_id).await;
     let state = std::mem::replace(&mut *state.lock(), SimState::new(0, crate::faults::FaultPlan::none()));
     (state, final_state)
 }
@@ -414,6 +416,16 @@ impl Supervisor {
         let back_at = now + state.rng.gen_range(downtime_ms);
         drop(state);
         self.down.insert(node, back_at);
+    }
+
+    /// Kills every node and lets the executor drop their tasks. madsim does not drop pending tasks with the
+    /// runtime, and a task parked on a timer forms a reference cycle with it, so without this every seed's
+    /// world would stay in memory.
+    async fn shut_down(&self, store: NodeId) {
+        for id in self.ids.values().copied().chain(std::iter::once(store)) {
+            self.handle.kill(id);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
     fn final_state(&self, world: &World, timed_out: bool) -> FinalState {

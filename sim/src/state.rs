@@ -20,7 +20,8 @@ pub struct SimState {
     pub healed: bool,
     pub counts: FaultCounts,
     pub disks: BTreeMap<NodeAddr, DiskState>,
-    /// Protocol messages sent plus store requests served.
+    /// Messages put on the simulated network: protocol frames (each copy of a duplicate counts), store
+    /// requests and store answers.
     pub messages: u64,
     /// Simulated time of the last event.
     pub now_ms: u64,

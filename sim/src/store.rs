@@ -92,7 +92,8 @@ impl StoreServer {
     }
 
     fn answer(&self, request: StoreRequest) -> (StoreResponse, Option<Duration>) {
-        self.state.lock().messages += 1;
+        // The request that arrived and the answer about to go back.
+        self.state.lock().messages += 2;
         match request {
             StoreRequest::Put { object, bytes } => {
                 self.objects.borrow_mut().insert(object, bytes);

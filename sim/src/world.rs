@@ -232,11 +232,11 @@ fn mutate(rng: &mut ChaCha8Rng, key_space: Key, source: &mut Rows, deleted: &mut
             source.insert(rng.gen_range(0..key_space), value);
         }
         5..=6 if !source.is_empty() => {
-            let key = nth_key(source, rng.gen_range(0..source.len()));
+            let key = existing_key(rng, key_space, source);
             source.insert(key, value);
         }
         7..=8 if !source.is_empty() => {
-            let key = nth_key(source, rng.gen_range(0..source.len()));
+            let key = existing_key(rng, key_space, source);
             source.remove(&key);
             deleted.push(key);
         }
@@ -250,8 +250,11 @@ fn mutate(rng: &mut ChaCha8Rng, key_space: Key, source: &mut Rows, deleted: &mut
     }
 }
 
-fn nth_key(rows: &Rows, n: usize) -> Key {
-    *rows.keys().nth(n).expect("n is below the row count")
+/// An existing key: the first at or after a random point of the key space, wrapping around.
+fn existing_key(rng: &mut ChaCha8Rng, key_space: Key, rows: &Rows) -> Key {
+    let from = rng.gen_range(0..key_space);
+    let key = rows.range(from..).next().or_else(|| rows.iter().next()).map(|(k, _)| *k);
+    key.expect("rows is not empty")
 }
 
 /// The incremental changes that turn `before` into `after`: deletes and upserts in key order.

@@ -1,0 +1,213 @@
+//! Simulator throughput, measured with criterion and checked against the targets:
+//! - the standard world (4 shards, full + 5 incrementals, about 1,000 rows, every fault kind on) delivers at
+//!   least half the messages per second of a bare madsim exchange of the same number of messages between 6
+//!   nodes (so the protocol, checkers and fakes cost no more than the simulator itself);
+//! - a sweep with 2 jobs runs at least 1.8 times the seeds per second of 1 job;
+//! - a sweep's peak heap does not grow with the number of seeds.
+//!
+//! Run with `cargo sim-bench` (the madsim build).
+
+#[cfg(not(madsim))]
+fn main() {
+    eprintln!("the simulator benchmarks need the madsim build: run `cargo sim-bench`");
+}
+
+#[cfg(madsim)]
+fn main() {
+    bench::main();
+}
+
+#[cfg(madsim)]
+mod bench {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use criterion::{Criterion, Throughput};
+    use lockstep_sim::faults::FaultPlan;
+    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::sweep::{SweepConfig, run_sweep};
+    use lockstep_sim::world::{World, WorldParams};
+    use madsim::net::Endpoint;
+
+    /// Counts live heap bytes and their peak, to show that a sweep's memory does not grow with its length.
+    struct CountingAlloc;
+
+    static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+    static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe impl GlobalAlloc for CountingAlloc {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let ptr = unsafe { System.alloc(layout) };
+            if !ptr.is_null() {
+                let live = LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+                PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+            }
+            ptr
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) };
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+    /// Seeds of the standard world run per measured iteration.
+    const SEEDS_PER_ITER: u64 = 16;
+
+    fn standard_params() -> WorldParams {
+        WorldParams {
+            shard_count: Some(4),
+            incrementals: Some(5),
+            // About 1,000 rows at the last backup: the workload deletes some of what it inserts.
+            initial_rows: Some(1_500),
+            faults: Some(FaultPlan::all(10_000)),
+            ..WorldParams::default()
+        }
+    }
+
+    fn standard_worlds() -> Vec<World> {
+        (0..SEEDS_PER_ITER).map(|seed| World::generate(seed, &standard_params())).collect()
+    }
+
+    /// Runs the standard worlds; returns the messages they sent.
+    fn run_standard(worlds: &[World]) -> u64 {
+        worlds
+            .iter()
+            .map(|world| {
+                let outcome = run_seed(world, false);
+                assert!(outcome.violations.is_empty(), "seed {}: {:?}", world.seed, outcome.violations);
+                outcome.messages
+            })
+            .sum()
+    }
+
+    /// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, `messages` in all,
+    /// in a fresh thread per run (as the simulator runs each seed).
+    fn bare_exchange(seed: u64, messages: u64) {
+        std::thread::spawn(move || {
+            let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+            runtime.block_on(exchange(messages));
+        })
+        .join()
+        .expect("the bare exchange does not panic");
+    }
+
+    async fn exchange(messages: u64) {
+        const NODES: u8 = 6;
+        let handle = madsim::runtime::Handle::current();
+        let addr = |i: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, i + 1)), 7000);
+        let rounds = messages.div_ceil(2 * u64::from(NODES));
+        let mut clients = Vec::new();
+        for i in 0..NODES {
+            let node = handle.create_node().name(format!("n{i}")).ip(addr(i).ip()).build();
+            let peer = addr((i + 1) % NODES);
+            clients.push(node.spawn(async move {
+                let endpoint = std::sync::Arc::new(Endpoint::bind(addr(i)).await.expect("bind"));
+                let server = endpoint.clone();
+                madsim::task::spawn(async move {
+                    loop {
+                        let (ping, from) = server.recv_from_raw(1).await.expect("recv ping");
+                        server.send_to_raw(from, 2, ping).await.expect("send pong");
+                    }
+                });
+                for _ in 0..rounds {
+                    endpoint.send_to_raw(peer, 1, Box::new(vec![7u8; 64])).await.expect("send ping");
+                    endpoint.recv_from_raw(2).await.expect("recv pong");
+                }
+            }));
+        }
+        for client in clients {
+            client.await.expect("client finishes");
+        }
+    }
+
+    fn benches(c: &mut Criterion, worlds: &[World], messages: u64) {
+        let mut group = c.benchmark_group("messages");
+        group.sample_size(10).measurement_time(Duration::from_secs(8));
+        group.throughput(Throughput::Elements(messages));
+        group.bench_function("standard_world_16_seeds", |b| b.iter(|| run_standard(worlds)));
+        group.bench_function("bare_madsim_exchange_6_nodes", |b| b.iter(|| bare_exchange(1, messages)));
+        group.finish();
+
+        let mut group = c.benchmark_group("seeds");
+        group.sample_size(10).measurement_time(Duration::from_secs(8));
+        group.throughput(Throughput::Elements(SEEDS_PER_ITER));
+        group.bench_function("standard_world", |b| b.iter(|| run_standard(worlds)));
+        group.finish();
+    }
+
+    /// Seconds per call of `f`, best of `repeats`.
+    fn best_seconds(repeats: u32, mut f: impl FnMut()) -> f64 {
+        (0..repeats)
+            .map(|_| {
+                let began = Instant::now();
+                f();
+                began.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    fn sweep(seeds: u64, jobs: usize) -> lockstep_sim::sweep::SweepSummary {
+        let config = SweepConfig { start: 0, seeds, jobs, params: WorldParams::sweep_default(), determinism_every: 0 };
+        let summary = run_sweep(&config, &|_| {});
+        assert!(summary.failures.is_empty(), "the sweep passes");
+        summary
+    }
+
+    fn peak_bytes_of(seeds: u64) -> usize {
+        let baseline = LIVE_BYTES.load(Ordering::Relaxed);
+        PEAK_BYTES.store(baseline, Ordering::Relaxed);
+        sweep(seeds, 2);
+        PEAK_BYTES.load(Ordering::Relaxed) - baseline
+    }
+
+    fn verdict(met: bool) -> &'static str {
+        if met { "target met" } else { "TARGET MISSED" }
+    }
+
+    pub fn main() {
+        let worlds = standard_worlds();
+        let messages = run_standard(&worlds);
+        let rows: usize = worlds.iter().map(World::total_rows).sum::<usize>() / worlds.len();
+        println!("standard world: 4 shards, full + 5 incrementals, ~{rows} rows, every fault kind on");
+        println!("{SEEDS_PER_ITER} seeds of it send {messages} messages");
+
+        let mut criterion = Criterion::default().configure_from_args();
+        benches(&mut criterion, &worlds, messages);
+        criterion.final_summary();
+
+        println!("\n== targets (best of 5, measured in this run)");
+        let world_s = best_seconds(5, || {
+            run_standard(&worlds);
+        });
+        let bare_s = best_seconds(5, || bare_exchange(1, messages));
+        let world_rate = messages as f64 / world_s;
+        let bare_rate = messages as f64 / bare_s;
+        let ratio = world_rate / bare_rate;
+        println!(
+            "standard world      {:>10.0} messages/s  {:>8.1} seeds/s",
+            world_rate,
+            SEEDS_PER_ITER as f64 / world_s
+        );
+        println!("bare madsim exchange {:>9.0} messages/s", bare_rate);
+        println!("ratio {ratio:.2} (target >= 0.50): {}", verdict(ratio >= 0.5));
+
+        let seeds = 2_000;
+        let one = sweep(seeds, 1).seeds_per_second();
+        let two = sweep(seeds, 2).seeds_per_second();
+        let speedup = two / one;
+        println!("sweep of {seeds} seeds: --jobs 1 {one:.0} seeds/s, --jobs 2 {two:.0} seeds/s");
+        println!("speed-up {speedup:.2} (target >= 1.80): {}", verdict(speedup >= 1.8));
+
+        let small = peak_bytes_of(500);
+        let large = peak_bytes_of(4_000);
+        let growth = large as f64 / small as f64;
+        println!("peak heap during a sweep: 500 seeds {small} bytes, 4000 seeds {large} bytes");
+        println!("growth {growth:.2}x for 8x the seeds (target: flat, <= 1.5x): {}", verdict(growth <= 1.5));
+    }
+}
