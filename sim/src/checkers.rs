@@ -328,3 +328,176 @@ fn first_difference(got: &lockstep::model::Rows, expected: &lockstep::model::Row
     }
     "no differing key".to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each checker is fed a log that breaks exactly its invariant, to show it can fail, and a clean log.
+    use super::*;
+    use crate::world::WorldParams;
+    use lockstep::coordinator::{Operation, RunningState};
+    use lockstep::model::Rows;
+
+    fn world() -> World {
+        let params = WorldParams { shard_count: Some(2), incrementals: Some(2), ..WorldParams::default() };
+        World::generate(5, &params)
+    }
+
+    fn event(node: NodeAddr, host: HostEvent) -> Event {
+        Event { at_ms: 0, node: SimNode::Protocol(node), kind: EventKind::Host(host) }
+    }
+
+    fn applied(world: &World, shard: u32, increment: u32) -> Event {
+        let backup_id = world.chain_backup_ids[increment as usize];
+        let object = BackupManifest::object_name(backup_id, ShardId(shard));
+        let bundle_crc32 = world.intact_crc32(&object).expect("object exists");
+        let note = PersistNote::ShardApplied { increment, backup_id, bundle_crc32 };
+        event(NodeAddr::Shard(ShardId(shard)), HostEvent::Persisted(note))
+    }
+
+    fn progress(mark: ProgressMark) -> Event {
+        event(NodeAddr::Coordinator, HostEvent::Persisted(PersistNote::Coordinator(mark)))
+    }
+
+    fn running(increment: u32) -> ProgressMark {
+        ProgressMark::Running { op: 1, increment, shards_done: 0 }
+    }
+
+    /// The clean log of a correct restore: both shards apply each increment, then Done.
+    fn clean_log(world: &World) -> Vec<Event> {
+        let mut log = Vec::new();
+        for increment in 0..world.chain_len {
+            log.push(progress(running(increment)));
+            log.push(applied(world, 0, increment));
+            log.push(applied(world, 1, increment));
+        }
+        log.push(progress(ProgressMark::Done { op: 1, increments: world.chain_len }));
+        log
+    }
+
+    fn done_state(world: &World) -> FinalState {
+        let coordinator = CoordinatorDurable {
+            generation: 1,
+            operation: Some(Operation {
+                op: 1,
+                shard_count: 2,
+                started_at_ms: 0,
+                deadline_at_ms: 1,
+                status: OperationStatus::Done { increments: world.chain_len, finished_at_ms: 1 },
+            }),
+        };
+        let shards = world
+            .shard_map
+            .shards()
+            .map(|s| {
+                let rows = world.expected_rows_of(s);
+                (s, Some(ShardDurable { op: Some(1), applied_through: Some(world.chain_len - 1), rows }))
+            })
+            .collect();
+        FinalState { coordinator: Some(coordinator), shards, timed_out: false }
+    }
+
+    fn invariants(world: &World, log: &[Event], final_state: &FinalState) -> Vec<Invariant> {
+        check(world, log, final_state).into_iter().map(|v| v.invariant).collect()
+    }
+
+    #[test]
+    fn a_clean_restore_breaks_no_invariant() {
+        let world = world();
+        assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![]);
+    }
+
+    #[test]
+    fn applying_k_plus_1_before_another_shard_applied_k_breaks_in_order_apply() {
+        let world = world();
+        let log = vec![applied(&world, 0, 0), applied(&world, 0, 1), applied(&world, 1, 0)];
+        let violations = check(&world, &log, &done_state(&world));
+        let violation = violations.iter().find(|v| v.invariant == Invariant::InOrderApply).expect("caught");
+        assert_eq!(violation.event_index, Some(1), "the offending event is the early apply");
+    }
+
+    #[test]
+    fn skipping_an_increment_breaks_in_order_apply() {
+        let world = world();
+        let log = vec![applied(&world, 0, 0), applied(&world, 1, 0), applied(&world, 0, 2)];
+        assert!(invariants(&world, &log, &done_state(&world)).contains(&Invariant::InOrderApply));
+    }
+
+    #[test]
+    fn a_shard_that_reboots_without_an_increment_it_applied_breaks_in_order_apply() {
+        let world = world();
+        let log =
+            vec![applied(&world, 0, 0), event(NodeAddr::Shard(ShardId(0)), HostEvent::ShardBooted { loaded: None })];
+        assert!(invariants(&world, &log, &done_state(&world)).contains(&Invariant::InOrderApply));
+    }
+
+    #[test]
+    fn applying_a_damaged_bundle_breaks_corrupt_never_applied() {
+        let world = world();
+        let mut log = clean_log(&world);
+        if let EventKind::Host(HostEvent::Persisted(PersistNote::ShardApplied { bundle_crc32, .. })) = &mut log[1].kind
+        {
+            *bundle_crc32 ^= 1;
+        }
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::CorruptNeverApplied]);
+    }
+
+    #[test]
+    fn done_before_every_shard_holds_every_increment_breaks_no_false_success() {
+        let world = world();
+        let mut log = clean_log(&world);
+        log.remove(log.len() - 2);
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::NoFalseSuccess]);
+    }
+
+    #[test]
+    fn progress_that_goes_back_breaks_progress_never_backwards() {
+        let world = world();
+        let log = vec![progress(running(2)), progress(running(1))];
+        assert!(invariants(&world, &log, &done_state(&world)).contains(&Invariant::ProgressNeverBackwards));
+        let reboot = event(NodeAddr::Coordinator, HostEvent::CoordinatorBooted { generation: 2, loaded: None });
+        let log = vec![progress(running(1)), reboot];
+        assert!(invariants(&world, &log, &done_state(&world)).contains(&Invariant::ProgressNeverBackwards));
+    }
+
+    #[test]
+    fn rows_that_differ_from_the_oracle_at_done_break_no_lost_increment() {
+        let world = world();
+        let mut final_state = done_state(&world);
+        let rows: &mut Rows = &mut final_state.shards.get_mut(&ShardId(1)).unwrap().as_mut().unwrap().rows;
+        let key = *rows.keys().next().expect("the shard has rows");
+        rows.remove(&key);
+        let violations = check(&world, &clean_log(&world), &final_state);
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].invariant, Invariant::NoLostIncrement);
+        assert!(violations[0].detail.contains(&format!("key {key} is missing")), "{}", violations[0].detail);
+    }
+
+    #[test]
+    fn an_operation_still_running_at_the_end_breaks_liveness() {
+        let world = world();
+        let mut final_state = done_state(&world);
+        let operation = final_state.coordinator.as_mut().unwrap().operation.as_mut().unwrap();
+        let chain = lockstep::model::RestoreChain::plan(&world.catalog, 2).unwrap();
+        operation.status = OperationStatus::Running(RunningState {
+            chain,
+            increment: 1,
+            done: Default::default(),
+            retries: Default::default(),
+        });
+        assert_eq!(invariants(&world, &[], &final_state), vec![Invariant::Liveness]);
+    }
+
+    #[test]
+    fn a_failure_without_a_lost_object_or_done_despite_one_breaks_expected_outcome() {
+        let mut world = world();
+        let mut final_state = done_state(&world);
+        let error = RestoreError::DeadlineExceeded { increment: 0, pending: 2 };
+        final_state.coordinator.as_mut().unwrap().operation.as_mut().unwrap().status =
+            OperationStatus::Failed { error, failed_at_ms: 1 };
+        assert_eq!(invariants(&world, &clean_log(&world), &final_state), vec![Invariant::ExpectedOutcome]);
+
+        let object = BackupManifest::object_name(world.chain_backup_ids[1], ShardId(0));
+        world.lost_object = Some(crate::world::LostObject { increment: 1, shard: ShardId(0), object });
+        assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![Invariant::ExpectedOutcome]);
+    }
+}
