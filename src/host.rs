@@ -68,7 +68,7 @@ pub enum CrashPoint {
 }
 
 /// What a host did, as told to its observer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum HostEvent {
     /// The node booted with this durable state (`None`: nothing was ever synced).
     CoordinatorBooted {

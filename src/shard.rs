@@ -210,16 +210,20 @@ impl Shard {
             };
             return self.finish_with(ApplyOutcome::Failed { permanent: true, cause });
         }
-        let mut rows = if bundle.kind == BackupKind::Full { Rows::new() } else { self.durable.rows.clone() };
-        apply_changes(&mut rows, &bundle.changes);
         let note = PersistNote::ShardApplied {
             increment: request.increment,
             backup_id: request.backup_id,
             bundle_crc32: crc32fast::hash(&work.buffer),
         };
-        let request = request.clone();
-        self.durable = ShardDurable { op: Some(request.op), applied_through: Some(request.increment), rows };
-        self.work = None;
+        let work = self.work.take().expect("checked above");
+        let request = work.request;
+        // In place: if the persist below does not complete, the node crashes and reloads what is durable.
+        if bundle.kind == BackupKind::Full {
+            self.durable.rows = Rows::new();
+        }
+        apply_changes(&mut self.durable.rows, &bundle.changes);
+        self.durable.op = Some(request.op);
+        self.durable.applied_through = Some(request.increment);
         vec![Output::Persist { state: self.durable.clone(), note }, reply(&request, ApplyOutcome::Applied)]
     }
 

@@ -910,16 +910,18 @@ fn shard_applies_an_incremental_with_upserts_and_deletes_in_one_persist() {
     persisted_then_applied(&apply_with(&mut shard, &full, full_changes()), &full);
 
     let incremental = apply_request(1, 1, 1);
+    // Key 10 is untouched, 20 deleted, 30 overwritten, 40 new, 99 never existed; 50 is upserted, then deleted.
     let changes = vec![
-        Change::Upsert { key: 10, value: 111 },
         Change::Delete { key: 20 },
+        Change::Upsert { key: 30, value: 333 },
         Change::Upsert { key: 40, value: 400 },
         Change::Delete { key: 99 },
-        Change::Upsert { key: 30, value: 1 },
-        Change::Delete { key: 30 },
+        Change::Upsert { key: 50, value: 1 },
+        Change::Delete { key: 50 },
     ];
     let state = persisted_then_applied(&apply_with(&mut shard, &incremental, changes), &incremental);
-    let expected = ShardDurable { op: Some(1), applied_through: Some(1), rows: rows(&[(10, 111), (40, 400)]) };
+    let expected =
+        ShardDurable { op: Some(1), applied_through: Some(1), rows: rows(&[(10, 100), (30, 333), (40, 400)]) };
     assert_eq!(state, expected, "upserts and deletes applied in order on top of the full, marker in the same state");
     assert_eq!(shard.durable(), &expected);
 }

@@ -27,7 +27,7 @@ impl fmt::Display for SimNode {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Host(HostEvent),
     /// A fault was injected.
@@ -45,7 +45,7 @@ pub enum EventKind {
     Healed,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Event {
     pub at_ms: u64,
     pub node: SimNode,
@@ -103,18 +103,27 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
     }
 }
 
-/// A 64-bit FNV-1a hash of the trace text: stable across runs and builds of the same source.
+/// A 64-bit FNV-1a hash of the whole event log, every field of every event: the same for two runs of one seed
+/// on one binary, and different as soon as any event differs.
 pub fn log_hash(events: &[Event]) -> u64 {
-    use std::fmt::Write;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut line = String::new();
-    for event in events {
-        line.clear();
-        write!(line, "{event}").expect("writing to a String cannot fail");
-        for byte in line.bytes().chain(std::iter::once(b'\n')) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
+    use std::hash::{Hash, Hasher};
+    let mut hasher = Fnv1a(0xcbf2_9ce4_8422_2325);
+    events.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// FNV-1a: fixed, seedless, so hashes compare across runs and processes.
+struct Fnv1a(u64);
+
+impl std::hash::Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
-    hash
 }

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::io::{RemoteStore, range_of};
@@ -57,11 +58,12 @@ struct Envelope {
 pub async fn serve(
     state: Shared,
     epoch: tokio::time::Instant,
-    objects: BTreeMap<String, Vec<u8>>,
+    objects: Arc<BTreeMap<String, Vec<u8>>>,
     lost: BTreeSet<String>,
 ) {
     let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
-    let server = Rc::new(StoreServer { state, epoch, objects: objects.into(), lost, streaks: Default::default() });
+    let server =
+        Rc::new(StoreServer { state, epoch, objects, written: Default::default(), lost, streaks: Default::default() });
     loop {
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
@@ -80,7 +82,10 @@ pub async fn serve(
 struct StoreServer {
     state: Shared,
     epoch: tokio::time::Instant,
-    objects: std::cell::RefCell<BTreeMap<String, Vec<u8>>>,
+    /// The objects the world put in the store before the run.
+    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    /// Objects put during the run; they shadow `objects`.
+    written: std::cell::RefCell<BTreeMap<String, Vec<u8>>>,
     lost: BTreeSet<String>,
     /// Faulty answers in a row, per object.
     streaks: std::cell::RefCell<BTreeMap<String, u32>>,
@@ -96,11 +101,13 @@ impl StoreServer {
         self.state.lock().messages += 2;
         match request {
             StoreRequest::Put { object, bytes } => {
-                self.objects.borrow_mut().insert(object, bytes);
+                self.written.borrow_mut().insert(object, bytes);
                 (StoreResponse::Put(Ok(())), None)
             }
             StoreRequest::List { prefix } => {
-                let names = self.objects.borrow().keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                let written = self.written.borrow();
+                let all: BTreeSet<&String> = self.objects.keys().chain(written.keys()).collect();
+                let names = all.into_iter().filter(|k| k.starts_with(&prefix)).cloned().collect();
                 (StoreResponse::List(Ok(names)), None)
             }
             StoreRequest::GetRange { object, offset, len } => {
@@ -114,8 +121,8 @@ impl StoreServer {
         if self.lost.contains(object) {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         }
-        let objects = self.objects.borrow();
-        let Some(bytes) = objects.get(object) else {
+        let written = self.written.borrow();
+        let Some(bytes) = written.get(object).or_else(|| self.objects.get(object)) else {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         };
         let mut read = match range_of(object, bytes, offset, len) {

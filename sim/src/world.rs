@@ -5,6 +5,7 @@
 //! straight from the workload history; it never looks at bundles or at how the protocol plans its chain.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
@@ -63,14 +64,14 @@ pub struct World {
     pub shard_map: ShardMap,
     /// Every backup in the store, the ignored older ones included.
     pub catalog: Vec<BackupManifest>,
-    /// Every object in the store, intact.
-    pub objects: BTreeMap<String, Vec<u8>>,
+    /// Every object in the store, intact. Shared: every run of the world reads the same bytes.
+    pub objects: Arc<BTreeMap<String, Vec<u8>>>,
     /// Increments in the restore chain (the newest full plus the incrementals after it), from the workload.
     pub chain_len: u32,
     /// Backup id of each increment of the restore chain, from the workload.
     pub chain_backup_ids: Vec<u64>,
     /// The oracle: the source table when the last backup was taken.
-    pub expected_rows: Rows,
+    pub expected_rows: Arc<Rows>,
     pub lost_object: Option<LostObject>,
     pub faults: FaultPlan,
     /// After healing, the restore must end within this much simulated time.
@@ -133,10 +134,10 @@ impl World {
             seed,
             shard_map,
             catalog,
-            objects,
+            objects: Arc::new(objects),
             chain_len,
             chain_backup_ids,
-            expected_rows: history.final_rows,
+            expected_rows: Arc::new(history.final_rows),
             lost_object,
             faults,
             liveness_bound_ms: 120_000,
