@@ -12,6 +12,7 @@
 //! - after a reboot it reloads its durable state and re-sends only to shards that have no result.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +112,8 @@ pub enum OperationStatus {
 /// Working state of a running operation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RunningState {
-    pub chain: RestoreChain,
+    /// Shared, not copied: every persist of the running state would otherwise clone every manifest.
+    pub chain: Arc<RestoreChain>,
     pub increment: IncrementIndex,
     /// Shards that reported the current increment durably applied.
     pub done: BTreeSet<ShardId>,
@@ -222,7 +224,7 @@ impl Coordinator {
             started_at_ms: now_ms,
             deadline_at_ms,
             status: OperationStatus::Running(RunningState {
-                chain,
+                chain: Arc::new(chain),
                 increment: 0,
                 done: BTreeSet::new(),
                 retries: BTreeMap::new(),

@@ -479,7 +479,7 @@ mod tests {
         let operation = final_state.coordinator.as_mut().unwrap().operation.as_mut().unwrap();
         let chain = lockstep::model::RestoreChain::plan(&world.catalog, 2).unwrap();
         operation.status = OperationStatus::Running(RunningState {
-            chain,
+            chain: std::sync::Arc::new(chain),
             increment: 1,
             done: Default::default(),
             retries: Default::default(),
