@@ -208,7 +208,10 @@ mod cli {
             summary.determinism_checked,
             count("determinism")
         );
-        println!("lost-object worlds (must end in a clean Failed): {}", summary.lost_object_worlds);
+        println!(
+            "outcomes         done {}, failed {}, unfinished {}; worlds that lost an object for good: {}",
+            summary.ended_done, summary.ended_failed, summary.ended_unfinished, summary.lost_object_worlds
+        );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
         let mut never = Vec::new();
         for kind in FaultKind::ALL {

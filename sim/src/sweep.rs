@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
-use crate::runner::{SeedOutcome, run_seed};
+use crate::runner::{RunEnd, SeedOutcome, run_seed};
 use crate::world::{World, WorldParams};
 
 #[derive(Clone, Debug)]
@@ -99,6 +99,10 @@ pub struct SweepSummary {
     pub wall: Duration,
     /// Worlds that lost an object for good (and so must end in a clean Failed).
     pub lost_object_worlds: u64,
+    /// How the operations ended: Done, Failed, still running at the bound, never started.
+    pub ended_done: u64,
+    pub ended_failed: u64,
+    pub ended_unfinished: u64,
 }
 
 impl SweepSummary {
@@ -123,6 +127,11 @@ impl SweepSummary {
         }
         if world.lost_object.is_some() {
             self.lost_object_worlds += 1;
+        }
+        match outcome.end {
+            RunEnd::Done => self.ended_done += 1,
+            RunEnd::Failed(_) => self.ended_failed += 1,
+            RunEnd::StillRunning | RunEnd::NeverStarted => self.ended_unfinished += 1,
         }
         for violation in &outcome.violations {
             *self.by_invariant.entry(violation.invariant).or_default() += 1;
