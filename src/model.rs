@@ -83,12 +83,14 @@ impl ShardMap {
 
     /// The rows of `rows` that fall in `shard`'s range.
     pub fn rows_of(&self, rows: &Rows, shard: ShardId) -> Rows {
+        self.rows_in(rows, shard).map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// The rows of `rows` that fall in `shard`'s range, in key order, without copying them.
+    pub fn rows_in<'a>(&self, rows: &'a Rows, shard: ShardId) -> std::collections::btree_map::Range<'a, Key, Value> {
         let range = self.range(shard);
-        let upper = match range.end {
-            Some(end) => std::ops::Bound::Excluded(end),
-            None => std::ops::Bound::Unbounded,
-        };
-        rows.range((std::ops::Bound::Included(range.start), upper)).map(|(k, v)| (*k, *v)).collect()
+        let upper = range.end.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        rows.range((std::ops::Bound::Included(range.start), upper))
     }
 }
 

@@ -257,10 +257,10 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
     match (status, &world.lost_object) {
         (Some(OperationStatus::Done { .. }), None) => {
             for shard in world.shard_map.shards() {
-                let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| s.rows.clone());
-                let expected = world.expected_rows_of(shard);
-                if rows.as_ref() != Some(&expected) {
-                    let detail = match &rows {
+                let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| &s.rows);
+                if !rows.is_some_and(|rows| rows.iter().eq(world.expected_rows_in(shard))) {
+                    let expected = world.expected_rows_of(shard);
+                    let detail = match rows {
                         None => format!("at Done {shard} holds no durable rows at all"),
                         Some(rows) => format!(
                             "at Done {shard} differs from the source table: {}",

@@ -159,6 +159,11 @@ impl World {
         self.shard_map.rows_of(&self.expected_rows, shard)
     }
 
+    /// The oracle's rows of `shard`, in key order, without copying them.
+    pub fn expected_rows_in(&self, shard: ShardId) -> impl Iterator<Item = (&Key, &lockstep::model::Value)> {
+        self.shard_map.rows_in(&self.expected_rows, shard)
+    }
+
     /// The checksum of the intact bytes of `object`.
     pub fn intact_crc32(&self, object: &str) -> Option<u32> {
         self.objects.get(object).map(|bytes| crc32fast::hash(bytes))
