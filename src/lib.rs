@@ -13,3 +13,5 @@ pub mod model;
 pub mod protocol;
 pub mod rng;
 pub mod shard;
+#[cfg(not(madsim))]
+pub mod tcp;

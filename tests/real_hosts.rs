@@ -1,43 +1,24 @@
 //! The production hosts outside the simulator: a coordinator and three shards on a real tokio runtime, with
-//! state on real files (fsync) and bundles in a directory store, talking over in-process channels. Shows that
+//! state on real files (fsync), bundles in a directory store, and messages over TCP on loopback. Shows that
 //! nothing in the hosts depends on madsim, and that a restore ends with the right rows on disk.
 #![cfg(not(madsim))]
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreRequest};
 use lockstep::host::{HostEvent, HostIo, Observer, STATE_FILE};
-use lockstep::io::{DirStore, FileDisk, RemoteStore, StateFile, Transport};
+use lockstep::io::{DirStore, FileDisk, RemoteStore, StateFile};
 use lockstep::model::{BackupKind, BackupManifest, Change, Rows, ShardMap, apply_changes};
 use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
 use lockstep::shard::{ShardConfig, ShardDurable};
-use tokio::sync::{Mutex, mpsc};
-
-type Frame = (NodeAddr, Vec<u8>);
-
-/// In-process transport: one unbounded channel per node.
-struct ChannelTransport {
-    me: NodeAddr,
-    inbox: Mutex<mpsc::UnboundedReceiver<Frame>>,
-    peers: BTreeMap<NodeAddr, mpsc::UnboundedSender<Frame>>,
-}
-
-impl Transport for ChannelTransport {
-    async fn send(&self, to: NodeAddr, frame: Vec<u8>) {
-        if let Some(peer) = self.peers.get(&to) {
-            let _ = peer.send((self.me, frame));
-        }
-    }
-
-    async fn recv(&self) -> std::io::Result<Frame> {
-        let mut inbox = self.inbox.lock().await;
-        inbox.recv().await.ok_or_else(|| std::io::Error::other("every sender is gone"))
-    }
-}
+use lockstep::tcp::TcpTransport;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 /// Keeps what the hosts report and signals when the operation ends.
 struct Recorder {
@@ -85,7 +66,7 @@ async fn write_backups(store: &DirStore, map: &ShardMap) -> (Vec<BackupManifest>
 #[test]
 fn real_hosts_restore_every_increment_onto_files() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     let local = tokio::task::LocalSet::new();
     let map = ShardMap::even(SHARDS, 30);
     let (recorder, expected) = local.block_on(&runtime, async {
@@ -96,20 +77,17 @@ fn real_hosts_restore_every_increment_onto_files() {
 
         let nodes: Vec<NodeAddr> =
             std::iter::once(NodeAddr::Coordinator).chain(map.shards().map(NodeAddr::Shard)).collect();
-        let mut senders = BTreeMap::new();
-        let mut receivers = BTreeMap::new();
+        let mut listeners = BTreeMap::new();
         for node in &nodes {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.insert(*node, tx);
-            receivers.insert(*node, rx);
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+            listeners.insert(*node, listener);
         }
+        let peers: BTreeMap<NodeAddr, SocketAddr> =
+            listeners.iter().map(|(node, l)| (*node, l.local_addr().expect("bound"))).collect();
         let epoch = tokio::time::Instant::now();
         for node in nodes {
-            let transport = ChannelTransport {
-                me: node,
-                inbox: Mutex::new(receivers.remove(&node).expect("one inbox per node")),
-                peers: senders.clone(),
-            };
+            let listener = listeners.remove(&node).expect("one listener per node");
+            let transport = TcpTransport::start(node, listener, peers.clone());
             let io = HostIo {
                 disk: Rc::new(FileDisk::open(dir.path().join(node.to_string())).expect("node directory")),
                 store: store.clone(),
