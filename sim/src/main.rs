@@ -246,7 +246,7 @@ mod cli {
     fn repro(args: ReproArgs) -> i32 {
         init_tracing();
         let world = World::generate(args.seed, &args.world.params());
-        describe_world(&world);
+        print!("{}", world.describe());
         let outcome = run_seed(&world, true);
         for event in outcome.log.iter().flatten() {
             emit(event);
@@ -261,24 +261,6 @@ mod cli {
                 print_failure(&failure, &args.world);
                 failure.class.exit_code()
             }
-        }
-    }
-
-    fn describe_world(world: &World) {
-        println!(
-            "seed {}: {} shard(s), {} rows at the last backup, chain of {} increments (backups {:?}), heal at {} ms",
-            world.seed,
-            world.shard_count(),
-            world.total_rows(),
-            world.chain_len,
-            world.chain_backup_ids,
-            world.faults.heal_at_ms
-        );
-        let enabled: Vec<String> =
-            world.faults.enabled().map(|k| format!("{}={:.2}", k.name(), world.faults.rate(k))).collect();
-        println!("faults on: {}", if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") });
-        if let Some(lost) = &world.lost_object {
-            println!("object lost for good: {} (increment {}, {})", lost.object, lost.increment, lost.shard);
         }
     }
 

@@ -443,3 +443,21 @@ impl Supervisor {
         FinalState { coordinator, shards, timed_out }
     }
 }
+
+/// The readable transcript of a run kept with its log: the world, every event in simulated time, how the
+/// operation ended and what broke. Nothing in it changes between runs of the same seed.
+pub fn transcript(world: &World, outcome: &SeedOutcome) -> String {
+    use std::fmt::Write;
+    let mut text = world.describe();
+    for event in outcome.log.iter().flatten() {
+        writeln!(text, "{event}").expect("writing to a String cannot fail");
+    }
+    writeln!(text, "outcome: {:?}", outcome.end).expect("writing to a String cannot fail");
+    for violation in &outcome.violations {
+        writeln!(text, "{violation}").expect("writing to a String cannot fail");
+    }
+    if outcome.violations.is_empty() {
+        text.push_str("every invariant held\n");
+    }
+    text
+}

@@ -172,6 +172,36 @@ impl World {
     pub fn total_rows(&self) -> usize {
         self.expected_rows.len()
     }
+
+    /// A few lines saying what this world is: topology, chain, fault mix, lost object, bugs.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "seed {}: {} shard(s), {} rows at the last backup, chain of {} increments (backups {:?}), heal at {} ms\n",
+            self.seed,
+            self.shard_count(),
+            self.total_rows(),
+            self.chain_len,
+            self.chain_backup_ids,
+            self.faults.heal_at_ms
+        );
+        let enabled: Vec<String> =
+            self.faults.enabled().map(|k| format!("{}={:.2}", k.name(), self.faults.rate(k))).collect();
+        let enabled = if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") };
+        text.push_str(&format!("faults on: {enabled}\n"));
+        if let Some(lost) = &self.lost_object {
+            text.push_str(&format!(
+                "object lost for good: {} (increment {}, {})\n",
+                lost.object, lost.increment, lost.shard
+            ));
+        }
+        if let Some(bug) = self.coordinator.bug {
+            text.push_str(&format!("deliberate coordinator bug: {bug:?}\n"));
+        }
+        if let Some(bug) = self.shard.bug {
+            text.push_str(&format!("deliberate shard bug: {bug:?}\n"));
+        }
+        text
+    }
 }
 
 /// One backup as the workload took it.

@@ -1,0 +1,54 @@
+//! Transcripts of pinned seeds, reviewed as snapshots: a change in behaviour shows up as a diff that a
+//! reviewer accepts (`cargo insta review`, see README) or rejects. Needs the madsim build (`cargo sim-test`).
+#![cfg(madsim)]
+
+use lockstep::coordinator::CoordinatorBug;
+use lockstep_sim::faults::{FaultKind, FaultPlan};
+use lockstep_sim::runner::{run_seed, transcript};
+use lockstep_sim::world::{Bugs, World, WorldParams};
+
+fn small(faults: FaultPlan) -> WorldParams {
+    WorldParams {
+        shard_count: Some(2),
+        incrementals: Some(2),
+        initial_rows: Some(12),
+        faults: Some(faults),
+        ..WorldParams::default()
+    }
+}
+
+fn run(seed: u64, params: &WorldParams) -> String {
+    let world = World::generate(seed, params);
+    transcript(&world, &run_seed(&world, true))
+}
+
+#[test]
+fn a_restore_without_faults() {
+    insta::assert_snapshot!(run(1, &small(FaultPlan::none())));
+}
+
+#[test]
+fn a_restore_through_reboots_drops_and_damaged_downloads() {
+    let mut faults = FaultPlan::none();
+    faults.heal_at_ms = 8_000;
+    for kind in
+        [FaultKind::CrashAfterPersist, FaultKind::MessageDrop, FaultKind::DownloadCorrupt, FaultKind::DownloadPartial]
+    {
+        faults.set_rate(kind, 0.3);
+    }
+    faults.set_rate(FaultKind::CoordinatorReboot, 0.5);
+    insta::assert_snapshot!(run(2, &small(faults)));
+}
+
+#[test]
+fn a_restore_with_an_object_lost_for_good_fails_cleanly() {
+    let params = WorldParams { lost_object_probability: 1.0, ..small(FaultPlan::none()) };
+    insta::assert_snapshot!(run(3, &params));
+}
+
+#[test]
+fn a_coordinator_that_advances_on_the_first_report_breaks_in_order_apply() {
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None };
+    let params = WorldParams { bugs, ..small(FaultPlan::none()) };
+    insta::assert_snapshot!(run(4, &params));
+}
