@@ -311,13 +311,13 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 Err(_) => Err(StoreError::Timeout { timeout_ms }),
             };
             let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
-            observer.record(node, HostEvent::Download { request: request.clone(), outcome: summary });
             let result = DownloadResult {
                 download_id: request.download_id,
-                object: request.object,
+                object: request.object.clone(),
                 offset: request.offset,
                 outcome,
             };
+            observer.record(node, HostEvent::Download { request, outcome: summary });
             let _ = tx.send(Input::Download(result));
         });
     }

@@ -5,6 +5,8 @@
 //! A request for an increment already applied is answered without re-applying; a request that would skip an
 //! increment is refused.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
@@ -47,7 +49,8 @@ pub struct ShardDurable {
     pub op: Option<OperationId>,
     /// The last increment of `op` applied to `rows`.
     pub applied_through: Option<IncrementIndex>,
-    pub rows: Rows,
+    /// Shared with the persist output instead of copied; the next apply copies only if the host still holds it.
+    pub rows: Arc<Rows>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -219,9 +222,9 @@ impl Shard {
         let request = work.request;
         // In place: if the persist below does not complete, the node crashes and reloads what is durable.
         if bundle.kind == BackupKind::Full {
-            self.durable.rows = Rows::new();
+            self.durable.rows = Arc::new(Rows::new());
         }
-        apply_changes(&mut self.durable.rows, &bundle.changes);
+        apply_changes(Arc::make_mut(&mut self.durable.rows), &bundle.changes);
         self.durable.op = Some(request.op);
         self.durable.applied_through = Some(request.increment);
         vec![Output::Persist { state: self.durable.clone(), note }, reply(&request, ApplyOutcome::Applied)]

@@ -2,6 +2,7 @@
 //! argument, every assertion is on the returned outputs or on the machine's durable state.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
@@ -726,8 +727,8 @@ fn full_changes() -> Vec<Change> {
     ]
 }
 
-fn rows(pairs: &[(u64, u64)]) -> Rows {
-    pairs.iter().copied().collect()
+fn rows(pairs: &[(u64, u64)]) -> Arc<Rows> {
+    Arc::new(pairs.iter().copied().collect())
 }
 
 fn send_apply(shard: &mut Shard, request: &ApplyRequest) -> Vec<ShardOutput> {

@@ -128,7 +128,7 @@ fn real_hosts_restore_every_increment_onto_files() {
     for shard in map.shards() {
         let state: ShardDurable = decode_frame(&load(NodeAddr::Shard(shard)).expect("shard state")).expect("decodable");
         assert_eq!(state.applied_through, Some(2), "{shard}");
-        assert_eq!(state.rows, map.rows_of(&expected, shard), "{shard}");
+        assert_eq!(*state.rows, map.rows_of(&expected, shard), "{shard}");
     }
     let applied = recorder
         .events

@@ -390,6 +390,7 @@ mod tests {
             .shards()
             .map(|s| {
                 let rows = world.expected_rows_of(s);
+                let rows = std::sync::Arc::new(rows);
                 (s, Some(ShardDurable { op: Some(1), applied_through: Some(world.chain_len - 1), rows }))
             })
             .collect();
@@ -463,7 +464,8 @@ mod tests {
     fn rows_that_differ_from_the_oracle_at_done_break_no_lost_increment() {
         let world = world();
         let mut final_state = done_state(&world);
-        let rows: &mut Rows = &mut final_state.shards.get_mut(&ShardId(1)).unwrap().as_mut().unwrap().rows;
+        let rows: &mut Rows =
+            std::sync::Arc::make_mut(&mut final_state.shards.get_mut(&ShardId(1)).unwrap().as_mut().unwrap().rows);
         let key = *rows.keys().next().expect("the shard has rows");
         rows.remove(&key);
         let violations = check(&world, &clean_log(&world), &final_state);
