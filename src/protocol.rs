@@ -168,7 +168,9 @@ pub struct FrameError {
 
 /// Encodes a value as one wire frame.
 pub fn encode_frame<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("protocol values always serialize")
+    // Sized first: growing the buffer while encoding a whole table copies it over and over.
+    let size = postcard::experimental::serialized_size(value).expect("protocol values always serialize");
+    postcard::to_extend(value, Vec::with_capacity(size)).expect("protocol values always serialize")
 }
 
 /// Decodes one wire frame; garbage is an error, never a panic.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
-use crate::model::{BackupKind, IncrementIndex, Rows, ShardId, apply_changes};
+use crate::model::{BackupKind, Change, IncrementIndex, Rows, ShardId, apply_changes};
 use crate::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
     PersistNote, ShardFailure, StoreError,
@@ -222,9 +222,10 @@ impl Shard {
         let request = work.request;
         // In place: if the persist below does not complete, the node crashes and reloads what is durable.
         if bundle.kind == BackupKind::Full {
-            self.durable.rows = Arc::new(Rows::new());
+            self.durable.rows = Arc::new(rows_of_full(&bundle.changes));
+        } else {
+            apply_changes(Arc::make_mut(&mut self.durable.rows), &bundle.changes);
         }
-        apply_changes(Arc::make_mut(&mut self.durable.rows), &bundle.changes);
         self.durable.op = Some(request.op);
         self.durable.applied_through = Some(request.increment);
         vec![Output::Persist { state: self.durable.clone(), note }, reply(&request, ApplyOutcome::Applied)]
@@ -233,6 +234,26 @@ impl Shard {
     fn finish_with(&mut self, outcome: ApplyOutcome) -> Vec<ShardOutput> {
         let work = self.work.take().expect("only a running download finishes");
         vec![reply(&work.request, outcome)]
+    }
+}
+
+/// The rows a full backup's changes describe, starting from nothing. A full backup is upserts in key order, which
+/// `collect` builds in one pass; anything else is applied change by change.
+fn rows_of_full(changes: &[Change]) -> Rows {
+    let upserts: Option<Vec<(u64, u64)>> = changes
+        .iter()
+        .map(|change| match *change {
+            Change::Upsert { key, value } => Some((key, value)),
+            Change::Delete { .. } => None,
+        })
+        .collect();
+    match upserts {
+        Some(pairs) => pairs.into_iter().collect(),
+        None => {
+            let mut rows = Rows::new();
+            apply_changes(&mut rows, changes);
+            rows
+        }
     }
 }
 
@@ -247,5 +268,28 @@ fn reply(request: &ApplyRequest, outcome: ApplyOutcome) -> ShardOutput {
             shard: request.shard,
             outcome,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_of_a_full_backup_match_applying_its_changes_one_by_one() {
+        let cases: [&[Change]; 3] = [
+            &[Change::Upsert { key: 1, value: 10 }, Change::Upsert { key: 2, value: 20 }],
+            &[
+                Change::Upsert { key: 2, value: 20 },
+                Change::Upsert { key: 1, value: 10 },
+                Change::Upsert { key: 2, value: 21 },
+            ],
+            &[Change::Upsert { key: 1, value: 10 }, Change::Delete { key: 1 }, Change::Upsert { key: 3, value: 30 }],
+        ];
+        for changes in cases {
+            let mut expected = Rows::new();
+            apply_changes(&mut expected, changes);
+            assert_eq!(rows_of_full(changes), expected, "{changes:?}");
+        }
     }
 }
