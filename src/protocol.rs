@@ -49,6 +49,20 @@ pub struct ApplyRequest {
     pub object: String,
 }
 
+impl ApplyRequest {
+    /// The answer to this request: its identity echoed, with `outcome`.
+    pub fn reply(&self, outcome: ApplyOutcome) -> ApplyReply {
+        ApplyReply {
+            op: self.op,
+            generation: self.generation,
+            attempt: self.attempt,
+            increment: self.increment,
+            shard: self.shard,
+            outcome,
+        }
+    }
+}
+
 /// A shard's answer to one [`ApplyRequest`], echoing its identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ApplyReply {

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Bundle;
 use crate::model::{BackupKind, Change, IncrementIndex, Rows, ShardId, apply_changes};
 use crate::protocol::{
-    ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
-    PersistNote, ShardFailure, StoreError,
+    ApplyOutcome, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output, PersistNote,
+    ShardFailure, StoreError,
 };
 
 /// Tunables of a shard.
@@ -258,17 +258,7 @@ fn rows_of_full(changes: &[Change]) -> Rows {
 }
 
 fn reply(request: &ApplyRequest, outcome: ApplyOutcome) -> ShardOutput {
-    Output::Send {
-        to: NodeAddr::Coordinator,
-        msg: Message::Reply(ApplyReply {
-            op: request.op,
-            generation: request.generation,
-            attempt: request.attempt,
-            increment: request.increment,
-            shard: request.shard,
-            outcome,
-        }),
-    }
+    Output::Send { to: NodeAddr::Coordinator, msg: Message::Reply(request.reply(outcome)) }
 }
 
 #[cfg(test)]

@@ -120,14 +120,7 @@ fn first_send_index(out: &[CoordinatorOutput]) -> Option<usize> {
 }
 
 fn answer(request: &ApplyRequest, outcome: ApplyOutcome) -> ApplyReply {
-    ApplyReply {
-        op: request.op,
-        generation: request.generation,
-        attempt: request.attempt,
-        increment: request.increment,
-        shard: request.shard,
-        outcome,
-    }
+    request.reply(outcome)
 }
 
 /// Delivers the shard's reply to `request`, from that shard.
