@@ -6,7 +6,9 @@
 //! the write it depends on. Everything it does is told to an [`Observer`].
 
 use std::fmt;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -141,6 +143,11 @@ impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
 /// Name of the durable state file of every node.
 pub const STATE_FILE: &str = "node.state";
 
+/// The next frame off the transport, as one future that owns its handle on the transport.
+async fn next_frame<T: Transport>(transport: Rc<T>) -> std::io::Result<(NodeAddr, Vec<u8>)> {
+    transport.recv().await
+}
+
 enum Input<T> {
     Message(NodeAddr, Message),
     Timer(T),
@@ -202,8 +209,10 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         mut file: StateFile,
         first: Vec<Output<M::Durable, M::Timer>>,
     ) {
+        // Timers and downloads come back through this channel; frames are read by one receive kept alive across
+        // iterations (a receive is not cancel-safe: dropping it could lose a frame already taken off the wire).
         let (tx, mut rx) = mpsc::unbounded_channel::<Input<M::Timer>>();
-        self.spawn_receiver(node, tx.clone());
+        let mut receive = Box::pin(next_frame(self.transport.clone()));
         let mut outputs = first;
         loop {
             for output in outputs {
@@ -212,7 +221,22 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                     std::future::pending::<()>().await;
                 }
             }
-            let Some(input) = rx.recv().await else { return };
+            let input = tokio::select! {
+                biased;
+                frame = &mut receive => {
+                    receive.set(next_frame(self.transport.clone()));
+                    let Ok((from, frame)) = frame else { return };
+                    match decode_frame::<Message>(&frame) {
+                        Ok(msg) => Input::Message(from, msg),
+                        Err(error) => {
+                            self.observer.record(node, HostEvent::BadFrame { from, error: error.to_string() });
+                            outputs = Vec::new();
+                            continue;
+                        }
+                    }
+                }
+                Some(input) = rx.recv() => input,
+            };
             let now_ms = self.now_ms();
             outputs = match input {
                 Input::Message(from, msg) => {
@@ -223,23 +247,6 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 Input::Download(result) => machine.handle_download(now_ms, result),
             };
         }
-    }
-
-    fn spawn_receiver<Tm: 'static>(&self, node: NodeAddr, tx: mpsc::UnboundedSender<Input<Tm>>) {
-        let transport = self.transport.clone();
-        let observer = self.observer.clone();
-        tokio::task::spawn_local(async move {
-            while let Ok((from, frame)) = transport.recv().await {
-                match decode_frame::<Message>(&frame) {
-                    Ok(msg) => {
-                        if tx.send(Input::Message(from, msg)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(error) => observer.record(node, HostEvent::BadFrame { from, error: error.to_string() }),
-                }
-            }
-        });
     }
 
     /// Carries out one output; `false` means the node must stop here.
@@ -306,9 +313,9 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         let timeout_ms = self.download_timeout_ms;
         tokio::task::spawn_local(async move {
             let read = store.get_range(&request.object, request.offset, request.len);
-            let outcome = match tokio::time::timeout(Duration::from_millis(timeout_ms), read).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(StoreError::Timeout { timeout_ms }),
+            let outcome = match within(Duration::from_millis(timeout_ms), read).await {
+                Some(outcome) => outcome,
+                None => Err(StoreError::Timeout { timeout_ms }),
             };
             let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
             let result = DownloadResult {
@@ -320,5 +327,35 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             observer.record(node, HostEvent::Download { request, outcome: summary });
             let _ = tx.send(Input::Download(result));
         });
+    }
+}
+
+/// `future`'s output, or `None` once `timeout` has passed first.
+///
+/// Unlike `tokio::time::timeout` it polls its timer once and afterwards only asks whether it has elapsed: under
+/// madsim every poll of a pending `Sleep` registers another timer, and a download is woken several times.
+fn within<F: Future>(timeout: Duration, future: F) -> Within<F> {
+    Within { future: Box::pin(future), sleep: Box::pin(tokio::time::sleep(timeout)), armed: false }
+}
+
+struct Within<F> {
+    future: Pin<Box<F>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The timer is registered with this task's waker.
+    armed: bool,
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(output) = self.future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if self.armed {
+            return if self.sleep.is_elapsed() { Poll::Ready(None) } else { Poll::Pending };
+        }
+        self.armed = true;
+        self.sleep.as_mut().poll(cx).map(|()| None)
     }
 }
