@@ -11,6 +11,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -19,7 +21,8 @@ use tokio::time::Instant;
 use crate::coordinator::{Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorTimer, RestoreRequest};
 use crate::io::{Disk, RemoteStore, StateFile, Transport};
 use crate::protocol::{
-    DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, StoreError, decode_frame, encode_frame,
+    DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, RangeRead, StoreError, decode_frame,
+    encode_frame,
 };
 use crate::shard::{Shard, ShardConfig, ShardDurable, ShardTimer};
 
@@ -148,6 +151,25 @@ async fn next_frame<T: Transport>(transport: Rc<T>) -> std::io::Result<(NodeAddr
     transport.recv().await
 }
 
+/// One ranged read, given up as failed once `timeout_ms` has passed.
+async fn download<S: RemoteStore>(
+    store: Rc<S>,
+    request: DownloadRequest,
+    timeout_ms: u64,
+) -> (DownloadRequest, Result<RangeRead, StoreError>) {
+    let read = store.get_range(&request.object, request.offset, request.len);
+    let outcome = within(Duration::from_millis(timeout_ms), read).await;
+    (request, outcome.unwrap_or(Err(StoreError::Timeout { timeout_ms })))
+}
+
+/// What the loop does after an output.
+enum Step {
+    Next,
+    Download(DownloadRequest),
+    /// The node crashed on purpose or cannot go on.
+    Stop,
+}
+
 enum Input<T> {
     Message(NodeAddr, Message),
     Timer(T),
@@ -209,16 +231,24 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         mut file: StateFile,
         first: Vec<Output<M::Durable, M::Timer>>,
     ) {
-        // Timers and downloads come back through this channel; frames are read by one receive kept alive across
-        // iterations (a receive is not cancel-safe: dropping it could lose a frame already taken off the wire).
-        let (tx, mut rx) = mpsc::unbounded_channel::<Input<M::Timer>>();
+        // Timers come back through this channel. Frames are read by one receive kept alive across iterations (a
+        // receive is not cancel-safe: dropping it could lose a frame already taken off the wire), and downloads
+        // run inside this loop rather than as tasks of their own.
+        let (tx, mut rx) = mpsc::unbounded_channel::<M::Timer>();
         let mut receive = Box::pin(next_frame(self.transport.clone()));
+        let mut downloads = FuturesUnordered::new();
         let mut outputs = first;
         loop {
             for output in outputs {
-                if !self.execute(node, &mut file, output, &tx).await {
-                    // Crashed on purpose or hit a fatal disk error: do nothing more until the node is restarted.
-                    std::future::pending::<()>().await;
+                match self.execute(node, &mut file, output, &tx).await {
+                    Step::Next => {}
+                    Step::Download(request) => {
+                        downloads.push(download(self.store.clone(), request, self.download_timeout_ms));
+                    }
+                    Step::Stop => {
+                        // Crashed on purpose or hit a fatal disk error: do nothing more until the node is restarted.
+                        std::future::pending::<()>().await;
+                    }
                 }
             }
             let input = tokio::select! {
@@ -235,7 +265,18 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                         }
                     }
                 }
-                Some(input) = rx.recv() => input,
+                Some(timer) = rx.recv() => Input::Timer(timer),
+                Some((request, outcome)) = downloads.next(), if !downloads.is_empty() => {
+                    let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
+                    let result = DownloadResult {
+                        download_id: request.download_id,
+                        object: request.object.clone(),
+                        offset: request.offset,
+                        outcome,
+                    };
+                    self.observer.record(node, HostEvent::Download { request, outcome: summary });
+                    Input::Download(result)
+                }
             };
             let now_ms = self.now_ms();
             outputs = match input {
@@ -249,16 +290,20 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         }
     }
 
-    /// Carries out one output; `false` means the node must stop here.
+    /// Carries out one output, except a download, which it hands back for the loop to run.
     async fn execute<Dur: Serialize, Tm: Clone + 'static>(
         &self,
         node: NodeAddr,
         file: &mut StateFile,
         output: Output<Dur, Tm>,
-        tx: &mpsc::UnboundedSender<Input<Tm>>,
-    ) -> bool {
+        timers: &mpsc::UnboundedSender<Tm>,
+    ) -> Step {
         match output {
-            Output::Persist { state, note } => return self.persist(node, file, &state, note).await,
+            Output::Persist { state, note } => {
+                if !self.persist(node, file, &state, note).await {
+                    return Step::Stop;
+                }
+            }
             Output::Send { to, msg } => {
                 let frame = encode_frame(&msg);
                 self.observer.record(node, HostEvent::Sent { to, msg });
@@ -266,16 +311,16 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             }
             Output::SetTimer { at_ms, timer } => {
                 let deadline = self.epoch + Duration::from_millis(at_ms);
-                let tx = tx.clone();
+                let timers = timers.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep_until(deadline).await;
-                    let _ = tx.send(Input::Timer(timer));
+                    let _ = timers.send(timer);
                 });
             }
-            Output::Download(request) => self.spawn_download(node, request, tx.clone()),
+            Output::Download(request) => return Step::Download(request),
             Output::Report(text) => self.observer.record(node, HostEvent::Report(text)),
         }
-        true
+        Step::Next
     }
 
     async fn persist<Dur: Serialize>(
@@ -300,33 +345,6 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         }
         self.observer.record(node, HostEvent::Persisted(note));
         !self.observer.crash_point(node, CrashPoint::AfterPersist)
-    }
-
-    fn spawn_download<Tm: 'static>(
-        &self,
-        node: NodeAddr,
-        request: DownloadRequest,
-        tx: mpsc::UnboundedSender<Input<Tm>>,
-    ) {
-        let store = self.store.clone();
-        let observer = self.observer.clone();
-        let timeout_ms = self.download_timeout_ms;
-        tokio::task::spawn_local(async move {
-            let read = store.get_range(&request.object, request.offset, request.len);
-            let outcome = match within(Duration::from_millis(timeout_ms), read).await {
-                Some(outcome) => outcome,
-                None => Err(StoreError::Timeout { timeout_ms }),
-            };
-            let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
-            let result = DownloadResult {
-                download_id: request.download_id,
-                object: request.object.clone(),
-                offset: request.offset,
-                outcome,
-            };
-            observer.record(node, HostEvent::Download { request, outcome: summary });
-            let _ = tx.send(Input::Download(result));
-        });
     }
 }
 

@@ -80,7 +80,10 @@ impl StateFile {
 }
 
 fn slot_name(name: &str, slot: u64) -> String {
-    format!("{name}.{slot}")
+    let mut path = String::with_capacity(name.len() + 2);
+    path.push_str(name);
+    path.push_str(if slot == 0 { ".0" } else { ".1" });
+    path
 }
 
 fn parse_slot(bytes: &[u8]) -> Option<(u64, &[u8])> {

@@ -50,6 +50,7 @@ pub struct ShardDurable {
     /// The last increment of `op` applied to `rows`.
     pub applied_through: Option<IncrementIndex>,
     /// Shared with the persist output instead of copied; the next apply copies only if the host still holds it.
+    #[serde(with = "crate::model::packed_rows")]
     pub rows: Arc<Rows>,
 }
 

@@ -69,8 +69,10 @@ impl Transport for SimTransport {
             state.messages += copies;
             (copies, delay)
         };
+        let mut frame = Some(frame);
         for copy in 0..copies {
-            let payload = Box::new(frame.clone());
+            let frame = if copy + 1 == copies { frame.take() } else { frame.clone() };
+            let payload = Box::new(frame.expect("the last copy takes the frame"));
             match delay {
                 Some(delay_ms) if copy == 0 => {
                     let endpoint = self.endpoint.clone();

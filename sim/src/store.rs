@@ -67,15 +67,22 @@ pub async fn serve(
     loop {
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
-        let server = server.clone();
-        let endpoint = endpoint.clone();
-        tokio::task::spawn_local(async move {
-            let (response, delay) = server.answer(envelope.request);
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+        let Envelope { reply_tag, request } = *envelope;
+        let (response, delay) = server.answer(request);
+        let reply = Box::new(response);
+        match delay {
+            // A slow answer waits in its own task, so later requests overtake it.
+            Some(delay) => {
+                let endpoint = endpoint.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
+                });
             }
-            let _ = endpoint.send_to_raw(from, envelope.reply_tag, Box::new(response)).await;
-        });
+            None => {
+                let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
+            }
+        }
     }
 }
 
