@@ -72,6 +72,8 @@ mod bench {
 
     fn standard_params() -> WorldParams {
         WorldParams {
+            tables: Some(1),
+            indexes: Some(false),
             shard_count: Some(4),
             incrementals: Some(5),
             // About 1,000 rows at the last backup: the workload deletes some of what it inserts.

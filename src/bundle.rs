@@ -1,15 +1,15 @@
-//! The bundle codec: one shard's part of one backup, as stored in the remote store.
+//! The bundle codec: one tablet's part of one backup (one shard of one table), as stored in the remote store.
 //!
 //! Layout (all integers little-endian):
 //! ```text
 //! magic "LSBN" | version u16 | reserved u16 | payload_len u32 | payload_crc32 u32 | payload
-//! payload = backup_id u64 | shard u32 | kind u8 | change_count u32 | change*
+//! payload = backup_id u64 | table u32 | shard u32 | kind u8 | change_count u32 | change*
 //! change  = tag u8 (0 = upsert, 1 = delete) | key u64 | value u64 (upsert only)
 //! ```
 //! Decoding checks the header, the length and the checksum before it reads a single row, so a truncated,
 //! corrupted or unknown-version bundle yields a typed error naming the object and never partial rows.
 
-use crate::model::{BackupKind, Change, ShardId};
+use crate::model::{BackupKind, Change, TabletId};
 
 const MAGIC: &[u8; 4] = b"LSBN";
 /// The only bundle format version this build writes and reads.
@@ -21,7 +21,7 @@ pub const HEADER_LEN: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Bundle {
     pub backup_id: u64,
-    pub shard: ShardId,
+    pub tablet: TabletId,
     pub kind: BackupKind,
     pub changes: Vec<Change>,
 }
@@ -44,9 +44,10 @@ pub enum BundleError {
 
 impl Bundle {
     pub fn encode(&self) -> Vec<u8> {
-        let mut payload = Vec::with_capacity(17 + self.changes.len() * 17);
+        let mut payload = Vec::with_capacity(21 + self.changes.len() * 17);
         payload.extend_from_slice(&self.backup_id.to_le_bytes());
-        payload.extend_from_slice(&self.shard.0.to_le_bytes());
+        payload.extend_from_slice(&self.tablet.table.0.to_le_bytes());
+        payload.extend_from_slice(&self.tablet.shard.0.to_le_bytes());
         payload.push(match self.kind {
             BackupKind::Full => 0,
             BackupKind::Incremental => 1,
@@ -145,7 +146,8 @@ struct PayloadReader<'a> {
 impl PayloadReader<'_> {
     fn read_bundle(mut self) -> Result<Bundle, BundleError> {
         let backup_id = self.u64()?;
-        let shard = ShardId(self.u32()?);
+        let table = self.u32()?;
+        let tablet = TabletId::new(table, self.u32()?);
         let kind = match self.u8()? {
             0 => BackupKind::Full,
             1 => BackupKind::Incremental,
@@ -168,7 +170,7 @@ impl PayloadReader<'_> {
         if self.at != self.bytes.len() {
             return Err(self.malformed(format!("{} bytes left after the last change", self.bytes.len() - self.at)));
         }
-        Ok(Bundle { backup_id, shard, kind, changes })
+        Ok(Bundle { backup_id, tablet, kind, changes })
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], BundleError> {
@@ -204,7 +206,7 @@ mod tests {
     fn sample() -> Bundle {
         Bundle {
             backup_id: 7,
-            shard: ShardId(2),
+            tablet: TabletId::new(1, 2),
             kind: BackupKind::Incremental,
             changes: vec![
                 Change::Upsert { key: 1, value: 10 },

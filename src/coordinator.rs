@@ -1,22 +1,29 @@
-//! The coordinator: a pure state machine that drives every shard through the restore chain, one increment at a
-//! time.
+//! The coordinator: a pure state machine that drives every tablet of every table of a backup collection through
+//! the restore chain, one increment at a time.
 //!
 //! Rules it keeps:
-//! - increment k+1 starts only when every shard has reported k durably done;
-//! - at most `max_in_flight_shards` apply requests are outstanding;
+//! - increment k+1 of an operation starts only when every tablet of every table and index has reported k durably
+//!   done;
+//! - at most `max_in_flight_shards` apply requests are outstanding, and at most `max_in_flight_tables` tables (a
+//!   table counts together with its indexes) of one operation have work under way;
 //! - a transient failure or a missing reply is retried with capped exponential backoff and seeded jitter; a
 //!   missing reply is never taken as success;
-//! - a permanent failure or a passed deadline ends the operation in a persisted `Failed` naming the cause;
+//! - a permanent failure, a passed operation deadline or a passed increment deadline ends the operation in a
+//!   persisted `Failed` naming the cause;
 //! - every boot bumps the generation; replies of an older generation, of another attempt or of another
 //!   increment are ignored;
-//! - after a reboot it reloads its durable state and re-sends only to shards that have no result.
+//! - after a reboot it reloads its durable state and re-sends only to tablets that have no result;
+//! - target tables are `Restoring` from the start of the operation until it ends, and the source collection is
+//!   in use; both are released on Done and on Failed. A second restore of a collection in use, or onto a table
+//!   being restored, or onto a table that exists with rows, is refused with a typed error.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackupManifest, ChainError, IncrementIndex, RestoreChain, ShardId};
+use crate::model::{BackupManifest, ChainError, IncrementIndex, RestoreChain, TableId, TableSpec, TabletId};
 use crate::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, DownloadResult, Generation, Message, NodeAddr, OperationId, Output,
     PersistNote, ShardFailure,
@@ -26,16 +33,22 @@ use crate::rng::SplitMix64;
 /// Tunables of the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoordinatorConfig {
-    /// Most apply requests outstanding at once, across all shards.
+    /// Most apply requests outstanding at once, across all tablets of all operations.
     pub max_in_flight_shards: u32,
+    /// Most tables (each with its indexes) of one operation with work under way at once.
+    pub max_in_flight_tables: u32,
     /// How long to wait for a reply before the request counts as failed and is retried.
     pub request_timeout_ms: u64,
-    /// Backoff before the first retry; doubled on every further failure of the same shard.
+    /// Backoff before the first retry; doubled on every further failure of the same tablet.
     pub backoff_base_ms: u64,
     /// Longest backoff between two attempts.
     pub backoff_cap_ms: u64,
     /// Time from the start of an operation after which it fails with a timeout.
     pub deadline_ms: u64,
+    /// Time from the start of an increment after which the operation fails with a timeout.
+    pub increment_deadline_ms: u64,
+    /// Tables of the target database that exist and hold rows; a restore onto one of them is refused.
+    pub non_empty_tables: BTreeSet<TableId>,
     /// A deliberately broken behaviour, for showing that the checkers catch it. `None` in production.
     pub bug: Option<CoordinatorBug>,
 }
@@ -44,10 +57,13 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             max_in_flight_shards: 4,
+            max_in_flight_tables: 2,
             request_timeout_ms: 3_000,
             backoff_base_ms: 100,
             backoff_cap_ms: 5_000,
             deadline_ms: 3_600_000,
+            increment_deadline_ms: 1_800_000,
+            non_empty_tables: BTreeSet::new(),
             bug: None,
         }
     }
@@ -56,49 +72,121 @@ impl Default for CoordinatorConfig {
 /// Known-wrong coordinator behaviours that real restore systems have shipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CoordinatorBug {
-    /// Advances to the next increment when the first shard reports, not the last.
+    /// Advances to the next increment when the first tablet reports, not the last.
     AdvanceOnFirstReport,
+    /// Starts increment k+1 of a table as soon as that table is done with k, while other tables still apply k.
+    TablesRunAhead,
 }
 
-/// What starts a restore.
+/// What starts a restore: the tables of one backup collection, and every backup of it in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RestoreRequest {
     pub op: OperationId,
-    pub shard_count: u32,
-    /// Every backup in the store, in any order; the coordinator picks the chain.
+    /// The backup collection restored; its objects are in use while the operation runs.
+    pub collection: String,
+    /// The tables restored, index tables included, each onto the target table of the same id.
+    pub tables: Vec<TableSpec>,
+    /// Every backup of the collection in the store, in any order; the coordinator picks the chain.
     pub catalog: Vec<BackupManifest>,
 }
 
+/// Why a restore is refused before it starts.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
-    #[error("operation {running} is still running; operation {requested} is refused")]
-    AnotherOperationRunning { running: OperationId, requested: OperationId },
+    #[error("operation id {op} is already taken by another restore")]
+    OperationIdTaken { op: OperationId },
+    #[error("collection {collection} is already being restored by operation {running}")]
+    CollectionBusy { collection: String, running: OperationId },
+    #[error("table {table} is already being restored by operation {running}")]
+    TargetBusy { table: TableId, running: OperationId },
+    #[error("table {table} exists and is not empty")]
+    TargetNotEmpty { table: TableId },
     #[error("cannot plan restore: {0}")]
     Chain(#[from] ChainError),
-    #[error("a restore needs at least one shard")]
-    NoShards,
+    #[error("a restore needs at least one table")]
+    NoTables,
+    #[error("table {table} has no shards")]
+    NoShards { table: TableId },
+    #[error("table {table} is listed twice")]
+    DuplicateTable { table: TableId },
+    #[error("index table {index} belongs to table {table}, which is not restored with it")]
+    IndexWithoutTable { index: TableId, table: TableId },
+}
+
+/// Why a lifecycle call on an existing operation is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no operation {op} is known")]
+    NotFound { op: OperationId },
+    #[error("operation {op} is still running; it can be forgotten only once it is done or failed")]
+    StillRunning { op: OperationId },
 }
 
 /// The coordinator's durable state: what survives a reboot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CoordinatorDurable {
     pub generation: Generation,
-    pub operation: Option<Operation>,
+    /// Every operation not forgotten, running or finished.
+    pub operations: BTreeMap<OperationId, Operation>,
+    /// The state of every target table a restore has touched.
+    pub tables: BTreeMap<TableId, TableState>,
+    /// Backup collections whose objects a running operation reads.
+    pub sources_in_use: BTreeMap<String, OperationId>,
+}
+
+/// A target table's state as restores leave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TableState {
+    /// Being restored by `op`: not readable, no other restore may touch it.
+    Restoring { op: OperationId },
+    /// Restored by `op`: readable, holds the restored rows.
+    Restored { op: OperationId },
+    /// The restore by `op` failed: not readable; a new restore may target it.
+    RestoreFailed { op: OperationId },
+}
+
+impl TableState {
+    /// Whether readers may see the table as restored.
+    pub fn readable(self) -> bool {
+        matches!(self, TableState::Restored { .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Operation {
     pub op: OperationId,
-    pub shard_count: u32,
+    pub collection: String,
+    pub tables: Vec<TableSpec>,
     pub started_at_ms: u64,
     pub deadline_at_ms: u64,
     pub status: OperationStatus,
 }
 
+impl Operation {
+    /// Every tablet of the operation, table by table, each table followed by its indexes.
+    pub fn tablets(&self) -> Vec<TabletId> {
+        let mut ordered: Vec<&TableSpec> = Vec::with_capacity(self.tables.len());
+        for table in self.tables.iter().filter(|t| t.index_of.is_none()) {
+            ordered.push(table);
+            ordered.extend(self.tables.iter().filter(|t| t.index_of == Some(table.id)));
+        }
+        ordered.iter().flat_map(|t| t.tablets()).collect()
+    }
+
+    pub fn tablet_count(&self) -> usize {
+        self.tables.iter().map(|t| t.shard_count as usize).sum()
+    }
+
+    /// The table a tablet is restored with: its own table, or the table its index belongs to.
+    fn group_of(&self, tablet: TabletId) -> TableId {
+        self.tables.iter().find(|t| t.id == tablet.table).map_or(tablet.table, TableSpec::group)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OperationStatus {
     Running(RunningState),
-    /// Every increment is durably applied on every shard. Working state is gone; this stays queryable.
+    /// Every increment is durably applied on every tablet. Working state is gone; this stays queryable.
     Done {
         increments: u32,
         finished_at_ms: u64,
@@ -115,10 +203,12 @@ pub struct RunningState {
     /// Shared, not copied: every persist of the running state would otherwise clone every manifest.
     pub chain: Arc<RestoreChain>,
     pub increment: IncrementIndex,
-    /// Shards that reported the current increment durably applied.
-    pub done: BTreeSet<ShardId>,
-    /// Shards whose last attempt failed: how many attempts failed and when the next may start.
-    pub retries: BTreeMap<ShardId, Retry>,
+    /// When the current increment must be done by.
+    pub increment_deadline_at_ms: u64,
+    /// Tablets that reported the current increment durably applied.
+    pub done: BTreeSet<TabletId>,
+    /// Tablets whose last attempt failed: how many attempts failed and when the next may start.
+    pub retries: BTreeMap<TabletId, Retry>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -130,29 +220,102 @@ pub struct Retry {
 /// Why an operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 pub enum RestoreError {
-    #[error("increment {increment} (backup {backup_id}) on {shard}: {cause}")]
-    Shard { increment: IncrementIndex, backup_id: u64, shard: ShardId, cause: ShardFailure },
-    #[error("deadline passed at increment {increment} with {pending} shard(s) not done")]
+    #[error("increment {increment} (backup {backup_id}) on {tablet}: {cause}")]
+    Shard { increment: IncrementIndex, backup_id: u64, tablet: TabletId, cause: ShardFailure },
+    #[error("timeout: the operation deadline passed at increment {increment} with {pending} tablet(s) not done")]
     DeadlineExceeded { increment: IncrementIndex, pending: u32 },
+    #[error("timeout: increment {increment} took longer than {limit_ms} ms with {pending} tablet(s) not done")]
+    IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, pending: u32 },
 }
 
-/// A compact summary of progress, written to the event log with every persist.
+/// A compact summary of one operation's progress, written to the event log with every persist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProgressMark {
-    Idle,
-    Running { op: OperationId, increment: IncrementIndex, shards_done: u32 },
+    Running { op: OperationId, increment: IncrementIndex, tablets_done: u32 },
     Done { op: OperationId, increments: u32 },
     Failed { op: OperationId },
 }
 
+impl ProgressMark {
+    pub fn op(self) -> OperationId {
+        match self {
+            ProgressMark::Running { op, .. } | ProgressMark::Done { op, .. } | ProgressMark::Failed { op } => op,
+        }
+    }
+}
+
+impl fmt::Display for ProgressMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProgressMark::Running { op, increment, tablets_done } => {
+                write!(f, "op {op} running increment {increment}, {tablets_done} tablet(s) done")
+            }
+            ProgressMark::Done { op, increments } => write!(f, "op {op} done after {increments} increments"),
+            ProgressMark::Failed { op } => write!(f, "op {op} failed"),
+        }
+    }
+}
+
+/// Where an operation stands, as `status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperationView {
+    pub op: OperationId,
+    pub collection: String,
+    pub state: OperationState,
+    /// The increment being applied, while running.
+    pub increment: Option<IncrementIndex>,
+    /// Increments in the chain.
+    pub increments: u32,
+    pub tables: Vec<TableProgress>,
+    pub error: Option<RestoreError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OperationState {
+    Running,
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableProgress {
+    pub table: TableId,
+    pub name: String,
+    pub state: Option<TableState>,
+    pub tablets: Vec<(TabletId, TabletProgress)>,
+}
+
+/// A tablet's standing in the current increment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TabletProgress {
+    /// The operation is over: every tablet is done (Done) or nothing more happens (Failed).
+    Finished,
+    Done,
+    InFlight,
+    Retrying {
+        failed_attempts: u32,
+    },
+    Waiting,
+}
+
+/// One line of `list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperationSummary {
+    pub op: OperationId,
+    pub collection: String,
+    pub state: OperationState,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CoordinatorTimer {
-    /// No reply to `attempt` of `shard` for `increment` in time.
-    RequestTimeout { shard: ShardId, increment: IncrementIndex, attempt: u32 },
+    /// No reply to `attempt` of `tablet` for `increment` in time.
+    RequestTimeout { op: OperationId, tablet: TabletId, increment: IncrementIndex, attempt: u32 },
     /// A backoff has passed; dispatch again.
     RetryDue,
     /// The operation's deadline.
-    Deadline,
+    Deadline { op: OperationId },
+    /// The deadline of one increment of the operation.
+    IncrementDeadline { op: OperationId, increment: IncrementIndex },
 }
 
 pub type CoordinatorOutput = Output<CoordinatorDurable, CoordinatorTimer>;
@@ -160,6 +323,7 @@ pub type CoordinatorOutput = Output<CoordinatorDurable, CoordinatorTimer>;
 /// An apply request awaiting its reply; volatile, lost on reboot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct InFlight {
+    op: OperationId,
     attempt: u32,
 }
 
@@ -167,15 +331,17 @@ struct InFlight {
 pub struct Coordinator {
     config: CoordinatorConfig,
     durable: CoordinatorDurable,
-    in_flight: BTreeMap<ShardId, InFlight>,
+    in_flight: BTreeMap<TabletId, InFlight>,
     /// Attempts sent in this generation, so every request has a fresh attempt number.
     next_attempt: u32,
+    /// `TablesRunAhead` only: tablets already sent the next increment early.
+    ran_ahead: BTreeSet<(OperationId, TabletId, IncrementIndex)>,
     rng: SplitMix64,
 }
 
 impl Coordinator {
-    /// Boots from durable state (`None` on first boot): bumps the generation, persists it, and resumes a running
-    /// operation by re-arming its timers and re-sending to the shards that have no result.
+    /// Boots from durable state (`None` on first boot): bumps the generation, persists it, and resumes every
+    /// running operation by re-arming its timers and re-sending to the tablets that have no result.
     pub fn boot(
         config: CoordinatorConfig,
         loaded: Option<CoordinatorDurable>,
@@ -183,67 +349,185 @@ impl Coordinator {
         now_ms: u64,
     ) -> (Self, Vec<CoordinatorOutput>) {
         assert!(config.max_in_flight_shards > 0, "at least one request must be allowed in flight");
+        assert!(config.max_in_flight_tables > 0, "at least one table must be allowed in flight");
         let mut durable = loaded.unwrap_or_default();
         durable.generation += 1;
         let rng = SplitMix64::new(seed ^ durable.generation.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let mut machine = Self { config, durable, in_flight: BTreeMap::new(), next_attempt: 0, rng };
+        let mut machine =
+            Self { config, durable, in_flight: BTreeMap::new(), next_attempt: 0, ran_ahead: BTreeSet::new(), rng };
         let mut out = Vec::new();
         machine.persist(&mut out);
-        if let Some(operation) = &machine.durable.operation
-            && matches!(operation.status, OperationStatus::Running(_))
-        {
-            out.push(Output::SetTimer { at_ms: operation.deadline_at_ms, timer: CoordinatorTimer::Deadline });
-            out.push(Output::Report(format!(
-                "resuming operation {} in generation {}",
-                operation.op,
-                machine.generation()
-            )));
-            machine.drive(now_ms, &mut out);
+        for operation in machine.durable.operations.values() {
+            let OperationStatus::Running(running) = &operation.status else { continue };
+            let op = operation.op;
+            out.push(Output::SetTimer { at_ms: operation.deadline_at_ms, timer: CoordinatorTimer::Deadline { op } });
+            out.push(Output::SetTimer {
+                at_ms: running.increment_deadline_at_ms,
+                timer: CoordinatorTimer::IncrementDeadline { op, increment: running.increment },
+            });
+            out.push(Output::Report(format!("resuming operation {op} in generation {}", machine.generation())));
         }
+        machine.drive(now_ms, &mut out);
         (machine, out)
     }
 
-    /// Starts a restore. Starting the operation that is already known is a no-op, so a client may retry.
+    /// Starts a restore. Starting an operation that is already known with the same request is a no-op, so a
+    /// client may retry.
     pub fn start(&mut self, now_ms: u64, request: RestoreRequest) -> Result<Vec<CoordinatorOutput>, StartError> {
-        if let Some(existing) = &self.durable.operation {
-            if existing.op == request.op {
+        if let Some(existing) = self.durable.operations.get(&request.op) {
+            if existing.collection == request.collection && existing.tables == request.tables {
                 return Ok(Vec::new());
             }
-            if matches!(existing.status, OperationStatus::Running(_)) {
-                return Err(StartError::AnotherOperationRunning { running: existing.op, requested: request.op });
-            }
+            return Err(StartError::OperationIdTaken { op: request.op });
         }
-        if request.shard_count == 0 {
-            return Err(StartError::NoShards);
-        }
-        let chain = RestoreChain::plan(&request.catalog, request.shard_count)?;
+        self.check_start(&request)?;
+        let chain = RestoreChain::plan(&request.catalog, &request.tables)?;
+        let op = request.op;
         let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
-        self.durable.operation = Some(Operation {
-            op: request.op,
-            shard_count: request.shard_count,
-            started_at_ms: now_ms,
-            deadline_at_ms,
-            status: OperationStatus::Running(RunningState {
-                chain: Arc::new(chain),
-                increment: 0,
-                done: BTreeSet::new(),
-                retries: BTreeMap::new(),
-            }),
-        });
-        self.in_flight.clear();
+        let increment_deadline_at_ms = now_ms.saturating_add(self.config.increment_deadline_ms);
+        for table in &request.tables {
+            self.durable.tables.insert(table.id, TableState::Restoring { op });
+        }
+        self.durable.sources_in_use.insert(request.collection.clone(), op);
+        self.durable.operations.insert(
+            op,
+            Operation {
+                op,
+                collection: request.collection,
+                tables: request.tables,
+                started_at_ms: now_ms,
+                deadline_at_ms,
+                status: OperationStatus::Running(RunningState {
+                    chain: Arc::new(chain),
+                    increment: 0,
+                    increment_deadline_at_ms,
+                    done: BTreeSet::new(),
+                    retries: BTreeMap::new(),
+                }),
+            },
+        );
         let mut out = Vec::new();
         self.persist(&mut out);
-        out.push(Output::Report(format!("operation {} started", request.op)));
-        out.push(Output::SetTimer { at_ms: deadline_at_ms, timer: CoordinatorTimer::Deadline });
+        out.push(Output::Report(format!("operation {op} started")));
+        out.push(Output::SetTimer { at_ms: deadline_at_ms, timer: CoordinatorTimer::Deadline { op } });
+        out.push(Output::SetTimer {
+            at_ms: increment_deadline_at_ms,
+            timer: CoordinatorTimer::IncrementDeadline { op, increment: 0 },
+        });
         self.drive(now_ms, &mut out);
+        Ok(out)
+    }
+
+    fn check_start(&self, request: &RestoreRequest) -> Result<(), StartError> {
+        if request.tables.is_empty() {
+            return Err(StartError::NoTables);
+        }
+        let mut seen = BTreeSet::new();
+        for table in &request.tables {
+            if !seen.insert(table.id) {
+                return Err(StartError::DuplicateTable { table: table.id });
+            }
+            if table.shard_count == 0 {
+                return Err(StartError::NoShards { table: table.id });
+            }
+        }
+        for table in &request.tables {
+            if let Some(base) = table.index_of
+                && !request.tables.iter().any(|t| t.id == base && t.index_of.is_none())
+            {
+                return Err(StartError::IndexWithoutTable { index: table.id, table: base });
+            }
+        }
+        if let Some(running) = self.durable.sources_in_use.get(&request.collection) {
+            return Err(StartError::CollectionBusy { collection: request.collection.clone(), running: *running });
+        }
+        for table in &request.tables {
+            match self.durable.tables.get(&table.id) {
+                Some(TableState::Restoring { op }) => {
+                    return Err(StartError::TargetBusy { table: table.id, running: *op });
+                }
+                Some(TableState::Restored { .. }) => return Err(StartError::TargetNotEmpty { table: table.id }),
+                Some(TableState::RestoreFailed { .. }) => {}
+                None if self.config.non_empty_tables.contains(&table.id) => {
+                    return Err(StartError::TargetNotEmpty { table: table.id });
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Where operation `op` stands.
+    pub fn status(&self, op: OperationId) -> Result<OperationView, LifecycleError> {
+        let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
+        let (state, increment, increments, error) = match &operation.status {
+            OperationStatus::Running(running) => {
+                (OperationState::Running, Some(running.increment), running.chain.len(), None)
+            }
+            OperationStatus::Done { increments, .. } => (OperationState::Done, None, *increments, None),
+            OperationStatus::Failed { error, .. } => (OperationState::Failed, None, 0, Some(error.clone())),
+        };
+        let tables = operation
+            .tables
+            .iter()
+            .map(|table| TableProgress {
+                table: table.id,
+                name: table.name.clone(),
+                state: self.durable.tables.get(&table.id).copied(),
+                tablets: table.tablets().map(|tablet| (tablet, self.tablet_progress(operation, tablet))).collect(),
+            })
+            .collect();
+        Ok(OperationView { op, collection: operation.collection.clone(), state, increment, increments, tables, error })
+    }
+
+    fn tablet_progress(&self, operation: &Operation, tablet: TabletId) -> TabletProgress {
+        let OperationStatus::Running(running) = &operation.status else { return TabletProgress::Finished };
+        if running.done.contains(&tablet) {
+            TabletProgress::Done
+        } else if self.in_flight.get(&tablet).is_some_and(|f| f.op == operation.op) {
+            TabletProgress::InFlight
+        } else if let Some(retry) = running.retries.get(&tablet) {
+            TabletProgress::Retrying { failed_attempts: retry.failed_attempts }
+        } else {
+            TabletProgress::Waiting
+        }
+    }
+
+    /// Every operation not forgotten, in id order.
+    pub fn list(&self) -> Vec<OperationSummary> {
+        self.durable
+            .operations
+            .values()
+            .map(|operation| OperationSummary {
+                op: operation.op,
+                collection: operation.collection.clone(),
+                state: match operation.status {
+                    OperationStatus::Running(_) => OperationState::Running,
+                    OperationStatus::Done { .. } => OperationState::Done,
+                    OperationStatus::Failed { .. } => OperationState::Failed,
+                },
+            })
+            .collect()
+    }
+
+    /// Forgets a finished operation: it is gone from status and list. Refused while it runs.
+    pub fn forget(&mut self, op: OperationId) -> Result<Vec<CoordinatorOutput>, LifecycleError> {
+        let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
+        if matches!(operation.status, OperationStatus::Running(_)) {
+            return Err(LifecycleError::StillRunning { op });
+        }
+        self.durable.operations.remove(&op);
+        let mut out = Vec::new();
+        self.persist(&mut out);
+        out.push(Output::Report(format!("operation {op} forgotten")));
         Ok(out)
     }
 
     pub fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<CoordinatorOutput> {
         let mut out = Vec::new();
         match msg {
-            Message::Reply(reply) if from == NodeAddr::Shard(reply.shard) => self.on_reply(now_ms, reply, &mut out),
-            // Apply requests are not for the coordinator, and a reply must come from the shard it speaks for.
+            Message::Reply(reply) if from == NodeAddr::Shard(reply.tablet) => self.on_reply(now_ms, reply, &mut out),
+            // Apply requests are not for the coordinator, and a reply must come from the tablet it speaks for.
             Message::Reply(_) | Message::Apply(_) => {}
         }
         out
@@ -252,17 +536,20 @@ impl Coordinator {
     pub fn handle_timer(&mut self, now_ms: u64, timer: CoordinatorTimer) -> Vec<CoordinatorOutput> {
         let mut out = Vec::new();
         match timer {
-            CoordinatorTimer::RequestTimeout { shard, increment, attempt } => {
-                let current = self.running().map(|r| r.increment);
-                let pending = self.in_flight.get(&shard).is_some_and(|f| f.attempt == attempt);
+            CoordinatorTimer::RequestTimeout { op, tablet, increment, attempt } => {
+                let current = self.running(op).map(|r| r.increment);
+                let pending = self.in_flight.get(&tablet).is_some_and(|f| f.op == op && f.attempt == attempt);
                 if current == Some(increment) && pending {
-                    self.in_flight.remove(&shard);
-                    self.schedule_retry(now_ms, shard, &mut out);
+                    self.in_flight.remove(&tablet);
+                    self.schedule_retry(now_ms, op, tablet, &mut out);
                     self.drive(now_ms, &mut out);
                 }
             }
             CoordinatorTimer::RetryDue => self.drive(now_ms, &mut out),
-            CoordinatorTimer::Deadline => self.on_deadline(now_ms, &mut out),
+            CoordinatorTimer::Deadline { op } => self.on_deadline(now_ms, op, &mut out),
+            CoordinatorTimer::IncrementDeadline { op, increment } => {
+                self.on_increment_deadline(now_ms, op, increment, &mut out);
+            }
         }
         out
     }
@@ -280,196 +567,285 @@ impl Coordinator {
         &self.durable
     }
 
-    pub fn operation(&self) -> Option<&Operation> {
-        self.durable.operation.as_ref()
+    pub fn operation(&self, op: OperationId) -> Option<&Operation> {
+        self.durable.operations.get(&op)
     }
 
-    pub fn progress(&self) -> ProgressMark {
+    pub fn progress(&self) -> Vec<ProgressMark> {
         progress_of(&self.durable)
     }
 
     fn on_reply(&mut self, now_ms: u64, reply: ApplyReply, out: &mut Vec<CoordinatorOutput>) {
-        let Some(operation) = &self.durable.operation else { return };
-        let OperationStatus::Running(running) = &operation.status else { return };
-        let known = reply.op == operation.op
-            && reply.generation == self.durable.generation
+        let Some(running) = self.running(reply.op) else { return };
+        let known = reply.generation == self.durable.generation
             && reply.increment == running.increment
-            && self.in_flight.get(&reply.shard).is_some_and(|f| f.attempt == reply.attempt);
+            && self.in_flight.get(&reply.tablet).is_some_and(|f| f.op == reply.op && f.attempt == reply.attempt);
         if !known {
             return;
         }
-        self.in_flight.remove(&reply.shard);
+        let backup_id = running.chain.get(running.increment).backup_id;
+        let increment = running.increment;
+        self.in_flight.remove(&reply.tablet);
         match reply.outcome {
-            ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied => self.on_shard_done(now_ms, reply.shard, out),
+            ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied => {
+                self.on_tablet_done(now_ms, reply.op, reply.tablet, out);
+            }
             ApplyOutcome::Failed { permanent: false, .. } => {
-                self.schedule_retry(now_ms, reply.shard, out);
+                self.schedule_retry(now_ms, reply.op, reply.tablet, out);
                 self.drive(now_ms, out);
             }
             ApplyOutcome::Failed { permanent: true, cause } => {
-                let backup_id = running.chain.get(running.increment).backup_id;
-                let error = RestoreError::Shard { increment: running.increment, backup_id, shard: reply.shard, cause };
-                self.fail(now_ms, error, out);
+                let error = RestoreError::Shard { increment, backup_id, tablet: reply.tablet, cause };
+                self.fail(now_ms, reply.op, error, out);
             }
         }
     }
 
-    fn on_shard_done(&mut self, now_ms: u64, shard: ShardId, out: &mut Vec<CoordinatorOutput>) {
+    fn on_tablet_done(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
         let bug = self.config.bug;
-        let shard_count = self.durable.operation.as_ref().expect("replies need an operation").shard_count;
-        let running = self.running_mut().expect("only a running operation takes replies");
-        running.done.insert(shard);
-        running.retries.remove(&shard);
+        let operation = self.durable.operations.get_mut(&op).expect("replies need an operation");
+        let all: Vec<TabletId> = operation.tablets();
+        let OperationStatus::Running(running) = &mut operation.status else { panic!("only a running operation") };
+        running.done.insert(tablet);
+        running.retries.remove(&tablet);
         if bug == Some(CoordinatorBug::AdvanceOnFirstReport) {
-            running.done.extend((0..shard_count).map(ShardId));
+            running.done.extend(all.iter().copied());
         }
-        let increment_done = running.done.len() == shard_count as usize;
-        if !increment_done {
-            // The result is durable before anything else happens, so a reboot re-sends only to shards without one.
+        if running.done.len() != all.len() {
+            // The result is durable before anything else happens, so a reboot re-sends only to tablets without one.
             self.persist(out);
         }
         self.drive(now_ms, out);
     }
 
-    /// Advances through completed increments and dispatches requests up to the cap. Persists before any send
-    /// that depends on a state change.
+    /// Advances every running operation through its completed increments and dispatches requests up to the
+    /// caps. Persists before any send that depends on a state change.
     fn drive(&mut self, now_ms: u64, out: &mut Vec<CoordinatorOutput>) {
-        let shard_count = match &self.durable.operation {
-            Some(op) => op.shard_count,
-            None => return,
-        };
-        let Some(running) = self.running_mut() else { return };
-        if running.done.len() == shard_count as usize {
-            if running.increment == running.chain.last_index() {
-                self.finish(now_ms, out);
-                return;
-            }
-            running.increment += 1;
-            running.done.clear();
-            running.retries.clear();
-            self.in_flight.clear();
-            self.persist(out);
+        let running: Vec<OperationId> = self
+            .durable
+            .operations
+            .values()
+            .filter(|o| matches!(o.status, OperationStatus::Running(_)))
+            .map(|o| o.op)
+            .collect();
+        for op in running {
+            self.advance(now_ms, op, out);
         }
-        self.dispatch(now_ms, shard_count, out);
-    }
-
-    fn dispatch(&mut self, now_ms: u64, shard_count: u32, out: &mut Vec<CoordinatorOutput>) {
-        let op = self.durable.operation.as_ref().expect("dispatch needs an operation").op;
-        let generation = self.durable.generation;
         let mut earliest_retry: Option<u64> = None;
-        let mut to_send = Vec::new();
-        {
-            let running = self.running().expect("dispatch needs a running operation");
-            let mut free = (self.config.max_in_flight_shards as usize).saturating_sub(self.in_flight.len());
-            for shard in (0..shard_count).map(ShardId) {
-                if running.done.contains(&shard) || self.in_flight.contains_key(&shard) {
-                    continue;
-                }
-                if let Some(retry) = running.retries.get(&shard)
-                    && retry.not_before_ms > now_ms
-                {
-                    earliest_retry = Some(earliest_retry.map_or(retry.not_before_ms, |t| t.min(retry.not_before_ms)));
-                    continue;
-                }
-                if free == 0 {
-                    break;
-                }
-                free -= 1;
-                to_send.push(shard);
+        let ops: Vec<OperationId> = self.durable.operations.keys().copied().collect();
+        for op in ops {
+            if let Some(at) = self.dispatch(now_ms, op, out) {
+                earliest_retry = Some(earliest_retry.map_or(at, |t: u64| t.min(at)));
             }
-        }
-        for shard in to_send {
-            let attempt = self.next_attempt;
-            self.next_attempt += 1;
-            self.in_flight.insert(shard, InFlight { attempt });
-            let running = self.running().expect("still running");
-            let manifest = running.chain.get(running.increment);
-            let request = ApplyRequest {
-                op,
-                generation,
-                attempt,
-                increment: running.increment,
-                backup_id: manifest.backup_id,
-                kind: manifest.kind,
-                shard,
-                object: manifest.shard_objects[shard.0 as usize].clone(),
-            };
-            let timeout_at = now_ms.saturating_add(self.config.request_timeout_ms);
-            let increment = running.increment;
-            out.push(Output::Send { to: NodeAddr::Shard(shard), msg: Message::Apply(request) });
-            out.push(Output::SetTimer {
-                at_ms: timeout_at,
-                timer: CoordinatorTimer::RequestTimeout { shard, increment, attempt },
-            });
         }
         if let Some(at_ms) = earliest_retry {
             out.push(Output::SetTimer { at_ms, timer: CoordinatorTimer::RetryDue });
         }
     }
 
-    fn schedule_retry(&mut self, now_ms: u64, shard: ShardId, out: &mut Vec<CoordinatorOutput>) {
+    fn advance(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
+        let increment_deadline_ms = self.config.increment_deadline_ms;
+        let operation = self.durable.operations.get_mut(&op).expect("advance needs an operation");
+        let tablet_count = operation.tablet_count();
+        let OperationStatus::Running(running) = &mut operation.status else { return };
+        if running.done.len() != tablet_count {
+            return;
+        }
+        if running.increment == running.chain.last_index() {
+            self.finish(now_ms, op, out);
+            return;
+        }
+        running.increment += 1;
+        running.increment_deadline_at_ms = now_ms.saturating_add(increment_deadline_ms);
+        running.done.clear();
+        running.retries.clear();
+        let increment = running.increment;
+        let at_ms = running.increment_deadline_at_ms;
+        self.in_flight.retain(|_, f| f.op != op);
+        self.persist(out);
+        out.push(Output::SetTimer { at_ms, timer: CoordinatorTimer::IncrementDeadline { op, increment } });
+    }
+
+    /// Sends requests of `op` up to the caps; returns the earliest time a backed-off tablet may go again.
+    fn dispatch(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) -> Option<u64> {
+        let generation = self.durable.generation;
+        let operation = self.durable.operations.get(&op)?;
+        let OperationStatus::Running(running) = &operation.status else { return None };
+        let tablets = operation.tablets();
+        let mut earliest_retry: Option<u64> = None;
+        let mut to_send = Vec::new();
+        let mut free = (self.config.max_in_flight_shards as usize).saturating_sub(self.in_flight.len());
+        // Tables with work under way: some tablet done, in flight or backing off, and not every tablet done.
+        let mut active: BTreeSet<TableId> = BTreeSet::new();
+        let mut complete: BTreeMap<TableId, bool> = BTreeMap::new();
+        for tablet in &tablets {
+            let group = operation.group_of(*tablet);
+            let all_done = complete.entry(group).or_insert(true);
+            *all_done &= running.done.contains(tablet);
+        }
+        for tablet in &tablets {
+            let started = running.done.contains(tablet)
+                || self.in_flight.get(tablet).is_some_and(|f| f.op == op)
+                || running.retries.contains_key(tablet);
+            let group = operation.group_of(*tablet);
+            if started && !complete[&group] {
+                active.insert(group);
+            }
+        }
+        for tablet in tablets {
+            if running.done.contains(&tablet) || self.in_flight.contains_key(&tablet) {
+                continue;
+            }
+            if let Some(retry) = running.retries.get(&tablet)
+                && retry.not_before_ms > now_ms
+            {
+                earliest_retry = Some(earliest_retry.map_or(retry.not_before_ms, |t| t.min(retry.not_before_ms)));
+                continue;
+            }
+            let group = operation.group_of(tablet);
+            if !active.contains(&group) {
+                if active.len() >= self.config.max_in_flight_tables as usize {
+                    continue;
+                }
+                active.insert(group);
+            }
+            if free == 0 {
+                break;
+            }
+            free -= 1;
+            to_send.push((tablet, running.increment));
+        }
+        if self.config.bug == Some(CoordinatorBug::TablesRunAhead) && running.increment < running.chain.last_index() {
+            // The bug: a table whose tablets are all done with k moves on to k+1 at once.
+            for (group, all_done) in &complete {
+                if !*all_done {
+                    continue;
+                }
+                for tablet in operation.tablets().into_iter().filter(|t| operation.group_of(*t) == *group) {
+                    if self.ran_ahead.insert((op, tablet, running.increment + 1)) {
+                        to_send.push((tablet, running.increment + 1));
+                    }
+                }
+            }
+        }
+        for (tablet, increment) in to_send {
+            let attempt = self.next_attempt;
+            self.next_attempt += 1;
+            let running = self.running(op).expect("still running");
+            let manifest = running.chain.get(increment);
+            let object = manifest.object(tablet).expect("a planned chain has an object for every tablet").to_string();
+            let request = ApplyRequest {
+                op,
+                generation,
+                attempt,
+                increment,
+                backup_id: manifest.backup_id,
+                kind: manifest.kind,
+                tablet,
+                object,
+            };
+            out.push(Output::Send { to: NodeAddr::Shard(tablet), msg: Message::Apply(request) });
+            if increment != running.increment {
+                continue;
+            }
+            self.in_flight.insert(tablet, InFlight { op, attempt });
+            let timeout_at = now_ms.saturating_add(self.config.request_timeout_ms);
+            out.push(Output::SetTimer {
+                at_ms: timeout_at,
+                timer: CoordinatorTimer::RequestTimeout { op, tablet, increment, attempt },
+            });
+        }
+        earliest_retry
+    }
+
+    fn schedule_retry(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
         let base = self.config.backoff_base_ms;
         let cap = self.config.backoff_cap_ms;
-        let running = self.running().expect("retries need a running operation");
-        let failed_attempts = running.retries.get(&shard).map_or(0, |r| r.failed_attempts) + 1;
+        let running = self.running(op).expect("retries need a running operation");
+        let failed_attempts = running.retries.get(&tablet).map_or(0, |r| r.failed_attempts) + 1;
         let backoff = backoff_ms(base, cap, failed_attempts);
-        // Full jitter over the upper half keeps retries of many shards from marching in step.
+        // Full jitter over the upper half keeps retries of many tablets from marching in step.
         let jitter = self.rng.below(backoff / 2 + 1);
         let not_before_ms = now_ms + backoff / 2 + jitter;
-        let running = self.running_mut().expect("still running");
-        running.retries.insert(shard, Retry { failed_attempts, not_before_ms });
+        let running = self.running_mut(op).expect("still running");
+        running.retries.insert(tablet, Retry { failed_attempts, not_before_ms });
         self.persist(out);
         out.push(Output::SetTimer { at_ms: not_before_ms, timer: CoordinatorTimer::RetryDue });
     }
 
-    fn on_deadline(&mut self, now_ms: u64, out: &mut Vec<CoordinatorOutput>) {
-        let Some(operation) = &self.durable.operation else { return };
+    fn pending(&self, op: OperationId) -> u32 {
+        let Some(operation) = self.durable.operations.get(&op) else { return 0 };
+        let done = self.running(op).map_or(0, |r| r.done.len());
+        u32::try_from(operation.tablet_count() - done).expect("fits")
+    }
+
+    fn on_deadline(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
+        let Some(operation) = self.durable.operations.get(&op) else { return };
         if now_ms < operation.deadline_at_ms {
             return;
         }
-        let Some(running) = self.running() else { return };
-        let pending = operation.shard_count - u32::try_from(running.done.len()).expect("fits");
-        let error = RestoreError::DeadlineExceeded { increment: running.increment, pending };
-        self.fail(now_ms, error, out);
+        let Some(running) = self.running(op) else { return };
+        let error = RestoreError::DeadlineExceeded { increment: running.increment, pending: self.pending(op) };
+        self.fail(now_ms, op, error, out);
     }
 
-    fn finish(&mut self, now_ms: u64, out: &mut Vec<CoordinatorOutput>) {
-        let operation = self.durable.operation.as_mut().expect("finish needs an operation");
-        let OperationStatus::Running(running) = &operation.status else { panic!("finish needs a running operation") };
-        let increments = running.chain.len();
-        operation.status = OperationStatus::Done { increments, finished_at_ms: now_ms };
-        self.in_flight.clear();
-        let op = operation.op;
+    fn on_increment_deadline(
+        &mut self,
+        now_ms: u64,
+        op: OperationId,
+        increment: IncrementIndex,
+        out: &mut Vec<CoordinatorOutput>,
+    ) {
+        let Some(running) = self.running(op) else { return };
+        if running.increment != increment || now_ms < running.increment_deadline_at_ms {
+            return;
+        }
+        let limit_ms = self.config.increment_deadline_ms;
+        let error = RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending: self.pending(op) };
+        self.fail(now_ms, op, error, out);
+    }
+
+    /// Ends `op` as Done or Failed: releases its tables and its source collection, drops its working state.
+    fn end(&mut self, op: OperationId, status: OperationStatus, table_state: TableState) {
+        let operation = self.durable.operations.get_mut(&op).expect("an operation ends only once it exists");
+        assert!(matches!(operation.status, OperationStatus::Running(_)), "only a running operation ends");
+        operation.status = status;
+        for table in &operation.tables {
+            self.durable.tables.insert(table.id, table_state);
+        }
+        if self.durable.sources_in_use.get(&operation.collection) == Some(&op) {
+            self.durable.sources_in_use.remove(&operation.collection);
+        }
+        self.in_flight.retain(|_, f| f.op != op);
+    }
+
+    fn finish(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
+        let increments = self.running(op).expect("finish needs a running operation").chain.len();
+        self.end(op, OperationStatus::Done { increments, finished_at_ms: now_ms }, TableState::Restored { op });
         self.persist(out);
-        out.push(Output::Report(format!("operation {op} done: {increments} increments applied on every shard")));
+        out.push(Output::Report(format!("operation {op} done: {increments} increments applied on every tablet")));
     }
 
-    fn fail(&mut self, now_ms: u64, error: RestoreError, out: &mut Vec<CoordinatorOutput>) {
-        let operation = self.durable.operation.as_mut().expect("fail needs an operation");
-        let op = operation.op;
+    fn fail(&mut self, now_ms: u64, op: OperationId, error: RestoreError, out: &mut Vec<CoordinatorOutput>) {
         let message = format!("operation {op} failed: {error}");
-        operation.status = OperationStatus::Failed { error, failed_at_ms: now_ms };
-        self.in_flight.clear();
+        self.end(op, OperationStatus::Failed { error, failed_at_ms: now_ms }, TableState::RestoreFailed { op });
         self.persist(out);
         out.push(Output::Report(message));
     }
 
     fn persist(&self, out: &mut Vec<CoordinatorOutput>) {
-        out.push(self.persist_output());
+        out.push(Output::Persist { state: self.durable.clone(), note: PersistNote::Coordinator(self.progress()) });
     }
 
-    fn persist_output(&self) -> CoordinatorOutput {
-        Output::Persist { state: self.durable.clone(), note: PersistNote::Coordinator(self.progress()) }
-    }
-
-    fn running(&self) -> Option<&RunningState> {
-        match &self.durable.operation.as_ref()?.status {
+    fn running(&self, op: OperationId) -> Option<&RunningState> {
+        match &self.durable.operations.get(&op)?.status {
             OperationStatus::Running(running) => Some(running),
             _ => None,
         }
     }
 
-    fn running_mut(&mut self) -> Option<&mut RunningState> {
-        match &mut self.durable.operation.as_mut()?.status {
+    fn running_mut(&mut self, op: OperationId) -> Option<&mut RunningState> {
+        match &mut self.durable.operations.get_mut(&op)?.status {
             OperationStatus::Running(running) => Some(running),
             _ => None,
         }
@@ -483,20 +859,21 @@ pub fn backoff_ms(base_ms: u64, cap_ms: u64, failed_attempts: u32) -> u64 {
     base_ms.saturating_mul(1u64 << shift).min(cap_ms)
 }
 
-/// The progress summary of a durable coordinator state.
-pub fn progress_of(durable: &CoordinatorDurable) -> ProgressMark {
-    match &durable.operation {
-        None => ProgressMark::Idle,
-        Some(operation) => match &operation.status {
+/// The progress of every operation of a durable coordinator state, in operation order.
+pub fn progress_of(durable: &CoordinatorDurable) -> Vec<ProgressMark> {
+    durable
+        .operations
+        .values()
+        .map(|operation| match &operation.status {
             OperationStatus::Running(running) => ProgressMark::Running {
                 op: operation.op,
                 increment: running.increment,
-                shards_done: u32::try_from(running.done.len()).expect("fits"),
+                tablets_done: u32::try_from(running.done.len()).expect("fits"),
             },
             OperationStatus::Done { increments, .. } => {
                 ProgressMark::Done { op: operation.op, increments: *increments }
             }
             OperationStatus::Failed { .. } => ProgressMark::Failed { op: operation.op },
-        },
-    }
+        })
+        .collect()
 }

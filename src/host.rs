@@ -216,7 +216,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     }
 
     /// Boots and runs a shard until the node is killed.
-    pub async fn run_shard(self, shard: crate::model::ShardId, config: ShardConfig) {
+    pub async fn run_shard(self, shard: crate::model::TabletId, config: ShardConfig) {
         let node = NodeAddr::Shard(shard);
         let Some((file, loaded)) = self.load::<ShardDurable>(node) else { return };
         self.observer.record(node, HostEvent::ShardBooted { loaded: loaded.clone() });

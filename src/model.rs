@@ -98,6 +98,57 @@ impl fmt::Display for ShardId {
     }
 }
 
+/// A table of the target database (and of the backup collections that hold it). Index tables are tables too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TableId(pub u32);
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
+    }
+}
+
+/// One shard of one table: what a shard node serves and what the coordinator drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TabletId {
+    pub table: TableId,
+    pub shard: ShardId,
+}
+
+impl TabletId {
+    pub const fn new(table: u32, shard: u32) -> Self {
+        Self { table: TableId(table), shard: ShardId(shard) }
+    }
+}
+
+impl fmt::Display for TabletId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.table, self.shard)
+    }
+}
+
+/// A table a restore brings back: its shard count, and for an index table the table it indexes (restored
+/// with it, and counted with it against the cap on tables in flight).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TableSpec {
+    pub id: TableId,
+    pub name: String,
+    pub shard_count: u32,
+    pub index_of: Option<TableId>,
+}
+
+impl TableSpec {
+    pub fn tablets(&self) -> impl Iterator<Item = TabletId> + use<> {
+        let table = self.id;
+        (0..self.shard_count).map(move |shard| TabletId { table, shard: ShardId(shard) })
+    }
+
+    /// The table this one is restored with: itself, or the table it indexes.
+    pub fn group(&self) -> TableId {
+        self.index_of.unwrap_or(self.id)
+    }
+}
+
 /// Position of a backup in a restore chain: 0 is the full backup, 1.. the incrementals after it.
 pub type IncrementIndex = u32;
 
@@ -209,21 +260,27 @@ impl fmt::Display for BackupKind {
     }
 }
 
-/// The manifest of one backup: what it is, when it was taken and where each shard's bundle lives.
+/// The manifest of one backup of a collection: what it is, when it was taken and where each shard's bundle of
+/// each table lives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BackupManifest {
     pub backup_id: u64,
     pub kind: BackupKind,
     /// Source time at which the backup was taken; backups are ordered by it.
     pub taken_at_ms: u64,
-    /// One bundle object per shard, indexed by shard.
-    pub shard_objects: Vec<String>,
+    /// For every table of the collection, one bundle object per shard, indexed by shard.
+    pub tables: BTreeMap<TableId, Vec<String>>,
 }
 
 impl BackupManifest {
-    /// The conventional object name of a shard's bundle in a backup.
-    pub fn object_name(backup_id: u64, shard: ShardId) -> String {
-        format!("backups/{backup_id:06}/{shard}.bundle")
+    /// The conventional object name of a tablet's bundle in a backup.
+    pub fn object_name(backup_id: u64, tablet: TabletId) -> String {
+        format!("backups/{backup_id:06}/{}/{}.bundle", tablet.table, tablet.shard)
+    }
+
+    /// The bundle object of `tablet`, if the manifest lists one.
+    pub fn object(&self, tablet: TabletId) -> Option<&str> {
+        self.tables.get(&tablet.table)?.get(tablet.shard.0 as usize).map(String::as_str)
     }
 }
 
@@ -237,14 +294,16 @@ pub struct RestoreChain {
 pub enum ChainError {
     #[error("the catalog holds no full backup, so there is nothing to restore from")]
     NoFullBackup,
-    #[error("backup {backup_id} has {found} shard objects but the table has {expected} shards")]
-    ShardCountMismatch { backup_id: u64, found: usize, expected: u32 },
+    #[error("backup {backup_id} has {found} shard objects for table {table} but the table has {expected} shards")]
+    ShardCountMismatch { backup_id: u64, table: TableId, found: usize, expected: u32 },
+    #[error("backup {backup_id} holds no objects for table {table}")]
+    TableMissing { backup_id: u64, table: TableId },
 }
 
 impl RestoreChain {
     /// Picks the restore chain out of a catalog of backups in any order: the newest full backup and every
     /// incremental taken after it, by time. Incrementals before the newest full are ignored.
-    pub fn plan(catalog: &[BackupManifest], shard_count: u32) -> Result<Self, ChainError> {
+    pub fn plan(catalog: &[BackupManifest], tables: &[TableSpec]) -> Result<Self, ChainError> {
         let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
         let newest_full = sorted.iter().rposition(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
@@ -254,12 +313,18 @@ impl RestoreChain {
             .map(|m| (*m).clone())
             .collect();
         for manifest in &backups {
-            if manifest.shard_objects.len() != shard_count as usize {
-                return Err(ChainError::ShardCountMismatch {
-                    backup_id: manifest.backup_id,
-                    found: manifest.shard_objects.len(),
-                    expected: shard_count,
-                });
+            for table in tables {
+                let Some(objects) = manifest.tables.get(&table.id) else {
+                    return Err(ChainError::TableMissing { backup_id: manifest.backup_id, table: table.id });
+                };
+                if objects.len() != table.shard_count as usize {
+                    return Err(ChainError::ShardCountMismatch {
+                        backup_id: manifest.backup_id,
+                        table: table.id,
+                        found: objects.len(),
+                        expected: table.shard_count,
+                    });
+                }
             }
         }
         Ok(Self { backups })
@@ -328,8 +393,12 @@ mod tests {
             backup_id,
             kind,
             taken_at_ms,
-            shard_objects: vec![BackupManifest::object_name(backup_id, ShardId(0))],
+            tables: BTreeMap::from([(TableId(0), vec![BackupManifest::object_name(backup_id, TabletId::new(0, 0))])]),
         }
+    }
+
+    fn table(id: u32, shard_count: u32) -> TableSpec {
+        TableSpec { id: TableId(id), name: format!("table{id}"), shard_count, index_of: None }
     }
 
     #[test]
@@ -341,7 +410,7 @@ mod tests {
             manifest(3, BackupKind::Full, 30),
             manifest(5, BackupKind::Incremental, 50),
         ];
-        let chain = RestoreChain::plan(&catalog, 1).unwrap();
+        let chain = RestoreChain::plan(&catalog, &[table(0, 1)]).unwrap();
         let ids: Vec<u64> = chain.backups.iter().map(|m| m.backup_id).collect();
         assert_eq!(ids, vec![3, 4, 5]);
     }
@@ -349,16 +418,25 @@ mod tests {
     #[test]
     fn chain_without_a_full_backup_is_an_error() {
         let catalog = vec![manifest(2, BackupKind::Incremental, 20)];
-        assert_eq!(RestoreChain::plan(&catalog, 1), Err(ChainError::NoFullBackup));
+        assert_eq!(RestoreChain::plan(&catalog, &[table(0, 1)]), Err(ChainError::NoFullBackup));
     }
 
     #[test]
     fn chain_with_the_wrong_number_of_shard_objects_is_an_error() {
         let catalog = vec![manifest(1, BackupKind::Full, 10)];
         assert!(matches!(
-            RestoreChain::plan(&catalog, 2),
-            Err(ChainError::ShardCountMismatch { backup_id: 1, found: 1, expected: 2 })
+            RestoreChain::plan(&catalog, &[table(0, 2)]),
+            Err(ChainError::ShardCountMismatch { backup_id: 1, found: 1, expected: 2, .. })
         ));
+    }
+
+    #[test]
+    fn chain_missing_a_table_is_an_error() {
+        let catalog = vec![manifest(1, BackupKind::Full, 10)];
+        assert_eq!(
+            RestoreChain::plan(&catalog, &[table(0, 1), table(3, 1)]),
+            Err(ChainError::TableMissing { backup_id: 1, table: TableId(3) })
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackupKind, IncrementIndex, ShardId};
+use crate::model::{BackupKind, IncrementIndex, TabletId};
 
 /// Identifies one restore operation.
 pub type OperationId = u64;
@@ -16,14 +16,15 @@ pub type Generation = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum NodeAddr {
     Coordinator,
-    Shard(ShardId),
+    /// The node serving one tablet (one shard of one table).
+    Shard(TabletId),
 }
 
 impl fmt::Display for NodeAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NodeAddr::Coordinator => f.write_str("coordinator"),
-            NodeAddr::Shard(shard) => write!(f, "{shard}"),
+            NodeAddr::Shard(tablet) => write!(f, "{tablet}"),
         }
     }
 }
@@ -45,7 +46,7 @@ pub struct ApplyRequest {
     pub increment: IncrementIndex,
     pub backup_id: u64,
     pub kind: BackupKind,
-    pub shard: ShardId,
+    pub tablet: TabletId,
     pub object: String,
 }
 
@@ -57,7 +58,7 @@ impl ApplyRequest {
             generation: self.generation,
             attempt: self.attempt,
             increment: self.increment,
-            shard: self.shard,
+            tablet: self.tablet,
             outcome,
         }
     }
@@ -70,7 +71,7 @@ pub struct ApplyReply {
     pub generation: Generation,
     pub attempt: u32,
     pub increment: IncrementIndex,
-    pub shard: ShardId,
+    pub tablet: TabletId,
     pub outcome: ApplyOutcome,
 }
 
@@ -93,12 +94,12 @@ pub enum ShardFailure {
     DownloadFailed { object: String, attempts: u32, detail: String },
     #[error("bundle rejected: {detail}")]
     BadBundle { detail: String },
-    #[error("bundle {object} holds backup {found_backup} shard {found_shard}, not the one requested")]
-    WrongBundle { object: String, found_backup: u64, found_shard: u32 },
+    #[error("bundle {object} holds backup {found_backup} of {found_tablet}, not the one requested")]
+    WrongBundle { object: String, found_backup: u64, found_tablet: TabletId },
     #[error("asked for increment {requested} but the next increment to apply is {expected}")]
     OutOfOrder { expected: IncrementIndex, requested: IncrementIndex },
     #[error("request addressed to {requested} reached {actual}")]
-    WrongShard { requested: ShardId, actual: ShardId },
+    WrongShard { requested: TabletId, actual: TabletId },
 }
 
 /// A byte range of an object, requested from the remote store.
@@ -145,8 +146,8 @@ pub enum StoreError {
 /// What a host writes down about a persist, for observers; the machine knows why it persists, the host does not.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PersistNote {
-    /// Coordinator state: its operation's progress.
-    Coordinator(crate::coordinator::ProgressMark),
+    /// Coordinator state: the progress of every operation it knows, in operation order.
+    Coordinator(Vec<crate::coordinator::ProgressMark>),
     /// A shard applied an increment: rows and marker in this one write.
     ShardApplied { increment: IncrementIndex, backup_id: u64, bundle_crc32: u32 },
 }
@@ -198,13 +199,13 @@ impl fmt::Display for Message {
             Message::Apply(r) => write!(
                 f,
                 "apply op={} gen={} attempt={} inc={} backup={} {} {}",
-                r.op, r.generation, r.attempt, r.increment, r.backup_id, r.shard, r.object
+                r.op, r.generation, r.attempt, r.increment, r.backup_id, r.tablet, r.object
             ),
             Message::Reply(r) => {
                 write!(
                     f,
                     "reply op={} gen={} attempt={} inc={} {} ",
-                    r.op, r.generation, r.attempt, r.increment, r.shard
+                    r.op, r.generation, r.attempt, r.increment, r.tablet
                 )?;
                 match &r.outcome {
                     ApplyOutcome::Applied => f.write_str("applied"),
@@ -230,7 +231,7 @@ mod tests {
             generation: 2,
             attempt: 3,
             increment: 4,
-            shard: ShardId(5),
+            tablet: TabletId::new(5, 6),
             outcome: ApplyOutcome::Failed {
                 permanent: true,
                 cause: ShardFailure::OutOfOrder { expected: 1, requested: 3 },

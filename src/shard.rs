@@ -1,4 +1,5 @@
-//! A shard: a pure state machine that applies one increment at a time to its rows.
+//! A shard: a pure state machine that serves one tablet (one shard of one table) and applies one increment at a
+//! time to its rows.
 //!
 //! On an apply request it downloads its bundle in byte ranges (resuming after a partial read), verifies it, and
 //! applies the rows together with "applied through increment k" in one durable write, and only then replies.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
-use crate::model::{BackupKind, Change, IncrementIndex, Rows, ShardId, apply_changes};
+use crate::model::{BackupKind, Change, IncrementIndex, Rows, TabletId, apply_changes};
 use crate::protocol::{
     ApplyOutcome, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output, PersistNote,
     ShardFailure, StoreError,
@@ -73,7 +74,7 @@ struct Work {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Shard {
-    id: ShardId,
+    id: TabletId,
     config: ShardConfig,
     durable: ShardDurable,
     work: Option<Work>,
@@ -81,12 +82,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn boot(id: ShardId, config: ShardConfig, loaded: Option<ShardDurable>) -> Self {
+    pub fn boot(id: TabletId, config: ShardConfig, loaded: Option<ShardDurable>) -> Self {
         assert!(config.download_chunk_bytes > 0, "a ranged read asks for at least one byte");
         Self { id, config, durable: loaded.unwrap_or_default(), work: None, next_download_id: 0 }
     }
 
-    pub fn id(&self) -> ShardId {
+    pub fn id(&self) -> TabletId {
         self.id
     }
 
@@ -137,8 +138,8 @@ impl Shard {
     }
 
     fn on_apply(&mut self, request: ApplyRequest) -> Vec<ShardOutput> {
-        if request.shard != self.id {
-            let cause = ShardFailure::WrongShard { requested: request.shard, actual: self.id };
+        if request.tablet != self.id {
+            let cause = ShardFailure::WrongShard { requested: request.tablet, actual: self.id };
             return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
         }
         let applied = if self.durable.op == Some(request.op) { self.durable.applied_through } else { None };
@@ -206,11 +207,11 @@ impl Shard {
             }
         };
         let expected_kind = if request.increment == 0 { BackupKind::Full } else { BackupKind::Incremental };
-        if bundle.backup_id != request.backup_id || bundle.shard != self.id || bundle.kind != expected_kind {
+        if bundle.backup_id != request.backup_id || bundle.tablet != self.id || bundle.kind != expected_kind {
             let cause = ShardFailure::WrongBundle {
                 object: request.object.clone(),
                 found_backup: bundle.backup_id,
-                found_shard: bundle.shard.0,
+                found_tablet: bundle.tablet,
             };
             return self.finish_with(ApplyOutcome::Failed { permanent: true, cause });
         }

@@ -157,7 +157,7 @@ async fn read_frame(stream: &mut TcpStream, peer: SocketAddr) -> Result<Option<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ShardId;
+    use crate::model::TabletId;
 
     fn run_local<F: std::future::Future>(future: F) -> F::Output {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -169,7 +169,7 @@ mod tests {
         let b_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let (a_addr, b_addr) = (a_listener.local_addr().unwrap(), b_listener.local_addr().unwrap());
         let a = NodeAddr::Coordinator;
-        let b = NodeAddr::Shard(ShardId(0));
+        let b = NodeAddr::Shard(TabletId::new(0, 0));
         let peers: BTreeMap<NodeAddr, SocketAddr> = [(a, a_addr), (b, b_addr)].into();
         (TcpTransport::start(a, a_listener, peers.clone()), TcpTransport::start(b, b_listener, peers), b_addr)
     }
@@ -179,7 +179,7 @@ mod tests {
         run_local(async {
             let (a, b, _) = pair().await;
             for i in 0..3u8 {
-                a.send(NodeAddr::Shard(ShardId(0)), vec![i; usize::from(i) + 1]).await;
+                a.send(NodeAddr::Shard(TabletId::new(0, 0)), vec![i; usize::from(i) + 1]).await;
             }
             for i in 0..3u8 {
                 let (from, frame) = b.recv().await.expect("a frame");
@@ -203,7 +203,7 @@ mod tests {
             assert!(matches!(b.next_fault().await, Some(FrameFault::Oversized { .. })));
 
             // The node still takes frames from well-behaved peers.
-            a.send(NodeAddr::Shard(ShardId(0)), vec![9]).await;
+            a.send(NodeAddr::Shard(TabletId::new(0, 0)), vec![9]).await;
             assert_eq!(b.recv().await.expect("a frame"), (NodeAddr::Coordinator, vec![9]));
         });
     }
@@ -217,10 +217,10 @@ mod tests {
             drop(dead);
             let me = NodeAddr::Coordinator;
             let peers: BTreeMap<NodeAddr, SocketAddr> =
-                [(me, listener.local_addr().unwrap()), (NodeAddr::Shard(ShardId(1)), dead_addr)].into();
+                [(me, listener.local_addr().unwrap()), (NodeAddr::Shard(TabletId::new(0, 1)), dead_addr)].into();
             let transport = TcpTransport::start(me, listener, peers);
-            transport.send(NodeAddr::Shard(ShardId(1)), vec![1]).await;
-            assert!(transport.write_frame(NodeAddr::Shard(ShardId(1)), &[1]).await.is_err());
+            transport.send(NodeAddr::Shard(TabletId::new(0, 1)), vec![1]).await;
+            assert!(transport.write_frame(NodeAddr::Shard(TabletId::new(0, 1)), &[1]).await.is_err());
         });
     }
 }

@@ -10,7 +10,7 @@ use lockstep::coordinator::{
     OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, backoff_ms,
 };
 use lockstep::io::range_of;
-use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, Rows, ShardId};
+use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, Rows, TableId, TableSpec, TabletId};
 use lockstep::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
     PersistNote, RangeRead, ShardFailure, StoreError,
@@ -31,8 +31,17 @@ fn coordinator_config() -> CoordinatorConfig {
         backoff_base_ms: 100,
         backoff_cap_ms: 800,
         deadline_ms: 60_000,
-        bug: None,
+        ..CoordinatorConfig::default()
     }
+}
+
+/// Shard `shard` of the one table these tests restore.
+fn tablet(shard: u32) -> TabletId {
+    TabletId::new(0, shard)
+}
+
+fn table_spec(shard_count: u32) -> TableSpec {
+    TableSpec { id: TableId(0), name: "orders".to_string(), shard_count, index_of: None }
 }
 
 fn manifest(backup_id: u64, kind: BackupKind, shard_count: u32) -> BackupManifest {
@@ -40,7 +49,9 @@ fn manifest(backup_id: u64, kind: BackupKind, shard_count: u32) -> BackupManifes
         backup_id,
         kind,
         taken_at_ms: backup_id * 10,
-        shard_objects: (0..shard_count).map(|s| BackupManifest::object_name(backup_id, ShardId(s))).collect(),
+        tables: [(TableId(0), (0..shard_count).map(|s| BackupManifest::object_name(backup_id, tablet(s))).collect())]
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -49,7 +60,7 @@ fn restore_request(op: OperationId, shard_count: u32, increments: u32) -> Restor
     let catalog = (1..=u64::from(increments))
         .map(|id| manifest(id, if id == 1 { BackupKind::Full } else { BackupKind::Incremental }, shard_count))
         .collect();
-    RestoreRequest { op, shard_count, catalog }
+    RestoreRequest { op, collection: "backups".to_string(), tables: vec![table_spec(shard_count)], catalog }
 }
 
 fn booted(config: CoordinatorConfig) -> Coordinator {
@@ -73,7 +84,7 @@ fn apply_requests(out: &[CoordinatorOutput]) -> Vec<ApplyRequest> {
     out.iter()
         .filter_map(|o| match o {
             Output::Send { to, msg: Message::Apply(request) } => {
-                assert_eq!(*to, NodeAddr::Shard(request.shard), "request sent to the shard it names");
+                assert_eq!(*to, NodeAddr::Shard(request.tablet), "request sent to the shard it names");
                 Some(request.clone())
             }
             _ => None,
@@ -82,7 +93,7 @@ fn apply_requests(out: &[CoordinatorOutput]) -> Vec<ApplyRequest> {
 }
 
 fn shards_of(requests: &[ApplyRequest]) -> Vec<u32> {
-    requests.iter().map(|r| r.shard.0).collect()
+    requests.iter().map(|r| r.tablet.shard.0).collect()
 }
 
 fn persisted(out: &[CoordinatorOutput]) -> Vec<CoordinatorDurable> {
@@ -130,7 +141,7 @@ fn reply(
     request: &ApplyRequest,
     outcome: ApplyOutcome,
 ) -> Vec<CoordinatorOutput> {
-    coordinator.handle_message(now_ms, NodeAddr::Shard(request.shard), Message::Reply(answer(request, outcome)))
+    coordinator.handle_message(now_ms, NodeAddr::Shard(request.tablet), Message::Reply(answer(request, outcome)))
 }
 
 fn transient() -> ApplyOutcome {
@@ -138,21 +149,21 @@ fn transient() -> ApplyOutcome {
 }
 
 fn running(coordinator: &Coordinator) -> &RunningState {
-    match &coordinator.operation().expect("an operation").status {
+    match &coordinator.operation(OP).expect("an operation").status {
         OperationStatus::Running(running) => running,
         other => panic!("expected a running operation, got {other:?}"),
     }
 }
 
 fn running_of(durable: &CoordinatorDurable) -> &RunningState {
-    match &durable.operation.as_ref().expect("an operation").status {
+    match &durable.operations.get(&OP).expect("an operation").status {
         OperationStatus::Running(running) => running,
         other => panic!("expected a running operation, got {other:?}"),
     }
 }
 
-fn done_set(shards: &[u32]) -> BTreeSet<ShardId> {
-    shards.iter().copied().map(ShardId).collect()
+fn done_set(shards: &[u32]) -> BTreeSet<TabletId> {
+    shards.iter().copied().map(tablet).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -164,8 +175,8 @@ fn coordinator_boot_bumps_the_generation_and_persists_it_before_anything_else() 
     let (coordinator, out) = Coordinator::boot(coordinator_config(), None, SEED, 0);
     assert_eq!(coordinator.generation(), 1);
     assert_eq!(out.len(), 1, "an idle first boot only persists: {out:?}");
-    assert_eq!(last_persisted(&out), CoordinatorDurable { generation: 1, operation: None });
-    assert_eq!(coordinator.progress(), ProgressMark::Idle);
+    assert_eq!(last_persisted(&out), CoordinatorDurable { generation: 1, ..CoordinatorDurable::default() });
+    assert_eq!(coordinator.progress(), Vec::<ProgressMark>::new());
 
     let (again, out) = Coordinator::boot(coordinator_config(), Some(coordinator.durable().clone()), SEED, 0);
     assert_eq!(again.generation(), 2);
@@ -182,16 +193,16 @@ fn coordinator_start_persists_the_operation_before_it_sends_any_request() {
     assert!(persist_at < send_at, "persist at {persist_at} must precede the first send at {send_at}: {out:?}");
 
     let state = &persisted(&out)[0];
-    let operation = state.operation.as_ref().expect("the persisted state holds the operation");
+    let operation = state.operations.get(&OP).expect("the persisted state holds the operation");
     assert_eq!(operation.op, OP);
-    assert_eq!(operation.shard_count, 3);
+    assert_eq!(operation.tables, vec![table_spec(3)]);
     assert_eq!(operation.started_at_ms, 1_000);
     assert_eq!(operation.deadline_at_ms, 61_000);
     let running = running_of(state);
     assert_eq!(running.increment, 0);
     assert!(running.done.is_empty());
     assert_eq!(running.chain.len(), 2);
-    assert!(out.contains(&Output::SetTimer { at_ms: 61_000, timer: CoordinatorTimer::Deadline }));
+    assert!(out.contains(&Output::SetTimer { at_ms: 61_000, timer: CoordinatorTimer::Deadline { op: OP } }));
 
     let requests = apply_requests(&out);
     assert_eq!(shards_of(&requests), vec![0, 1, 2]);
@@ -201,8 +212,9 @@ fn coordinator_start_persists_the_operation_before_it_sends_any_request() {
         assert_eq!(request.increment, 0);
         assert_eq!(request.backup_id, 1);
         assert_eq!(request.kind, BackupKind::Full);
-        assert_eq!(request.object, BackupManifest::object_name(1, request.shard));
-        let timeout = CoordinatorTimer::RequestTimeout { shard: request.shard, increment: 0, attempt: request.attempt };
+        assert_eq!(request.object, BackupManifest::object_name(1, request.tablet));
+        let timeout =
+            CoordinatorTimer::RequestTimeout { op: OP, tablet: request.tablet, increment: 0, attempt: request.attempt };
         assert!(out.contains(&Output::SetTimer { at_ms: 2_000, timer: timeout }), "each request has a timeout");
     }
     let attempts: BTreeSet<u32> = requests.iter().map(|r| r.attempt).collect();
@@ -212,11 +224,15 @@ fn coordinator_start_persists_the_operation_before_it_sends_any_request() {
 #[test]
 fn coordinator_refuses_a_restore_without_shards_or_without_a_full_backup() {
     let mut coordinator = booted(coordinator_config());
-    assert_eq!(coordinator.start(0, restore_request(OP, 0, 1)), Err(StartError::NoShards));
-    let only_incremental =
-        RestoreRequest { op: OP, shard_count: 1, catalog: vec![manifest(2, BackupKind::Incremental, 1)] };
+    assert_eq!(coordinator.start(0, restore_request(OP, 0, 1)), Err(StartError::NoShards { table: TableId(0) }));
+    let only_incremental = RestoreRequest {
+        op: OP,
+        collection: "backups".to_string(),
+        tables: vec![table_spec(1)],
+        catalog: vec![manifest(2, BackupKind::Incremental, 1)],
+    };
     assert_eq!(coordinator.start(0, only_incremental), Err(StartError::Chain(ChainError::NoFullBackup)));
-    assert_eq!(coordinator.durable(), &CoordinatorDurable { generation: 1, operation: None });
+    assert_eq!(coordinator.durable(), &CoordinatorDurable { generation: 1, ..CoordinatorDurable::default() });
 }
 
 #[test]
@@ -242,14 +258,14 @@ fn coordinator_keeps_at_most_max_in_flight_shards_requests_outstanding() {
         }
         outstanding.extend(sent);
         assert!(outstanding.len() <= 2, "{} requests outstanding, cap is 2", outstanding.len());
-        let pending_in_increment = match coordinator.operation().unwrap().status {
+        let pending_in_increment = match coordinator.operation(OP).unwrap().status {
             OperationStatus::Running(ref r) => 5 - r.done.len(),
             _ => 0,
         };
         assert_eq!(outstanding.len(), pending_in_increment.min(2), "the cap is used fully while shards are pending");
     }
     assert_eq!(sent_per_increment, [5, 5], "every shard got exactly one request per increment");
-    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Done { .. }));
+    assert!(matches!(coordinator.operation(OP).unwrap().status, OperationStatus::Done { .. }));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -267,7 +283,7 @@ fn coordinator_does_not_advance_until_every_shard_reported_the_increment() {
     assert!(apply_requests(&out).is_empty(), "no increment 1 after two of three reports: {out:?}");
     assert_eq!(running(&coordinator).increment, 0);
     assert_eq!(running(&coordinator).done, done_set(&[0, 2]));
-    assert_eq!(coordinator.progress(), ProgressMark::Running { op: OP, increment: 0, shards_done: 2 });
+    assert_eq!(coordinator.progress(), vec![ProgressMark::Running { op: OP, increment: 0, tablets_done: 2 }]);
 
     let out = reply(&mut coordinator, 30, &requests[1], ApplyOutcome::Applied);
     let next = apply_requests(&out);
@@ -276,7 +292,7 @@ fn coordinator_does_not_advance_until_every_shard_reported_the_increment() {
         assert_eq!(request.increment, 1);
         assert_eq!(request.backup_id, 2);
         assert_eq!(request.kind, BackupKind::Incremental);
-        assert_eq!(request.object, BackupManifest::object_name(2, request.shard));
+        assert_eq!(request.object, BackupManifest::object_name(2, request.tablet));
     }
     let persist_at = first_persist_index(&out).expect("advancing persists");
     assert!(persist_at < first_send_index(&out).unwrap(), "the advance is durable before increment 1 is sent");
@@ -294,25 +310,25 @@ fn coordinator_is_done_after_the_last_increment_with_working_state_gone_and_stat
     assert_eq!(shards_of(&last_increment), vec![0, 1]);
 
     let out = reply(&mut coordinator, 30, &last_increment[0], ApplyOutcome::Applied);
-    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Running(_)), "one shard still owes");
+    assert!(matches!(coordinator.operation(OP).unwrap().status, OperationStatus::Running(_)), "one shard still owes");
     assert!(apply_requests(&out).is_empty());
     let out = reply(&mut coordinator, 40, &last_increment[1], ApplyOutcome::Applied);
     assert!(apply_requests(&out).is_empty(), "nothing is sent after the last increment: {out:?}");
 
     let done = OperationStatus::Done { increments: 2, finished_at_ms: 40 };
     let state = last_persisted(&out);
-    assert_eq!(state.operation.as_ref().unwrap().status, done, "Done replaces the working state and is persisted");
-    assert_eq!(coordinator.operation().unwrap().status, done);
-    assert_eq!(coordinator.operation().unwrap().op, OP);
-    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments: 2 });
+    assert_eq!(state.operations[&OP].status, done, "Done replaces the working state and is persisted");
+    assert_eq!(coordinator.operation(OP).unwrap().status, done);
+    assert_eq!(coordinator.operation(OP).unwrap().op, OP);
+    assert_eq!(coordinator.progress(), vec![ProgressMark::Done { op: OP, increments: 2 }]);
     assert!(out.iter().any(|o| matches!(o, Output::Report(text) if text.contains("done"))));
 
     // Late replies, timers and a reboot leave a finished operation alone.
     assert!(reply(&mut coordinator, 50, &last_increment[1], ApplyOutcome::Applied).is_empty());
-    assert!(coordinator.handle_timer(60_000, CoordinatorTimer::Deadline).is_empty());
+    assert!(coordinator.handle_timer(60_000, CoordinatorTimer::Deadline { op: OP }).is_empty());
     let (rebooted, out) = Coordinator::boot(coordinator_config(), Some(state), SEED, 100);
     assert!(apply_requests(&out).is_empty(), "a done operation is not resumed: {out:?}");
-    assert_eq!(rebooted.operation().unwrap().status, done, "the status survives a reboot");
+    assert_eq!(rebooted.operation(OP).unwrap().status, done, "the status survives a reboot");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +345,7 @@ fn coordinator_retries_a_transient_failure_after_a_backoff_between_half_and_full
         let out = reply(&mut coordinator, now, &requests[0], transient());
         assert!(apply_requests(&out).is_empty(), "a failed shard is not re-sent at once: {out:?}");
 
-        let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+        let retry = running_of(&last_persisted(&out)).retries[&tablet(0)];
         assert_eq!(retry.failed_attempts, 1);
         let delay = retry.not_before_ms - now;
         assert!((50..=100).contains(&delay), "seed {seed}: backoff {delay} ms outside [50, 100]");
@@ -366,7 +382,7 @@ fn coordinator_backs_off_longer_on_every_failure_of_the_same_shard_up_to_the_cap
     for (failure, expected) in [100u64, 200, 400, 800, 800, 800].into_iter().enumerate() {
         now += 10;
         let out = reply(&mut coordinator, now, &request, transient());
-        let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+        let retry = running_of(&last_persisted(&out)).retries[&tablet(0)];
         assert_eq!(retry.failed_attempts, failure as u32 + 1);
         let delay = retry.not_before_ms - now;
         assert!(
@@ -381,21 +397,22 @@ fn coordinator_backs_off_longer_on_every_failure_of_the_same_shard_up_to_the_cap
         request = resent[0].clone();
     }
     let out = reply(&mut coordinator, now + 1, &request, ApplyOutcome::Applied);
-    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+    assert!(matches!(last_persisted(&out).operations[&OP].status, OperationStatus::Done { .. }));
 }
 
 #[test]
 fn coordinator_retries_a_timed_out_request_and_never_counts_it_as_success() {
     let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
     let timed_out = &requests[0];
-    let timer = CoordinatorTimer::RequestTimeout { shard: ShardId(0), increment: 0, attempt: timed_out.attempt };
+    let timer =
+        CoordinatorTimer::RequestTimeout { op: OP, tablet: tablet(0), increment: 0, attempt: timed_out.attempt };
 
     let out = coordinator.handle_timer(1_000, timer.clone());
     let state = last_persisted(&out);
     let running = running_of(&state);
-    assert!(!running.done.contains(&ShardId(0)), "a missing reply is not success");
-    assert_eq!(running.retries[&ShardId(0)].failed_attempts, 1);
-    let not_before = running.retries[&ShardId(0)].not_before_ms;
+    assert!(!running.done.contains(&tablet(0)), "a missing reply is not success");
+    assert_eq!(running.retries[&tablet(0)].failed_attempts, 1);
+    let not_before = running.retries[&tablet(0)].not_before_ms;
     assert!((1_050..=1_100).contains(&not_before), "timeout retried after a backoff, got {not_before}");
     assert!(retry_due_at(&out).contains(&not_before));
     assert!(apply_requests(&out).is_empty());
@@ -403,13 +420,13 @@ fn coordinator_retries_a_timed_out_request_and_never_counts_it_as_success() {
     // The same timer again, or a late reply to the abandoned attempt, changes nothing.
     assert!(coordinator.handle_timer(1_001, timer).is_empty());
     assert!(reply(&mut coordinator, 1_002, timed_out, ApplyOutcome::Applied).is_empty());
-    assert!(!running_of(coordinator.durable()).done.contains(&ShardId(0)));
+    assert!(!running_of(coordinator.durable()).done.contains(&tablet(0)));
 
     let resent = apply_requests(&coordinator.handle_timer(not_before, CoordinatorTimer::RetryDue));
     assert_eq!(shards_of(&resent), vec![0]);
     reply(&mut coordinator, not_before + 1, &requests[1], ApplyOutcome::Applied);
     let out = reply(&mut coordinator, not_before + 2, &resent[0], ApplyOutcome::AlreadyApplied);
-    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+    assert!(matches!(last_persisted(&out).operations[&OP].status, OperationStatus::Done { .. }));
 }
 
 #[test]
@@ -417,14 +434,16 @@ fn coordinator_ignores_a_request_timeout_once_the_request_was_answered() {
     let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
     reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
     let before = coordinator.durable().clone();
-    let timer = CoordinatorTimer::RequestTimeout { shard: ShardId(0), increment: 0, attempt: requests[0].attempt };
+    let timer =
+        CoordinatorTimer::RequestTimeout { op: OP, tablet: tablet(0), increment: 0, attempt: requests[0].attempt };
     assert!(coordinator.handle_timer(1_000, timer).is_empty());
     assert_eq!(coordinator.durable(), &before);
 
     // A timeout of increment 0 that fires after the advance is ignored too.
     let next = apply_requests(&reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied));
     let before = coordinator.durable().clone();
-    let stale = CoordinatorTimer::RequestTimeout { shard: ShardId(1), increment: 0, attempt: requests[1].attempt };
+    let stale =
+        CoordinatorTimer::RequestTimeout { op: OP, tablet: tablet(1), increment: 0, attempt: requests[1].attempt };
     assert!(coordinator.handle_timer(1_000, stale).is_empty());
     assert_eq!(coordinator.durable(), &before);
     assert!(running(&coordinator).retries.is_empty());
@@ -440,11 +459,11 @@ fn coordinator_fails_on_a_permanent_failure_naming_increment_backup_and_shard() 
 
     let cause = ShardFailure::ObjectMissing { object: second[1].object.clone() };
     let out = reply(&mut coordinator, 30, &second[1], ApplyOutcome::Failed { permanent: true, cause: cause.clone() });
-    let expected = RestoreError::Shard { increment: 1, backup_id: 2, shard: ShardId(1), cause };
+    let expected = RestoreError::Shard { increment: 1, backup_id: 2, tablet: tablet(1), cause };
     let failed = OperationStatus::Failed { error: expected.clone(), failed_at_ms: 30 };
-    assert_eq!(last_persisted(&out).operation.unwrap().status, failed, "the failure is persisted");
-    assert_eq!(coordinator.operation().unwrap().status, failed);
-    assert_eq!(coordinator.progress(), ProgressMark::Failed { op: OP });
+    assert_eq!(last_persisted(&out).operations[&OP].status, failed, "the failure is persisted");
+    assert_eq!(coordinator.operation(OP).unwrap().status, failed);
+    assert_eq!(coordinator.progress(), vec![ProgressMark::Failed { op: OP }]);
     assert!(apply_requests(&out).is_empty());
     let text = expected.to_string();
     assert!(text.contains("increment 1") && text.contains("backup 2") && text.contains("shard-1"), "{text}");
@@ -453,7 +472,7 @@ fn coordinator_fails_on_a_permanent_failure_naming_increment_backup_and_shard() 
     // Nothing moves a failed operation any more.
     assert!(reply(&mut coordinator, 40, &second[0], ApplyOutcome::Applied).is_empty());
     assert!(coordinator.handle_timer(50, CoordinatorTimer::RetryDue).is_empty());
-    assert_eq!(coordinator.operation().unwrap().status, failed);
+    assert_eq!(coordinator.operation(OP).unwrap().status, failed);
 }
 
 #[test]
@@ -462,17 +481,17 @@ fn coordinator_fails_with_deadline_exceeded_when_the_deadline_passes() {
     reply(&mut coordinator, 10, &requests[2], ApplyOutcome::Applied);
 
     assert!(
-        coordinator.handle_timer(60_999, CoordinatorTimer::Deadline).is_empty(),
+        coordinator.handle_timer(60_999, CoordinatorTimer::Deadline { op: OP }).is_empty(),
         "an early deadline timer is ignored"
     );
-    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Running(_)));
+    assert!(matches!(coordinator.operation(OP).unwrap().status, OperationStatus::Running(_)));
 
-    let out = coordinator.handle_timer(61_000, CoordinatorTimer::Deadline);
+    let out = coordinator.handle_timer(61_000, CoordinatorTimer::Deadline { op: OP });
     let failed = OperationStatus::Failed {
         error: RestoreError::DeadlineExceeded { increment: 0, pending: 2 },
         failed_at_ms: 61_000,
     };
-    assert_eq!(last_persisted(&out).operation.unwrap().status, failed);
+    assert_eq!(last_persisted(&out).operations[&OP].status, failed);
     assert!(apply_requests(&out).is_empty());
     assert!(reply(&mut coordinator, 61_001, &requests[0], ApplyOutcome::Applied).is_empty());
 }
@@ -505,7 +524,7 @@ fn coordinator_ignores_replies_with_a_wrong_attempt_increment_op_or_sender() {
     let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
     let request = &requests[0];
     let before = coordinator.durable().clone();
-    let from = NodeAddr::Shard(ShardId(0));
+    let from = NodeAddr::Shard(tablet(0));
 
     let wrong_attempt = ApplyReply { attempt: requests[1].attempt, ..answer(request, ApplyOutcome::Applied) };
     assert!(coordinator.handle_message(10, from, Message::Reply(wrong_attempt)).is_empty());
@@ -513,7 +532,7 @@ fn coordinator_ignores_replies_with_a_wrong_attempt_increment_op_or_sender() {
     assert!(coordinator.handle_message(10, from, Message::Reply(wrong_increment)).is_empty());
     let wrong_op = ApplyReply { op: OP + 1, ..answer(request, ApplyOutcome::Applied) };
     assert!(coordinator.handle_message(10, from, Message::Reply(wrong_op)).is_empty());
-    let impostor = NodeAddr::Shard(ShardId(1));
+    let impostor = NodeAddr::Shard(tablet(1));
     assert!(
         coordinator.handle_message(10, impostor, Message::Reply(answer(request, ApplyOutcome::Applied))).is_empty()
     );
@@ -553,14 +572,18 @@ fn coordinator_resends_only_to_shards_without_a_result_after_reboot() {
     assert_eq!(persist_at, 0, "the bumped generation is persisted before anything else: {out:?}");
     let bumped = &persisted(&out)[0];
     assert_eq!(bumped.generation, 2);
-    assert_eq!(bumped.operation, durable.operation, "only the generation changed");
+    assert_eq!(bumped.operations, durable.operations, "only the generation changed");
 
     let resent = apply_requests(&out);
     assert_eq!(shards_of(&resent), vec![1, 3], "shards 0 and 2 already have a result");
     assert!(resent.iter().all(|r| r.generation == 2 && r.increment == 0));
-    assert!(out.contains(&Output::SetTimer { at_ms: 60_000, timer: CoordinatorTimer::Deadline }), "deadline re-armed");
+    assert!(
+        out.contains(&Output::SetTimer { at_ms: 60_000, timer: CoordinatorTimer::Deadline { op: OP } }),
+        "deadline re-armed"
+    );
     for request in &resent {
-        let timeout = CoordinatorTimer::RequestTimeout { shard: request.shard, increment: 0, attempt: request.attempt };
+        let timeout =
+            CoordinatorTimer::RequestTimeout { op: OP, tablet: request.tablet, increment: 0, attempt: request.attempt };
         assert!(out.contains(&Output::SetTimer { at_ms: 6_000, timer: timeout }));
     }
 }
@@ -570,7 +593,7 @@ fn coordinator_keeps_a_persisted_backoff_across_a_reboot() {
     let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
     let out = reply(&mut coordinator, 100, &requests[0], transient());
     let durable = last_persisted(&out);
-    let Retry { failed_attempts, not_before_ms } = running_of(&durable).retries[&ShardId(0)];
+    let Retry { failed_attempts, not_before_ms } = running_of(&durable).retries[&tablet(0)];
     assert_eq!(failed_attempts, 1);
 
     // Rebooted before the backoff ended: shard 1 (still unanswered) is re-sent, shard 0 waits for its timer.
@@ -580,7 +603,7 @@ fn coordinator_keeps_a_persisted_backoff_across_a_reboot() {
     let resent = apply_requests(&rebooted.handle_timer(not_before_ms, CoordinatorTimer::RetryDue));
     assert_eq!(shards_of(&resent), vec![0]);
     let out = reply(&mut rebooted, not_before_ms + 1, &resent[0], transient());
-    let retry = running_of(&last_persisted(&out)).retries[&ShardId(0)];
+    let retry = running_of(&last_persisted(&out)).retries[&tablet(0)];
     assert_eq!(retry.failed_attempts, 2, "the failure count survives the reboot, so the backoff keeps growing");
     assert!((100..=200).contains(&(retry.not_before_ms - (not_before_ms + 1))));
 }
@@ -608,7 +631,8 @@ fn coordinator_persists_every_change_of_its_durable_state_before_the_next_output
             // Every third request times out instead of being answered.
             outstanding.remove(0);
             let timer = CoordinatorTimer::RequestTimeout {
-                shard: request.shard,
+                op: OP,
+                tablet: request.tablet,
                 increment: request.increment,
                 attempt: request.attempt,
             };
@@ -625,7 +649,7 @@ fn coordinator_persists_every_change_of_its_durable_state_before_the_next_output
         outstanding.extend(apply_requests(&out));
         assert!(step < 100, "the restore does not finish");
     }
-    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments: 2 });
+    assert_eq!(coordinator.progress(), vec![ProgressMark::Done { op: OP, increments: 2 }]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -638,15 +662,16 @@ fn coordinator_refuses_to_start_a_different_operation_while_one_runs() {
     let before = coordinator.durable().clone();
     assert_eq!(
         coordinator.start(10, restore_request(OP + 1, 1, 1)),
-        Err(StartError::AnotherOperationRunning { running: OP, requested: OP + 1 })
+        Err(StartError::CollectionBusy { collection: "backups".to_string(), running: OP })
     );
     assert_eq!(coordinator.durable(), &before);
 
-    // Once the running operation is done, another one may start.
+    // Once the running operation is done, its table holds rows: restoring onto it again is refused too.
     reply(&mut coordinator, 20, &requests[0], ApplyOutcome::Applied);
-    let out = coordinator.start(30, restore_request(OP + 1, 1, 1)).expect("a new operation after the old one ended");
-    assert_eq!(last_persisted(&out).operation.unwrap().op, OP + 1);
-    assert_eq!(apply_requests(&out)[0].op, OP + 1);
+    assert_eq!(
+        coordinator.start(30, restore_request(OP + 1, 1, 1)),
+        Err(StartError::TargetNotEmpty { table: TableId(0) })
+    );
 }
 
 #[test]
@@ -658,9 +683,9 @@ fn coordinator_treats_starting_the_same_operation_again_as_a_no_op() {
     assert_eq!(coordinator.durable(), &before, "progress is kept");
     // The original in-flight request is still the one awaited.
     let out = reply(&mut coordinator, 20, &requests[1], ApplyOutcome::Applied);
-    assert!(matches!(last_persisted(&out).operation.unwrap().status, OperationStatus::Done { .. }));
+    assert!(matches!(last_persisted(&out).operations[&OP].status, OperationStatus::Done { .. }));
     assert_eq!(coordinator.start(30, restore_request(OP, 2, 1)), Ok(Vec::new()), "also after it is done");
-    assert!(matches!(coordinator.operation().unwrap().status, OperationStatus::Done { .. }));
+    assert!(matches!(coordinator.operation(OP).unwrap().status, OperationStatus::Done { .. }));
 }
 
 #[test]
@@ -683,7 +708,7 @@ fn coordinator_with_advance_on_first_report_bug_advances_after_the_first_report(
 // Shard helpers
 // ---------------------------------------------------------------------------------------------------------------
 
-const SHARD: ShardId = ShardId(3);
+const SHARD: TabletId = TabletId::new(0, 3);
 
 fn shard_config() -> ShardConfig {
     ShardConfig { download_chunk_bytes: 16, download_retry_ms: 50, max_download_failures: 3, bug: None }
@@ -703,13 +728,13 @@ fn apply_request(op: OperationId, increment: u32, attempt: u32) -> ApplyRequest 
         increment,
         backup_id,
         kind: if increment == 0 { BackupKind::Full } else { BackupKind::Incremental },
-        shard: SHARD,
+        tablet: SHARD,
         object: BackupManifest::object_name(backup_id, SHARD),
     }
 }
 
 fn bundle_for(request: &ApplyRequest, changes: Vec<Change>) -> Vec<u8> {
-    Bundle { backup_id: request.backup_id, shard: request.shard, kind: request.kind, changes }.encode()
+    Bundle { backup_id: request.backup_id, tablet: request.tablet, kind: request.kind, changes }.encode()
 }
 
 fn full_changes() -> Vec<Change> {
@@ -1003,9 +1028,9 @@ fn shard_with_skip_checksum_bug_applies_a_corrupted_payload() {
 fn shard_rejects_a_bundle_of_another_backup_as_permanent() {
     let mut shard = fresh_shard(shard_config());
     let request = apply_request(1, 0, 0);
-    let wrong = Bundle { backup_id: 77, shard: SHARD, kind: BackupKind::Full, changes: full_changes() }.encode();
+    let wrong = Bundle { backup_id: 77, tablet: SHARD, kind: BackupKind::Full, changes: full_changes() }.encode();
     let (_, out) = serve_request(&mut shard, &request, &wrong);
-    let cause = ShardFailure::WrongBundle { object: request.object.clone(), found_backup: 77, found_shard: SHARD.0 };
+    let cause = ShardFailure::WrongBundle { object: request.object.clone(), found_backup: 77, found_tablet: SHARD };
     assert_eq!(only_reply(&out), answer(&request, ApplyOutcome::Failed { permanent: true, cause }));
     assert_eq!(shard.durable(), &ShardDurable::default());
 }
@@ -1013,14 +1038,14 @@ fn shard_rejects_a_bundle_of_another_backup_as_permanent() {
 #[test]
 fn shard_refuses_a_request_addressed_to_another_shard_and_ignores_requests_not_from_the_coordinator() {
     let mut shard = fresh_shard(shard_config());
-    let misaddressed = ApplyRequest { shard: ShardId(4), ..apply_request(1, 0, 0) };
-    let cause = ShardFailure::WrongShard { requested: ShardId(4), actual: SHARD };
+    let misaddressed = ApplyRequest { tablet: tablet(4), ..apply_request(1, 0, 0) };
+    let cause = ShardFailure::WrongShard { requested: tablet(4), actual: SHARD };
     assert_eq!(
         only_reply(&send_apply(&mut shard, &misaddressed)),
         answer(&misaddressed, ApplyOutcome::Failed { permanent: true, cause })
     );
     let request = Message::Apply(apply_request(1, 0, 0));
-    assert!(shard.handle_message(0, NodeAddr::Shard(ShardId(0)), request).is_empty());
+    assert!(shard.handle_message(0, NodeAddr::Shard(tablet(0)), request).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1170,16 +1195,16 @@ fn coordinator_and_shards_restore_every_increment_in_order() {
     let increments = 3;
     let config = CoordinatorConfig { max_in_flight_shards: 2, ..coordinator_config() };
     let mut coordinator = booted(config);
-    let mut shards: Vec<Shard> = (0..shard_count).map(|s| Shard::boot(ShardId(s), shard_config(), None)).collect();
+    let mut shards: Vec<Shard> = (0..shard_count).map(|s| Shard::boot(tablet(s), shard_config(), None)).collect();
     // Shard s in backup b upserts key s*100+b with value b, and the incrementals delete the previous backup's key.
-    let bundle = |backup_id: u64, shard: ShardId| {
-        let base = u64::from(shard.0) * 100;
+    let bundle = |backup_id: u64, shard: TabletId| {
+        let base = u64::from(shard.shard.0) * 100;
         let mut changes = vec![Change::Upsert { key: base + backup_id, value: backup_id }];
         let kind = if backup_id == 1 { BackupKind::Full } else { BackupKind::Incremental };
         if backup_id > 1 {
             changes.push(Change::Delete { key: base + backup_id - 1 });
         }
-        Bundle { backup_id, shard, kind, changes }.encode()
+        Bundle { backup_id, tablet: shard, kind, changes }.encode()
     };
 
     let mut queue: Vec<ApplyRequest> =
@@ -1188,8 +1213,8 @@ fn coordinator_and_shards_restore_every_increment_in_order() {
     while !queue.is_empty() {
         let request = queue.remove(0);
         now += 1;
-        let shard = &mut shards[request.shard.0 as usize];
-        let bytes = bundle(request.backup_id, request.shard);
+        let shard = &mut shards[request.tablet.shard.0 as usize];
+        let bytes = bundle(request.backup_id, request.tablet);
         let (_, out) = serve_request(shard, &request, &bytes);
         let state = persisted_then_applied(&out, &request);
         assert_eq!(state.applied_through, Some(request.increment));
@@ -1197,9 +1222,9 @@ fn coordinator_and_shards_restore_every_increment_in_order() {
         queue.extend(apply_requests(&out));
         assert!(now < 100, "the restore does not finish");
     }
-    assert_eq!(coordinator.progress(), ProgressMark::Done { op: OP, increments });
+    assert_eq!(coordinator.progress(), vec![ProgressMark::Done { op: OP, increments }]);
     for shard in &shards {
-        let key = u64::from(shard.id().0) * 100 + u64::from(increments);
+        let key = u64::from(shard.id().shard.0) * 100 + u64::from(increments);
         assert_eq!(shard.durable().rows, rows(&[(key, u64::from(increments))]));
         assert_eq!(shard.durable().applied_through, Some(increments - 1));
     }

@@ -13,7 +13,9 @@ use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreRequest};
 use lockstep::host::{HostEvent, HostIo, Observer, STATE_FILE};
 use lockstep::io::{DirStore, FileDisk, RemoteStore, StateFile};
-use lockstep::model::{BackupKind, BackupManifest, Change, Rows, ShardMap, apply_changes};
+use lockstep::model::{
+    BackupKind, BackupManifest, Change, Rows, ShardMap, TableId, TableSpec, TabletId, apply_changes,
+};
 use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
 use lockstep::shard::{ShardConfig, ShardDurable};
 use lockstep::tcp::TcpTransport;
@@ -28,8 +30,8 @@ struct Recorder {
 
 impl Observer for Recorder {
     fn record(&self, node: NodeAddr, event: HostEvent) {
-        if let HostEvent::Persisted(PersistNote::Coordinator(ProgressMark::Done { .. } | ProgressMark::Failed { .. })) =
-            &event
+        if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event
+            && marks.iter().any(|m| matches!(m, ProgressMark::Done { .. } | ProgressMark::Failed { .. }))
         {
             let _ = self.finished.send(());
         }
@@ -38,6 +40,12 @@ impl Observer for Recorder {
 }
 
 const SHARDS: u32 = 3;
+const TABLE: TableId = TableId(0);
+
+/// The node's directory under the test directory.
+fn node_dir(node: NodeAddr) -> String {
+    node.to_string().replace('/', "-")
+}
 
 /// Writes a full backup and two incrementals into the store; returns the catalog and the expected rows.
 async fn write_backups(store: &DirStore, map: &ShardMap) -> (Vec<BackupManifest>, Rows) {
@@ -52,15 +60,21 @@ async fn write_backups(store: &DirStore, map: &ShardMap) -> (Vec<BackupManifest>
         apply_changes(&mut expected, &changes);
         let mut shard_objects = Vec::new();
         for shard in map.shards() {
-            let object = BackupManifest::object_name(backup_id, shard);
+            let tablet = TabletId { table: TABLE, shard };
+            let object = BackupManifest::object_name(backup_id, tablet);
             let mine = changes.iter().filter(|c| map.shard_for(c.key()) == shard).copied().collect();
-            let bundle = Bundle { backup_id, shard, kind, changes: mine };
+            let bundle = Bundle { backup_id, tablet, kind, changes: mine };
             store.put(&object, bundle.encode()).await.expect("the store takes the bundle");
             shard_objects.push(object);
         }
-        catalog.push(BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, shard_objects });
+        let tables = [(TABLE, shard_objects)].into_iter().collect();
+        catalog.push(BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, tables });
     }
     (catalog, expected)
+}
+
+fn tablets(map: &ShardMap) -> impl Iterator<Item = TabletId> + use<> {
+    map.shards().map(|shard| TabletId { table: TABLE, shard })
 }
 
 #[test]
@@ -76,7 +90,7 @@ fn real_hosts_restore_every_increment_onto_files() {
         let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished: finished_tx });
 
         let nodes: Vec<NodeAddr> =
-            std::iter::once(NodeAddr::Coordinator).chain(map.shards().map(NodeAddr::Shard)).collect();
+            std::iter::once(NodeAddr::Coordinator).chain(tablets(&map).map(NodeAddr::Shard)).collect();
         let mut listeners = BTreeMap::new();
         for node in &nodes {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
@@ -89,7 +103,7 @@ fn real_hosts_restore_every_increment_onto_files() {
             let listener = listeners.remove(&node).expect("one listener per node");
             let transport = TcpTransport::start(node, listener, peers.clone());
             let io = HostIo {
-                disk: Rc::new(FileDisk::open(dir.path().join(node.to_string())).expect("node directory")),
+                disk: Rc::new(FileDisk::open(dir.path().join(node_dir(node))).expect("node directory")),
                 store: store.clone(),
                 transport: Rc::new(transport),
                 observer: recorder.clone(),
@@ -98,7 +112,10 @@ fn real_hosts_restore_every_increment_onto_files() {
             };
             match node {
                 NodeAddr::Coordinator => {
-                    let request = RestoreRequest { op: 7, shard_count: SHARDS, catalog: catalog.clone() };
+                    let table =
+                        TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
+                    let collection = "nightly".to_string();
+                    let request = RestoreRequest { op: 7, collection, tables: vec![table], catalog: catalog.clone() };
                     let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
                     tokio::task::spawn_local(io.run_coordinator(config, 1, Some(request)));
                 }
@@ -117,18 +134,19 @@ fn real_hosts_restore_every_increment_onto_files() {
 
     // The durable state on the files, read back as a restarted node would.
     let load = |node: NodeAddr| -> Option<Vec<u8>> {
-        let disk = FileDisk::open(dir.path().join(node.to_string())).expect("node directory");
+        let disk = FileDisk::open(dir.path().join(node_dir(node))).expect("node directory");
         StateFile::load(&disk, STATE_FILE).expect("readable state").1
     };
     let coordinator: CoordinatorDurable =
         decode_frame(&load(NodeAddr::Coordinator).expect("coordinator state")).expect("decodable");
-    let status = &coordinator.operation.expect("an operation").status;
+    let status = &coordinator.operations.get(&7).expect("an operation").status;
     assert!(matches!(status, OperationStatus::Done { increments: 3, .. }), "{status:?}");
 
-    for shard in map.shards() {
-        let state: ShardDurable = decode_frame(&load(NodeAddr::Shard(shard)).expect("shard state")).expect("decodable");
-        assert_eq!(state.applied_through, Some(2), "{shard}");
-        assert_eq!(*state.rows, map.rows_of(&expected, shard), "{shard}");
+    for tablet in tablets(&map) {
+        let state: ShardDurable =
+            decode_frame(&load(NodeAddr::Shard(tablet)).expect("shard state")).expect("decodable");
+        assert_eq!(state.applied_through, Some(2), "{tablet}");
+        assert_eq!(*state.rows, map.rows_of(&expected, tablet.shard), "{tablet}");
     }
     let applied = recorder
         .events

@@ -9,6 +9,8 @@ use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn small(faults: FaultPlan) -> WorldParams {
     WorldParams {
+        tables: Some(1),
+        indexes: Some(false),
         shard_count: Some(2),
         incrementals: Some(2),
         initial_rows: Some(12),
@@ -51,4 +53,18 @@ fn a_coordinator_that_advances_on_the_first_report_breaks_in_order_apply() {
     let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None };
     let params = WorldParams { bugs, ..small(FaultPlan::none()) };
     insta::assert_snapshot!(run(4, &params));
+}
+
+#[test]
+fn a_restore_of_two_tables_and_an_index() {
+    let params = WorldParams { tables: Some(2), indexes: Some(true), shard_count: Some(1), ..small(FaultPlan::none()) };
+    insta::assert_snapshot!(run(5, &params));
+}
+
+#[test]
+fn a_table_that_runs_ahead_of_the_others_breaks_in_order_apply() {
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None };
+    let params =
+        WorldParams { bugs, tables: Some(2), indexes: Some(false), shard_count: Some(1), ..small(FaultPlan::none()) };
+    insta::assert_snapshot!(run(6, &params));
 }

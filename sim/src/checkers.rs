@@ -6,28 +6,29 @@ use std::fmt;
 
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, progress_of};
 use lockstep::host::HostEvent;
-use lockstep::model::{BackupManifest, IncrementIndex, ShardId};
+use lockstep::model::{BackupManifest, IncrementIndex, TabletId};
+use lockstep::protocol::OperationId;
 use lockstep::protocol::{NodeAddr, PersistNote, ShardFailure};
 use lockstep::shard::ShardDurable;
 
 use crate::events::{Event, EventKind, SimNode};
-use crate::world::World;
+use crate::world::{OPERATION_ID, World};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Invariant {
-    /// Every shard applies full, 1, 2, ... with no gap, no changing repeat, no regression across reboots, and no
-    /// shard applies k+1 before every shard has durably applied k.
+    /// Every tablet applies full, 1, 2, ... with no gap, no changing repeat, no regression across reboots, and no
+    /// tablet of any table applies k+1 before every tablet of every table has durably applied k.
     InOrderApply,
-    /// At Done every shard's rows equal the oracle.
+    /// At Done every tablet's rows equal the oracle.
     NoLostIncrement,
-    /// Done only when every shard durably holds every increment.
+    /// Done only when every tablet durably holds every increment.
     NoFalseSuccess,
     /// Only intact bundles are applied.
     CorruptNeverApplied,
     /// Coordinator progress never goes backwards, across reboots included.
     ProgressNeverBackwards,
     /// The operation ends as the world demands: Done, or (object lost for good) a clean Failed naming the
-    /// increment and shard.
+    /// increment and tablet.
     ExpectedOutcome,
     /// After healing, the operation ends within the bound.
     Liveness,
@@ -90,7 +91,7 @@ impl fmt::Display for Violation {
 #[derive(Clone, Debug)]
 pub struct FinalState {
     pub coordinator: Option<CoordinatorDurable>,
-    pub shards: BTreeMap<ShardId, Option<ShardDurable>>,
+    pub shards: BTreeMap<TabletId, Option<ShardDurable>>,
     /// The run reached its time bound without the operation ending.
     pub timed_out: bool,
 }
@@ -109,17 +110,17 @@ pub fn check(world: &World, log: &[Event], final_state: &FinalState) -> Vec<Viol
 struct Walker<'a> {
     world: &'a World,
     log: &'a [Event],
-    /// Highest increment each shard holds durably, with the checksum of the bundle it applied.
-    applied: BTreeMap<ShardId, Option<(IncrementIndex, u32)>>,
-    /// Last durable coordinator progress.
-    progress: ProgressMark,
+    /// Highest increment each tablet holds durably, with the checksum of the bundle it applied.
+    applied: BTreeMap<TabletId, Option<(IncrementIndex, u32)>>,
+    /// Last durable progress of each operation.
+    progress: BTreeMap<OperationId, ProgressMark>,
     violations: Vec<Violation>,
 }
 
 impl<'a> Walker<'a> {
     fn new(world: &'a World, log: &'a [Event]) -> Self {
-        let applied = world.shard_map.shards().map(|s| (s, None)).collect();
-        Self { world, log, applied, progress: ProgressMark::Idle, violations: Vec::new() }
+        let applied = world.tablets().map(|t| (t, None)).collect();
+        Self { world, log, applied, progress: BTreeMap::new(), violations: Vec::new() }
     }
 
     fn violate(&mut self, invariant: Invariant, index: usize, detail: String) {
@@ -148,21 +149,27 @@ impl<'a> Walker<'a> {
                     self.violate(Invariant::InOrderApply, index, detail);
                 }
             }
-            (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::Persisted(PersistNote::Coordinator(mark))) => {
-                self.on_progress(index, *mark);
+            (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::Persisted(PersistNote::Coordinator(marks))) => {
+                for mark in marks {
+                    self.on_progress(index, *mark);
+                }
             }
             (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::CoordinatorBooted { loaded, .. }) => {
-                let loaded = loaded.as_ref().map_or(ProgressMark::Idle, progress_of);
-                if rank(loaded) < rank(self.progress) {
-                    let detail = format!("coordinator rebooted into {loaded:?} after durable {:?}", self.progress);
-                    self.violate(Invariant::ProgressNeverBackwards, index, detail);
+                let loaded = loaded.as_ref().map(progress_of).unwrap_or_default();
+                for (op, durable) in &self.progress {
+                    let reloaded = loaded.iter().find(|m| m.op() == *op).copied();
+                    if reloaded.is_none_or(|mark| rank(mark) < rank(*durable)) {
+                        let detail = format!("coordinator rebooted into {reloaded:?} after durable {durable:?}");
+                        self.violate(Invariant::ProgressNeverBackwards, index, detail);
+                        break;
+                    }
                 }
             }
             _ => {}
         }
     }
 
-    fn on_applied(&mut self, index: usize, shard: ShardId, increment: IncrementIndex, backup_id: u64, crc: u32) {
+    fn on_applied(&mut self, index: usize, shard: TabletId, increment: IncrementIndex, backup_id: u64, crc: u32) {
         let previous = self.applied[&shard];
         match previous {
             Some((k, previous_crc)) if k == increment && previous_crc == crc => return,
@@ -182,7 +189,7 @@ impl<'a> Walker<'a> {
             }
         }
         if increment > 0 {
-            let behind: Vec<ShardId> = self
+            let behind: Vec<TabletId> = self
                 .applied
                 .iter()
                 .filter(|(s, a)| **s != shard && a.is_none_or(|(k, _)| k < increment - 1))
@@ -214,11 +221,13 @@ impl<'a> Walker<'a> {
     }
 
     fn on_progress(&mut self, index: usize, mark: ProgressMark) {
-        if rank(mark) < rank(self.progress) {
-            let detail = format!("coordinator persisted {mark:?} after {:?}", self.progress);
+        if let Some(previous) = self.progress.get(&mark.op())
+            && rank(mark) < rank(*previous)
+        {
+            let detail = format!("coordinator persisted {mark:?} after {previous:?}");
             self.violate(Invariant::ProgressNeverBackwards, index, detail);
         }
-        self.progress = mark;
+        self.progress.insert(mark.op(), mark);
         if let ProgressMark::Done { increments, .. } = mark {
             let last = self.world.chain_len - 1;
             let missing: Vec<String> = self
@@ -231,7 +240,7 @@ impl<'a> Walker<'a> {
                 let detail = format!(
                     "Done with {increments} of {} increments while {}",
                     self.world.chain_len,
-                    if missing.is_empty() { "every shard is done".to_string() } else { missing.join(", ") }
+                    if missing.is_empty() { "every tablet is done".to_string() } else { missing.join(", ") }
                 );
                 self.violate(Invariant::NoFalseSuccess, index, detail);
             }
@@ -242,7 +251,6 @@ impl<'a> Walker<'a> {
 /// Orders progress marks: running increments in order, then any end state.
 fn rank(mark: ProgressMark) -> (u8, u32) {
     match mark {
-        ProgressMark::Idle => (0, 0),
         ProgressMark::Running { increment, .. } => (1, increment),
         ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0),
     }
@@ -253,10 +261,10 @@ fn final_violation(invariant: Invariant, detail: String) -> Violation {
 }
 
 fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Violation>) {
-    let status = final_state.coordinator.as_ref().and_then(|c| c.operation.as_ref()).map(|op| &op.status);
+    let status = final_state.coordinator.as_ref().and_then(|c| c.operations.get(&OPERATION_ID)).map(|op| &op.status);
     match (status, &world.lost_object) {
         (Some(OperationStatus::Done { .. }), None) => {
-            for shard in world.shard_map.shards() {
+            for shard in world.tablets() {
                 let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| &s.rows);
                 if !rows.is_some_and(|rows| rows.iter().eq(world.expected_rows_in(shard))) {
                     let expected = world.expected_rows_of(shard);
@@ -275,19 +283,19 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
         (Some(OperationStatus::Done { .. }), Some(lost)) => {
             let detail = format!(
                 "Done although {} (increment {}, {}) is missing for good",
-                lost.object, lost.increment, lost.shard
+                lost.object, lost.increment, lost.tablet
             );
             violations.push(final_violation(Invariant::ExpectedOutcome, detail));
         }
         (Some(OperationStatus::Failed { error, .. }), Some(lost)) => {
             let clean = matches!(
                 error,
-                RestoreError::Shard { increment, shard, cause: ShardFailure::ObjectMissing { object }, .. }
-                    if *increment == lost.increment && *shard == lost.shard && *object == lost.object
+                RestoreError::Shard { increment, tablet, cause: ShardFailure::ObjectMissing { object }, .. }
+                    if *increment == lost.increment && *tablet == lost.tablet && *object == lost.object
             );
             if !clean {
                 let detail =
-                    format!("expected Failed naming increment {} and {}, got: {error}", lost.increment, lost.shard);
+                    format!("expected Failed naming increment {} and {}, got: {error}", lost.increment, lost.tablet);
                 violations.push(final_violation(Invariant::ExpectedOutcome, detail));
             }
         }
@@ -297,7 +305,7 @@ fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Vio
         }
         (Some(OperationStatus::Running(running)), _) => {
             let detail = format!(
-                "still running at increment {} ({} shard(s) done) {} ms after healing",
+                "still running at increment {} ({} tablet(s) done) {} ms after healing",
                 running.increment,
                 running.done.len(),
                 world.liveness_bound_ms
@@ -338,7 +346,13 @@ mod tests {
     use lockstep::model::Rows;
 
     fn world() -> World {
-        let params = WorldParams { shard_count: Some(2), incrementals: Some(2), ..WorldParams::default() };
+        let params = WorldParams {
+            tables: Some(1),
+            shard_count: Some(2),
+            indexes: Some(false),
+            incrementals: Some(2),
+            ..WorldParams::default()
+        };
         World::generate(5, &params)
     }
 
@@ -347,19 +361,23 @@ mod tests {
     }
 
     fn applied(world: &World, shard: u32, increment: u32) -> Event {
+        applied_on(world, TabletId::new(0, shard), increment)
+    }
+
+    fn applied_on(world: &World, tablet: TabletId, increment: u32) -> Event {
         let backup_id = world.chain_backup_ids[increment as usize];
-        let object = BackupManifest::object_name(backup_id, ShardId(shard));
+        let object = BackupManifest::object_name(backup_id, tablet);
         let bundle_crc32 = world.intact_crc32(&object).expect("object exists");
         let note = PersistNote::ShardApplied { increment, backup_id, bundle_crc32 };
-        event(NodeAddr::Shard(ShardId(shard)), HostEvent::Persisted(note))
+        event(NodeAddr::Shard(tablet), HostEvent::Persisted(note))
     }
 
     fn progress(mark: ProgressMark) -> Event {
-        event(NodeAddr::Coordinator, HostEvent::Persisted(PersistNote::Coordinator(mark)))
+        event(NodeAddr::Coordinator, HostEvent::Persisted(PersistNote::Coordinator(vec![mark])))
     }
 
     fn running(increment: u32) -> ProgressMark {
-        ProgressMark::Running { op: 1, increment, shards_done: 0 }
+        ProgressMark::Running { op: 1, increment, tablets_done: 0 }
     }
 
     /// The clean log of a correct restore: both shards apply each increment, then Done.
@@ -375,19 +393,22 @@ mod tests {
     }
 
     fn done_state(world: &World) -> FinalState {
+        let request = world.restore_request();
+        let operation = Operation {
+            op: 1,
+            collection: request.collection,
+            tables: request.tables,
+            started_at_ms: 0,
+            deadline_at_ms: 1,
+            status: OperationStatus::Done { increments: world.chain_len, finished_at_ms: 1 },
+        };
         let coordinator = CoordinatorDurable {
             generation: 1,
-            operation: Some(Operation {
-                op: 1,
-                shard_count: 2,
-                started_at_ms: 0,
-                deadline_at_ms: 1,
-                status: OperationStatus::Done { increments: world.chain_len, finished_at_ms: 1 },
-            }),
+            operations: [(1, operation)].into_iter().collect(),
+            ..Default::default()
         };
         let shards = world
-            .shard_map
-            .shards()
+            .tablets()
             .map(|s| {
                 let rows = world.expected_rows_of(s);
                 let rows = std::sync::Arc::new(rows);
@@ -417,6 +438,25 @@ mod tests {
     }
 
     #[test]
+    fn one_table_applying_k_plus_1_while_another_applies_k_breaks_in_order_apply() {
+        let params = WorldParams {
+            tables: Some(2),
+            shard_count: Some(1),
+            indexes: Some(false),
+            incrementals: Some(2),
+            ..WorldParams::default()
+        };
+        let world = World::generate(5, &params);
+        let (a, b) = (TabletId::new(0, 0), TabletId::new(1, 0));
+        let clean = vec![applied_on(&world, a, 0), applied_on(&world, b, 0), applied_on(&world, b, 1)];
+        assert!(!invariants(&world, &clean, &done_state(&world)).contains(&Invariant::InOrderApply));
+        let early = vec![applied_on(&world, a, 0), applied_on(&world, a, 1), applied_on(&world, b, 0)];
+        let violations = check(&world, &early, &done_state(&world));
+        let violation = violations.iter().find(|v| v.invariant == Invariant::InOrderApply).expect("caught");
+        assert_eq!(violation.event_index, Some(1), "table t0 ran ahead of t1");
+    }
+
+    #[test]
     fn skipping_an_increment_breaks_in_order_apply() {
         let world = world();
         let log = vec![applied(&world, 0, 0), applied(&world, 1, 0), applied(&world, 0, 2)];
@@ -426,8 +466,10 @@ mod tests {
     #[test]
     fn a_shard_that_reboots_without_an_increment_it_applied_breaks_in_order_apply() {
         let world = world();
-        let log =
-            vec![applied(&world, 0, 0), event(NodeAddr::Shard(ShardId(0)), HostEvent::ShardBooted { loaded: None })];
+        let log = vec![
+            applied(&world, 0, 0),
+            event(NodeAddr::Shard(TabletId::new(0, 0)), HostEvent::ShardBooted { loaded: None }),
+        ];
         assert!(invariants(&world, &log, &done_state(&world)).contains(&Invariant::InOrderApply));
     }
 
@@ -464,8 +506,9 @@ mod tests {
     fn rows_that_differ_from_the_oracle_at_done_break_no_lost_increment() {
         let world = world();
         let mut final_state = done_state(&world);
-        let rows: &mut Rows =
-            std::sync::Arc::make_mut(&mut final_state.shards.get_mut(&ShardId(1)).unwrap().as_mut().unwrap().rows);
+        let rows: &mut Rows = std::sync::Arc::make_mut(
+            &mut final_state.shards.get_mut(&TabletId::new(0, 1)).unwrap().as_mut().unwrap().rows,
+        );
         let key = *rows.keys().next().expect("the shard has rows");
         rows.remove(&key);
         let violations = check(&world, &clean_log(&world), &final_state);
@@ -478,11 +521,12 @@ mod tests {
     fn an_operation_still_running_at_the_end_breaks_liveness() {
         let world = world();
         let mut final_state = done_state(&world);
-        let operation = final_state.coordinator.as_mut().unwrap().operation.as_mut().unwrap();
-        let chain = lockstep::model::RestoreChain::plan(&world.catalog, 2).unwrap();
+        let operation = final_state.coordinator.as_mut().unwrap().operations.get_mut(&1).unwrap();
+        let chain = lockstep::model::RestoreChain::plan(&world.catalog, &operation.tables).unwrap();
         operation.status = OperationStatus::Running(RunningState {
             chain: std::sync::Arc::new(chain),
             increment: 1,
+            increment_deadline_at_ms: 1,
             done: Default::default(),
             retries: Default::default(),
         });
@@ -494,12 +538,13 @@ mod tests {
         let mut world = world();
         let mut final_state = done_state(&world);
         let error = RestoreError::DeadlineExceeded { increment: 0, pending: 2 };
-        final_state.coordinator.as_mut().unwrap().operation.as_mut().unwrap().status =
+        final_state.coordinator.as_mut().unwrap().operations.get_mut(&1).unwrap().status =
             OperationStatus::Failed { error, failed_at_ms: 1 };
         assert_eq!(invariants(&world, &clean_log(&world), &final_state), vec![Invariant::ExpectedOutcome]);
 
-        let object = BackupManifest::object_name(world.chain_backup_ids[1], ShardId(0));
-        world.lost_object = Some(crate::world::LostObject { increment: 1, shard: ShardId(0), object });
+        let tablet = TabletId::new(0, 0);
+        let object = BackupManifest::object_name(world.chain_backup_ids[1], tablet);
+        world.lost_object = Some(crate::world::LostObject { increment: 1, tablet, object });
         assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![Invariant::ExpectedOutcome]);
     }
 }

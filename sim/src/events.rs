@@ -70,8 +70,11 @@ impl fmt::Display for Event {
 fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Result {
     match event {
         HostEvent::CoordinatorBooted { generation, loaded } => {
-            let progress = loaded.as_ref().map(lockstep::coordinator::progress_of);
-            write!(f, "booted generation {generation}, loaded {progress:?}")
+            write!(f, "booted generation {generation}, loaded ")?;
+            match loaded {
+                None => f.write_str("nothing"),
+                Some(state) => write_marks(f, &lockstep::coordinator::progress_of(state)),
+            }
         }
         HostEvent::ShardBooted { loaded } => match loaded {
             Some(state) => write!(
@@ -83,7 +86,10 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
             ),
             None => f.write_str("booted, empty disk"),
         },
-        HostEvent::Persisted(PersistNote::Coordinator(mark)) => write!(f, "persisted {mark:?}"),
+        HostEvent::Persisted(PersistNote::Coordinator(marks)) => {
+            f.write_str("persisted ")?;
+            write_marks(f, marks)
+        }
         HostEvent::Persisted(PersistNote::ShardApplied { increment, backup_id, bundle_crc32 }) => {
             write!(f, "APPLIED increment {increment} (backup {backup_id}, bundle crc {bundle_crc32:08x}), durable")
         }
@@ -101,6 +107,19 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
         HostEvent::StartRefused(text) => write!(f, "start refused: {text}"),
         HostEvent::Fatal(text) => write!(f, "FATAL {text}"),
     }
+}
+
+fn write_marks(f: &mut fmt::Formatter<'_>, marks: &[lockstep::coordinator::ProgressMark]) -> fmt::Result {
+    if marks.is_empty() {
+        return f.write_str("no operation");
+    }
+    for (i, mark) in marks.iter().enumerate() {
+        if i > 0 {
+            f.write_str("; ")?;
+        }
+        write!(f, "{mark}")?;
+    }
+    Ok(())
 }
 
 /// A 64-bit hash of the whole event log, every field of every event: the same for two runs of one seed on one

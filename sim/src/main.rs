@@ -82,9 +82,15 @@ mod cli {
         /// Run with a deliberate bug (repeatable).
         #[arg(long = "bug", value_enum)]
         bugs: Vec<BugName>,
-        /// Fix the shard count instead of drawing it (1-64).
+        /// Fix the number of tables, index tables not counted, instead of drawing it (1-16).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+        tables: Option<u32>,
+        /// Fix the shard count of every table instead of drawing it (1-64).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
         shards: Option<u32>,
+        /// Give every table an index table (`true`) or none (`false`) instead of drawing it.
+        #[arg(long)]
+        indexes: Option<bool>,
         /// Fix the number of incrementals after the newest full backup (1-50).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
         incrementals: Option<u32>,
@@ -96,6 +102,8 @@ mod cli {
         AdvanceOnFirstReport,
         /// Shards apply bundles without verifying the checksum.
         SkipChecksum,
+        /// A table moves on to the next increment as soon as it is done, while other tables still apply.
+        TablesRunAhead,
     }
 
     impl WorldArgs {
@@ -105,10 +113,13 @@ mod cli {
                 match bug {
                     BugName::AdvanceOnFirstReport => bugs.coordinator = Some(CoordinatorBug::AdvanceOnFirstReport),
                     BugName::SkipChecksum => bugs.shard = Some(ShardBug::SkipChecksum),
+                    BugName::TablesRunAhead => bugs.coordinator = Some(CoordinatorBug::TablesRunAhead),
                 }
             }
             WorldParams {
+                tables: self.tables,
                 shard_count: self.shards,
+                indexes: self.indexes,
                 incrementals: self.incrementals,
                 bugs,
                 ..WorldParams::sweep_default()
@@ -120,6 +131,12 @@ mod cli {
             for bug in &self.bugs {
                 let name = bug.to_possible_value().expect("every bug has a name");
                 flags.push_str(&format!(" --bug {}", name.get_name()));
+            }
+            if let Some(tables) = self.tables {
+                flags.push_str(&format!(" --tables {tables}"));
+            }
+            if let Some(indexes) = self.indexes {
+                flags.push_str(&format!(" --indexes {indexes}"));
             }
             if let Some(shards) = self.shards {
                 flags.push_str(&format!(" --shards {shards}"));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError};
 use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
 use lockstep::io::StateFile;
-use lockstep::model::ShardId;
+use lockstep::model::TabletId;
 use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
 use lockstep::shard::ShardDurable;
 use madsim::net::Endpoint;
@@ -64,7 +64,7 @@ pub enum RunEnd {
 
 impl RunEnd {
     fn of(final_state: &FinalState) -> Self {
-        let operation = final_state.coordinator.as_ref().and_then(|c| c.operation.as_ref());
+        let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.get(&crate::world::OPERATION_ID));
         match operation.map(|op| &op.status) {
             Some(OperationStatus::Done { .. }) => RunEnd::Done,
             Some(OperationStatus::Failed { error, .. }) => RunEnd::Failed(error.clone()),
@@ -137,9 +137,11 @@ struct SimObserver {
 
 impl Observer for SimObserver {
     fn record(&self, node: NodeAddr, event: HostEvent) {
+        // The run is over once every operation has ended.
         let finished = matches!(
-            event,
-            HostEvent::Persisted(PersistNote::Coordinator(ProgressMark::Done { .. } | ProgressMark::Failed { .. }))
+            &event,
+            HostEvent::Persisted(PersistNote::Coordinator(marks))
+                if !marks.is_empty() && marks.iter().all(|m| !matches!(m, ProgressMark::Running { .. }))
         );
         let now = now_ms(self.epoch);
         self.state.lock().record(now, SimNode::Protocol(node), EventKind::Host(event));
@@ -170,9 +172,10 @@ fn now_ms(epoch: Instant) -> u64 {
 fn node_ip(node: NodeAddr) -> IpAddr {
     match node {
         NodeAddr::Coordinator => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-        NodeAddr::Shard(ShardId(i)) => {
-            let i = u8::try_from(i).expect("fewer than 256 shards");
-            IpAddr::V4(Ipv4Addr::new(10, 0, 1, i + 1))
+        NodeAddr::Shard(tablet) => {
+            let table = u8::try_from(tablet.table.0).expect("fewer than 255 tables");
+            let shard = u8::try_from(tablet.shard.0).expect("fewer than 255 shards");
+            IpAddr::V4(Ipv4Addr::new(10, 0, table + 1, shard + 1))
         }
     }
 }
@@ -236,7 +239,7 @@ async fn simulate(world: World) -> (SimState, FinalState) {
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
     let nodes: Vec<NodeAddr> =
-        world.shard_map.shards().map(NodeAddr::Shard).chain(std::iter::once(NodeAddr::Coordinator)).collect();
+        world.tablets().map(NodeAddr::Shard).chain(std::iter::once(NodeAddr::Coordinator)).collect();
     let directory = Arc::new(Directory {
         addrs: nodes.iter().map(|n| (*n, SocketAddr::new(node_ip(*n), PROTOCOL_PORT))).collect(),
     });
@@ -303,7 +306,7 @@ struct Supervisor {
     give_up_at_ms: u64,
     next_coordinator_reboot_ms: Option<u64>,
     next_shard_reboot_ms: Option<u64>,
-    shard_count: u32,
+    tablets: Vec<TabletId>,
 }
 
 impl Supervisor {
@@ -319,7 +322,7 @@ impl Supervisor {
             give_up_at_ms: heal_at_ms + world.liveness_bound_ms,
             next_coordinator_reboot_ms: None,
             next_shard_reboot_ms: None,
-            shard_count: world.shard_count(),
+            tablets: world.tablets().collect(),
         };
         supervisor.next_coordinator_reboot_ms = supervisor.draw_reboot(FaultKind::CoordinatorReboot, 0);
         supervisor.next_shard_reboot_ms = supervisor.draw_reboot(FaultKind::ShardReboot, 0);
@@ -372,8 +375,8 @@ impl Supervisor {
             self.next_coordinator_reboot_ms = self.draw_reboot(FaultKind::CoordinatorReboot, now);
         }
         if self.next_shard_reboot_ms.is_some_and(|at| at <= now) {
-            let shard = ShardId(self.state.lock().rng.gen_range(0..self.shard_count));
-            self.reboot(now, NodeAddr::Shard(shard), FaultKind::ShardReboot);
+            let tablet = self.tablets[self.state.lock().rng.gen_range(0..self.tablets.len())];
+            self.reboot(now, NodeAddr::Shard(tablet), FaultKind::ShardReboot);
             self.next_shard_reboot_ms = self.draw_reboot(FaultKind::ShardReboot, now);
         }
         false
@@ -436,8 +439,7 @@ impl Supervisor {
         };
         let coordinator = load(NodeAddr::Coordinator).and_then(|b| decode_frame::<CoordinatorDurable>(&b).ok());
         let shards = world
-            .shard_map
-            .shards()
+            .tablets()
             .map(|s| (s, load(NodeAddr::Shard(s)).and_then(|b| decode_frame::<ShardDurable>(&b).ok())))
             .collect();
         FinalState { coordinator, shards, timed_out }

@@ -1,7 +1,8 @@
-//! One seed -> one world: topology, source table history, the backup chain taken from it, the fault plan.
+//! One seed -> one world: topology (tables, index tables, shards), each table's history, the backup chain of the
+//! collection taken from it, the fault plan.
 //!
 //! Everything is drawn with ChaCha from the seed, so the same seed always builds the same world. The oracle
-//! (the rows a correct restore must end with) is the source table at the time of the last backup, taken
+//! (the rows a correct restore must end with) is each source table at the time of the last backup, taken
 //! straight from the workload history; it never looks at bundles or at how the protocol plans its chain.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,9 @@ use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
-use lockstep::model::{BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, ShardId, ShardMap};
+use lockstep::model::{
+    BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, ShardMap, TableId, TableSpec, TabletId, Value,
+};
 use lockstep::shard::{ShardBug, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,15 +21,21 @@ use crate::faults::FaultPlan;
 
 /// The operation id every simulated restore uses.
 pub const OPERATION_ID: u64 = 1;
+/// The backup collection every simulated restore reads.
+pub const COLLECTION: &str = "main";
 
 /// Knobs of world generation. `None` means "draw from the seed".
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorldParams {
-    /// Shards of the table (1-8 when drawn).
+    /// Tables (not counting index tables) in the collection (1-3 when drawn).
+    pub tables: Option<u32>,
+    /// Shards of every table (1-8 for a single table, 1-4 for several, when drawn).
     pub shard_count: Option<u32>,
+    /// Whether tables carry an index table (each one with probability 1/3 when drawn).
+    pub indexes: Option<bool>,
     /// Incrementals after the newest full backup (2-6 when drawn).
     pub incrementals: Option<u32>,
-    /// Rows in the source table at the first backup, roughly (40-400 when drawn).
+    /// Rows in each source table at the first backup, roughly (40-400 when drawn).
     pub initial_rows: Option<u32>,
     /// Fault mix; drawn per seed (swarm) when `None`.
     pub faults: Option<FaultPlan>,
@@ -54,15 +63,25 @@ impl WorldParams {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LostObject {
     pub increment: IncrementIndex,
-    pub shard: ShardId,
+    pub tablet: TabletId,
     pub object: String,
+}
+
+/// One table of the world: what the restore is told about it, how its keys are cut, and its oracle.
+#[derive(Clone, Debug)]
+pub struct WorldTable {
+    pub spec: TableSpec,
+    pub shard_map: ShardMap,
+    /// The oracle: the source table when the last backup was taken.
+    pub expected_rows: Arc<Rows>,
 }
 
 #[derive(Clone, Debug)]
 pub struct World {
     pub seed: u64,
-    pub shard_map: ShardMap,
-    /// Every backup in the store, the ignored older ones included.
+    /// Tables and index tables, in table-id order.
+    pub tables: Vec<WorldTable>,
+    /// Every backup of the collection in the store, the ignored older ones included.
     pub catalog: Vec<BackupManifest>,
     /// Every object in the store, intact. Shared: every run of the world reads the same bytes.
     pub objects: Arc<BTreeMap<String, Vec<u8>>>,
@@ -70,8 +89,6 @@ pub struct World {
     pub chain_len: u32,
     /// Backup id of each increment of the restore chain, from the workload.
     pub chain_backup_ids: Vec<u64>,
-    /// The oracle: the source table when the last backup was taken.
-    pub expected_rows: Arc<Rows>,
     pub lost_object: Option<LostObject>,
     pub faults: FaultPlan,
     /// After healing, the restore must end within this much simulated time.
@@ -85,24 +102,64 @@ pub struct World {
 impl World {
     pub fn generate(seed: u64, params: &WorldParams) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let shard_count = params.shard_count.unwrap_or_else(|| rng.gen_range(1..=8));
+        let table_count = params.tables.unwrap_or_else(|| rng.gen_range(1..=3));
+        let max_shards = if table_count == 1 { 8 } else { 4 };
         let incrementals = params.incrementals.unwrap_or_else(|| rng.gen_range(2..=6));
-        let initial_rows = params.initial_rows.unwrap_or_else(|| rng.gen_range(40..=400));
-        let key_space = u64::from(initial_rows) * 4;
-        let shard_map = ShardMap::even(shard_count, key_space);
+        let mut sources = Vec::new();
+        for base in 0..table_count {
+            let shard_count = params.shard_count.unwrap_or_else(|| rng.gen_range(1..=max_shards));
+            let initial_rows = params.initial_rows.unwrap_or_else(|| rng.gen_range(40..=400));
+            let indexed = params.indexes.unwrap_or_else(|| rng.gen_ratio(1, 3));
+            sources.push(SourceTable { base, shard_count, initial_rows, indexed, index_shards: rng.gen_range(1..=2) });
+        }
+        // Each table with how its keys are cut, the source table it comes from, and whether it is that table's index.
+        let mut specs: Vec<(TableSpec, ShardMap, usize, bool)> = Vec::new();
+        for (i, source) in sources.iter().enumerate() {
+            let key_space = u64::from(source.initial_rows) * 4;
+            let id = TableId(u32::try_from(specs.len()).expect("few tables"));
+            let spec = TableSpec {
+                id,
+                name: format!("table{}", source.base),
+                shard_count: source.shard_count,
+                index_of: None,
+            };
+            specs.push((spec, ShardMap::even(source.shard_count, key_space), i, false));
+            if source.indexed {
+                let index_id = TableId(u32::try_from(specs.len()).expect("few tables"));
+                let spec = TableSpec {
+                    id: index_id,
+                    name: format!("table{}/by_value", source.base),
+                    shard_count: source.index_shards,
+                    index_of: Some(id),
+                };
+                specs.push((spec, ShardMap::even(source.index_shards, Key::MAX), i, true));
+            }
+        }
 
-        let history = Workload::run(&mut rng, key_space, initial_rows, incrementals);
+        let history = Workload::run(&mut rng, &sources, incrementals);
         let mut catalog = Vec::new();
         let mut objects = BTreeMap::new();
-        for backup in &history.backups {
-            let manifest = backup.manifest(&shard_map);
-            for (shard, object) in shard_map.shards().zip(&manifest.shard_objects) {
-                let changes =
-                    backup.changes.iter().filter(|c| shard_map.shard_for(c.key()) == shard).copied().collect();
-                let bundle = Bundle { backup_id: backup.backup_id, shard, kind: backup.kind, changes };
-                objects.insert(object.clone(), bundle.encode());
+        for (b, backup) in history.backups.iter().enumerate() {
+            let mut tables = BTreeMap::new();
+            for (spec, shard_map, source, is_index) in &specs {
+                let changes = history.changes_of(b, *source, *is_index);
+                let mut names = Vec::new();
+                for shard in shard_map.shards() {
+                    let tablet = TabletId { table: spec.id, shard };
+                    let object = BackupManifest::object_name(backup.backup_id, tablet);
+                    let changes = changes.iter().filter(|c| shard_map.shard_for(c.key()) == shard).copied().collect();
+                    let bundle = Bundle { backup_id: backup.backup_id, tablet, kind: backup.kind, changes };
+                    objects.insert(object.clone(), bundle.encode());
+                    names.push(object);
+                }
+                tables.insert(spec.id, names);
             }
-            catalog.push(manifest);
+            catalog.push(BackupManifest {
+                backup_id: backup.backup_id,
+                kind: backup.kind,
+                taken_at_ms: backup.taken_at_ms,
+                tables,
+            });
         }
         // The store lists backups in no particular time order.
         shuffle(&mut rng, &mut catalog);
@@ -110,18 +167,29 @@ impl World {
         let newest_full = history.backups.iter().rposition(|b| b.kind == BackupKind::Full).expect("history has a full");
         let chain_backup_ids: Vec<u64> = history.backups[newest_full..].iter().map(|b| b.backup_id).collect();
         let chain_len = u32::try_from(chain_backup_ids.len()).expect("short chain");
+        let tables: Vec<WorldTable> = specs
+            .into_iter()
+            .map(|(spec, shard_map, source, is_index)| {
+                let rows = &history.final_rows[source];
+                let rows = if is_index { index_rows(rows) } else { rows.clone() };
+                WorldTable { spec, shard_map, expected_rows: Arc::new(rows) }
+            })
+            .collect();
+        let tablets: Vec<TabletId> = tables.iter().flat_map(|t| t.spec.tablets()).collect();
         let lost_object = rng.gen_bool(params.lost_object_probability).then(|| {
             let increment = rng.gen_range(0..chain_len);
-            let shard = ShardId(rng.gen_range(0..shard_count));
-            let object = BackupManifest::object_name(chain_backup_ids[increment as usize], shard);
-            LostObject { increment, shard, object }
+            let tablet = tablets[rng.gen_range(0..tablets.len())];
+            let object = BackupManifest::object_name(chain_backup_ids[increment as usize], tablet);
+            LostObject { increment, tablet, object }
         });
         let faults = params.faults.clone().unwrap_or_else(|| {
             let heal_at_ms = rng.gen_range(2_000..20_000);
             FaultPlan::swarm(&mut rng, heal_at_ms)
         });
+        let tablet_count = u32::try_from(tablets.len()).expect("few tablets");
         let coordinator = CoordinatorConfig {
-            max_in_flight_shards: rng.gen_range(1..=shard_count.max(1)),
+            max_in_flight_shards: rng.gen_range(1..=tablet_count.max(1)),
+            max_in_flight_tables: rng.gen_range(1..=table_count),
             bug: params.bugs.coordinator,
             ..CoordinatorConfig::default()
         };
@@ -132,12 +200,11 @@ impl World {
         };
         Self {
             seed,
-            shard_map,
+            tables,
             catalog,
             objects: Arc::new(objects),
             chain_len,
             chain_backup_ids,
-            expected_rows: Arc::new(history.final_rows),
             lost_object,
             faults,
             liveness_bound_ms: 120_000,
@@ -147,21 +214,37 @@ impl World {
         }
     }
 
-    pub fn shard_count(&self) -> u32 {
-        self.shard_map.shard_count()
+    /// Every tablet of every table, in table then shard order.
+    pub fn tablets(&self) -> impl Iterator<Item = TabletId> + '_ {
+        self.tables.iter().flat_map(|t| t.spec.tablets())
+    }
+
+    pub fn tablet_count(&self) -> u32 {
+        self.tables.iter().map(|t| t.spec.shard_count).sum()
+    }
+
+    pub fn table(&self, id: TableId) -> &WorldTable {
+        &self.tables[id.0 as usize]
     }
 
     pub fn restore_request(&self) -> RestoreRequest {
-        RestoreRequest { op: OPERATION_ID, shard_count: self.shard_count(), catalog: self.catalog.clone() }
+        RestoreRequest {
+            op: OPERATION_ID,
+            collection: COLLECTION.to_string(),
+            tables: self.tables.iter().map(|t| t.spec.clone()).collect(),
+            catalog: self.catalog.clone(),
+        }
     }
 
-    pub fn expected_rows_of(&self, shard: ShardId) -> Rows {
-        self.shard_map.rows_of(&self.expected_rows, shard)
+    pub fn expected_rows_of(&self, tablet: TabletId) -> Rows {
+        let table = self.table(tablet.table);
+        table.shard_map.rows_of(&table.expected_rows, tablet.shard)
     }
 
-    /// The oracle's rows of `shard`, in key order, without copying them.
-    pub fn expected_rows_in(&self, shard: ShardId) -> impl Iterator<Item = (&Key, &lockstep::model::Value)> {
-        self.shard_map.rows_in(&self.expected_rows, shard)
+    /// The oracle's rows of `tablet`, in key order, without copying them.
+    pub fn expected_rows_in(&self, tablet: TabletId) -> impl Iterator<Item = (&Key, &Value)> {
+        let table = self.table(tablet.table);
+        table.shard_map.rows_in(&table.expected_rows, tablet.shard)
     }
 
     /// The checksum of the intact bytes of `object`.
@@ -170,20 +253,32 @@ impl World {
     }
 
     pub fn total_rows(&self) -> usize {
-        self.expected_rows.len()
+        self.tables.iter().map(|t| t.expected_rows.len()).sum()
     }
 
     /// A few lines saying what this world is: topology, chain, fault mix, lost object, bugs.
     pub fn describe(&self) -> String {
         let mut text = format!(
-            "seed {}: {} shard(s), {} rows at the last backup, chain of {} increments (backups {:?}), heal at {} ms\n",
+            "seed {}: {} table(s), {} tablet(s), {} rows at the last backup, chain of {} increments (backups {:?}), heal at {} ms\n",
             self.seed,
-            self.shard_count(),
+            self.tables.len(),
+            self.tablet_count(),
             self.total_rows(),
             self.chain_len,
             self.chain_backup_ids,
             self.faults.heal_at_ms
         );
+        for table in &self.tables {
+            let spec = &table.spec;
+            let index = spec.index_of.map(|base| format!(", index of {base}")).unwrap_or_default();
+            text.push_str(&format!(
+                "table {} = {}: {} shard(s), {} rows{index}\n",
+                spec.id,
+                spec.name,
+                spec.shard_count,
+                table.expected_rows.len()
+            ));
+        }
         let enabled: Vec<String> =
             self.faults.enabled().map(|k| format!("{}={:.2}", k.name(), self.faults.rate(k))).collect();
         let enabled = if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") };
@@ -191,7 +286,7 @@ impl World {
         if let Some(lost) = &self.lost_object {
             text.push_str(&format!(
                 "object lost for good: {} (increment {}, {})\n",
-                lost.object, lost.increment, lost.shard
+                lost.object, lost.increment, lost.tablet
             ));
         }
         if let Some(bug) = self.coordinator.bug {
@@ -204,59 +299,79 @@ impl World {
     }
 }
 
+/// A source table as drawn: its shape and whether it carries an index.
+struct SourceTable {
+    /// Position among the base tables.
+    base: u32,
+    shard_count: u32,
+    initial_rows: u32,
+    indexed: bool,
+    index_shards: u32,
+}
+
+/// The rows of the index on a table's values: key `value << 32 | key`, value the table key. Values are 32-bit
+/// and keys stay below 2^32, so every row of the table has its own index row.
+pub fn index_rows(rows: &Rows) -> Rows {
+    rows.iter().map(|(&key, &value)| ((value << 32) | (key & 0xffff_ffff), key)).collect()
+}
+
 /// One backup as the workload took it.
 struct TakenBackup {
     backup_id: u64,
     kind: BackupKind,
     taken_at_ms: u64,
-    changes: Vec<Change>,
 }
 
-impl TakenBackup {
-    fn manifest(&self, shard_map: &ShardMap) -> BackupManifest {
-        BackupManifest {
-            backup_id: self.backup_id,
-            kind: self.kind,
-            taken_at_ms: self.taken_at_ms,
-            shard_objects: shard_map.shards().map(|s| BackupManifest::object_name(self.backup_id, s)).collect(),
-        }
-    }
-}
-
-/// The source table's history and the backups taken of it.
+/// Each source table's history and the backups taken of the collection.
 struct Workload {
     backups: Vec<TakenBackup>,
-    final_rows: Rows,
+    /// For every backup, the rows of every base table when it was taken.
+    snapshots: Vec<Vec<Rows>>,
+    final_rows: Vec<Rows>,
 }
 
 impl Workload {
     /// Older full, 1-2 incrementals (to be ignored), newer full, then `incrementals` incrementals, with a batch of
-    /// mutations before every backup.
-    fn run(rng: &mut ChaCha8Rng, key_space: Key, initial_rows: u32, incrementals: u32) -> Self {
+    /// mutations of every table before every backup (sometimes none, so some incrementals are empty for some
+    /// tables).
+    fn run(rng: &mut ChaCha8Rng, tables: &[SourceTable], incrementals: u32) -> Self {
         let mut kinds = vec![BackupKind::Full];
         kinds.extend((0..rng.gen_range(1..=2)).map(|_| BackupKind::Incremental));
         kinds.push(BackupKind::Full);
         kinds.extend((0..incrementals).map(|_| BackupKind::Incremental));
 
-        let mut source = Rows::new();
-        let mut deleted: Vec<Key> = Vec::new();
-        let mut last_backup = Rows::new();
+        let mut sources: Vec<Rows> = vec![Rows::new(); tables.len()];
+        let mut deleted: Vec<Vec<Key>> = vec![Vec::new(); tables.len()];
         let mut backups = Vec::new();
+        let mut snapshots = Vec::new();
         let mut now_ms = 1_000;
         for (i, kind) in kinds.into_iter().enumerate() {
-            let batch = if i == 0 { initial_rows } else { rng.gen_range(0..=initial_rows / 4) };
-            for _ in 0..batch {
-                mutate(rng, key_space, &mut source, &mut deleted);
+            for (t, table) in tables.iter().enumerate() {
+                let key_space = u64::from(table.initial_rows) * 4;
+                let batch = if i == 0 { table.initial_rows } else { rng.gen_range(0..=table.initial_rows / 4) };
+                for _ in 0..batch {
+                    mutate(rng, key_space, &mut sources[t], &mut deleted[t]);
+                }
             }
             now_ms += rng.gen_range(1_000..60_000);
-            let changes = match kind {
-                BackupKind::Full => source.iter().map(|(&key, &value)| Change::Upsert { key, value }).collect(),
-                BackupKind::Incremental => diff(&last_backup, &source),
-            };
-            last_backup = source.clone();
-            backups.push(TakenBackup { backup_id: 100 + i as u64, kind, taken_at_ms: now_ms, changes });
+            backups.push(TakenBackup { backup_id: 100 + i as u64, kind, taken_at_ms: now_ms });
+            snapshots.push(sources.clone());
         }
-        Self { backups, final_rows: source }
+        Self { backups, snapshots, final_rows: sources }
+    }
+
+    /// The changes backup `b` carries for a table of source `source` (or its index): every row for a full
+    /// backup, the difference from the backup before it for an incremental.
+    fn changes_of(&self, b: usize, source: usize, is_index: bool) -> Vec<Change> {
+        let rows_at = |b: usize| -> Rows {
+            let rows = &self.snapshots[b][source];
+            if is_index { index_rows(rows) } else { rows.clone() }
+        };
+        let now = rows_at(b);
+        match self.backups[b].kind {
+            BackupKind::Full => now.iter().map(|(&key, &value)| Change::Upsert { key, value }).collect(),
+            BackupKind::Incremental => diff(&rows_at(b - 1), &now),
+        }
     }
 }
 
@@ -334,16 +449,17 @@ mod tests {
     fn replaying_the_planned_chain_gives_the_oracle() {
         for seed in 0..50 {
             let world = World::generate(seed, &WorldParams::sweep_default());
-            let chain = RestoreChain::plan(&world.catalog, world.shard_count()).unwrap();
+            let request = world.restore_request();
+            let chain = RestoreChain::plan(&world.catalog, &request.tables).unwrap();
             assert_eq!(chain.len(), world.chain_len, "seed {seed}");
-            for shard in world.shard_map.shards() {
+            for tablet in world.tablets() {
                 let mut rows = Rows::new();
                 for manifest in &chain.backups {
-                    let object = &manifest.shard_objects[shard.0 as usize];
+                    let object = manifest.object(tablet).unwrap();
                     let bundle = Bundle::decode(object, &world.objects[object]).unwrap();
                     apply_changes(&mut rows, &bundle.changes);
                 }
-                assert_eq!(rows, world.expected_rows_of(shard), "seed {seed} {shard}");
+                assert_eq!(rows, world.expected_rows_of(tablet), "seed {seed} {tablet}");
             }
         }
     }
@@ -357,8 +473,8 @@ mod tests {
             assert_eq!(fulls, 2, "seed {seed}: an older full and a newer one");
             let mut deleted = std::collections::BTreeSet::new();
             for backup_id in &world.chain_backup_ids[1..] {
-                for shard in world.shard_map.shards() {
-                    let object = BackupManifest::object_name(*backup_id, shard);
+                for tablet in world.tablets().filter(|t| t.table.0 == 0) {
+                    let object = BackupManifest::object_name(*backup_id, tablet);
                     for change in Bundle::decode(&object, &world.objects[&object]).unwrap().changes {
                         match change {
                             Change::Delete { key } => {
@@ -371,5 +487,40 @@ mod tests {
             }
         }
         assert!(reinserted, "some world deletes a key in one incremental and re-inserts it in a later one");
+    }
+
+    #[test]
+    fn worlds_have_several_tables_indexes_and_incrementals_empty_for_some_table() {
+        let (mut several, mut indexed, mut empty_for_one) = (false, false, false);
+        for seed in 0..60 {
+            let world = World::generate(seed, &WorldParams::sweep_default());
+            several |= world.tables.iter().filter(|t| t.spec.index_of.is_none()).count() > 1;
+            indexed |= world.tables.iter().any(|t| t.spec.index_of.is_some());
+            for backup_id in &world.chain_backup_ids[1..] {
+                let sizes: Vec<usize> = world
+                    .tables
+                    .iter()
+                    .map(|t| {
+                        t.spec
+                            .tablets()
+                            .map(|tablet| {
+                                let object = BackupManifest::object_name(*backup_id, tablet);
+                                Bundle::decode(&object, &world.objects[&object]).unwrap().changes.len()
+                            })
+                            .sum()
+                    })
+                    .collect();
+                empty_for_one |= sizes.contains(&0) && sizes.iter().any(|n| *n > 0);
+            }
+        }
+        assert!(several && indexed && empty_for_one, "several {several}, indexed {indexed}, empty {empty_for_one}");
+    }
+
+    #[test]
+    fn index_rows_follow_the_table() {
+        let rows: Rows = [(1, 7), (2, 7), (3, 9)].into_iter().collect();
+        let index = index_rows(&rows);
+        assert_eq!(index.len(), 3, "two rows with one value still have an index row each");
+        assert_eq!(index.get(&((7 << 32) | 2)), Some(&2));
     }
 }
