@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{BackupManifest, ChainError, IncrementIndex, RestoreChain, TableId, TableSpec, TabletId};
 use crate::protocol::{
-    ApplyOutcome, ApplyReply, ApplyRequest, DownloadResult, Generation, Message, NodeAddr, OperationId, Output,
-    PersistNote, ShardFailure,
+    ApplyOutcome, ApplyReply, ApplyRequest, ClientAnswer, ClientCall, ClientReply, DownloadResult, Generation, Message,
+    NodeAddr, OperationId, Output, PersistNote, ShardFailure,
 };
 use crate::rng::SplitMix64;
 
@@ -91,7 +91,7 @@ pub struct RestoreRequest {
 }
 
 /// Why a restore is refused before it starts.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 pub enum StartError {
     #[error("operation id {op} is already taken by another restore")]
     OperationIdTaken { op: OperationId },
@@ -114,7 +114,7 @@ pub enum StartError {
 }
 
 /// Why a lifecycle call on an existing operation is refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 pub enum LifecycleError {
     #[error("no operation {op} is known")]
     NotFound { op: OperationId },
@@ -257,7 +257,7 @@ impl fmt::Display for ProgressMark {
 }
 
 /// Where an operation stands, as `status` reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Hash, Eq, Serialize, Deserialize)]
 pub struct OperationView {
     pub op: OperationId,
     pub collection: String,
@@ -270,14 +270,14 @@ pub struct OperationView {
     pub error: Option<RestoreError>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OperationState {
     Running,
     Done,
     Failed,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Hash, Eq, Serialize, Deserialize)]
 pub struct TableProgress {
     pub table: TableId,
     pub name: String,
@@ -286,7 +286,7 @@ pub struct TableProgress {
 }
 
 /// A tablet's standing in the current increment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TabletProgress {
     /// The operation is over: every tablet is done (Done) or nothing more happens (Failed).
     Finished,
@@ -299,7 +299,7 @@ pub enum TabletProgress {
 }
 
 /// One line of `list`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Hash, Eq, Serialize, Deserialize)]
 pub struct OperationSummary {
     pub op: OperationId,
     pub collection: String,
@@ -527,10 +527,44 @@ impl Coordinator {
         let mut out = Vec::new();
         match msg {
             Message::Reply(reply) if from == NodeAddr::Shard(reply.tablet) => self.on_reply(now_ms, reply, &mut out),
-            // Apply requests are not for the coordinator, and a reply must come from the tablet it speaks for.
-            Message::Reply(_) | Message::Apply(_) => {}
+            Message::Client(request) if from == NodeAddr::Client => {
+                let answer = self.on_client_call(now_ms, request.call, &mut out);
+                // After the outputs of the call: a start or forget is answered once its state is durable.
+                let reply = ClientReply { call_id: request.call_id, answer };
+                out.push(Output::Send { to: NodeAddr::Client, msg: Message::ClientReply(reply) });
+            }
+            // Apply requests and client answers are not for the coordinator, and a reply must come from the
+            // tablet it speaks for.
+            Message::Reply(_) | Message::Apply(_) | Message::Client(_) | Message::ClientReply(_) => {}
         }
         out
+    }
+
+    fn on_client_call(&mut self, now_ms: u64, call: ClientCall, out: &mut Vec<CoordinatorOutput>) -> ClientAnswer {
+        match call {
+            ClientCall::Start(request) => {
+                let op = request.op;
+                match self.start(now_ms, request) {
+                    Ok(more) => {
+                        out.extend(more);
+                        ClientAnswer::Started { op }
+                    }
+                    Err(error) => {
+                        out.push(Output::Report(format!("start of operation {op} refused: {error}")));
+                        ClientAnswer::StartRefused(error)
+                    }
+                }
+            }
+            ClientCall::Status { op } => ClientAnswer::Status(self.status(op)),
+            ClientCall::List => ClientAnswer::List(self.list()),
+            ClientCall::Forget { op } => match self.forget(op) {
+                Ok(more) => {
+                    out.extend(more);
+                    ClientAnswer::Forgotten { op }
+                }
+                Err(error) => ClientAnswer::ForgetRefused(error),
+            },
+        }
     }
 
     pub fn handle_timer(&mut self, now_ms: u64, timer: CoordinatorTimer) -> Vec<CoordinatorOutput> {

@@ -290,7 +290,7 @@ pub struct RestoreChain {
     pub backups: Vec<BackupManifest>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 pub enum ChainError {
     #[error("the catalog holds no full backup, so there is nothing to restore from")]
     NoFullBackup,

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::coordinator::{LifecycleError, OperationSummary, OperationView, RestoreRequest, StartError};
 use crate::model::{BackupKind, IncrementIndex, TabletId};
 
 /// Identifies one restore operation.
@@ -18,6 +19,8 @@ pub enum NodeAddr {
     Coordinator,
     /// The node serving one tablet (one shard of one table).
     Shard(TabletId),
+    /// An operator's client: starts restores, asks for status, lists and forgets operations.
+    Client,
 }
 
 impl fmt::Display for NodeAddr {
@@ -25,15 +28,56 @@ impl fmt::Display for NodeAddr {
         match self {
             NodeAddr::Coordinator => f.write_str("coordinator"),
             NodeAddr::Shard(tablet) => write!(f, "{tablet}"),
+            NodeAddr::Client => f.write_str("client"),
         }
     }
 }
 
-/// A protocol message between the coordinator and a shard.
+/// A protocol message: between the coordinator and a shard, or between a client and the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Message {
     Apply(ApplyRequest),
     Reply(ApplyReply),
+    Client(ClientRequest),
+    ClientReply(ClientReply),
+}
+
+/// A lifecycle call from a client. Clients retry until answered: a start is idempotent by operation id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientRequest {
+    /// Chosen by the client; the answer echoes it.
+    pub call_id: u64,
+    pub call: ClientCall,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClientCall {
+    Start(RestoreRequest),
+    Status { op: OperationId },
+    List,
+    Forget { op: OperationId },
+}
+
+/// The coordinator's answer to one [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientReply {
+    pub call_id: u64,
+    pub answer: ClientAnswer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClientAnswer {
+    /// The operation is durably started (or was already).
+    Started {
+        op: OperationId,
+    },
+    StartRefused(StartError),
+    Status(Result<OperationView, LifecycleError>),
+    List(Vec<OperationSummary>),
+    Forgotten {
+        op: OperationId,
+    },
+    ForgetRefused(LifecycleError),
 }
 
 /// "Apply increment `increment` of operation `op` to your rows."
@@ -148,8 +192,8 @@ pub enum StoreError {
 pub enum PersistNote {
     /// Coordinator state: the progress of every operation it knows, in operation order.
     Coordinator(Vec<crate::coordinator::ProgressMark>),
-    /// A shard applied an increment: rows and marker in this one write.
-    ShardApplied { increment: IncrementIndex, backup_id: u64, bundle_crc32: u32 },
+    /// A shard applied an increment of operation `op`: rows and marker in this one write.
+    ShardApplied { op: OperationId, increment: IncrementIndex, backup_id: u64, bundle_crc32: u32 },
 }
 
 /// An effect a state machine asks its host to carry out, in order. A host finishes a `Persist` (write and sync)
@@ -196,6 +240,48 @@ pub fn decode_frame<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, F
 impl fmt::Display for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Message::Client(ClientRequest { call_id, call }) => {
+                write!(f, "call {call_id}: ")?;
+                match call {
+                    ClientCall::Start(request) => {
+                        let tables: Vec<String> = request.tables.iter().map(|t| t.name.clone()).collect();
+                        write!(
+                            f,
+                            "start op={} collection={} tables={}",
+                            request.op,
+                            request.collection,
+                            tables.join(",")
+                        )
+                    }
+                    ClientCall::Status { op } => write!(f, "status op={op}"),
+                    ClientCall::List => f.write_str("list"),
+                    ClientCall::Forget { op } => write!(f, "forget op={op}"),
+                }
+            }
+            Message::ClientReply(ClientReply { call_id, answer }) => {
+                write!(f, "answer {call_id}: ")?;
+                match answer {
+                    ClientAnswer::Started { op } => write!(f, "started op={op}"),
+                    ClientAnswer::StartRefused(error) => write!(f, "start refused: {error}"),
+                    ClientAnswer::Status(Ok(view)) => {
+                        write!(f, "status op={} {:?}", view.op, view.state)?;
+                        if let Some(increment) = view.increment {
+                            write!(f, " at increment {increment} of {}", view.increments)?;
+                        }
+                        if let Some(error) = &view.error {
+                            write!(f, ": {error}")?;
+                        }
+                        Ok(())
+                    }
+                    ClientAnswer::Status(Err(error)) => write!(f, "status refused: {error}"),
+                    ClientAnswer::List(ops) => {
+                        let ops: Vec<String> = ops.iter().map(|o| format!("{}:{:?}", o.op, o.state)).collect();
+                        write!(f, "list [{}]", ops.join(", "))
+                    }
+                    ClientAnswer::Forgotten { op } => write!(f, "forgot op={op}"),
+                    ClientAnswer::ForgetRefused(error) => write!(f, "forget refused: {error}"),
+                }
+            }
             Message::Apply(r) => write!(
                 f,
                 "apply op={} gen={} attempt={} inc={} backup={} {} {}",

@@ -98,7 +98,7 @@ impl Shard {
     pub fn handle_message(&mut self, _now_ms: u64, from: NodeAddr, msg: Message) -> Vec<ShardOutput> {
         match msg {
             Message::Apply(request) if from == NodeAddr::Coordinator => self.on_apply(request),
-            Message::Apply(_) | Message::Reply(_) => Vec::new(),
+            _ => Vec::new(),
         }
     }
 
@@ -216,6 +216,7 @@ impl Shard {
             return self.finish_with(ApplyOutcome::Failed { permanent: true, cause });
         }
         let note = PersistNote::ShardApplied {
+            op: request.op,
             increment: request.increment,
             backup_id: request.backup_id,
             bundle_crc32: crc32fast::hash(&work.buffer),

@@ -919,7 +919,8 @@ fn shard_applies_a_full_bundle_replacing_its_rows_and_persists_before_replying()
     assert_eq!(state, expected, "a full bundle replaces every row, and rows and marker are one write");
     assert_eq!(shard.durable(), &expected);
     let Output::Persist { note, .. } = &out[0] else { unreachable!() };
-    assert_eq!(note, &PersistNote::ShardApplied { increment: 0, backup_id: 1, bundle_crc32: crc32fast::hash(&bytes) });
+    let bundle_crc32 = crc32fast::hash(&bytes);
+    assert_eq!(note, &PersistNote::ShardApplied { op: 2, increment: 0, backup_id: 1, bundle_crc32 });
 }
 
 #[test]

@@ -123,6 +123,7 @@ fn real_hosts_restore_every_increment_onto_files() {
                     let config = ShardConfig { download_chunk_bytes: 64, ..ShardConfig::default() };
                     tokio::task::spawn_local(io.run_shard(shard, config));
                 }
+                NodeAddr::Client => unreachable!("this test starts its restore at boot, without a client"),
             }
         }
         tokio::time::timeout(Duration::from_secs(20), finished_rx.recv())

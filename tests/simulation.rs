@@ -57,7 +57,7 @@ fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_
     let params = WorldParams { lost_object_probability: 1.0, ..WorldParams::sweep_default() };
     for seed in 0..60 {
         let world = World::generate(seed, &params);
-        let lost = world.lost_object.clone().expect("every world loses an object");
+        let lost = world.lost_objects.first().cloned().expect("every world loses an object");
         let outcome = run_seed(&world, false);
         assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
         match outcome.end {

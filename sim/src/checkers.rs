@@ -4,15 +4,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, progress_of};
+use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, progress_of};
 use lockstep::host::HostEvent;
 use lockstep::model::{BackupManifest, IncrementIndex, TabletId};
 use lockstep::protocol::OperationId;
-use lockstep::protocol::{NodeAddr, PersistNote, ShardFailure};
+use lockstep::protocol::{ClientAnswer, ClientReply, Message, NodeAddr, PersistNote};
 use lockstep::shard::ShardDurable;
 
 use crate::events::{Event, EventKind, SimNode};
-use crate::world::{OPERATION_ID, World};
+use crate::plan::OpExpect;
+use crate::world::World;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Invariant {
@@ -102,25 +103,41 @@ pub fn check(world: &World, log: &[Event], final_state: &FinalState) -> Vec<Viol
     for (index, event) in log.iter().enumerate() {
         walker.step(index, event);
     }
-    let mut violations = walker.violations;
-    check_final(world, final_state, &mut violations);
+    let mut violations = std::mem::take(&mut walker.violations);
+    check_final(world, &walker, final_state, &mut violations);
     violations
 }
 
 struct Walker<'a> {
     world: &'a World,
     log: &'a [Event],
-    /// Highest increment each tablet holds durably, with the checksum of the bundle it applied.
-    applied: BTreeMap<TabletId, Option<(IncrementIndex, u32)>>,
-    /// Last durable progress of each operation.
+    /// Tablets each planned operation restores.
+    op_tablets: BTreeMap<OperationId, Vec<TabletId>>,
+    /// Highest increment each tablet holds durably, of which operation, with the checksum of the bundle.
+    applied: BTreeMap<TabletId, Option<(OperationId, IncrementIndex, u32)>>,
+    /// Last durable progress of each operation not forgotten.
     progress: BTreeMap<OperationId, ProgressMark>,
+    /// Last durable progress of every operation ever seen, forgotten ones included.
+    last_seen: BTreeMap<OperationId, ProgressMark>,
+    /// The first answer the client got to each call, by call id.
+    answers: BTreeMap<u64, ClientAnswer>,
     violations: Vec<Violation>,
 }
 
 impl<'a> Walker<'a> {
     fn new(world: &'a World, log: &'a [Event]) -> Self {
         let applied = world.tablets().map(|t| (t, None)).collect();
-        Self { world, log, applied, progress: BTreeMap::new(), violations: Vec::new() }
+        let op_tablets = world.expected_ops.keys().map(|op| (*op, world.tablets_of(*op))).collect();
+        Self {
+            world,
+            log,
+            op_tablets,
+            applied,
+            progress: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+            answers: BTreeMap::new(),
+            violations: Vec::new(),
+        }
     }
 
     fn violate(&mut self, invariant: Invariant, index: usize, detail: String) {
@@ -136,20 +153,20 @@ impl<'a> Walker<'a> {
         let EventKind::Host(host) = &event.kind else { return };
         match (event.node, host) {
             (
-                SimNode::Protocol(NodeAddr::Shard(shard)),
-                HostEvent::Persisted(PersistNote::ShardApplied { increment, backup_id, bundle_crc32 }),
-            ) => self.on_applied(index, shard, *increment, *backup_id, *bundle_crc32),
-            (SimNode::Protocol(NodeAddr::Shard(shard)), HostEvent::ShardBooted { loaded }) => {
-                let loaded_through = loaded.as_ref().and_then(|s| s.applied_through);
-                let durable_through = self.applied[&shard].map(|(k, _)| k);
-                if loaded_through != durable_through {
-                    let detail = format!(
-                        "{shard} rebooted holding increment {loaded_through:?} but had durably applied {durable_through:?}"
-                    );
+                SimNode::Protocol(NodeAddr::Shard(tablet)),
+                HostEvent::Persisted(PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 }),
+            ) => self.on_applied(index, tablet, *op, *increment, *backup_id, *bundle_crc32),
+            (SimNode::Protocol(NodeAddr::Shard(tablet)), HostEvent::ShardBooted { loaded }) => {
+                let loaded = loaded.as_ref().and_then(|s| s.op.zip(s.applied_through));
+                let durable = self.applied.get(&tablet).copied().flatten().map(|(op, k, _)| (op, k));
+                if loaded != durable {
+                    let detail = format!("{tablet} rebooted holding {loaded:?} but had durably applied {durable:?}");
                     self.violate(Invariant::InOrderApply, index, detail);
                 }
             }
             (SimNode::Protocol(NodeAddr::Coordinator), HostEvent::Persisted(PersistNote::Coordinator(marks))) => {
+                // An operation missing from a persisted state was forgotten.
+                self.progress.retain(|op, _| marks.iter().any(|m| m.op() == *op));
                 for mark in marks {
                     self.on_progress(index, *mark);
                 }
@@ -165,39 +182,57 @@ impl<'a> Walker<'a> {
                     }
                 }
             }
+            (SimNode::Protocol(NodeAddr::Client), HostEvent::Received { msg: Message::ClientReply(reply), .. }) => {
+                self.answers.entry(reply.call_id).or_insert_with(|| reply.answer.clone());
+            }
             _ => {}
         }
     }
 
-    fn on_applied(&mut self, index: usize, shard: TabletId, increment: IncrementIndex, backup_id: u64, crc: u32) {
-        let previous = self.applied[&shard];
+    fn on_applied(
+        &mut self,
+        index: usize,
+        tablet: TabletId,
+        op: OperationId,
+        increment: IncrementIndex,
+        backup_id: u64,
+        crc: u32,
+    ) {
+        // A new operation on a tablet starts over from its full backup.
+        let previous =
+            self.applied.get(&tablet).copied().flatten().filter(|(o, _, _)| *o == op).map(|(_, k, c)| (k, c));
         match previous {
             Some((k, previous_crc)) if k == increment && previous_crc == crc => return,
             Some((k, _)) if k == increment => {
                 self.violate(
                     Invariant::InOrderApply,
                     index,
-                    format!("{shard} re-applied increment {k} with other data"),
+                    format!("{tablet} re-applied increment {k} with other data"),
                 );
             }
             _ => {
                 let expected = previous.map_or(0, |(k, _)| k + 1);
                 if increment != expected {
-                    let detail = format!("{shard} applied increment {increment} when the next one was {expected}");
+                    let detail = format!("{tablet} applied increment {increment} when the next one was {expected}");
                     self.violate(Invariant::InOrderApply, index, detail);
                 }
             }
         }
         if increment > 0 {
-            let behind: Vec<TabletId> = self
-                .applied
-                .iter()
-                .filter(|(s, a)| **s != shard && a.is_none_or(|(k, _)| k < increment - 1))
-                .map(|(s, _)| *s)
-                .collect();
-            if let Some(first) = behind.first() {
+            let tablets = self.op_tablets.get(&op).cloned().unwrap_or_default();
+            let behind = tablets.iter().find(|other| {
+                **other != tablet
+                    && self
+                        .applied
+                        .get(other)
+                        .copied()
+                        .flatten()
+                        .filter(|(o, _, _)| *o == op)
+                        .is_none_or(|(_, k, _)| k < increment - 1)
+            });
+            if let Some(first) = behind {
                 let detail = format!(
-                    "{shard} applied increment {increment} before {first} durably applied increment {}",
+                    "{tablet} applied increment {increment} before {first} durably applied increment {}",
                     increment - 1
                 );
                 self.violate(Invariant::InOrderApply, index, detail);
@@ -205,40 +240,43 @@ impl<'a> Walker<'a> {
         }
         match self.world.chain_backup_ids.get(increment as usize) {
             Some(expected_backup) if *expected_backup == backup_id => {
-                let object = BackupManifest::object_name(backup_id, shard);
+                let object = BackupManifest::object_name(backup_id, tablet);
                 if self.world.intact_crc32(&object) != Some(crc) {
-                    let detail = format!("{shard} applied increment {increment} from a damaged copy of {object}");
+                    let detail = format!("{tablet} applied increment {increment} from a damaged copy of {object}");
                     self.violate(Invariant::CorruptNeverApplied, index, detail);
                 }
             }
             expected => {
                 let detail =
-                    format!("{shard} applied backup {backup_id} as increment {increment}, expected {expected:?}");
+                    format!("{tablet} applied backup {backup_id} as increment {increment}, expected {expected:?}");
                 self.violate(Invariant::InOrderApply, index, detail);
             }
         }
-        self.applied.insert(shard, Some((increment, crc)));
+        self.applied.insert(tablet, Some((op, increment, crc)));
     }
 
     fn on_progress(&mut self, index: usize, mark: ProgressMark) {
-        if let Some(previous) = self.progress.get(&mark.op())
+        let op = mark.op();
+        if let Some(previous) = self.progress.get(&op)
             && rank(mark) < rank(*previous)
         {
             let detail = format!("coordinator persisted {mark:?} after {previous:?}");
             self.violate(Invariant::ProgressNeverBackwards, index, detail);
         }
-        self.progress.insert(mark.op(), mark);
+        self.progress.insert(op, mark);
+        self.last_seen.insert(op, mark);
         if let ProgressMark::Done { increments, .. } = mark {
             let last = self.world.chain_len - 1;
-            let missing: Vec<String> = self
-                .applied
+            let tablets = self.op_tablets.get(&op).cloned().unwrap_or_default();
+            let missing: Vec<String> = tablets
                 .iter()
-                .filter(|(_, a)| a.is_none_or(|(k, _)| k < last))
-                .map(|(s, a)| format!("{s} holds {:?}", a.map(|(k, _)| k)))
+                .map(|t| (t, self.applied.get(t).copied().flatten().filter(|(o, _, _)| *o == op)))
+                .filter(|(_, a)| a.is_none_or(|(_, k, _)| k < last))
+                .map(|(t, a)| format!("{t} holds {:?}", a.map(|(_, k, _)| k)))
                 .collect();
             if !missing.is_empty() || increments != self.world.chain_len {
                 let detail = format!(
-                    "Done with {increments} of {} increments while {}",
+                    "operation {op} Done with {increments} of {} increments while {}",
                     self.world.chain_len,
                     if missing.is_empty() { "every tablet is done".to_string() } else { missing.join(", ") }
                 );
@@ -260,66 +298,85 @@ fn final_violation(invariant: Invariant, detail: String) -> Violation {
     Violation { invariant, event_index: None, event_text: None, detail }
 }
 
-fn check_final(world: &World, final_state: &FinalState, violations: &mut Vec<Violation>) {
-    let status = final_state.coordinator.as_ref().and_then(|c| c.operations.get(&OPERATION_ID)).map(|op| &op.status);
-    match (status, &world.lost_object) {
-        (Some(OperationStatus::Done { .. }), None) => {
-            for shard in world.tablets() {
-                let rows = final_state.shards.get(&shard).and_then(|s| s.as_ref()).map(|s| &s.rows);
-                if !rows.is_some_and(|rows| rows.iter().eq(world.expected_rows_in(shard))) {
-                    let expected = world.expected_rows_of(shard);
-                    let detail = match rows {
-                        None => format!("at Done {shard} holds no durable rows at all"),
-                        Some(rows) => format!(
-                            "at Done {shard} differs from the source table: {}",
-                            first_difference(rows, &expected)
-                        ),
-                    };
-                    violations.push(final_violation(Invariant::NoLostIncrement, detail));
-                    break;
+fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, violations: &mut Vec<Violation>) {
+    let push = |violations: &mut Vec<Violation>, invariant: Invariant, detail: String| {
+        // One violation per invariant, as for the log.
+        if !violations.iter().any(|v| v.invariant == invariant) {
+            violations.push(final_violation(invariant, detail));
+        }
+    };
+    for (op, expect) in &world.expected_ops {
+        let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.get(op));
+        match (operation.map(|o| &o.status), walker.last_seen.get(op)) {
+            (Some(OperationStatus::Done { .. }), _) | (None, Some(ProgressMark::Done { .. })) => {
+                if *expect != OpExpect::Done {
+                    push(
+                        violations,
+                        Invariant::ExpectedOutcome,
+                        format!("operation {op} ended Done, expected {expect}"),
+                    );
+                    continue;
+                }
+                if operation.is_none() {
+                    continue; // Forgotten after Done: its tablets may since belong to another operation.
+                }
+                for tablet in world.tablets_of(*op) {
+                    let state = final_state.shards.get(&tablet).and_then(|s| s.as_ref());
+                    let rows = state.filter(|s| s.op == Some(*op)).map(|s| &s.rows);
+                    if !rows.is_some_and(|rows| rows.iter().eq(world.expected_rows_in(tablet))) {
+                        let detail = match rows {
+                            None => format!("at Done of operation {op} {tablet} holds no durable rows of it"),
+                            Some(rows) => format!(
+                                "at Done of operation {op} {tablet} differs from the source table: {}",
+                                first_difference(rows, &world.expected_rows_of(tablet))
+                            ),
+                        };
+                        push(violations, Invariant::NoLostIncrement, detail);
+                        break;
+                    }
                 }
             }
-        }
-        (Some(OperationStatus::Done { .. }), Some(lost)) => {
-            let detail = format!(
-                "Done although {} (increment {}, {}) is missing for good",
-                lost.object, lost.increment, lost.tablet
-            );
-            violations.push(final_violation(Invariant::ExpectedOutcome, detail));
-        }
-        (Some(OperationStatus::Failed { error, .. }), Some(lost)) => {
-            let clean = matches!(
-                error,
-                RestoreError::Shard { increment, tablet, cause: ShardFailure::ObjectMissing { object }, .. }
-                    if *increment == lost.increment && *tablet == lost.tablet && *object == lost.object
-            );
-            if !clean {
+            (Some(OperationStatus::Failed { error, .. }), _) => {
+                if !expect.accepts_failure(error) {
+                    let detail = format!("operation {op} failed: {error}; expected {expect}");
+                    push(violations, Invariant::ExpectedOutcome, detail);
+                }
+            }
+            (None, Some(ProgressMark::Failed { .. })) => {
+                if *expect == OpExpect::Done {
+                    push(violations, Invariant::ExpectedOutcome, format!("operation {op} failed, expected Done"));
+                }
+            }
+            (Some(OperationStatus::Running(running)), _) => {
+                let detail = format!(
+                    "operation {op} still running at increment {} ({} tablet(s) done) {} ms after healing",
+                    running.increment,
+                    running.done.len(),
+                    world.liveness_bound_ms
+                );
+                push(violations, Invariant::Liveness, detail);
+            }
+            (None, _) => {
                 let detail =
-                    format!("expected Failed naming increment {} and {}, got: {error}", lost.increment, lost.tablet);
-                violations.push(final_violation(Invariant::ExpectedOutcome, detail));
+                    format!("operation {op} was never durably started, {} ms after healing", world.liveness_bound_ms);
+                push(violations, Invariant::Liveness, detail);
             }
         }
-        (Some(OperationStatus::Failed { error, .. }), None) => {
-            let detail = format!("restore failed although every object is intact: {error}");
-            violations.push(final_violation(Invariant::ExpectedOutcome, detail));
-        }
-        (Some(OperationStatus::Running(running)), _) => {
-            let detail = format!(
-                "still running at increment {} ({} tablet(s) done) {} ms after healing",
-                running.increment,
-                running.done.len(),
-                world.liveness_bound_ms
-            );
-            violations.push(final_violation(Invariant::Liveness, detail));
-        }
-        (None, _) => {
-            let detail = format!("no operation was ever durably started, {} ms after healing", world.liveness_bound_ms);
-            violations.push(final_violation(Invariant::Liveness, detail));
+    }
+    for (index, planned) in world.calls.iter().enumerate() {
+        let call_id = index as u64 + 1;
+        match walker.answers.get(&call_id) {
+            None => push(violations, Invariant::Liveness, format!("client call {call_id} was never answered")),
+            Some(answer) if !planned.expect.accepts(answer) => {
+                let got = Message::ClientReply(ClientReply { call_id, answer: answer.clone() });
+                let detail = format!("client call {call_id} expected {}, got {got}", planned.expect);
+                push(violations, Invariant::ExpectedOutcome, detail);
+            }
+            Some(_) => {}
         }
     }
     if final_state.timed_out && !violations.iter().any(|v| v.invariant.is_liveness()) {
-        let detail = "the run hit its time bound".to_string();
-        violations.push(final_violation(Invariant::Liveness, detail));
+        violations.push(final_violation(Invariant::Liveness, "the run hit its time bound".to_string()));
     }
 }
 
@@ -368,7 +425,7 @@ mod tests {
         let backup_id = world.chain_backup_ids[increment as usize];
         let object = BackupManifest::object_name(backup_id, tablet);
         let bundle_crc32 = world.intact_crc32(&object).expect("object exists");
-        let note = PersistNote::ShardApplied { increment, backup_id, bundle_crc32 };
+        let note = PersistNote::ShardApplied { op: 1, increment, backup_id, bundle_crc32 };
         event(NodeAddr::Shard(tablet), HostEvent::Persisted(note))
     }
 
@@ -380,9 +437,15 @@ mod tests {
         ProgressMark::Running { op: 1, increment, tablets_done: 0 }
     }
 
-    /// The clean log of a correct restore: both shards apply each increment, then Done.
+    fn answer(call_id: u64, answer: ClientAnswer) -> Event {
+        let msg = Message::ClientReply(ClientReply { call_id, answer });
+        event(NodeAddr::Client, HostEvent::Received { from: NodeAddr::Coordinator, msg })
+    }
+
+    /// The clean log of a correct restore: the client's start is answered, both shards apply each increment,
+    /// then Done.
     fn clean_log(world: &World) -> Vec<Event> {
-        let mut log = Vec::new();
+        let mut log = vec![answer(1, ClientAnswer::Started { op: 1 })];
         for increment in 0..world.chain_len {
             log.push(progress(running(increment)));
             log.push(applied(world, 0, increment));
@@ -477,10 +540,11 @@ mod tests {
     fn applying_a_damaged_bundle_breaks_corrupt_never_applied() {
         let world = world();
         let mut log = clean_log(&world);
-        if let EventKind::Host(HostEvent::Persisted(PersistNote::ShardApplied { bundle_crc32, .. })) = &mut log[1].kind
-        {
-            *bundle_crc32 ^= 1;
-        }
+        let first_apply = log.iter_mut().find_map(|e| match &mut e.kind {
+            EventKind::Host(HostEvent::Persisted(PersistNote::ShardApplied { bundle_crc32, .. })) => Some(bundle_crc32),
+            _ => None,
+        });
+        *first_apply.expect("the clean log applies something") ^= 1;
         assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::CorruptNeverApplied]);
     }
 
@@ -537,14 +601,36 @@ mod tests {
     fn a_failure_without_a_lost_object_or_done_despite_one_breaks_expected_outcome() {
         let mut world = world();
         let mut final_state = done_state(&world);
-        let error = RestoreError::DeadlineExceeded { increment: 0, pending: 2 };
+        let error = lockstep::coordinator::RestoreError::DeadlineExceeded { increment: 0, pending: 2 };
         final_state.coordinator.as_mut().unwrap().operations.get_mut(&1).unwrap().status =
             OperationStatus::Failed { error, failed_at_ms: 1 };
         assert_eq!(invariants(&world, &clean_log(&world), &final_state), vec![Invariant::ExpectedOutcome]);
 
         let tablet = TabletId::new(0, 0);
         let object = BackupManifest::object_name(world.chain_backup_ids[1], tablet);
-        world.lost_object = Some(crate::world::LostObject { increment: 1, tablet, object });
+        world.lost_objects = vec![crate::world::LostObject { increment: 1, tablet, object }];
+        let missing = crate::plan::FailureExpect::ObjectMissing { increment: 1, tablet };
+        world.expected_ops.insert(1, OpExpect::Failed(missing));
         assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![Invariant::ExpectedOutcome]);
+    }
+
+    #[test]
+    fn a_call_answered_otherwise_than_planned_breaks_expected_outcome_and_one_never_answered_liveness() {
+        let world = world();
+        let mut log = clean_log(&world);
+        let refusal = lockstep::coordinator::StartError::NoTables;
+        log[0] = answer(1, ClientAnswer::StartRefused(refusal));
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::ExpectedOutcome]);
+        log.remove(0);
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::Liveness]);
+    }
+
+    #[test]
+    fn only_the_first_answer_to_a_call_counts() {
+        let world = world();
+        let mut log = clean_log(&world);
+        // A retried call may be answered again, and differently (a retried forget finds nothing to forget).
+        log.push(answer(1, ClientAnswer::StartRefused(lockstep::coordinator::StartError::NoTables)));
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![]);
     }
 }

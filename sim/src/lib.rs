@@ -10,6 +10,7 @@ pub mod checkers;
 pub mod disk;
 pub mod events;
 pub mod faults;
+pub mod plan;
 pub mod world;
 
 #[cfg(madsim)]

@@ -283,7 +283,7 @@ mod cli {
 
     fn init_tracing() {
         use tracing_subscriber::EnvFilter;
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("debug"));
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lockstep=debug"));
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .without_time()

@@ -61,6 +61,13 @@ impl Transport for SimTransport {
         let (copies, delay) = {
             let mut state = self.state.lock();
             let detail = || format!("frame of {} bytes to {to}", frame.len());
+            if let NodeAddr::Shard(tablet) = self.node
+                && to == NodeAddr::Coordinator
+                && state.dropped_reports.contains(&tablet)
+            {
+                state.scheduled_fault(now, node, FaultKind::MessageDrop, format!("report of {tablet} dropped"));
+                return;
+            }
             if state.fault(now, node, FaultKind::MessageDrop, detail) {
                 return;
             }

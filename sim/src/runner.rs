@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError};
 use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
-use lockstep::io::StateFile;
+use lockstep::io::{StateFile, Transport};
+use lockstep::model::BackupManifest;
 use lockstep::model::TabletId;
-use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
+use lockstep::protocol::{ApplyOutcome, ClientRequest, Message, NodeAddr, PersistNote, decode_frame, encode_frame};
 use lockstep::shard::ShardDurable;
 use madsim::net::Endpoint;
 use madsim::runtime::Handle;
@@ -26,6 +27,7 @@ use crate::disk::SimDisk;
 use crate::events::{Event, EventKind, SimNode, log_hash};
 use crate::faults::{FaultCounts, FaultKind};
 use crate::net::{Directory, SimTransport};
+use crate::plan::{Action, Moment};
 use crate::state::{Shared, SimState};
 use crate::store::SimStoreClient;
 use crate::world::World;
@@ -33,6 +35,8 @@ use crate::world::World;
 pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 9, 1)), 9000);
 const PROTOCOL_PORT: u16 = 7000;
 const STORE_CLIENT_PORT: u16 = 7001;
+/// How long the client waits for an answer before it sends a call again.
+const CLIENT_RETRY_MS: u64 = 1_000;
 
 /// What one seed produced.
 #[derive(Clone, Debug)]
@@ -64,7 +68,7 @@ pub enum RunEnd {
 
 impl RunEnd {
     fn of(final_state: &FinalState) -> Self {
-        let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.get(&crate::world::OPERATION_ID));
+        let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.values().next());
         match operation.map(|op| &op.status) {
             Some(OperationStatus::Done { .. }) => RunEnd::Done,
             Some(OperationStatus::Failed { error, .. }) => RunEnd::Failed(error.clone()),
@@ -131,21 +135,25 @@ struct SimObserver {
     node: NodeAddr,
     state: Shared,
     epoch: Instant,
+    world: Arc<World>,
     crash_tx: mpsc::UnboundedSender<NodeAddr>,
     finished_tx: mpsc::UnboundedSender<()>,
 }
 
 impl Observer for SimObserver {
     fn record(&self, node: NodeAddr, event: HostEvent) {
-        // The run is over once every operation has ended.
-        let finished = matches!(
-            &event,
-            HostEvent::Persisted(PersistNote::Coordinator(marks))
-                if !marks.is_empty() && marks.iter().all(|m| !matches!(m, ProgressMark::Running { .. }))
-        );
         let now = now_ms(self.epoch);
-        self.state.lock().record(now, SimNode::Protocol(node), EventKind::Host(event));
-        if finished {
+        let moment = moment_of(node, &event);
+        let mut state = self.state.lock();
+        if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event {
+            state.ops_running = marks.iter().any(|m| matches!(m, ProgressMark::Running { .. }));
+        }
+        state.record(now, SimNode::Protocol(node), EventKind::Host(event));
+        if let Some(moment) = moment {
+            fire_scheduled(&mut state, &self.world, now, |m| m == moment, &self.crash_tx);
+        }
+        // The run is over once the client has every answer and no operation runs.
+        if state.client_done && !state.ops_running {
             let _ = self.finished_tx.send(());
         }
     }
@@ -165,6 +173,73 @@ impl Observer for SimObserver {
     }
 }
 
+/// The named moment an event is, if any.
+fn moment_of(node: NodeAddr, event: &HostEvent) -> Option<Moment> {
+    match (node, event) {
+        (NodeAddr::Shard(tablet), HostEvent::Persisted(PersistNote::ShardApplied { increment, .. })) => {
+            Some(Moment::Applied { tablet, increment: *increment })
+        }
+        (NodeAddr::Coordinator, HostEvent::Received { msg: Message::Reply(reply), .. })
+            if matches!(reply.outcome, ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied) =>
+        {
+            Some(Moment::Reported { tablet: reply.tablet, increment: reply.increment })
+        }
+        (NodeAddr::Coordinator, HostEvent::Persisted(PersistNote::Coordinator(marks))) => {
+            // Only the first persist of a running operation counts as its start; later ones match nothing.
+            marks.iter().find_map(|m| match m {
+                ProgressMark::Running { op, increment: 0, tablets_done: 0 } => Some(Moment::Started { op: *op }),
+                _ => None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Fires every pending scheduled fault whose moment `matches`, once.
+fn fire_scheduled(
+    state: &mut SimState,
+    world: &World,
+    now: u64,
+    matches: impl Fn(Moment) -> bool,
+    crash_tx: &mpsc::UnboundedSender<NodeAddr>,
+) {
+    let due: Vec<usize> =
+        state.pending_scheduled.iter().copied().filter(|i| matches(world.scheduled[*i].moment)).collect();
+    for index in due {
+        state.pending_scheduled.remove(&index);
+        let fault = &world.scheduled[index];
+        let detail = format!("{} {}", fault.action, fault.moment);
+        match fault.action {
+            Action::RebootCoordinator => {
+                state.scheduled_fault(
+                    now,
+                    SimNode::Protocol(NodeAddr::Coordinator),
+                    FaultKind::CoordinatorReboot,
+                    detail,
+                );
+                let _ = crash_tx.send(NodeAddr::Coordinator);
+            }
+            Action::RebootShard(tablet) => {
+                state.scheduled_fault(now, SimNode::Protocol(NodeAddr::Shard(tablet)), FaultKind::ShardReboot, detail);
+                let _ = crash_tx.send(NodeAddr::Shard(tablet));
+            }
+            Action::DropReports(tablet) => {
+                state.scheduled_fault(now, SimNode::World, FaultKind::MessageDrop, detail);
+                state.dropped_reports.insert(tablet);
+            }
+            Action::TruncateDownload { tablet, increment, times }
+            | Action::CorruptDownload { tablet, increment, times } => {
+                let truncate = matches!(fault.action, Action::TruncateDownload { .. });
+                let Some(backup_id) = world.chain_backup_ids.get(increment as usize) else { continue };
+                let object = BackupManifest::object_name(*backup_id, tablet);
+                let kind = if truncate { FaultKind::DownloadTruncated } else { FaultKind::DownloadCorrupt };
+                state.record(now, SimNode::World, EventKind::Fault { kind, detail: format!("scheduled: {detail}") });
+                *state.scheduled_damage.entry((object, truncate)).or_default() += times;
+            }
+        }
+    }
+}
+
 fn now_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).expect("fits")
 }
@@ -172,6 +247,7 @@ fn now_ms(epoch: Instant) -> u64 {
 fn node_ip(node: NodeAddr) -> IpAddr {
     match node {
         NodeAddr::Coordinator => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        NodeAddr::Client => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
         NodeAddr::Shard(tablet) => {
             let table = u8::try_from(tablet.table.0).expect("fewer than 255 tables");
             let shard = u8::try_from(tablet.shard.0).expect("fewer than 255 shards");
@@ -196,20 +272,8 @@ impl NodeEnv {
         let ip = node_ip(node);
         let endpoint = Endpoint::bind(SocketAddr::new(ip, PROTOCOL_PORT)).await.ok()?;
         let store = SimStoreClient::bind(SocketAddr::new(ip, STORE_CLIENT_PORT), self.state.clone()).await.ok()?;
-        let transport = SimTransport {
-            node,
-            endpoint: Rc::new(endpoint),
-            directory: self.directory.clone(),
-            state: self.state.clone(),
-            epoch: self.epoch,
-        };
-        let observer = SimObserver {
-            node,
-            state: self.state.clone(),
-            epoch: self.epoch,
-            crash_tx: self.crash_tx.clone(),
-            finished_tx: self.finished_tx.clone(),
-        };
+        let transport = self.transport(node, endpoint);
+        let observer = self.observer(node);
         Some(HostIo {
             disk: Rc::new(SimDisk { node, state: self.state.clone() }),
             store: Rc::new(store),
@@ -220,14 +284,79 @@ impl NodeEnv {
         })
     }
 
+    fn transport(&self, node: NodeAddr, endpoint: Endpoint) -> SimTransport {
+        SimTransport {
+            node,
+            endpoint: Rc::new(endpoint),
+            directory: self.directory.clone(),
+            state: self.state.clone(),
+            epoch: self.epoch,
+        }
+    }
+
+    fn observer(&self, node: NodeAddr) -> SimObserver {
+        SimObserver {
+            node,
+            state: self.state.clone(),
+            epoch: self.epoch,
+            world: self.world.clone(),
+            crash_tx: self.crash_tx.clone(),
+            finished_tx: self.finished_tx.clone(),
+        }
+    }
+
     async fn run(self, node: NodeAddr) {
+        if node == NodeAddr::Client {
+            self.run_client().await;
+            return;
+        }
         let Some(io) = self.host_io(node).await else { return };
         match node {
-            NodeAddr::Coordinator => {
-                let request = self.world.restore_request();
-                io.run_coordinator(self.world.coordinator.clone(), self.world.seed, Some(request)).await;
-            }
+            NodeAddr::Coordinator => io.run_coordinator(self.world.coordinator.clone(), self.world.seed, None).await,
             NodeAddr::Shard(shard) => io.run_shard(shard, self.world.shard.clone()).await,
+            NodeAddr::Client => unreachable!("handled above"),
+        }
+    }
+
+    /// The operator's client: makes each planned call at its time and resends it every
+    /// `CLIENT_RETRY_MS` until the coordinator answers (calls are idempotent or answered the same way).
+    async fn run_client(self) {
+        let node = NodeAddr::Client;
+        let Ok(endpoint) = Endpoint::bind(SocketAddr::new(node_ip(node), PROTOCOL_PORT)).await else { return };
+        let transport = Rc::new(self.transport(node, endpoint));
+        let observer = self.observer(node);
+        let (answers_tx, mut answers) = mpsc::unbounded_channel();
+        let receiver = transport.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok((from, frame)) = receiver.recv().await {
+                if let Ok(msg @ Message::ClientReply(_)) = decode_frame::<Message>(&frame) {
+                    let _ = answers_tx.send((from, msg));
+                }
+            }
+        });
+        for (index, planned) in self.world.calls.iter().enumerate() {
+            tokio::time::sleep_until(self.epoch + Duration::from_millis(planned.at_ms)).await;
+            let call_id = index as u64 + 1;
+            let msg = Message::Client(ClientRequest { call_id, call: planned.call.clone() });
+            'answered: loop {
+                observer.record(node, HostEvent::Sent { to: NodeAddr::Coordinator, msg: msg.clone() });
+                transport.send(NodeAddr::Coordinator, encode_frame(&msg)).await;
+                let give_up = tokio::time::Instant::now() + Duration::from_millis(CLIENT_RETRY_MS);
+                loop {
+                    let wait = give_up.saturating_duration_since(tokio::time::Instant::now());
+                    let Ok(Some((from, answer))) = tokio::time::timeout(wait, answers.recv()).await else { break };
+                    let Message::ClientReply(reply) = &answer else { continue };
+                    if reply.call_id == call_id {
+                        observer.record(node, HostEvent::Received { from, msg: answer });
+                        break 'answered;
+                    }
+                }
+            }
+        }
+        let mut state = self.state.lock();
+        state.client_done = true;
+        if !state.ops_running {
+            let _ = self.finished_tx.send(());
         }
     }
 }
@@ -239,14 +368,16 @@ async fn simulate(world: World) -> (SimState, FinalState) {
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
     let nodes: Vec<NodeAddr> =
-        world.tablets().map(NodeAddr::Shard).chain(std::iter::once(NodeAddr::Coordinator)).collect();
+        world.tablets().map(NodeAddr::Shard).chain([NodeAddr::Coordinator, NodeAddr::Client]).collect();
+    state.lock().pending_scheduled = (0..world.scheduled.len()).collect();
     let directory = Arc::new(Directory {
         addrs: nodes.iter().map(|n| (*n, SocketAddr::new(node_ip(*n), PROTOCOL_PORT))).collect(),
     });
+    let supervisor_crash_tx = crash_tx.clone();
     let env = NodeEnv { state: state.clone(), epoch, directory, crash_tx, finished_tx, world: world.clone() };
     let handle = Handle::current();
 
-    let lost: BTreeSet<String> = world.lost_object.iter().map(|l| l.object.clone()).collect();
+    let lost: BTreeSet<String> = world.lost_objects.iter().map(|l| l.object.clone()).collect();
     let store_state = state.clone();
     let objects = world.objects.clone();
     let store_id = handle
@@ -271,6 +402,28 @@ async fn simulate(world: World) -> (SimState, FinalState) {
         ids.insert(node, id);
     }
     drop(env);
+
+    // Faults scheduled at a time fire from the supervisor's side.
+    let mut times: Vec<u64> = world
+        .scheduled
+        .iter()
+        .filter_map(|f| match f.moment {
+            Moment::AtMs(at) => Some(at),
+            _ => None,
+        })
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    let timed_state = state.clone();
+    let timed_world = world.clone();
+    let timed_crash = supervisor_crash_tx.clone();
+    tokio::task::spawn_local(async move {
+        for at in times {
+            tokio::time::sleep_until(epoch + Duration::from_millis(at)).await;
+            let mut state = timed_state.lock();
+            fire_scheduled(&mut state, &timed_world, at, |m| m == Moment::AtMs(at), &timed_crash);
+        }
+    });
 
     let mut supervisor = Supervisor::new(&world, state.clone(), epoch, handle, ids);
     let timed_out = loop {

@@ -1,9 +1,10 @@
 //! World-wide simulation state shared by every node of one seed: the event log, the fault dice, the fault
 //! counters and the disks (which outlive node restarts). Only one seed ever touches one `SimState`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use lockstep::model::TabletId;
 use lockstep::protocol::NodeAddr;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -27,6 +28,16 @@ pub struct SimState {
     pub now_ms: u64,
     /// Reply tags handed out to store clients so far.
     pub next_store_tag: u64,
+    /// Tablets whose reports to the coordinator are dropped (a scheduled fault).
+    pub dropped_reports: BTreeSet<TabletId>,
+    /// Damage scheduled for the next downloads of an object: (object, truncate rather than corrupt) -> times left.
+    pub scheduled_damage: BTreeMap<(String, bool), u32>,
+    /// Scheduled faults not yet fired, by index in the world's list.
+    pub pending_scheduled: BTreeSet<usize>,
+    /// The client got an answer to every call it planned.
+    pub client_done: bool,
+    /// The last persisted coordinator state has a running operation.
+    pub ops_running: bool,
 }
 
 impl SimState {
@@ -41,12 +52,23 @@ impl SimState {
             messages: 0,
             now_ms: 0,
             next_store_tag: 0,
+            dropped_reports: BTreeSet::new(),
+            scheduled_damage: BTreeMap::new(),
+            pending_scheduled: BTreeSet::new(),
+            client_done: false,
+            ops_running: false,
         }
     }
 
     pub fn record(&mut self, at_ms: u64, node: SimNode, kind: EventKind) {
         self.now_ms = at_ms;
         self.log.push(Event { at_ms, node, kind });
+    }
+
+    /// Logs and counts a scheduled fault of `kind`: no dice, healed or not.
+    pub fn scheduled_fault(&mut self, at_ms: u64, node: SimNode, kind: FaultKind, detail: String) {
+        self.counts.add(kind);
+        self.record(at_ms, node, EventKind::Fault { kind, detail: format!("scheduled: {detail}") });
     }
 
     /// Rolls the dice for `kind`; on a hit counts it and logs it with `detail`.

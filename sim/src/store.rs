@@ -136,6 +136,9 @@ impl StoreServer {
             Ok(read) => read,
             Err(error) => return (Err(error), None),
         };
+        if self.scheduled_damage(object, offset, &mut read) {
+            return (Ok(read), None);
+        }
         let streak = self.streaks.borrow().get(object).copied().unwrap_or(0);
         if streak >= MAX_DAMAGED_STREAK {
             self.streaks.borrow_mut().insert(object.to_string(), 0);
@@ -175,6 +178,37 @@ impl StoreServer {
         let streak = if damaged { streak + 1 } else { 0 };
         self.streaks.borrow_mut().insert(object.to_string(), streak);
         (result, delay)
+    }
+}
+
+impl StoreServer {
+    /// Damage a scenario scheduled for this object's next downloads, if any is left: a truncation ends the
+    /// object halfway through this read; a corruption flips a byte.
+    fn scheduled_damage(&self, object: &str, offset: u64, read: &mut RangeRead) -> bool {
+        let mut state = self.state.lock();
+        if state.scheduled_damage.is_empty() {
+            return false;
+        }
+        let now = self.now_ms();
+        for truncate in [true, false] {
+            let key = (object.to_string(), truncate);
+            let Some(left) = state.scheduled_damage.get_mut(&key).filter(|left| **left > 0) else { continue };
+            *left -= 1;
+            if truncate {
+                let keep = read.bytes.len() / 2;
+                read.bytes.truncate(keep);
+                read.total_len = offset + keep as u64;
+                let detail = format!("{object} @{offset} cut off after {keep} bytes");
+                state.scheduled_fault(now, SimNode::Store, FaultKind::DownloadTruncated, detail);
+            } else if !read.bytes.is_empty() {
+                let at = read.bytes.len() / 2;
+                read.bytes[at] ^= 0x40;
+                let detail = format!("{object} @{offset} byte {at} flipped");
+                state.scheduled_fault(now, SimNode::Store, FaultKind::DownloadCorrupt, detail);
+            }
+            return true;
+        }
+        false
     }
 }
 

@@ -125,7 +125,7 @@ impl SweepSummary {
                 self.seeds_with_fault.add(kind);
             }
         }
-        if world.lost_object.is_some() {
+        if !world.lost_objects.is_empty() {
             self.lost_object_worlds += 1;
         }
         match outcome.end {

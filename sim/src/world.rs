@@ -17,7 +17,10 @@ use lockstep::shard::{ShardBug, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use lockstep::protocol::{ClientCall, OperationId};
+
 use crate::faults::FaultPlan;
+use crate::plan::{CallExpect, FailureExpect, OpExpect, PlannedCall, ScheduledFault};
 
 /// The operation id every simulated restore uses.
 pub const OPERATION_ID: u64 = 1;
@@ -89,8 +92,15 @@ pub struct World {
     pub chain_len: u32,
     /// Backup id of each increment of the restore chain, from the workload.
     pub chain_backup_ids: Vec<u64>,
-    pub lost_object: Option<LostObject>,
+    /// Bundle objects missing for good.
+    pub lost_objects: Vec<LostObject>,
     pub faults: FaultPlan,
+    /// What the client asks, when, and what it must be answered.
+    pub calls: Vec<PlannedCall>,
+    /// How each operation the client starts must end.
+    pub expected_ops: BTreeMap<OperationId, OpExpect>,
+    /// Faults injected at named moments.
+    pub scheduled: Vec<ScheduledFault>,
     /// After healing, the restore must end within this much simulated time.
     pub liveness_bound_ms: u64,
     pub coordinator: CoordinatorConfig,
@@ -176,7 +186,7 @@ impl World {
             })
             .collect();
         let tablets: Vec<TabletId> = tables.iter().flat_map(|t| t.spec.tablets()).collect();
-        let lost_object = rng.gen_bool(params.lost_object_probability).then(|| {
+        let lost_object: Option<LostObject> = rng.gen_bool(params.lost_object_probability).then(|| {
             let increment = rng.gen_range(0..chain_len);
             let tablet = tablets[rng.gen_range(0..tablets.len())];
             let object = BackupManifest::object_name(chain_backup_ids[increment as usize], tablet);
@@ -198,20 +208,48 @@ impl World {
             bug: params.bugs.shard,
             ..ShardConfig::default()
         };
-        Self {
+        let expect = match &lost_object {
+            None => OpExpect::Done,
+            Some(lost) => {
+                OpExpect::Failed(FailureExpect::ObjectMissing { increment: lost.increment, tablet: lost.tablet })
+            }
+        };
+        let mut world = Self {
             seed,
             tables,
             catalog,
             objects: Arc::new(objects),
             chain_len,
             chain_backup_ids,
-            lost_object,
+            lost_objects: lost_object.into_iter().collect(),
             faults,
+            calls: Vec::new(),
+            expected_ops: BTreeMap::from([(OPERATION_ID, expect)]),
+            scheduled: Vec::new(),
             liveness_bound_ms: 120_000,
             coordinator,
             shard,
             download_timeout_ms: 1_000,
-        }
+        };
+        let call = ClientCall::Start(world.restore_request());
+        world.calls.push(PlannedCall { at_ms: 0, call, expect: CallExpect::Started });
+        world
+    }
+
+    /// The tables operation `op` restores, from the client's start call for it.
+    pub fn tables_of(&self, op: OperationId) -> Vec<TableSpec> {
+        self.calls
+            .iter()
+            .find_map(|c| match &c.call {
+                ClientCall::Start(request) if request.op == op => Some(request.tables.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// The tablets operation `op` restores.
+    pub fn tablets_of(&self, op: OperationId) -> Vec<TabletId> {
+        self.tables_of(op).iter().flat_map(TableSpec::tablets).collect()
     }
 
     /// Every tablet of every table, in table then shard order.
@@ -283,11 +321,25 @@ impl World {
             self.faults.enabled().map(|k| format!("{}={:.2}", k.name(), self.faults.rate(k))).collect();
         let enabled = if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") };
         text.push_str(&format!("faults on: {enabled}\n"));
-        if let Some(lost) = &self.lost_object {
+        for lost in &self.lost_objects {
             text.push_str(&format!(
                 "object lost for good: {} (increment {}, {})\n",
                 lost.object, lost.increment, lost.tablet
             ));
+        }
+        for call in &self.calls {
+            text.push_str(&format!(
+                "client at {} ms: {} (expect {})\n",
+                call.at_ms,
+                describe_call(&call.call),
+                call.expect
+            ));
+        }
+        for (op, expect) in &self.expected_ops {
+            text.push_str(&format!("operation {op} must end {expect}\n"));
+        }
+        for fault in &self.scheduled {
+            text.push_str(&format!("scheduled fault: {} {}\n", fault.action, fault.moment));
         }
         if let Some(bug) = self.coordinator.bug {
             text.push_str(&format!("deliberate coordinator bug: {bug:?}\n"));
@@ -296,6 +348,18 @@ impl World {
             text.push_str(&format!("deliberate shard bug: {bug:?}\n"));
         }
         text
+    }
+}
+
+fn describe_call(call: &ClientCall) -> String {
+    match call {
+        ClientCall::Start(request) => {
+            let tables: Vec<&str> = request.tables.iter().map(|t| t.name.as_str()).collect();
+            format!("start operation {} of collection {} onto {}", request.op, request.collection, tables.join(", "))
+        }
+        ClientCall::Status { op } => format!("status of operation {op}"),
+        ClientCall::List => "list operations".to_string(),
+        ClientCall::Forget { op } => format!("forget operation {op}"),
     }
 }
 

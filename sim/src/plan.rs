@@ -1,0 +1,210 @@
+//! What happens to a world besides its faults drawn from rates: the client's calls and what must come of them,
+//! how each operation must end, and faults scheduled at named moments. Generated worlds plan one restore at time
+//! zero; scenario files plan anything.
+
+use std::fmt;
+
+use lockstep::coordinator::{LifecycleError, RestoreError, StartError};
+use lockstep::model::{IncrementIndex, TabletId};
+use lockstep::protocol::{ClientAnswer, ClientCall, OperationId, ShardFailure};
+
+/// One call the client makes at `at_ms`, retried until answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedCall {
+    pub at_ms: u64,
+    pub call: ClientCall,
+    pub expect: CallExpect,
+}
+
+/// The answer a call must get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallExpect {
+    /// Any answer will do.
+    Answered,
+    Started,
+    /// Refused, with the refusal of this name (see [`refusal_name`]).
+    StartRefused(String),
+    Forgotten,
+    /// Forget refused, with the error of this name (see [`lifecycle_error_name`]).
+    ForgetRefused(String),
+}
+
+impl CallExpect {
+    /// Whether `answer` is what this expectation asks for.
+    pub fn accepts(&self, answer: &ClientAnswer) -> bool {
+        match (self, answer) {
+            (CallExpect::Answered, _) => true,
+            (CallExpect::Started, ClientAnswer::Started { .. }) => true,
+            (CallExpect::StartRefused(name), ClientAnswer::StartRefused(error)) => refusal_name(error) == name,
+            (CallExpect::Forgotten, ClientAnswer::Forgotten { .. }) => true,
+            (CallExpect::ForgetRefused(name), ClientAnswer::ForgetRefused(error)) => {
+                lifecycle_error_name(error) == name
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for CallExpect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallExpect::Answered => f.write_str("any answer"),
+            CallExpect::Started => f.write_str("started"),
+            CallExpect::StartRefused(name) => write!(f, "start refused ({name})"),
+            CallExpect::Forgotten => f.write_str("forgotten"),
+            CallExpect::ForgetRefused(name) => write!(f, "forget refused ({name})"),
+        }
+    }
+}
+
+/// The names scenario files use for start refusals.
+pub const REFUSAL_NAMES: [&str; 9] = [
+    "operation-id-taken",
+    "collection-busy",
+    "target-busy",
+    "target-not-empty",
+    "chain",
+    "no-tables",
+    "no-shards",
+    "duplicate-table",
+    "index-without-table",
+];
+
+pub fn refusal_name(error: &StartError) -> &'static str {
+    match error {
+        StartError::OperationIdTaken { .. } => "operation-id-taken",
+        StartError::CollectionBusy { .. } => "collection-busy",
+        StartError::TargetBusy { .. } => "target-busy",
+        StartError::TargetNotEmpty { .. } => "target-not-empty",
+        StartError::Chain(_) => "chain",
+        StartError::NoTables => "no-tables",
+        StartError::NoShards { .. } => "no-shards",
+        StartError::DuplicateTable { .. } => "duplicate-table",
+        StartError::IndexWithoutTable { .. } => "index-without-table",
+    }
+}
+
+/// The names scenario files use for lifecycle refusals.
+pub const LIFECYCLE_ERROR_NAMES: [&str; 2] = ["not-found", "still-running"];
+
+pub fn lifecycle_error_name(error: &LifecycleError) -> &'static str {
+    match error {
+        LifecycleError::NotFound { .. } => "not-found",
+        LifecycleError::StillRunning { .. } => "still-running",
+    }
+}
+
+/// How an operation must end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpExpect {
+    /// Done, with every table equal to the source at the last backup.
+    Done,
+    /// Failed with this cause.
+    Failed(FailureExpect),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureExpect {
+    /// A bundle object is missing for good: the error names its increment and tablet.
+    ObjectMissing { increment: IncrementIndex, tablet: TabletId },
+    /// A deadline passed (the operation's or an increment's).
+    Timeout,
+}
+
+impl OpExpect {
+    /// Whether `error` is the failure this expectation asks for.
+    pub fn accepts_failure(&self, error: &RestoreError) -> bool {
+        match self {
+            OpExpect::Done => false,
+            OpExpect::Failed(FailureExpect::ObjectMissing { increment, tablet }) => matches!(
+                error,
+                RestoreError::Shard { increment: i, tablet: t, cause: ShardFailure::ObjectMissing { .. }, .. }
+                    if i == increment && t == tablet
+            ),
+            OpExpect::Failed(FailureExpect::Timeout) => {
+                matches!(error, RestoreError::DeadlineExceeded { .. } | RestoreError::IncrementDeadlineExceeded { .. })
+            }
+        }
+    }
+}
+
+impl fmt::Display for OpExpect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpExpect::Done => f.write_str("Done"),
+            OpExpect::Failed(FailureExpect::ObjectMissing { increment, tablet }) => {
+                write!(f, "Failed: object of increment {increment} on {tablet} missing")
+            }
+            OpExpect::Failed(FailureExpect::Timeout) => f.write_str("Failed: timeout"),
+        }
+    }
+}
+
+/// A fault injected when a moment comes, whatever the fault rates say (and after healing too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledFault {
+    pub moment: Moment,
+    pub action: Action,
+}
+
+/// A named moment of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// At this simulated time.
+    AtMs(u64),
+    /// Operation `op` is durably started.
+    Started { op: OperationId },
+    /// `tablet` durably applied `increment`.
+    Applied { tablet: TabletId, increment: IncrementIndex },
+    /// The coordinator received `tablet`'s report that it applied `increment`.
+    Reported { tablet: TabletId, increment: IncrementIndex },
+}
+
+impl fmt::Display for Moment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Moment::AtMs(at) => write!(f, "at {at} ms"),
+            Moment::Started { op } => write!(f, "once operation {op} started"),
+            Moment::Applied { tablet, increment } => write!(f, "once {tablet} applied increment {increment}"),
+            Moment::Reported { tablet, increment } => {
+                write!(f, "once the coordinator got {tablet}'s report of increment {increment}")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    RebootCoordinator,
+    RebootShard(TabletId),
+    /// Every report `tablet` sends to the coordinator from then on is lost.
+    DropReports(TabletId),
+    /// The next `times` downloads of `tablet`'s bundle of `increment` are cut off.
+    TruncateDownload {
+        tablet: TabletId,
+        increment: IncrementIndex,
+        times: u32,
+    },
+    /// The next `times` downloads of `tablet`'s bundle of `increment` have a byte flipped.
+    CorruptDownload {
+        tablet: TabletId,
+        increment: IncrementIndex,
+        times: u32,
+    },
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::RebootCoordinator => f.write_str("reboot the coordinator"),
+            Action::RebootShard(tablet) => write!(f, "reboot {tablet}"),
+            Action::DropReports(tablet) => write!(f, "drop every report of {tablet}"),
+            Action::TruncateDownload { tablet, increment, times } => {
+                write!(f, "truncate {times} download(s) of increment {increment} on {tablet}")
+            }
+            Action::CorruptDownload { tablet, increment, times } => {
+                write!(f, "corrupt {times} download(s) of increment {increment} on {tablet}")
+            }
+        }
+    }
+}
