@@ -29,7 +29,7 @@ mod bench {
     use criterion::{Criterion, Throughput};
     use lockstep_sim::faults::FaultPlan;
     use lockstep_sim::runner::run_seed;
-    use lockstep_sim::sweep::{SweepConfig, run_sweep};
+    use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
     use lockstep_sim::world::{World, WorldParams};
     use madsim::net::Endpoint;
 
@@ -177,7 +177,8 @@ mod bench {
     }
 
     fn sweep(seeds: u64, jobs: usize) -> lockstep_sim::sweep::SweepSummary {
-        let config = SweepConfig { start: 0, seeds, jobs, params: WorldParams::sweep_default(), determinism_every: 0 };
+        let source = WorldSource::Generated(WorldParams::sweep_default());
+        let config = SweepConfig { start: 0, seeds, pinned: None, jobs, source, determinism_every: 0 };
         let summary = run_sweep(&config, &|_| {});
         assert!(summary.failures.is_empty(), "the sweep passes");
         summary

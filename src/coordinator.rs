@@ -157,6 +157,8 @@ pub struct Operation {
     pub op: OperationId,
     pub collection: String,
     pub tables: Vec<TableSpec>,
+    /// The backups of the planned chain, in order; kept after the operation ends.
+    pub backup_ids: Vec<u64>,
     pub started_at_ms: u64,
     pub deadline_at_ms: u64,
     pub status: OperationStatus,
@@ -375,10 +377,13 @@ impl Coordinator {
     /// client may retry.
     pub fn start(&mut self, now_ms: u64, request: RestoreRequest) -> Result<Vec<CoordinatorOutput>, StartError> {
         if let Some(existing) = self.durable.operations.get(&request.op) {
-            if existing.collection == request.collection && existing.tables == request.tables {
-                return Ok(Vec::new());
-            }
-            return Err(StartError::OperationIdTaken { op: request.op });
+            // The same restore again (a client retrying) is a no-op; anything else under this id is refused.
+            let same = existing.collection == request.collection
+                && sorted_tables(&existing.tables) == sorted_tables(&request.tables)
+                && RestoreChain::plan(&request.catalog, &request.tables).is_ok_and(|chain| {
+                    chain.backups.iter().map(|m| m.backup_id).eq(existing.backup_ids.iter().copied())
+                });
+            return if same { Ok(Vec::new()) } else { Err(StartError::OperationIdTaken { op: request.op }) };
         }
         self.check_start(&request)?;
         let chain = RestoreChain::plan(&request.catalog, &request.tables)?;
@@ -395,6 +400,7 @@ impl Coordinator {
                 op,
                 collection: request.collection,
                 tables: request.tables,
+                backup_ids: chain.backups.iter().map(|m| m.backup_id).collect(),
                 started_at_ms: now_ms,
                 deadline_at_ms,
                 status: OperationStatus::Running(RunningState {
@@ -442,16 +448,15 @@ impl Coordinator {
             return Err(StartError::CollectionBusy { collection: request.collection.clone(), running: *running });
         }
         for table in &request.tables {
+            if self.config.non_empty_tables.contains(&table.id) {
+                return Err(StartError::TargetNotEmpty { table: table.id });
+            }
             match self.durable.tables.get(&table.id) {
                 Some(TableState::Restoring { op }) => {
                     return Err(StartError::TargetBusy { table: table.id, running: *op });
                 }
                 Some(TableState::Restored { .. }) => return Err(StartError::TargetNotEmpty { table: table.id }),
-                Some(TableState::RestoreFailed { .. }) => {}
-                None if self.config.non_empty_tables.contains(&table.id) => {
-                    return Err(StartError::TargetNotEmpty { table: table.id });
-                }
-                None => {}
+                Some(TableState::RestoreFailed { .. }) | None => {}
             }
         }
         Ok(())
@@ -460,12 +465,17 @@ impl Coordinator {
     /// Where operation `op` stands.
     pub fn status(&self, op: OperationId) -> Result<OperationView, LifecycleError> {
         let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
-        let (state, increment, increments, error) = match &operation.status {
-            OperationStatus::Running(running) => {
-                (OperationState::Running, Some(running.increment), running.chain.len(), None)
-            }
-            OperationStatus::Done { increments, .. } => (OperationState::Done, None, *increments, None),
-            OperationStatus::Failed { error, .. } => (OperationState::Failed, None, 0, Some(error.clone())),
+        let increments = u32::try_from(operation.backup_ids.len()).expect("short chain");
+        let (state, increment, error) = match &operation.status {
+            OperationStatus::Running(running) => (OperationState::Running, Some(running.increment), None),
+            OperationStatus::Done { .. } => (OperationState::Done, None, None),
+            OperationStatus::Failed { error, .. } => (OperationState::Failed, None, Some(error.clone())),
+        };
+        // An operation that ended reports the state it left its tables in, whatever later restores did.
+        let table_state = |table: TableId| match &operation.status {
+            OperationStatus::Running(_) => self.durable.tables.get(&table).copied(),
+            OperationStatus::Done { .. } => Some(TableState::Restored { op }),
+            OperationStatus::Failed { .. } => Some(TableState::RestoreFailed { op }),
         };
         let tables = operation
             .tables
@@ -473,7 +483,7 @@ impl Coordinator {
             .map(|table| TableProgress {
                 table: table.id,
                 name: table.name.clone(),
-                state: self.durable.tables.get(&table.id).copied(),
+                state: table_state(table.id),
                 tablets: table.tablets().map(|tablet| (tablet, self.tablet_progress(operation, tablet))).collect(),
             })
             .collect();
@@ -884,6 +894,13 @@ impl Coordinator {
             _ => None,
         }
     }
+}
+
+/// Tables in id order, so the same tables listed in another order compare equal.
+fn sorted_tables(tables: &[TableSpec]) -> Vec<&TableSpec> {
+    let mut sorted: Vec<&TableSpec> = tables.iter().collect();
+    sorted.sort_by_key(|t| t.id);
+    sorted
 }
 
 /// Capped exponential backoff before retry number `failed_attempts` (1-based).

@@ -185,6 +185,18 @@ impl ShardMap {
         Self { ranges }
     }
 
+    /// A shard map from explicit ranges: the first starts at key 0, each ends where the next starts, and the last
+    /// runs to the end of the key space.
+    pub fn from_ranges(ranges: Vec<KeyRange>) -> Self {
+        assert_eq!(ranges.first().map(|r| r.start), Some(0), "the first range starts at key 0");
+        for pair in ranges.windows(2) {
+            assert_eq!(pair[0].end, Some(pair[1].start), "ranges are contiguous");
+            assert!(pair[0].start < pair[1].start, "ranges are not empty");
+        }
+        assert_eq!(ranges.last().and_then(|r| r.end), None, "the last range runs to the end");
+        Self { ranges }
+    }
+
     pub fn shard_count(&self) -> u32 {
         u32::try_from(self.ranges.len()).expect("shard count fits in u32")
     }

@@ -732,3 +732,51 @@ fn a_reboot_in_a_later_increment_resumes_that_increment() {
     let increment_deadline = CoordinatorTimer::IncrementDeadline { op: 1, increment: 1 };
     assert!(timers(&out).contains(&(5_000 + INCREMENT_DEADLINE_MS, increment_deadline)), "{:?}", timers(&out));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// What a start compares, and what an ended operation reports
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn the_same_operation_id_with_another_chain_is_refused_but_the_same_tables_in_another_order_are_not() {
+    let tables = vec![table(1, 1), table(2, 1)];
+    let mut coordinator = boot(config());
+    start(&mut coordinator, 0, request(1, COLLECTION, tables.clone(), 2));
+    // One more backup in the catalog plans another chain: not a retry of the same restore.
+    let longer = request(1, COLLECTION, tables.clone(), 3);
+    assert_eq!(refused(&mut coordinator, longer), StartError::OperationIdTaken { op: 1 });
+    // The same tables listed the other way round are the same restore.
+    let mut reordered = request(1, COLLECTION, tables.clone(), 2);
+    reordered.tables.reverse();
+    assert_eq!(coordinator.start(10, reordered), Ok(Vec::new()));
+}
+
+#[test]
+fn a_failed_operation_still_reports_its_chain_length_and_the_state_it_left_its_tables_in() {
+    let tables = vec![table(1, 1)];
+    let mut coordinator = boot(config());
+    start(&mut coordinator, 0, request(1, COLLECTION, tables.clone(), 3));
+    coordinator.handle_timer(DEADLINE_MS, CoordinatorTimer::Deadline { op: 1 });
+    let view = coordinator.status(1).unwrap();
+    assert_eq!((view.state, view.increments), (OperationState::Failed, 3));
+
+    // Another restore onto the same table: the first operation's view still shows what it left behind.
+    start(&mut coordinator, DEADLINE_MS + 1, request(2, COLLECTION, tables, 3));
+    assert_eq!(table_state(&coordinator, 1), Some(TableState::Restoring { op: 2 }));
+    assert_eq!(coordinator.status(1).unwrap().tables[0].state, Some(TableState::RestoreFailed { op: 1 }));
+}
+
+#[test]
+fn a_table_known_to_hold_rows_is_refused_even_after_a_failed_restore_of_it() {
+    let tables = vec![table(1, 1)];
+    let mut coordinator = boot(config());
+    start(&mut coordinator, 0, request(1, COLLECTION, tables.clone(), 1));
+    let out = coordinator.handle_timer(DEADLINE_MS, CoordinatorTimer::Deadline { op: 1 });
+    let durable = last_persisted(&out).expect("the failure is persisted");
+    let config = CoordinatorConfig { non_empty_tables: BTreeSet::from([TableId(1)]), ..config() };
+    let mut rebooted = Coordinator::boot(config, Some(durable), SEED, DEADLINE_MS + 1).0;
+    assert_eq!(
+        refused(&mut rebooted, request(2, COLLECTION, tables, 1)),
+        StartError::TargetNotEmpty { table: TableId(1) }
+    );
+}

@@ -8,11 +8,12 @@ use lockstep::shard::ShardBug;
 use lockstep_sim::checkers::Invariant;
 use lockstep_sim::faults::{FaultKind, FaultPlan};
 use lockstep_sim::runner::{RunEnd, SeedOutcome, run_seed};
-use lockstep_sim::sweep::{SweepConfig, run_sweep};
+use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
 use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn sweep(start: u64, seeds: u64, params: WorldParams) -> lockstep_sim::sweep::SweepSummary {
-    let config = SweepConfig { start, seeds, jobs: 2, params, determinism_every: 10 };
+    let source = WorldSource::Generated(params);
+    let config = SweepConfig { start, seeds, pinned: None, jobs: 2, source, determinism_every: 10 };
     run_sweep(&config, &|_| {})
 }
 

@@ -461,6 +461,7 @@ mod tests {
             op: 1,
             collection: request.collection,
             tables: request.tables,
+            backup_ids: world.chain_backup_ids.clone(),
             started_at_ms: 0,
             deadline_at_ms: 1,
             status: OperationStatus::Done { increments: world.chain_len, finished_at_ms: 1 },

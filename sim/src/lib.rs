@@ -11,6 +11,7 @@ pub mod disk;
 pub mod events;
 pub mod faults;
 pub mod plan;
+pub mod scenario;
 pub mod world;
 
 #[cfg(madsim)]

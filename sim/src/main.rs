@@ -28,8 +28,10 @@ mod cli {
     use lockstep_sim::events::{Event, EventKind};
     use lockstep_sim::faults::FaultKind;
     use lockstep_sim::runner::run_seed;
-    use lockstep_sim::sweep::{SeedFailure, SweepConfig, SweepSummary, run_sweep};
-    use lockstep_sim::world::{Bugs, World, WorldParams};
+    use lockstep_sim::scenario::Scenario;
+    use lockstep_sim::sweep::{SeedFailure, SweepConfig, SweepSummary, WorldSource, run_sweep};
+    use lockstep_sim::world::{Bugs, WorldParams};
+    use std::sync::Arc;
 
     #[derive(Parser)]
     #[command(name = "cargo sim", about = "Deterministic simulation of lockstep's sharded incremental restore")]
@@ -48,9 +50,9 @@ mod cli {
 
     #[derive(Args)]
     struct RunArgs {
-        /// Number of seeds to run.
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-        seeds: u64,
+        /// Number of seeds to run [default: 1000, or a scenario's pinned seeds].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: Option<u64>,
         /// First seed.
         #[arg(long, default_value_t = 0)]
         start: u64,
@@ -79,6 +81,9 @@ mod cli {
     /// What shapes the world besides the seed; a repro line repeats these.
     #[derive(Args, Clone, Default)]
     struct WorldArgs {
+        /// Run the world of this scenario file instead of drawing one per seed.
+        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals"])]
+        scenario: Option<std::path::PathBuf>,
         /// Run with a deliberate bug (repeatable).
         #[arg(long = "bug", value_enum)]
         bugs: Vec<BugName>,
@@ -128,6 +133,9 @@ mod cli {
 
         fn as_flags(&self) -> String {
             let mut flags = String::new();
+            if let Some(path) = &self.scenario {
+                flags.push_str(&format!(" --scenario {}", path.display()));
+            }
             for bug in &self.bugs {
                 let name = bug.to_possible_value().expect("every bug has a name");
                 flags.push_str(&format!(" --bug {}", name.get_name()));
@@ -148,6 +156,22 @@ mod cli {
         }
     }
 
+    impl WorldArgs {
+        /// The worlds to run, and the scenario's pinned seeds if there is one; a scenario that does not load is
+        /// an error message.
+        fn source(&self) -> Result<(WorldSource, Option<Vec<u64>>), String> {
+            let params = self.params();
+            match &self.scenario {
+                None => Ok((WorldSource::Generated(params), None)),
+                Some(path) => {
+                    let scenario = Scenario::load(path).map_err(|e| e.to_string())?;
+                    let seeds = scenario.seeds.clone();
+                    Ok((WorldSource::Scenario(Arc::new(scenario), params.bugs), Some(seeds)))
+                }
+            }
+        }
+    }
+
     pub fn main() -> i32 {
         let cli = match Cli::try_parse() {
             Ok(cli) => cli,
@@ -165,29 +189,37 @@ mod cli {
     fn run(args: RunArgs) -> i32 {
         let jobs =
             args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        let (source, pinned) = match args.world.source() {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
+            }
+        };
+        // A scenario runs its pinned seeds unless --seeds asks for a range.
+        let pinned = if args.seeds.is_some() { None } else { pinned };
+        let seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(1000), |p| p.len() as u64);
         let config = SweepConfig {
             start: args.start,
-            seeds: args.seeds,
+            seeds,
+            pinned: pinned.clone(),
             jobs,
-            params: args.world.params(),
+            source,
             determinism_every: args.determinism_every,
         };
-        let Some(end) = args.start.checked_add(args.seeds) else {
-            eprintln!(
-                "error: --start {} plus --seeds {} runs past the last seed ({})",
-                args.start,
-                args.seeds,
-                u64::MAX
-            );
+        let Some(end) = args.start.checked_add(seeds) else {
+            eprintln!("error: --start {} plus --seeds {seeds} runs past the last seed ({})", args.start, u64::MAX);
             return 2;
         };
-        println!(
-            "lockstep sweep: seeds {}..{end} ({} seeds), {jobs} job(s){}",
-            args.start,
-            args.seeds,
-            args.world.as_flags()
-        );
-        let bar = ProgressBar::new(args.seeds);
+        match &pinned {
+            Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){}", args.world.as_flags()),
+            None => println!(
+                "lockstep sweep: seeds {}..{end} ({seeds} seeds), {jobs} job(s){}",
+                args.start,
+                args.world.as_flags()
+            ),
+        }
+        let bar = ProgressBar::new(seeds);
         bar.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
                 .expect("the template is valid"),
@@ -261,8 +293,15 @@ mod cli {
     }
 
     fn repro(args: ReproArgs) -> i32 {
+        let source = match args.world.source() {
+            Ok((source, _)) => source,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
+            }
+        };
         init_tracing();
-        let world = World::generate(args.seed, &args.world.params());
+        let world = source.world(args.seed);
         print!("{}", world.describe());
         let outcome = run_seed(&world, true);
         for event in outcome.log.iter().flatten() {

@@ -53,8 +53,10 @@ pub struct SeedOutcome {
     pub messages: u64,
     /// The seed's run panicked with this message.
     pub panic: Option<String>,
-    /// How the operation ended, from the coordinator's final durable state.
+    /// How the first operation ended, from the coordinator's final durable state.
     pub end: RunEnd,
+    /// How every operation the coordinator still knows ended.
+    pub ends: Vec<(lockstep::protocol::OperationId, RunEnd)>,
 }
 
 /// The coordinator's durable verdict when the run stopped.
@@ -69,11 +71,30 @@ pub enum RunEnd {
 impl RunEnd {
     fn of(final_state: &FinalState) -> Self {
         let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.values().next());
-        match operation.map(|op| &op.status) {
-            Some(OperationStatus::Done { .. }) => RunEnd::Done,
-            Some(OperationStatus::Failed { error, .. }) => RunEnd::Failed(error.clone()),
-            Some(OperationStatus::Running(_)) => RunEnd::StillRunning,
-            None => RunEnd::NeverStarted,
+        operation.map_or(RunEnd::NeverStarted, |op| Self::of_status(&op.status))
+    }
+
+    fn all(final_state: &FinalState) -> Vec<(lockstep::protocol::OperationId, RunEnd)> {
+        let operations = final_state.coordinator.iter().flat_map(|c| c.operations.values());
+        operations.map(|op| (op.op, Self::of_status(&op.status))).collect()
+    }
+
+    fn of_status(status: &OperationStatus) -> Self {
+        match status {
+            OperationStatus::Done { .. } => RunEnd::Done,
+            OperationStatus::Failed { error, .. } => RunEnd::Failed(error.clone()),
+            OperationStatus::Running(_) => RunEnd::StillRunning,
+        }
+    }
+}
+
+impl std::fmt::Display for RunEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunEnd::Done => f.write_str("Done"),
+            RunEnd::Failed(error) => write!(f, "Failed: {error}"),
+            RunEnd::StillRunning => f.write_str("still running"),
+            RunEnd::NeverStarted => f.write_str("never started"),
         }
     }
 }
@@ -107,6 +128,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 log: keep_log.then_some(log),
                 panic: None,
                 end: RunEnd::of(&final_state),
+                ends: RunEnd::all(&final_state),
             }
         }
         Err(payload) => {
@@ -126,6 +148,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 messages: 0,
                 panic: Some(message),
                 end: RunEnd::NeverStarted,
+                ends: Vec::new(),
             }
         }
     }
@@ -607,7 +630,9 @@ pub fn transcript(world: &World, outcome: &SeedOutcome) -> String {
     for event in outcome.log.iter().flatten() {
         writeln!(text, "{event}").expect("writing to a String cannot fail");
     }
-    writeln!(text, "outcome: {:?}", outcome.end).expect("writing to a String cannot fail");
+    for (op, end) in &outcome.ends {
+        writeln!(text, "operation {op}: {end}").expect("writing to a String cannot fail");
+    }
     for violation in &outcome.violations {
         writeln!(text, "{violation}").expect("writing to a String cannot fail");
     }

@@ -2,21 +2,48 @@
 //! self-check on a sample of seeds, and a summary. Memory stays flat: only counts and failures are kept.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
 use crate::runner::{RunEnd, SeedOutcome, run_seed};
-use crate::world::{World, WorldParams};
+use crate::scenario::Scenario;
+use crate::world::{Bugs, World, WorldParams};
+
+/// Where a sweep's worlds come from.
+#[derive(Clone, Debug)]
+pub enum WorldSource {
+    /// Drawn from each seed.
+    Generated(WorldParams),
+    /// A scenario file's world, run with each seed, with deliberate bugs on top.
+    Scenario(Arc<Scenario>, Bugs),
+}
+
+impl WorldSource {
+    pub fn world(&self, seed: u64) -> World {
+        match self {
+            WorldSource::Generated(params) => World::generate(seed, params),
+            WorldSource::Scenario(scenario, bugs) => {
+                let mut world = scenario.world(seed);
+                world.coordinator.bug = bugs.coordinator;
+                world.shard.bug = bugs.shard;
+                world
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct SweepConfig {
+    /// Seeds `start..start + seeds`, unless `pinned` lists them.
     pub start: u64,
     pub seeds: u64,
+    /// Exactly these seeds, in this order.
+    pub pinned: Option<Vec<u64>>,
     pub jobs: usize,
-    pub params: WorldParams,
+    pub source: WorldSource,
     /// Every this-many seeds one is run twice and the two event-log hashes compared; 0 turns the check off.
     pub determinism_every: u64,
 }
@@ -154,10 +181,14 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= config.seeds {
-                        return;
-                    }
-                    let seed = config.start + index;
+                    let seed = match &config.pinned {
+                        Some(pinned) => match pinned.get(index as usize) {
+                            Some(seed) => *seed,
+                            None => return,
+                        },
+                        None if index >= config.seeds => return,
+                        None => config.start + index,
+                    };
                     let (world, outcome, mismatch) = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
                     summary.add(&world, &outcome);
@@ -184,7 +215,7 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
 /// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
 /// checked, `Some(None)` when the two runs agreed, `Some(Some(line))` when they did not.
 fn run_one(seed: u64, config: &SweepConfig) -> (World, SeedOutcome, Option<Option<String>>) {
-    let world = World::generate(seed, &config.params);
+    let world = config.source.world(seed);
     let outcome = run_seed(&world, false);
     let checked = config.determinism_every > 0 && seed % config.determinism_every == 0 && outcome.panic.is_none();
     let mismatch = checked.then(|| {

@@ -1,0 +1,1048 @@
+//! Scenario files: a world described in TOML instead of drawn from a seed.
+//!
+//! A scenario declares the tables (shards or key ranges, index tables), the source rows, the backups with the
+//! exact changes each carries, the restores a client asks for and what must come of them, other lifecycle
+//! calls, fault rates for a seeded mix and faults scheduled at named moments. Or it declares a generated world
+//! by parameters and adds calls and faults to it. The format is documented in `scenarios/README.md`.
+//!
+//! Loading checks everything a run relies on and refuses a bad file with an error naming the file, the line
+//! and the problem: unknown keys, wrong types, changes for tables that do not exist, key ranges that overlap
+//! or leave a gap, expected rows the backups contradict, and so on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use lockstep::bundle::Bundle;
+use lockstep::coordinator::{CoordinatorConfig, RestoreRequest};
+use lockstep::model::{
+    BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
+    TabletId, apply_changes,
+};
+use lockstep::protocol::ClientCall;
+use lockstep::shard::ShardConfig;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::faults::{FaultKind, FaultPlan};
+use crate::plan::{
+    Action, CallExpect, FailureExpect, LIFECYCLE_ERROR_NAMES, Moment, OpExpect, PlannedCall, REFUSAL_NAMES,
+    ScheduledFault,
+};
+use crate::world::{COLLECTION, LostObject, World, WorldParams, WorldTable, index_rows};
+
+/// A scenario file that did not load: where, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.located())]
+pub struct ScenarioError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl ScenarioError {
+    /// `file:line:column: message`, or `file: message` when the problem has no place in the file.
+    fn located(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!("{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        }
+    }
+}
+
+/// A loaded scenario: a world to build for any seed, and the seeds the test suite pins.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The file's name without its extension.
+    pub name: String,
+    pub description: String,
+    pub seeds: Vec<u64>,
+    source: Source,
+    plan: Plan,
+}
+
+#[derive(Clone, Debug)]
+enum Source {
+    /// Tables and backups spelled out; the same for every seed.
+    Explicit(Box<ExplicitWorld>),
+    /// Drawn from the seed with these parameters.
+    Generated(WorldParams),
+}
+
+#[derive(Clone, Debug)]
+struct ExplicitWorld {
+    tables: Vec<WorldTable>,
+    catalog: Vec<BackupManifest>,
+    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    chain_backup_ids: Vec<u64>,
+}
+
+/// Everything a scenario adds to its world, with table names still to resolve for generated worlds.
+#[derive(Clone, Debug)]
+struct Plan {
+    restores: Vec<Spanned<RestoreDecl>>,
+    calls: Vec<Spanned<CallDecl>>,
+    faults: Option<FaultsDecl>,
+    scheduled: Vec<Spanned<FaultDecl>>,
+    coordinator: CoordinatorKnobs,
+    existing_tables: Vec<Spanned<String>>,
+    liveness_bound_ms: Option<u64>,
+    /// The generated world loses an object of its restore chain for good.
+    lose_object: bool,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The file format
+// ---------------------------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDecl {
+    description: String,
+    #[serde(default = "default_seeds")]
+    seeds: Vec<u64>,
+    #[serde(default)]
+    coordinator: CoordinatorKnobs,
+    liveness_bound_ms: Option<u64>,
+    generate: Option<Spanned<GenerateDecl>>,
+    #[serde(default, rename = "table")]
+    tables: Vec<Spanned<TableDecl>>,
+    /// Tables of the target database that already hold rows.
+    #[serde(default)]
+    existing_tables: Vec<Spanned<String>>,
+    #[serde(default, rename = "backup")]
+    backups: Vec<Spanned<BackupDecl>>,
+    #[serde(default, rename = "restore")]
+    restores: Vec<Spanned<RestoreDecl>>,
+    #[serde(default, rename = "call")]
+    calls: Vec<Spanned<CallDecl>>,
+    faults: Option<FaultsDecl>,
+    #[serde(default, rename = "fault")]
+    scheduled: Vec<Spanned<FaultDecl>>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordinatorKnobs {
+    max_in_flight_shards: Option<u32>,
+    max_in_flight_tables: Option<u32>,
+    request_timeout_ms: Option<u64>,
+    backoff_base_ms: Option<u64>,
+    backoff_cap_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+    increment_deadline_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateDecl {
+    tables: Option<u32>,
+    shards: Option<u32>,
+    indexes: Option<bool>,
+    incrementals: Option<u32>,
+    initial_rows: Option<u32>,
+    #[serde(default)]
+    lose_object: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableDecl {
+    name: Spanned<String>,
+    /// Shards cut evenly over `[0, key_space)`; or `ranges`.
+    shards: Option<u32>,
+    key_space: Option<u64>,
+    /// The first key of every shard: starts at 0, strictly increasing; the last shard runs to the end.
+    ranges: Option<Spanned<Vec<u64>>>,
+    #[serde(default)]
+    indexes: Vec<IndexDecl>,
+    /// Source rows before the first backup.
+    #[serde(default)]
+    rows: Vec<(u64, u64)>,
+    /// The rows the restore must end with; checked against what the backups say.
+    expect_rows: Option<Spanned<Vec<(u64, u64)>>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexDecl {
+    name: String,
+    #[serde(default = "one")]
+    shards: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindDecl {
+    Full,
+    Incremental,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupDecl {
+    id: u64,
+    kind: KindDecl,
+    at_ms: u64,
+    /// Changes to the source since the backup before; an incremental carries exactly these.
+    #[serde(default, rename = "change")]
+    changes: Vec<Spanned<ChangeDecl>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeDecl {
+    table: Spanned<String>,
+    #[serde(default)]
+    upsert: Vec<(u64, u64)>,
+    #[serde(default)]
+    delete: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreDecl {
+    op: u64,
+    #[serde(default)]
+    at_ms: u64,
+    collection: Option<String>,
+    /// Table names; every table when absent. A table's index tables always come with it.
+    tables: Option<Vec<Spanned<String>>>,
+    /// `started` or `refused:<refusal>`.
+    #[serde(default = "started")]
+    expect: Spanned<String>,
+    /// For a started restore: `done`, `failed:timeout` or `failed:object-missing`.
+    #[serde(default = "done")]
+    outcome: Spanned<String>,
+}
+
+fn started() -> Spanned<String> {
+    Spanned::new(0..0, "started".to_string())
+}
+
+fn done() -> Spanned<String> {
+    Spanned::new(0..0, "done".to_string())
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallDecl {
+    #[serde(default)]
+    at_ms: u64,
+    status: Option<u64>,
+    forget: Option<u64>,
+    #[serde(default)]
+    list: bool,
+    /// `answered`, `forgotten` or `refused:<error>`.
+    #[serde(default = "answered")]
+    expect: Spanned<String>,
+}
+
+fn answered() -> Spanned<String> {
+    Spanned::new(0..0, "answered".to_string())
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsDecl {
+    #[serde(default)]
+    heal_at_ms: u64,
+    /// Fault kind name -> rate, for the seeded mix.
+    #[serde(default)]
+    rates: BTreeMap<Spanned<String>, f64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultDecl {
+    after: Option<AfterDecl>,
+    #[serde(rename = "do")]
+    action: Spanned<String>,
+    tablet: Option<Spanned<String>>,
+    increment: Option<u32>,
+    #[serde(default = "one")]
+    times: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AfterDecl {
+    at_ms: Option<u64>,
+    started: Option<u64>,
+    applied: Option<Spanned<String>>,
+    reported: Option<Spanned<String>>,
+    increment: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Errors before the file name and line are known: a message and the byte range it is about.
+#[derive(Debug)]
+struct Problem {
+    span: Range<usize>,
+    message: String,
+}
+
+fn problem(span: Range<usize>, message: impl Into<String>) -> Problem {
+    Problem { span, message: message.into() }
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Self::parse(&name, &file, &text)
+    }
+
+    /// Checks a scenario given as text; `file` names it in errors.
+    pub fn parse(name: &str, file: &str, text: &str) -> Result<Self, ScenarioError> {
+        let locate = |p: Problem| {
+            let (line, column) = line_and_column(text, p.span.start);
+            ScenarioError { file: file.to_string(), line, column, message: p.message }
+        };
+        let decl: FileDecl = toml::from_str(text)
+            .map_err(|e| locate(problem(e.span().unwrap_or(0..0), e.message().trim_end().replace('\n', " "))))?;
+        Self::check(name, decl).map_err(locate)
+    }
+
+    fn check(name: &str, decl: FileDecl) -> Result<Self, Problem> {
+        if decl.seeds.is_empty() {
+            return Err(problem(0..0, "`seeds` must list at least one seed"));
+        }
+        let source = match &decl.generate {
+            Some(generate) => {
+                if let Some(table) = decl.tables.first() {
+                    return Err(problem(table.span(), "a scenario with [generate] cannot also declare tables"));
+                }
+                if let Some(backup) = decl.backups.first() {
+                    return Err(problem(backup.span(), "a scenario with [generate] cannot also declare backups"));
+                }
+                let g = generate.get_ref();
+                Source::Generated(WorldParams {
+                    tables: g.tables,
+                    shard_count: g.shards,
+                    indexes: g.indexes,
+                    incrementals: g.incrementals,
+                    initial_rows: g.initial_rows,
+                    faults: Some(FaultPlan::none()),
+                    lost_object_probability: if g.lose_object { 1.0 } else { 0.0 },
+                    ..WorldParams::default()
+                })
+            }
+            None => Source::Explicit(Box::new(explicit_world(&decl)?)),
+        };
+        let plan = Plan {
+            restores: decl.restores,
+            calls: decl.calls,
+            faults: decl.faults,
+            scheduled: decl.scheduled,
+            coordinator: decl.coordinator,
+            existing_tables: decl.existing_tables,
+            liveness_bound_ms: decl.liveness_bound_ms,
+            lose_object: decl.generate.as_ref().is_some_and(|g| g.get_ref().lose_object),
+        };
+        let scenario = Self { name: name.to_string(), description: decl.description, seeds: decl.seeds, source, plan };
+        // Resolve the plan once now, so a bad reference fails at load and not at run time.
+        scenario.try_world(scenario.seeds[0])?;
+        Ok(scenario)
+    }
+
+    /// The world of this scenario for `seed`.
+    pub fn world(&self, seed: u64) -> World {
+        self.try_world(seed).expect("the plan was checked when the scenario loaded")
+    }
+
+    fn try_world(&self, seed: u64) -> Result<World, Problem> {
+        let mut world = match &self.source {
+            Source::Generated(params) => World::generate(seed, params),
+            Source::Explicit(explicit) => {
+                let mut world =
+                    World::generate(seed, &WorldParams { faults: Some(FaultPlan::none()), ..WorldParams::default() });
+                world.tables = explicit.tables.clone();
+                world.catalog = explicit.catalog.clone();
+                world.objects = explicit.objects.clone();
+                world.chain_backup_ids = explicit.chain_backup_ids.clone();
+                world.chain_len = u32::try_from(explicit.chain_backup_ids.len()).expect("short chain");
+                world.lost_objects.clear();
+                world
+            }
+        };
+        world.seed = seed;
+        world.shard = ShardConfig::default();
+        world.coordinator = self.coordinator_config(&world)?;
+        if let Some(bound) = self.plan.liveness_bound_ms {
+            world.liveness_bound_ms = bound;
+        }
+        world.faults = self.fault_plan()?;
+        let generated_loss = world.lost_objects.clone();
+        world.lost_objects = if self.plan.lose_object { generated_loss } else { Vec::new() };
+        world.scheduled = Vec::new();
+        for fault in &self.plan.scheduled {
+            self.add_fault(&mut world, fault)?;
+        }
+        self.add_calls(&mut world)?;
+        Ok(world)
+    }
+
+    fn coordinator_config(&self, world: &World) -> Result<CoordinatorConfig, Problem> {
+        let knobs = &self.plan.coordinator;
+        let defaults = CoordinatorConfig::default();
+        let mut non_empty_tables = BTreeSet::new();
+        for name in &self.plan.existing_tables {
+            non_empty_tables.insert(table_named(world, name)?.spec.id);
+        }
+        let config = CoordinatorConfig {
+            max_in_flight_shards: knobs.max_in_flight_shards.unwrap_or(defaults.max_in_flight_shards),
+            max_in_flight_tables: knobs.max_in_flight_tables.unwrap_or(defaults.max_in_flight_tables),
+            request_timeout_ms: knobs.request_timeout_ms.unwrap_or(defaults.request_timeout_ms),
+            backoff_base_ms: knobs.backoff_base_ms.unwrap_or(defaults.backoff_base_ms),
+            backoff_cap_ms: knobs.backoff_cap_ms.unwrap_or(defaults.backoff_cap_ms),
+            deadline_ms: knobs.deadline_ms.unwrap_or(defaults.deadline_ms),
+            increment_deadline_ms: knobs.increment_deadline_ms.unwrap_or(defaults.increment_deadline_ms),
+            non_empty_tables,
+            bug: None,
+        };
+        if config.max_in_flight_shards == 0 || config.max_in_flight_tables == 0 {
+            return Err(problem(0..0, "[coordinator] caps on requests and tables in flight must be at least 1"));
+        }
+        Ok(config)
+    }
+
+    fn fault_plan(&self) -> Result<FaultPlan, Problem> {
+        let mut plan = FaultPlan::none();
+        let Some(faults) = &self.plan.faults else { return Ok(plan) };
+        plan.heal_at_ms = faults.heal_at_ms;
+        for (name, rate) in &faults.rates {
+            let kind = FaultKind::ALL.iter().find(|k| k.name() == name.get_ref()).ok_or_else(|| {
+                let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                problem(name.span(), format!("unknown fault kind `{}`; known: {}", name.get_ref(), known.join(", ")))
+            })?;
+            if !(0.0..=1.0).contains(rate) && !matches!(kind, FaultKind::CoordinatorReboot | FaultKind::ShardReboot) {
+                return Err(problem(
+                    name.span(),
+                    format!("rate {rate} of `{}` is not a probability in [0, 1]", kind.name()),
+                ));
+            }
+            if *rate < 0.0 {
+                return Err(problem(name.span(), format!("rate {rate} of `{}` is negative", kind.name())));
+            }
+            plan.set_rate(*kind, *rate);
+        }
+        Ok(plan)
+    }
+
+    fn add_fault(&self, world: &mut World, fault: &Spanned<FaultDecl>) -> Result<(), Problem> {
+        let decl = fault.get_ref();
+        let span = fault.span();
+        let tablet = || -> Result<TabletId, Problem> {
+            let name = decl
+                .tablet
+                .as_ref()
+                .ok_or_else(|| problem(span.clone(), format!("`{}` needs a `tablet`", decl.action.get_ref())))?;
+            tablet_named(world, name)
+        };
+        let increment = || -> Result<IncrementIndex, Problem> {
+            let increment = decl
+                .increment
+                .ok_or_else(|| problem(span.clone(), format!("`{}` needs an `increment`", decl.action.get_ref())))?;
+            if increment >= world.chain_len {
+                return Err(problem(
+                    span.clone(),
+                    format!("increment {increment} is past the chain of {} increments", world.chain_len),
+                ));
+            }
+            Ok(increment)
+        };
+        let action = match decl.action.get_ref().as_str() {
+            "reboot-coordinator" => Action::RebootCoordinator,
+            "reboot-shard" => Action::RebootShard(tablet()?),
+            "drop-reports" => Action::DropReports(tablet()?),
+            "truncate-download" => {
+                Action::TruncateDownload { tablet: tablet()?, increment: increment()?, times: decl.times }
+            }
+            "corrupt-download" => {
+                Action::CorruptDownload { tablet: tablet()?, increment: increment()?, times: decl.times }
+            }
+            "lose-object" => {
+                if decl.after.is_some() {
+                    return Err(problem(
+                        span,
+                        "an object is lost for good from the start; `lose-object` takes no `after`",
+                    ));
+                }
+                let (tablet, increment) = (tablet()?, increment()?);
+                let object = BackupManifest::object_name(world.chain_backup_ids[increment as usize], tablet);
+                world.lost_objects.push(LostObject { increment, tablet, object });
+                return Ok(());
+            }
+            other => {
+                return Err(problem(
+                    decl.action.span(),
+                    format!(
+                        "unknown action `{other}`; known: reboot-coordinator, reboot-shard, drop-reports, \
+                         truncate-download, corrupt-download, lose-object"
+                    ),
+                ));
+            }
+        };
+        let moment = match &decl.after {
+            None => Moment::AtMs(0),
+            Some(after) => moment_of(world, after, span.clone())?,
+        };
+        world.scheduled.push(ScheduledFault { moment, action });
+        Ok(())
+    }
+
+    fn add_calls(&self, world: &mut World) -> Result<(), Problem> {
+        let mut calls: Vec<PlannedCall> = Vec::new();
+        let mut expected_ops = BTreeMap::new();
+        let restores: Vec<&Spanned<RestoreDecl>> = self.plan.restores.iter().collect();
+        if restores.is_empty() {
+            // No restore declared: restore every table once, at time zero.
+            let request = world.restore_request();
+            let expect = match world.lost_objects.first() {
+                Some(lost) => {
+                    OpExpect::Failed(FailureExpect::ObjectMissing { increment: lost.increment, tablet: lost.tablet })
+                }
+                None => OpExpect::Done,
+            };
+            expected_ops.insert(request.op, expect);
+            calls.push(PlannedCall { at_ms: 0, call: ClientCall::Start(request), expect: CallExpect::Started });
+        }
+        let mut ops = BTreeSet::new();
+        for restore in restores {
+            let decl = restore.get_ref();
+            let tables = match &decl.tables {
+                None => world.tables.iter().map(|t| t.spec.clone()).collect(),
+                Some(names) => {
+                    let mut specs: Vec<TableSpec> = Vec::new();
+                    for name in names {
+                        let table = table_named(world, name)?;
+                        if table.spec.index_of.is_some() {
+                            return Err(problem(
+                                name.span(),
+                                format!("`{}` is an index table; restore its table", name.get_ref()),
+                            ));
+                        }
+                        specs.push(table.spec.clone());
+                        specs.extend(
+                            world
+                                .tables
+                                .iter()
+                                .filter(|t| t.spec.index_of == Some(table.spec.id))
+                                .map(|t| t.spec.clone()),
+                        );
+                    }
+                    specs
+                }
+            };
+            let request = RestoreRequest {
+                op: decl.op,
+                collection: decl.collection.clone().unwrap_or_else(|| COLLECTION.to_string()),
+                tables,
+                catalog: world.catalog.clone(),
+            };
+            let expect =
+                call_expect(&decl.expect, "started", &REFUSAL_NAMES, CallExpect::Started, CallExpect::StartRefused)?;
+            if expect == CallExpect::Started {
+                if !ops.insert(decl.op) {
+                    return Err(problem(restore.span(), format!("operation {} is started twice", decl.op)));
+                }
+                expected_ops.insert(decl.op, outcome(world, &request, &decl.outcome)?);
+            }
+            calls.push(PlannedCall { at_ms: decl.at_ms, call: ClientCall::Start(request), expect });
+        }
+        for call in &self.plan.calls {
+            let decl = call.get_ref();
+            let (client_call, success) = match (decl.status, decl.forget, decl.list) {
+                (Some(op), None, false) => (ClientCall::Status { op }, CallExpect::Answered),
+                (None, Some(op), false) => (ClientCall::Forget { op }, CallExpect::Forgotten),
+                (None, None, true) => (ClientCall::List, CallExpect::Answered),
+                _ => {
+                    return Err(problem(
+                        call.span(),
+                        "a call is exactly one of `status = <op>`, `forget = <op>`, `list = true`",
+                    ));
+                }
+            };
+            let expect = match decl.expect.get_ref().as_str() {
+                "answered" => CallExpect::Answered,
+                _ => {
+                    call_expect(&decl.expect, "forgotten", &LIFECYCLE_ERROR_NAMES, success, CallExpect::ForgetRefused)?
+                }
+            };
+            calls.push(PlannedCall { at_ms: decl.at_ms, call: client_call, expect });
+        }
+        // In time order; the file's order breaks ties.
+        calls.sort_by_key(|c| c.at_ms);
+        world.calls = calls;
+        world.expected_ops = expected_ops;
+        Ok(())
+    }
+}
+
+/// Parses `success` or `refused:<name>` with `name` one of `names`.
+fn call_expect(
+    text: &Spanned<String>,
+    success_word: &str,
+    names: &[&str],
+    success: CallExpect,
+    refused: impl Fn(String) -> CallExpect,
+) -> Result<CallExpect, Problem> {
+    let value = text.get_ref();
+    if value == success_word {
+        return Ok(success);
+    }
+    match value.strip_prefix("refused:") {
+        Some(name) if names.contains(&name) => Ok(refused(name.to_string())),
+        _ => Err(problem(
+            text.span(),
+            format!("expected `{success_word}` or `refused:<{}>`, found `{value}`", names.join("|")),
+        )),
+    }
+}
+
+fn outcome(world: &World, request: &RestoreRequest, text: &Spanned<String>) -> Result<OpExpect, Problem> {
+    match text.get_ref().as_str() {
+        "done" => Ok(OpExpect::Done),
+        "failed:timeout" => Ok(OpExpect::Failed(FailureExpect::Timeout)),
+        "failed:object-missing" => {
+            let tablets: Vec<TabletId> = request.tables.iter().flat_map(TableSpec::tablets).collect();
+            let lost = world.lost_objects.iter().filter(|l| tablets.contains(&l.tablet)).min_by_key(|l| l.increment);
+            let lost = lost.ok_or_else(|| {
+                problem(text.span(), "outcome `failed:object-missing`, but no object this restore reads is lost (add a `lose-object` fault)")
+            })?;
+            Ok(OpExpect::Failed(FailureExpect::ObjectMissing { increment: lost.increment, tablet: lost.tablet }))
+        }
+        other => Err(problem(
+            text.span(),
+            format!("unknown outcome `{other}`; expected done, failed:timeout or failed:object-missing"),
+        )),
+    }
+}
+
+fn moment_of(world: &World, after: &AfterDecl, span: Range<usize>) -> Result<Moment, Problem> {
+    let reported_or_applied = |name: &Spanned<String>| -> Result<(TabletId, IncrementIndex), Problem> {
+        let tablet = tablet_named(world, name)?;
+        let increment =
+            after.increment.ok_or_else(|| problem(span.clone(), "`after` names a tablet but no `increment`"))?;
+        Ok((tablet, increment))
+    };
+    match (after.at_ms, after.started, &after.applied, &after.reported) {
+        (Some(at), None, None, None) => Ok(Moment::AtMs(at)),
+        (None, Some(op), None, None) => Ok(Moment::Started { op }),
+        (None, None, Some(name), None) => {
+            let (tablet, increment) = reported_or_applied(name)?;
+            Ok(Moment::Applied { tablet, increment })
+        }
+        (None, None, None, Some(name)) => {
+            let (tablet, increment) = reported_or_applied(name)?;
+            Ok(Moment::Reported { tablet, increment })
+        }
+        _ => Err(problem(
+            span,
+            "`after` is exactly one of `at_ms = <ms>`, `started = <op>`, `applied = \"<table>/<shard>\"`, `reported = \"<table>/<shard>\"`",
+        )),
+    }
+}
+
+fn table_named<'w>(world: &'w World, name: &Spanned<String>) -> Result<&'w WorldTable, Problem> {
+    world.tables.iter().find(|t| t.spec.name == *name.get_ref()).ok_or_else(|| {
+        let known: Vec<&str> = world.tables.iter().map(|t| t.spec.name.as_str()).collect();
+        problem(name.span(), format!("no table named `{}`; tables: {}", name.get_ref(), known.join(", ")))
+    })
+}
+
+/// Resolves `<table>/<shard>` (the table name may itself hold a `/`, as index tables' names do).
+fn tablet_named(world: &World, name: &Spanned<String>) -> Result<TabletId, Problem> {
+    let text = name.get_ref();
+    let Some((table, shard)) = text.rsplit_once('/') else {
+        return Err(problem(name.span(), format!("`{text}` is not `<table>/<shard>`")));
+    };
+    let table = table_named(world, &Spanned::new(name.span(), table.to_string()))?;
+    let shard: u32 =
+        shard.parse().map_err(|_| problem(name.span(), format!("`{shard}` in `{text}` is not a shard number")))?;
+    if shard >= table.spec.shard_count {
+        return Err(problem(
+            name.span(),
+            format!("table `{}` has {} shard(s), no shard {shard}", table.spec.name, table.spec.shard_count),
+        ));
+    }
+    Ok(TabletId { table: table.spec.id, shard: ShardId(shard) })
+}
+
+/// Builds the tables, the backups and their bundles of a scenario that spells them out.
+fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
+    if decl.tables.is_empty() {
+        return Err(problem(0..0, "a scenario declares at least one [[table]] (or a [generate] section)"));
+    }
+    // Tables, each followed by its index tables.
+    let mut tables: Vec<(TableSpec, ShardMap)> = Vec::new();
+    let mut base_of: BTreeMap<TableId, usize> = BTreeMap::new();
+    let mut names = BTreeSet::new();
+    for (base, table) in decl.tables.iter().enumerate() {
+        let t = table.get_ref();
+        let id = TableId(u32::try_from(tables.len()).expect("few tables"));
+        let shard_map = shard_map_of(table)?;
+        if !names.insert(t.name.get_ref().clone()) {
+            return Err(problem(t.name.span(), format!("table `{}` is declared twice", t.name.get_ref())));
+        }
+        tables.push((
+            TableSpec { id, name: t.name.get_ref().clone(), shard_count: shard_map.shard_count(), index_of: None },
+            shard_map,
+        ));
+        base_of.insert(id, base);
+        for index in &t.indexes {
+            let index_id = TableId(u32::try_from(tables.len()).expect("few tables"));
+            let name = format!("{}/{}", t.name.get_ref(), index.name);
+            if index.shards == 0 || !names.insert(name.clone()) {
+                return Err(problem(table.span(), format!("index `{name}` is declared twice or has no shards")));
+            }
+            let spec = TableSpec { id: index_id, name, shard_count: index.shards, index_of: Some(id) };
+            tables.push((spec, ShardMap::even(index.shards, Key::MAX)));
+            base_of.insert(index_id, base);
+        }
+    }
+    // The source of every base table through the backups.
+    let mut sources: Vec<Rows> = Vec::new();
+    for table in &decl.tables {
+        let t = table.get_ref();
+        let mut rows = Rows::new();
+        for (key, value) in &t.rows {
+            if rows.insert(*key, *value).is_some() {
+                return Err(problem(
+                    table.span(),
+                    format!("table `{}` lists key {key} twice in `rows`", t.name.get_ref()),
+                ));
+            }
+        }
+        if !t.indexes.is_empty() {
+            check_indexable(&rows, table.span(), t.name.get_ref())?;
+        }
+        sources.push(rows);
+    }
+    if decl.backups.is_empty() {
+        return Err(problem(0..0, "a scenario declares at least one [[backup]]"));
+    }
+    let mut ids = BTreeSet::new();
+    let mut last_at: Option<u64> = None;
+    let mut catalog = Vec::new();
+    let mut objects = BTreeMap::new();
+    let mut previous: Option<Vec<Rows>> = None;
+    for backup in &decl.backups {
+        let b = backup.get_ref();
+        if !ids.insert(b.id) {
+            return Err(problem(backup.span(), format!("backup id {} is used twice", b.id)));
+        }
+        if last_at.is_some_and(|at| b.at_ms <= at) {
+            return Err(problem(
+                backup.span(),
+                format!("backup {} is not later than the backup before it (at_ms must increase)", b.id),
+            ));
+        }
+        last_at = Some(b.at_ms);
+        // Changes per base table, in the order the file gives them.
+        let mut changes: BTreeMap<usize, Vec<Change>> = BTreeMap::new();
+        for change in &b.changes {
+            let c = change.get_ref();
+            let position = tables.iter().position(|(spec, _)| spec.name == *c.table.get_ref()).ok_or_else(|| {
+                problem(
+                    c.table.span(),
+                    format!("backup {} changes table `{}`, which is not declared", b.id, c.table.get_ref()),
+                )
+            })?;
+            let (spec, _) = &tables[position];
+            if spec.index_of.is_some() {
+                return Err(problem(
+                    c.table.span(),
+                    format!("`{}` is an index table: it follows its table, change that instead", spec.name),
+                ));
+            }
+            let base = base_of[&spec.id];
+            let deleted: BTreeSet<u64> = c.delete.iter().copied().collect();
+            if let Some((key, _)) = c.upsert.iter().find(|(key, _)| deleted.contains(key)) {
+                return Err(problem(
+                    change.span(),
+                    format!("backup {} both upserts and deletes key {key} of `{}`", b.id, spec.name),
+                ));
+            }
+            let list = changes.entry(base).or_default();
+            list.extend(c.delete.iter().map(|&key| Change::Delete { key }));
+            list.extend(c.upsert.iter().map(|&(key, value)| Change::Upsert { key, value }));
+        }
+        for (base, list) in &changes {
+            apply_changes(&mut sources[*base], list);
+            if !decl.tables[*base].get_ref().indexes.is_empty() {
+                check_indexable(&sources[*base], backup.span(), decl.tables[*base].get_ref().name.get_ref())?;
+            }
+        }
+        let kind = match b.kind {
+            KindDecl::Full => BackupKind::Full,
+            KindDecl::Incremental => BackupKind::Incremental,
+        };
+        let mut manifest_tables = BTreeMap::new();
+        for (spec, shard_map) in &tables {
+            let base = base_of[&spec.id];
+            let table_changes: Vec<Change> = match (kind, spec.index_of.is_some()) {
+                (BackupKind::Full, false) => {
+                    sources[base].iter().map(|(&key, &value)| Change::Upsert { key, value }).collect()
+                }
+                (BackupKind::Full, true) => {
+                    index_rows(&sources[base]).into_iter().map(|(key, value)| Change::Upsert { key, value }).collect()
+                }
+                (BackupKind::Incremental, false) => changes.get(&base).cloned().unwrap_or_default(),
+                (BackupKind::Incremental, true) => {
+                    let before = previous.as_ref().map(|p| index_rows(&p[base])).unwrap_or_default();
+                    index_diff(&before, &index_rows(&sources[base]))
+                }
+            };
+            let mut names = Vec::new();
+            for shard in shard_map.shards() {
+                let tablet = TabletId { table: spec.id, shard };
+                let object = BackupManifest::object_name(b.id, tablet);
+                let mine = table_changes.iter().filter(|c| shard_map.shard_for(c.key()) == shard).copied().collect();
+                objects.insert(object.clone(), Bundle { backup_id: b.id, tablet, kind, changes: mine }.encode());
+                names.push(object);
+            }
+            manifest_tables.insert(spec.id, names);
+        }
+        catalog.push(BackupManifest { backup_id: b.id, kind, taken_at_ms: b.at_ms, tables: manifest_tables });
+        previous = Some(sources.clone());
+    }
+    let newest_full = decl.backups.iter().rposition(|b| b.get_ref().kind == KindDecl::Full).ok_or_else(|| {
+        problem(decl.backups[0].span(), "no full backup: a restore starts from the newest full backup")
+    })?;
+    let chain_backup_ids: Vec<u64> = decl.backups[newest_full..].iter().map(|b| b.get_ref().id).collect();
+    let mut world_tables = Vec::new();
+    for (spec, shard_map) in tables {
+        let base = base_of[&spec.id];
+        let rows = if spec.index_of.is_some() { index_rows(&sources[base]) } else { sources[base].clone() };
+        if spec.index_of.is_none()
+            && let Some(expect) = &decl.tables[base].get_ref().expect_rows
+        {
+            let declared: Rows = expect.get_ref().iter().copied().collect();
+            if declared != rows {
+                let detail = first_mismatch(&declared, &rows);
+                return Err(problem(
+                    expect.span(),
+                    format!("`expect_rows` of `{}` contradicts the backups: {detail}", spec.name),
+                ));
+            }
+        }
+        world_tables.push(WorldTable { spec, shard_map, expected_rows: Arc::new(rows) });
+    }
+    Ok(ExplicitWorld { tables: world_tables, catalog, objects: Arc::new(objects), chain_backup_ids })
+}
+
+fn shard_map_of(table: &Spanned<TableDecl>) -> Result<ShardMap, Problem> {
+    let t = table.get_ref();
+    match (&t.shards, &t.ranges) {
+        (Some(shards), None) => {
+            if *shards == 0 || *shards > 64 {
+                return Err(problem(
+                    table.span(),
+                    format!("table `{}` has {shards} shards; 1 to 64 are allowed", t.name.get_ref()),
+                ));
+            }
+            Ok(ShardMap::even(*shards, t.key_space.unwrap_or(1_000)))
+        }
+        (None, Some(ranges)) => {
+            let starts = ranges.get_ref();
+            if starts.first() != Some(&0) {
+                return Err(problem(ranges.span(), "key ranges must start at key 0, so every key has a shard"));
+            }
+            if let Some(pair) = starts.windows(2).find(|w| w[1] <= w[0]) {
+                return Err(problem(
+                    ranges.span(),
+                    format!("key ranges overlap: a range starts at {} after one at {}", pair[1], pair[0]),
+                ));
+            }
+            let ranges: Vec<KeyRange> = starts
+                .iter()
+                .enumerate()
+                .map(|(i, start)| KeyRange { start: *start, end: starts.get(i + 1).copied() })
+                .collect();
+            Ok(ShardMap::from_ranges(ranges))
+        }
+        _ => Err(problem(
+            table.span(),
+            format!("table `{}` needs exactly one of `shards` or `ranges`", t.name.get_ref()),
+        )),
+    }
+}
+
+/// Index rows are `value << 32 | key`: both must fit in 32 bits.
+fn check_indexable(rows: &Rows, span: Range<usize>, table: &str) -> Result<(), Problem> {
+    match rows.iter().find(|(k, v)| **k > u64::from(u32::MAX) || **v > u64::from(u32::MAX)) {
+        Some((key, value)) => Err(problem(
+            span,
+            format!(
+                "table `{table}` has an index, so its keys and values must fit in 32 bits; row {key} = {value} does not"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn index_diff(before: &Rows, after: &Rows) -> Vec<Change> {
+    let mut changes: Vec<Change> =
+        before.keys().filter(|k| !after.contains_key(k)).map(|&key| Change::Delete { key }).collect();
+    changes.extend(
+        after.iter().filter(|(k, v)| before.get(k) != Some(v)).map(|(&key, &value)| Change::Upsert { key, value }),
+    );
+    changes
+}
+
+fn first_mismatch(declared: &Rows, actual: &Rows) -> String {
+    for key in declared.keys().chain(actual.keys()).collect::<BTreeSet<_>>() {
+        match (declared.get(key), actual.get(key)) {
+            (Some(d), Some(a)) if d != a => return format!("key {key} is declared {d} but the backups leave {a}"),
+            (Some(d), None) => return format!("key {key} is declared {d} but the backups leave no such row"),
+            (None, Some(a)) => return format!("key {key} ({a}) is left by the backups but not declared"),
+            _ => {}
+        }
+    }
+    "no difference".to_string()
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Every scenario file in `dir`, in name order.
+pub fn scenario_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::parse("t", "t.toml", text)
+    }
+
+    const MINIMAL: &str = r#"
+description = "one table, one full backup"
+[[table]]
+name = "orders"
+shards = 2
+rows = [[1, 10], [600, 60]]
+[[backup]]
+id = 1
+kind = "full"
+at_ms = 1000
+"#;
+
+    #[test]
+    fn a_minimal_scenario_loads_and_restores_every_table() {
+        let scenario = parse(MINIMAL).unwrap();
+        let world = scenario.world(0);
+        assert_eq!(world.tables.len(), 1);
+        assert_eq!(world.chain_backup_ids, vec![1]);
+        assert_eq!(world.calls.len(), 1, "one restore of every table at time zero");
+        assert_eq!(world.expected_ops.get(&1), Some(&OpExpect::Done));
+        assert_eq!(world.expected_rows_of(TabletId::new(0, 1)), Rows::from([(600, 60)]));
+    }
+
+    fn error_of(text: &str) -> ScenarioError {
+        parse(text).expect_err("the scenario is refused")
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_line() {
+        let text = MINIMAL.replace("shards = 2", "shards = 2\nshard_count = 3");
+        let error = error_of(&text);
+        assert_eq!((error.file.as_str(), error.line), ("t.toml", 6), "{error}");
+        assert!(error.message.contains("shard_count"), "{error}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_refused_with_its_line() {
+        let error = error_of(&MINIMAL.replace("at_ms = 1000", "at_ms = \"soon\""));
+        assert_eq!(error.line, 10, "{error}");
+        assert!(error.message.contains("invalid type: string \"soon\", expected u64"), "{error}");
+    }
+
+    #[test]
+    fn a_change_for_a_table_that_does_not_exist_is_refused() {
+        let text = format!(
+            "{MINIMAL}[[backup]]\nid = 2\nkind = \"incremental\"\nat_ms = 2000\n[[backup.change]]\ntable = \"ordres\"\nupsert = [[5, 5]]\n"
+        );
+        let error = error_of(&text);
+        assert_eq!(error.line, 16, "{error}");
+        assert!(error.message.contains("`ordres`, which is not declared"), "{error}");
+    }
+
+    #[test]
+    fn overlapping_key_ranges_are_refused() {
+        let error = error_of(&MINIMAL.replace("shards = 2", "ranges = [0, 500, 400]"));
+        assert_eq!(error.line, 5, "{error}");
+        assert!(error.message.contains("overlap"), "{error}");
+        let error = error_of(&MINIMAL.replace("shards = 2", "ranges = [10, 500]"));
+        assert!(error.message.contains("start at key 0"), "{error}");
+    }
+
+    #[test]
+    fn expected_rows_the_backups_contradict_are_refused() {
+        let error =
+            error_of(&MINIMAL.replace("rows = [[1, 10], [600, 60]]", "rows = [[1, 10]]\nexpect_rows = [[1, 11]]"));
+        assert!(error.message.contains("key 1 is declared 11 but the backups leave 10"), "{error}");
+    }
+
+    #[test]
+    fn bad_references_in_restores_and_faults_are_refused() {
+        let error = error_of(&format!("{MINIMAL}[[restore]]\nop = 1\ntables = [\"nope\"]\n"));
+        assert!(error.message.contains("no table named `nope`"), "{error}");
+        let error = error_of(&format!("{MINIMAL}[[fault]]\ndo = \"drop-reports\"\ntablet = \"orders/7\"\n"));
+        assert!(error.message.contains("no shard 7"), "{error}");
+        let error = error_of(&format!("{MINIMAL}[[fault]]\ndo = \"explode\"\n"));
+        assert!(error.message.contains("unknown action `explode`"), "{error}");
+        let error = error_of(&format!("{MINIMAL}[[restore]]\nop = 1\nexpect = \"refused:because\"\n"));
+        assert!(error.message.contains("refused:<operation-id-taken"), "{error}");
+        let error = error_of(&format!("{MINIMAL}[faults]\nrates = {{ message-lost = 0.5 }}\n"));
+        assert!(error.message.contains("unknown fault kind `message-lost`"), "{error}");
+    }
+
+    #[test]
+    fn a_scenario_without_a_full_backup_is_refused() {
+        let error = error_of(&MINIMAL.replace("kind = \"full\"", "kind = \"incremental\""));
+        assert!(error.message.contains("no full backup"), "{error}");
+    }
+
+    #[test]
+    fn line_and_column_count_from_one() {
+        assert_eq!(line_and_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,55 @@
+//! Every scenario in `scenarios/` runs with its pinned seeds and must pass every invariant; the transcript of
+//! its first pinned seed is a snapshot (`tests/snapshots/scenarios__<name>.snap`), reviewed like code with
+//! `cargo insta review`. Needs the madsim build (`cargo sim-test`).
+#![cfg(madsim)]
+
+use std::path::Path;
+
+use lockstep_sim::runner::{run_seed, transcript};
+use lockstep_sim::scenario::{Scenario, scenario_files};
+
+fn scenarios() -> Vec<Scenario> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let files = scenario_files(&dir).expect("the scenarios directory is readable");
+    files.iter().map(|path| Scenario::load(path).unwrap_or_else(|error| panic!("{error}"))).collect()
+}
+
+#[test]
+fn there_are_at_least_a_dozen_scenarios() {
+    assert!(scenarios().len() >= 12, "found {}", scenarios().len());
+}
+
+#[test]
+fn every_scenario_passes_its_pinned_seeds_and_its_transcript_is_reviewed() {
+    let mut failures = Vec::new();
+    for scenario in scenarios() {
+        for (i, seed) in scenario.seeds.iter().enumerate() {
+            let world = scenario.world(*seed);
+            let outcome = run_seed(&world, i == 0);
+            if let Some(panic) = &outcome.panic {
+                failures.push(format!("{} seed {seed}: panicked: {panic}", scenario.name));
+            }
+            for violation in &outcome.violations {
+                failures.push(format!("{} seed {seed}: {violation}", scenario.name));
+            }
+            if i == 0 {
+                let text = format!("{}\n{}", scenario.description, transcript(&world, &outcome));
+                insta::assert_snapshot!(scenario.name.clone(), text);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_malformed_scenario_file_is_refused_naming_file_line_and_problem() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("broken.toml");
+    let text = "description = \"x\"\n\n[[table]]\nname = \"orders\"\nshards = 2\nshard_cuont = 3\n";
+    std::fs::write(&path, text).expect("the file is written");
+    let error = Scenario::load(&path).expect_err("the file is refused");
+    assert_eq!(error.file, path.display().to_string());
+    assert_eq!(error.line, 6);
+    assert!(error.message.contains("shard_cuont"), "{error}");
+    assert!(error.to_string().starts_with(&format!("{}:6:", path.display())), "{error}");
+}
