@@ -780,3 +780,18 @@ fn a_table_known_to_hold_rows_is_refused_even_after_a_failed_restore_of_it() {
         StartError::TargetNotEmpty { table: TableId(1) }
     );
 }
+
+#[test]
+fn a_table_is_readable_as_restored_only_after_its_operation_is_done() {
+    let tables = [table(1, 1), table(2, 1)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 0, request(1, COLLECTION, vec![tables[0].clone()], 2));
+    let readable = |c: &Coordinator, id: u32| table_state(c, id).is_some_and(TableState::readable);
+    assert!(!readable(&coordinator, 1), "restoring is not readable");
+    apply_everything(&mut coordinator, 10, sent);
+    assert!(readable(&coordinator, 1), "restored is readable");
+
+    start(&mut coordinator, 20, request(2, COLLECTION, vec![tables[1].clone()], 2));
+    coordinator.handle_timer(20 + DEADLINE_MS, CoordinatorTimer::Deadline { op: 2 });
+    assert!(!readable(&coordinator, 2), "a failed restore leaves the table unreadable");
+}
