@@ -308,7 +308,7 @@ pub struct OperationSummary {
     pub state: OperationState,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CoordinatorTimer {
     /// No reply to `attempt` of `tablet` for `increment` in time.
     RequestTimeout { op: OperationId, tablet: TabletId, increment: IncrementIndex, attempt: u32 },

@@ -55,7 +55,7 @@ pub struct ShardDurable {
     pub rows: Arc<Rows>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ShardTimer {
     /// Retry the current ranged read of download `download_id`.
     DownloadRetry { download_id: u64 },

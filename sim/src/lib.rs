@@ -9,6 +9,7 @@
 pub mod checkers;
 pub mod disk;
 pub mod events;
+pub mod explore;
 pub mod faults;
 pub mod plan;
 pub mod scenario;

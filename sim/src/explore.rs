@@ -1,0 +1,973 @@
+//! The exhaustive explorer: model-checks the very coordinator and shard state machines the simulator and the
+//! real hosts run, for small worlds, by enumerating every choice of what happens next.
+//!
+//! A state is the machines (volatile and durable parts), each node's outputs not yet carried out, its pending
+//! timers and downloads, the messages in flight, the logical clock and the faults used so far. The choices:
+//! - deliver, drop or duplicate any message in flight (drops and duplicates bounded);
+//! - complete any pending download whole, truncated, corrupted or failed (damage bounded);
+//! - carry out a node's next outputs, up to and including its next persist, so a crash can land between a
+//!   durable write and the reply that depends on it;
+//! - crash a node (bounded): it loses everything not persisted and reboots from its durable state;
+//! - fire a pending timer, advancing the clock to it — only when nothing else is in flight, as timeouts are long
+//!   next to message and download latency. Deadline timers never fire: the explorer checks the protocol's
+//!   safety and progress, not its deadlines.
+//!
+//! States are deduplicated by a 64-bit fingerprint. Breadth-first search gives the shortest path to a
+//! violation. After the search, a liveness check: from every reachable state, with no more faults, the
+//! operation can still end as expected (Done, or Failed when an object is lost).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use lockstep::bundle::Bundle;
+use lockstep::coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer, OperationStatus,
+    ProgressMark, RestoreRequest,
+};
+use lockstep::io::range_of;
+use lockstep::model::{BackupKind, BackupManifest, Change, Rows, TableId, TableSpec, TabletId, apply_changes};
+use lockstep::protocol::{
+    ApplyOutcome, DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, StoreError,
+};
+use lockstep::shard::{Shard, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
+
+use crate::world::Bugs;
+
+/// The operation every explored restore runs.
+pub const OP: u64 = 1;
+
+/// The small world to explore and the bounds of the search.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExploreConfig {
+    /// Tables restored together (`TablesRunAhead` needs two).
+    pub tables: u32,
+    /// Shards of every table.
+    pub shards: u32,
+    /// Increments in the restore chain: the full backup and `increments - 1` incrementals.
+    pub increments: u32,
+    /// Node crashes (each followed by a reboot from durable state).
+    pub max_crashes: u32,
+    pub max_drops: u32,
+    pub max_duplicates: u32,
+    /// Downloads that come back truncated, corrupted or failed.
+    pub max_download_faults: u32,
+    /// Longest path explored.
+    pub max_depth: u32,
+    /// Stop after this many unique states (0: no limit).
+    pub max_states: u64,
+    /// Breadth-first (shortest counterexamples) or depth-first.
+    pub order: SearchOrder,
+    pub bugs: Bugs,
+}
+
+impl Default for ExploreConfig {
+    fn default() -> Self {
+        Self {
+            tables: 1,
+            shards: 2,
+            increments: 2,
+            max_crashes: 1,
+            max_drops: 1,
+            max_duplicates: 1,
+            max_download_faults: 1,
+            max_depth: 200,
+            max_states: 0,
+            order: SearchOrder::BreadthFirst,
+            bugs: Bugs::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchOrder {
+    BreadthFirst,
+    DepthFirst,
+}
+
+/// The explored world: the backups and their bytes, and the rows a restore must end with.
+#[derive(Debug)]
+pub struct ExploreWorld {
+    pub config: ExploreConfig,
+    pub tables: Vec<TableSpec>,
+    pub catalog: Vec<BackupManifest>,
+    pub objects: BTreeObjects,
+    /// Intact checksum of every object.
+    pub crcs: HashMap<String, u32>,
+    /// Per tablet, the rows at the end of the chain.
+    pub expected: Vec<Rows>,
+    coordinator_config: CoordinatorConfig,
+    shard_config: ShardConfig,
+}
+
+pub type BTreeObjects = std::collections::BTreeMap<String, Vec<u8>>;
+
+impl ExploreWorld {
+    /// Two rows per shard in the full backup; every incremental updates one row and deletes another, then puts
+    /// it back, so a lost or reordered increment shows in the final rows.
+    pub fn new(config: ExploreConfig) -> Self {
+        assert!(
+            config.tables > 0 && config.shards > 0 && config.increments > 0,
+            "a world has a tablet and a full backup"
+        );
+        let tables: Vec<TableSpec> = (0..config.tables)
+            .map(|t| TableSpec { id: TableId(t), name: format!("t{t}"), shard_count: config.shards, index_of: None })
+            .collect();
+        let mut catalog = Vec::new();
+        let mut objects = BTreeObjects::new();
+        let mut expected = vec![Rows::new(); (config.tables * config.shards) as usize];
+        for increment in 0..config.increments {
+            let backup_id = u64::from(increment) + 1;
+            let kind = if increment == 0 { BackupKind::Full } else { BackupKind::Incremental };
+            let mut manifest_tables = std::collections::BTreeMap::new();
+            for table in &tables {
+                let mut names = Vec::new();
+                for tablet in table.tablets() {
+                    let base = u64::from(tablet.shard.0) * 10;
+                    let changes: Vec<Change> = if increment == 0 {
+                        vec![Change::Upsert { key: base, value: 0 }, Change::Upsert { key: base + 1, value: 0 }]
+                    } else if increment % 2 == 1 {
+                        vec![
+                            Change::Upsert { key: base, value: u64::from(increment) },
+                            Change::Delete { key: base + 1 },
+                        ]
+                    } else {
+                        vec![Change::Upsert { key: base + 1, value: u64::from(increment) }]
+                    };
+                    apply_changes(&mut expected[index_of(&config, tablet)], &changes);
+                    let object = BackupManifest::object_name(backup_id, tablet);
+                    objects.insert(object.clone(), Bundle { backup_id, tablet, kind, changes }.encode());
+                    names.push(object);
+                }
+                manifest_tables.insert(table.id, names);
+            }
+            catalog.push(BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, tables: manifest_tables });
+        }
+        let crcs = objects.iter().map(|(name, bytes)| (name.clone(), crc32fast::hash(bytes))).collect();
+        let coordinator_config = CoordinatorConfig {
+            max_in_flight_shards: config.tables * config.shards,
+            max_in_flight_tables: config.tables,
+            bug: config.bugs.coordinator,
+            ..CoordinatorConfig::default()
+        };
+        // One ranged read per bundle keeps the space small; resuming reads are covered by truncation.
+        let shard_config = ShardConfig {
+            download_chunk_bytes: 4096,
+            max_download_failures: 1,
+            bug: config.bugs.shard,
+            ..ShardConfig::default()
+        };
+        Self { config, tables, catalog, objects, crcs, expected, coordinator_config, shard_config }
+    }
+
+    pub fn request(&self) -> RestoreRequest {
+        RestoreRequest {
+            op: OP,
+            collection: "explore".to_string(),
+            tables: self.tables.clone(),
+            catalog: self.catalog.clone(),
+        }
+    }
+
+    /// The state every search starts from: the coordinator booted and the restore started, the shards booted
+    /// with empty disks.
+    pub fn initial(&self) -> State {
+        let (mut coordinator, mut outbox) = Coordinator::boot(self.coordinator_config.clone(), None, 1, 0);
+        outbox.extend(coordinator.start(0, self.request()).expect("the explored restore starts"));
+        let shards = self
+            .tables
+            .iter()
+            .flat_map(TableSpec::tablets)
+            .map(|tablet| ShardNode {
+                machine: Shard::boot(tablet, self.shard_config.clone(), None),
+                durable: None,
+                outbox: Vec::new(),
+                timers: Vec::new(),
+                downloads: Vec::new(),
+            })
+            .collect();
+        let mut state = State {
+            now_ms: 0,
+            coordinator: CoordinatorNode {
+                machine: coordinator,
+                durable: None,
+                outbox: Vec::new(),
+                timers: Vec::new(),
+            },
+            shards,
+            network: Vec::new(),
+            used: Budget::default(),
+            ghost: Ghost::default(),
+        };
+        state.coordinator.outbox = outbox;
+        let mut sink = Vec::new();
+        state.flush_coordinator(self, &mut sink);
+        assert!(sink.is_empty(), "booting breaks no invariant");
+        state
+    }
+}
+
+/// Position of `tablet` among the explored shards: table by table, shard by shard.
+fn index_of(config: &ExploreConfig, tablet: TabletId) -> usize {
+    (tablet.table.0 * config.shards + tablet.shard.0) as usize
+}
+
+/// One explored state. `Hash` covers everything, so equal fingerprints mean equal futures.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    now_ms: u64,
+    coordinator: CoordinatorNode,
+    shards: Vec<ShardNode>,
+    /// Messages in flight (from, to, message), kept sorted: the order they were sent in does not matter.
+    network: Vec<(NodeAddr, NodeAddr, Message)>,
+    used: Budget,
+    ghost: Ghost,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CoordinatorNode {
+    machine: Coordinator,
+    /// What the disk holds: the last persisted state.
+    durable: Option<CoordinatorDurable>,
+    /// Outputs not carried out yet.
+    outbox: Vec<CoordinatorOutput>,
+    timers: Vec<(u64, CoordinatorTimer)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ShardNode {
+    machine: Shard,
+    durable: Option<ShardDurable>,
+    outbox: Vec<ShardOutput>,
+    timers: Vec<(u64, ShardTimer)>,
+    downloads: Vec<DownloadRequest>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Budget {
+    crashes: u32,
+    drops: u32,
+    duplicates: u32,
+    download_faults: u32,
+}
+
+/// What the checkers remember along a path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Ghost {
+    /// Highest durable progress rank of the operation.
+    progress: (u8, u32),
+}
+
+/// What can happen next.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    Deliver(usize),
+    Drop(usize),
+    Duplicate(usize),
+    /// Carry out the next outputs of a node (None: the coordinator).
+    Flush(Option<usize>),
+    FireCoordinatorTimer(usize),
+    FireShardTimer(usize, usize),
+    Download(usize, usize, Fate),
+    Crash(Option<usize>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fate {
+    Whole,
+    Truncated,
+    Corrupted,
+    Failed,
+}
+
+/// A property violated on a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Broken {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+/// Properties that must be reachable: a search that never sees one did not explore what it claims to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Sometimes {
+    /// A shard crashed while it was downloading an increment.
+    RebootMidApply,
+    /// A shard answered a request for an increment it had already applied from its applied marker.
+    DuplicateAnsweredFromMarker,
+    /// The coordinator received a reply of an older generation (and ignored it).
+    StaleGenerationIgnored,
+}
+
+impl Sometimes {
+    pub const ALL: [Sometimes; 3] =
+        [Sometimes::RebootMidApply, Sometimes::DuplicateAnsweredFromMarker, Sometimes::StaleGenerationIgnored];
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let node = |n: &Option<usize>| n.map_or("coordinator".to_string(), |s| format!("shard node #{s}"));
+        match self {
+            Step::Deliver(i) => write!(f, "deliver message #{i}"),
+            Step::Drop(i) => write!(f, "drop message #{i}"),
+            Step::Duplicate(i) => write!(f, "duplicate message #{i}"),
+            Step::Flush(n) => write!(f, "{} carries out its next outputs", node(n)),
+            Step::FireCoordinatorTimer(i) => write!(f, "coordinator timer #{i} fires"),
+            Step::FireShardTimer(s, i) => write!(f, "shard node #{s} timer #{i} fires"),
+            Step::Download(s, i, fate) => write!(f, "shard node #{s} download #{i} comes back {fate:?}"),
+            Step::Crash(n) => write!(f, "{} crashes and reboots", node(n)),
+        }
+    }
+}
+
+/// Orders progress marks: running increments in order, then an end.
+fn rank(marks: &[ProgressMark]) -> (u8, u32) {
+    marks
+        .iter()
+        .map(|mark| match mark {
+            ProgressMark::Running { increment, .. } => (1, *increment),
+            ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0),
+        })
+        .max()
+        .unwrap_or((0, 0))
+}
+
+impl State {
+    /// Every step possible from here.
+    pub fn steps(&self, world: &ExploreWorld) -> Vec<Step> {
+        let config = &world.config;
+        let mut steps = Vec::new();
+        if !self.coordinator.outbox.is_empty() {
+            steps.push(Step::Flush(None));
+        }
+        for (s, shard) in self.shards.iter().enumerate() {
+            if !shard.outbox.is_empty() {
+                steps.push(Step::Flush(Some(s)));
+            }
+        }
+        for (i, message) in self.network.iter().enumerate() {
+            // Equal messages are one choice.
+            if i > 0 && self.network[i - 1] == *message {
+                continue;
+            }
+            steps.push(Step::Deliver(i));
+            if self.used.drops < config.max_drops {
+                steps.push(Step::Drop(i));
+            }
+            if self.used.duplicates < config.max_duplicates {
+                steps.push(Step::Duplicate(i));
+            }
+        }
+        for (s, shard) in self.shards.iter().enumerate() {
+            for i in 0..shard.downloads.len() {
+                steps.push(Step::Download(s, i, Fate::Whole));
+                if self.used.download_faults < config.max_download_faults {
+                    steps.extend(
+                        [Fate::Truncated, Fate::Corrupted, Fate::Failed].map(|fate| Step::Download(s, i, fate)),
+                    );
+                }
+            }
+        }
+        if self.operation_running() && self.used.crashes < config.max_crashes {
+            steps.push(Step::Crash(None));
+            steps.extend((0..self.shards.len()).map(|s| Step::Crash(Some(s))));
+        }
+        let quiet = steps.iter().all(|s| matches!(s, Step::Crash(_)));
+        if quiet {
+            steps.extend((0..self.coordinator.timers.len()).map(Step::FireCoordinatorTimer));
+            for (s, shard) in self.shards.iter().enumerate() {
+                steps.extend((0..shard.timers.len()).map(|i| Step::FireShardTimer(s, i)));
+            }
+        }
+        steps
+    }
+
+    fn operation_running(&self) -> bool {
+        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP));
+        operation.is_none_or(|o| matches!(o.status, OperationStatus::Running(_)))
+    }
+
+    /// How the operation ended, from the coordinator's disk.
+    pub fn outcome(&self) -> Option<&OperationStatus> {
+        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP))?;
+        (!matches!(operation.status, OperationStatus::Running(_))).then_some(&operation.status)
+    }
+
+    /// Whether `step` uses a fault.
+    pub fn is_fault(step: &Step) -> bool {
+        matches!(
+            step,
+            Step::Drop(_)
+                | Step::Duplicate(_)
+                | Step::Crash(_)
+                | Step::Download(_, _, Fate::Truncated | Fate::Corrupted | Fate::Failed)
+        )
+    }
+
+    /// The state after `step`; every property it breaks goes to `broken`, every "sometimes" it shows to
+    /// `seen`.
+    pub fn next(
+        &self,
+        world: &ExploreWorld,
+        step: &Step,
+        broken: &mut Vec<Broken>,
+        seen: &mut Vec<Sometimes>,
+    ) -> State {
+        let mut next = self.clone();
+        match *step {
+            Step::Deliver(i) | Step::Duplicate(i) => {
+                let (from, to, msg) = if matches!(step, Step::Deliver(_)) {
+                    next.network.remove(i)
+                } else {
+                    next.used.duplicates += 1;
+                    next.network[i].clone()
+                };
+                next.deliver(world, from, to, msg, broken, seen);
+            }
+            Step::Drop(i) => {
+                next.used.drops += 1;
+                next.network.remove(i);
+            }
+            Step::Flush(None) => next.flush_coordinator(world, broken),
+            Step::Flush(Some(s)) => next.flush_shard(world, s, broken),
+            Step::FireCoordinatorTimer(i) => {
+                let (at, timer) = next.coordinator.timers.remove(i);
+                next.now_ms = next.now_ms.max(at);
+                let out = next.coordinator.machine.handle_timer(next.now_ms, timer);
+                next.coordinator.outbox.extend(out);
+                next.flush_coordinator(world, broken);
+            }
+            Step::FireShardTimer(s, i) => {
+                let (at, timer) = next.shards[s].timers.remove(i);
+                next.now_ms = next.now_ms.max(at);
+                let out = next.shards[s].machine.handle_timer(next.now_ms, timer);
+                next.shards[s].outbox.extend(out);
+                next.flush_shard(world, s, broken);
+            }
+            Step::Download(s, i, fate) => {
+                if fate != Fate::Whole {
+                    next.used.download_faults += 1;
+                }
+                let request = next.shards[s].downloads.remove(i);
+                let bytes = &world.objects[&request.object];
+                let outcome = match fate {
+                    Fate::Failed => Err(StoreError::Unavailable { detail: "explored failure".to_string() }),
+                    _ => range_of(&request.object, bytes, request.offset, request.len).map(|mut read| {
+                        if fate == Fate::Truncated && !read.bytes.is_empty() {
+                            read.bytes.truncate(read.bytes.len() / 2);
+                            read.total_len = request.offset + read.bytes.len() as u64;
+                        }
+                        if fate == Fate::Corrupted && !read.bytes.is_empty() {
+                            let last = read.bytes.len() - 1;
+                            read.bytes[last] ^= 1;
+                        }
+                        read
+                    }),
+                };
+                let result = DownloadResult {
+                    download_id: request.download_id,
+                    object: request.object,
+                    offset: request.offset,
+                    outcome,
+                };
+                let out = next.shards[s].machine.handle_download(next.now_ms, result);
+                next.shards[s].outbox.extend(out);
+                next.flush_shard(world, s, broken);
+            }
+            Step::Crash(node) => {
+                next.used.crashes += 1;
+                match node {
+                    None => {
+                        let (machine, out) = Coordinator::boot(
+                            world.coordinator_config.clone(),
+                            next.coordinator.durable.clone(),
+                            1,
+                            next.now_ms,
+                        );
+                        next.coordinator = CoordinatorNode {
+                            machine,
+                            durable: next.coordinator.durable.clone(),
+                            outbox: out,
+                            timers: Vec::new(),
+                        };
+                        // The client retries its start until it is answered: if the crash came before the start
+                        // was durable, the start comes again (and is a no-op if it was).
+                        let started = next.coordinator.machine.start(next.now_ms, world.request());
+                        next.coordinator.outbox.extend(started.expect("the explored restore starts"));
+                        next.flush_coordinator(world, broken);
+                    }
+                    Some(s) => {
+                        if next.shards[s].downloads.iter().len() > 0 || !next.shards[s].outbox.is_empty() {
+                            seen.push(Sometimes::RebootMidApply);
+                        }
+                        let tablet = next.shards[s].machine.id();
+                        let durable = next.shards[s].durable.clone();
+                        next.shards[s] = ShardNode {
+                            machine: Shard::boot(tablet, world.shard_config.clone(), durable.clone()),
+                            durable,
+                            outbox: Vec::new(),
+                            timers: Vec::new(),
+                            downloads: Vec::new(),
+                        };
+                    }
+                }
+            }
+        }
+        // Canonical order: by sender, receiver and the message's fingerprint.
+        next.network.sort_by_cached_key(|(from, to, msg)| {
+            let mut hasher = FxHasher(0);
+            msg.hash(&mut hasher);
+            (*from, *to, hasher.finish())
+        });
+        next
+    }
+
+    fn deliver(
+        &mut self,
+        world: &ExploreWorld,
+        from: NodeAddr,
+        to: NodeAddr,
+        msg: Message,
+        broken: &mut Vec<Broken>,
+        seen: &mut Vec<Sometimes>,
+    ) {
+        match to {
+            NodeAddr::Coordinator => {
+                if let Message::Reply(reply) = &msg
+                    && reply.generation < self.coordinator.machine.generation()
+                {
+                    seen.push(Sometimes::StaleGenerationIgnored);
+                }
+                let out = self.coordinator.machine.handle_message(self.now_ms, from, msg);
+                self.coordinator.outbox.extend(out);
+                self.flush_coordinator(world, broken);
+            }
+            NodeAddr::Shard(tablet) => {
+                let s = index_of(&world.config, tablet);
+                let out = self.shards[s].machine.handle_message(self.now_ms, from, msg);
+                if out.iter().any(|o| {
+                    matches!(o, Output::Send { msg: Message::Reply(r), .. } if r.outcome == ApplyOutcome::AlreadyApplied)
+                }) {
+                    seen.push(Sometimes::DuplicateAnsweredFromMarker);
+                }
+                self.shards[s].outbox.extend(out);
+                self.flush_shard(world, s, broken);
+            }
+            NodeAddr::Client => {}
+        }
+    }
+
+    /// Carries out the coordinator's outputs up to and including its next persist.
+    fn flush_coordinator(&mut self, world: &ExploreWorld, broken: &mut Vec<Broken>) {
+        while !self.coordinator.outbox.is_empty() {
+            let output = self.coordinator.outbox.remove(0);
+            match output {
+                Output::Persist { state, note } => {
+                    self.coordinator.durable = Some(state);
+                    if let PersistNote::Coordinator(marks) = &note {
+                        self.check_progress(world, marks, broken);
+                    }
+                    return;
+                }
+                Output::Send { to, msg } => self.network.push((NodeAddr::Coordinator, to, msg)),
+                Output::SetTimer { at_ms, timer } => {
+                    if !matches!(timer, CoordinatorTimer::Deadline { .. } | CoordinatorTimer::IncrementDeadline { .. })
+                        && !self.coordinator.timers.contains(&(at_ms, timer.clone()))
+                    {
+                        self.coordinator.timers.push((at_ms, timer));
+                        self.coordinator.timers.sort();
+                    }
+                }
+                Output::Download(_) | Output::Report(_) => {}
+            }
+        }
+    }
+
+    /// Carries out shard `s`'s outputs up to and including its next persist.
+    fn flush_shard(&mut self, world: &ExploreWorld, s: usize, broken: &mut Vec<Broken>) {
+        while !self.shards[s].outbox.is_empty() {
+            let output = self.shards[s].outbox.remove(0);
+            let tablet = self.shards[s].machine.id();
+            match output {
+                Output::Persist { state, note } => {
+                    if let PersistNote::ShardApplied { increment, bundle_crc32, .. } = note {
+                        self.check_apply(world, tablet, &state, increment, bundle_crc32, broken);
+                    }
+                    self.shards[s].durable = Some(state);
+                    return;
+                }
+                Output::Send { to, msg } => self.network.push((NodeAddr::Shard(tablet), to, msg)),
+                Output::SetTimer { at_ms, timer } => {
+                    if !self.shards[s].timers.contains(&(at_ms, timer.clone())) {
+                        self.shards[s].timers.push((at_ms, timer));
+                        self.shards[s].timers.sort();
+                    }
+                }
+                Output::Download(request) => self.shards[s].downloads.push(request),
+                Output::Report(_) => {}
+            }
+        }
+    }
+
+    fn check_apply(
+        &self,
+        world: &ExploreWorld,
+        tablet: TabletId,
+        state: &ShardDurable,
+        increment: u32,
+        crc: u32,
+        broken: &mut Vec<Broken>,
+    ) {
+        let s = index_of(&world.config, tablet);
+        let before = self.shards[s].durable.as_ref().and_then(|d| d.applied_through);
+        let expected = before.map_or(0, |k| k + 1);
+        if increment != expected {
+            let detail = format!("{tablet} applied increment {increment} when the next one was {expected}");
+            broken.push(Broken { invariant: "in-order-apply", detail });
+        }
+        if increment > 0
+            && let Some(behind) = self.shards.iter().position(|other| {
+                other.durable.as_ref().and_then(|d| d.applied_through).is_none_or(|k| k + 1 < increment)
+            })
+        {
+            let behind = self.shards[behind].machine.id();
+            let detail = format!("{tablet} applied increment {increment} before {behind} applied {}", increment - 1);
+            broken.push(Broken { invariant: "in-order-apply", detail });
+        }
+        let object = BackupManifest::object_name(increment as u64 + 1, tablet);
+        if world.crcs.get(&object) != Some(&crc) {
+            let detail = format!("{tablet} applied increment {increment} from a damaged copy of {object}");
+            broken.push(Broken { invariant: "corrupt-never-applied", detail });
+        }
+        let _ = state;
+    }
+
+    fn check_progress(&mut self, world: &ExploreWorld, marks: &[ProgressMark], broken: &mut Vec<Broken>) {
+        let now = rank(marks);
+        if now < self.ghost.progress {
+            let detail = format!("coordinator persisted {marks:?} after rank {:?}", self.ghost.progress);
+            broken.push(Broken { invariant: "progress-never-backwards", detail });
+        }
+        self.ghost.progress = self.ghost.progress.max(now);
+        if marks.iter().any(|m| matches!(m, ProgressMark::Done { .. })) {
+            let last = world.config.increments - 1;
+            for (s, shard) in self.shards.iter().enumerate() {
+                let durable = shard.durable.as_ref();
+                let tablet = shard.machine.id();
+                if durable.and_then(|d| d.applied_through) != Some(last) {
+                    let detail = format!("Done while {tablet} holds {:?}", durable.and_then(|d| d.applied_through));
+                    broken.push(Broken { invariant: "no-false-success", detail });
+                } else if durable.map(|d| d.rows.as_ref()) != Some(&world.expected[s]) {
+                    let detail = format!("Done while {tablet}'s rows differ from the source");
+                    broken.push(Broken { invariant: "no-lost-increment", detail });
+                }
+            }
+        }
+    }
+
+    /// A 64-bit fingerprint of the whole state.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = FxHasher(0);
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// A seedless word-at-a-time hasher: fingerprints must not change between runs.
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.write_u64(u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.write_u64(u64::from_le_bytes(tail) ^ ((bytes.len() as u64) << 56));
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_u8(&mut self, value: u8) {
+        self.write_u64(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
+}
+
+/// What a search found.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub unique_states: u64,
+    /// States generated, duplicates included.
+    pub states: u64,
+    pub max_depth: u32,
+    pub elapsed: Duration,
+    /// The first violation and the shortest path to it (breadth-first), from the initial state.
+    pub counterexample: Option<Counterexample>,
+    /// Reachable states from which, with no more faults, the operation cannot end as expected.
+    pub stuck: Option<Counterexample>,
+    pub sometimes_seen: Vec<Sometimes>,
+    /// The search stopped at `max_states` or `max_depth` before it was complete.
+    pub truncated: bool,
+}
+
+impl Report {
+    pub fn states_per_second(&self) -> f64 {
+        self.unique_states as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Counterexample {
+    pub broken: Broken,
+    pub path: Vec<Step>,
+}
+
+/// Searches every state of `world`; `progress` is told the counts now and then.
+pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Report {
+    let began = Instant::now();
+    let initial = world.initial();
+    // Per unique state: its parent and the step from it, for paths; and for the liveness check, the states it
+    // reaches without a fault.
+    let mut ids: HashMap<u64, u32> = HashMap::new();
+    let mut parents: Vec<(u32, Option<Step>)> = Vec::new();
+    let mut fault_free: Vec<Vec<u32>> = Vec::new();
+    let mut good_end: Vec<bool> = Vec::new();
+    let mut frontier: VecDeque<(State, u32, u32)> = VecDeque::new();
+    ids.insert(initial.fingerprint(), 0);
+    parents.push((0, None));
+    fault_free.push(Vec::new());
+    good_end.push(false);
+    frontier.push_back((initial, 0, 0));
+    let mut report = Report {
+        unique_states: 1,
+        states: 1,
+        max_depth: 0,
+        elapsed: Duration::ZERO,
+        counterexample: None,
+        stuck: None,
+        sometimes_seen: Vec::new(),
+        truncated: false,
+    };
+    let mut broken = Vec::new();
+    let mut seen = Vec::new();
+    let mut last_progress = Instant::now();
+    while let Some((state, id, depth)) = match world.config.order {
+        SearchOrder::BreadthFirst => frontier.pop_front(),
+        SearchOrder::DepthFirst => frontier.pop_back(),
+    } {
+        report.max_depth = report.max_depth.max(depth);
+        let steps = state.steps(world);
+        if steps.is_empty() {
+            good_end[id as usize] = is_good_end(world, &state);
+        }
+        if depth >= world.config.max_depth {
+            report.truncated |= !steps.is_empty();
+            continue;
+        }
+        for step in steps {
+            broken.clear();
+            let next = state.next(world, &step, &mut broken, &mut seen);
+            report.states += 1;
+            let fingerprint = next.fingerprint();
+            let next_id = match ids.get(&fingerprint) {
+                Some(known) => *known,
+                None => {
+                    let next_id = u32::try_from(parents.len()).expect("fewer than 2^32 states");
+                    ids.insert(fingerprint, next_id);
+                    parents.push((id, Some(step.clone())));
+                    fault_free.push(Vec::new());
+                    good_end.push(false);
+                    report.unique_states += 1;
+                    if let Some(first) = broken.first()
+                        && report.counterexample.is_none()
+                    {
+                        report.counterexample =
+                            Some(Counterexample { broken: first.clone(), path: path_to(&parents, next_id) });
+                    }
+                    frontier.push_back((next, next_id, depth + 1));
+                    next_id
+                }
+            };
+            if !State::is_fault(&step) {
+                fault_free[id as usize].push(next_id);
+            }
+        }
+        if report.counterexample.is_some() && world.config.order == SearchOrder::BreadthFirst {
+            break;
+        }
+        if world.config.max_states > 0 && report.unique_states >= world.config.max_states {
+            report.truncated = true;
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_millis(500) {
+            report.elapsed = began.elapsed();
+            progress(&report);
+            last_progress = Instant::now();
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    report.sometimes_seen = seen;
+    if report.counterexample.is_none() && !report.truncated {
+        report.stuck = liveness(&parents, &fault_free, &good_end);
+    }
+    report.elapsed = began.elapsed();
+    report
+}
+
+/// The operation ended as it must: Done (every increment on every shard is checked when Done is persisted).
+fn is_good_end(_world: &ExploreWorld, state: &State) -> bool {
+    matches!(state.outcome(), Some(OperationStatus::Done { .. }))
+}
+
+/// A reachable state from which no fault-free path leads to a good end, if there is one.
+fn liveness(parents: &[(u32, Option<Step>)], fault_free: &[Vec<u32>], good_end: &[bool]) -> Option<Counterexample> {
+    let count = parents.len();
+    let mut reverse: Vec<Vec<u32>> = vec![Vec::new(); count];
+    for (from, targets) in fault_free.iter().enumerate() {
+        for to in targets {
+            reverse[*to as usize].push(from as u32);
+        }
+    }
+    let mut can_end = vec![false; count];
+    let mut queue: VecDeque<u32> = (0..count as u32).filter(|i| good_end[*i as usize]).collect();
+    for i in &queue {
+        can_end[*i as usize] = true;
+    }
+    while let Some(i) = queue.pop_front() {
+        for from in &reverse[i as usize] {
+            if !can_end[*from as usize] {
+                can_end[*from as usize] = true;
+                queue.push_back(*from);
+            }
+        }
+    }
+    let stuck = (0..count).find(|i| !can_end[*i])?;
+    let broken = Broken {
+        invariant: "liveness",
+        detail: "from this state no fault-free path ends the operation in Done".to_string(),
+    };
+    Some(Counterexample { broken, path: path_to(parents, stuck as u32) })
+}
+
+fn path_to(parents: &[(u32, Option<Step>)], mut id: u32) -> Vec<Step> {
+    let mut path = Vec::new();
+    while let (parent, Some(step)) = &parents[id as usize] {
+        path.push(step.clone());
+        id = *parent;
+    }
+    path.reverse();
+    path
+}
+
+/// Replays `path` from the initial state, with the text of every step and what it broke.
+pub fn replay(world: &ExploreWorld, path: &[Step]) -> Vec<String> {
+    let mut state = world.initial();
+    let mut lines = Vec::new();
+    for (i, step) in path.iter().enumerate() {
+        let what = describe_step(&state, step);
+        let mut broken = Vec::new();
+        let mut seen = Vec::new();
+        state = state.next(world, step, &mut broken, &mut seen);
+        lines.push(format!("{:>3}. {what}", i + 1));
+        for b in broken {
+            lines.push(format!("     invariant {} violated: {}", b.invariant, b.detail));
+        }
+    }
+    lines
+}
+
+fn describe_step(state: &State, step: &Step) -> String {
+    let message = |i: usize| {
+        let (from, to, msg) = &state.network[i];
+        format!("{from} -> {to}: {msg}")
+    };
+    match step {
+        Step::Deliver(i) => format!("deliver {}", message(*i)),
+        Step::Drop(i) => format!("DROP {}", message(*i)),
+        Step::Duplicate(i) => format!("DUPLICATE {}", message(*i)),
+        Step::FireCoordinatorTimer(i) => format!("coordinator timer fires: {:?}", state.coordinator.timers[*i].1),
+        Step::FireShardTimer(s, i) => {
+            format!("{} timer fires: {:?}", state.shards[*s].machine.id(), state.shards[*s].timers[*i].1)
+        }
+        Step::Download(s, i, fate) => {
+            let shard = &state.shards[*s];
+            format!("{} read of {} comes back {fate:?}", shard.machine.id(), shard.downloads[*i].object)
+        }
+        Step::Flush(Some(s)) => format!("{} carries out its next outputs", state.shards[*s].machine.id()),
+        Step::Crash(Some(s)) => format!("CRASH {} (reboots from its durable state)", state.shards[*s].machine.id()),
+        Step::Crash(None) => "CRASH coordinator (reboots from its durable state)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(config: ExploreConfig) -> Report {
+        explore(&ExploreWorld::new(config), &mut |_| {})
+    }
+
+    #[test]
+    fn probe_bugs() {
+        use lockstep::coordinator::CoordinatorBug;
+        use lockstep::shard::ShardBug;
+        for bugs in [
+            Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None },
+            Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum) },
+            Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None },
+        ] {
+            let world = ExploreWorld::new(ExploreConfig { bugs, tables: 2, shards: 1, ..ExploreConfig::default() });
+            let report = explore(&world, &mut |_| {});
+            let cex = report.counterexample.expect("caught");
+            eprintln!("{bugs:?}: {} unique, {:?}", report.unique_states, cex.broken);
+            for line in replay(&world, &cex.path) {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn probe_sizes() {
+        for (shards, increments, c, d, u, f) in
+            [(1, 1, 0, 0, 0, 0), (2, 2, 0, 0, 0, 0), (2, 2, 1, 0, 0, 0), (2, 2, 1, 1, 1, 1)]
+        {
+            let config = ExploreConfig {
+                shards,
+                increments,
+                max_crashes: c,
+                max_drops: d,
+                max_duplicates: u,
+                max_download_faults: f,
+                ..ExploreConfig::default()
+            };
+            let report = run(config);
+            eprintln!(
+                "{shards}x{increments} c{c} d{d} u{u} f{f}: {} unique, {} states, depth {}, {:.0}/s, cex {:?}, stuck {:?}, seen {:?}",
+                report.unique_states,
+                report.states,
+                report.max_depth,
+                report.states_per_second(),
+                report.counterexample.as_ref().map(|c| &c.broken),
+                report.stuck.as_ref().map(|c| c.path.len()),
+                report.sometimes_seen
+            );
+        }
+    }
+}
