@@ -875,6 +875,125 @@ fn path_to(parents: &[(u32, Option<Step>)], mut id: u32) -> Vec<Step> {
     path
 }
 
+/// A scenario file for the madsim simulation with the explored world, its bugs and the faults of `cex`'s path:
+/// damaged downloads and crashes become scheduled faults (a crash at the moment the last tablet report or apply
+/// before it happened). Drops, duplicates and the exact interleaving are left to the simulation's seeds.
+pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> String {
+    use std::fmt::Write;
+    let config = &world.config;
+    let mut text = String::new();
+    let w = &mut text;
+    let _ = writeln!(
+        w,
+        "description = \"Counterexample from `cargo sim check`: {} ({})\"",
+        cex.broken.invariant,
+        cex.broken.detail.replace('"', "'")
+    );
+    // The path's exact interleaving cannot be forced on the simulation; sixteen seeds under message delays and a
+    // slow store give it the chance to find one like it.
+    let _ = writeln!(w, "seeds = [{}]", (0..16).map(|s| s.to_string()).collect::<Vec<_>>().join(", "));
+    let mut bugs = Vec::new();
+    if let Some(bug) = config.bugs.coordinator {
+        bugs.push(match bug {
+            lockstep::coordinator::CoordinatorBug::AdvanceOnFirstReport => "advance-on-first-report",
+            lockstep::coordinator::CoordinatorBug::TablesRunAhead => "tables-run-ahead",
+        });
+    }
+    if config.bugs.shard.is_some() {
+        bugs.push("skip-checksum");
+    }
+    let _ = writeln!(w, "bugs = [{}]", bugs.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        w,
+        "\n[coordinator]\nmax_in_flight_shards = {}\nmax_in_flight_tables = {}",
+        world.coordinator_config.max_in_flight_shards, world.coordinator_config.max_in_flight_tables
+    );
+    let ranges: Vec<String> = (0..config.shards).map(|s| (s * 10).to_string()).collect();
+    for table in &world.tables {
+        let _ = writeln!(w, "\n[[table]]\nname = \"{}\"\nranges = [{}]", table.name, ranges.join(", "));
+    }
+    for manifest in &world.catalog {
+        let kind = if manifest.kind == BackupKind::Full { "full" } else { "incremental" };
+        let _ = writeln!(
+            w,
+            "\n[[backup]]\nid = {}\nkind = \"{kind}\"\nat_ms = {}",
+            manifest.backup_id, manifest.taken_at_ms
+        );
+        for table in &world.tables {
+            let mut upserts = Vec::new();
+            let mut deletes = Vec::new();
+            for object in &manifest.tables[&table.id] {
+                let bundle = Bundle::decode(object, &world.objects[object]).expect("explored bundles are intact");
+                for change in bundle.changes {
+                    match change {
+                        Change::Upsert { key, value } => upserts.push(format!("[{key}, {value}]")),
+                        Change::Delete { key } => deletes.push(key.to_string()),
+                    }
+                }
+            }
+            let _ = writeln!(
+                w,
+                "[[backup.change]]\ntable = \"{}\"\nupsert = [{}]\ndelete = [{}]",
+                table.name,
+                upserts.join(", "),
+                deletes.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(w, "\n[faults]\nheal_at_ms = 30000\nrates = {{ message-delay = 0.3, store-slow = 0.3 }}");
+    // Replay the path to name each fault by what it hit, and the moment before it.
+    let mut state = world.initial();
+    let mut moment: Option<String> = None;
+    for step in &cex.path {
+        match step {
+            Step::Download(s, i, fate @ (Fate::Truncated | Fate::Corrupted)) => {
+                let shard = &state.shards[*s];
+                let request = &shard.downloads[*i];
+                let backup = world.catalog.iter().find(|m| m.tables.values().any(|o| o.contains(&request.object)));
+                let increment = backup.map_or(0, |m| m.backup_id - 1);
+                let action = if *fate == Fate::Truncated { "truncate-download" } else { "corrupt-download" };
+                let tablet = shard.machine.id();
+                let _ = writeln!(
+                    w,
+                    "\n[[fault]]\ndo = \"{action}\"\ntablet = \"t{}/{}\"\nincrement = {increment}",
+                    tablet.table.0, tablet.shard.0
+                );
+            }
+            Step::Crash(node) => {
+                let after = moment.clone().map(|m| format!("after = {m}\n")).unwrap_or_default();
+                match node {
+                    None => {
+                        let _ = writeln!(w, "\n[[fault]]\n{after}do = \"reboot-coordinator\"");
+                    }
+                    Some(s) => {
+                        let tablet = state.shards[*s].machine.id();
+                        let _ = writeln!(
+                            w,
+                            "\n[[fault]]\n{after}do = \"reboot-shard\"\ntablet = \"t{}/{}\"",
+                            tablet.table.0, tablet.shard.0
+                        );
+                    }
+                }
+            }
+            Step::Deliver(i) => {
+                if let (NodeAddr::Shard(tablet), NodeAddr::Coordinator, Message::Reply(reply)) = &state.network[*i]
+                    && matches!(reply.outcome, ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied)
+                {
+                    moment = Some(format!(
+                        "{{ reported = \"t{}/{}\", increment = {} }}",
+                        tablet.table.0, tablet.shard.0, reply.increment
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let mut broken = Vec::new();
+        let mut seen = Vec::new();
+        state = state.next(world, step, &mut broken, &mut seen);
+    }
+    text
+}
+
 /// Replays `path` from the initial state, with the text of every step and what it broke.
 pub fn replay(world: &ExploreWorld, path: &[Step]) -> Vec<String> {
     let mut state = world.initial();
@@ -913,61 +1032,5 @@ fn describe_step(state: &State, step: &Step) -> String {
         Step::Crash(Some(s)) => format!("CRASH {} (reboots from its durable state)", state.shards[*s].machine.id()),
         Step::Crash(None) => "CRASH coordinator (reboots from its durable state)".to_string(),
         other => other.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(config: ExploreConfig) -> Report {
-        explore(&ExploreWorld::new(config), &mut |_| {})
-    }
-
-    #[test]
-    fn probe_bugs() {
-        use lockstep::coordinator::CoordinatorBug;
-        use lockstep::shard::ShardBug;
-        for bugs in [
-            Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None },
-            Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum) },
-            Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None },
-        ] {
-            let world = ExploreWorld::new(ExploreConfig { bugs, tables: 2, shards: 1, ..ExploreConfig::default() });
-            let report = explore(&world, &mut |_| {});
-            let cex = report.counterexample.expect("caught");
-            eprintln!("{bugs:?}: {} unique, {:?}", report.unique_states, cex.broken);
-            for line in replay(&world, &cex.path) {
-                eprintln!("{line}");
-            }
-        }
-    }
-
-    #[test]
-    fn probe_sizes() {
-        for (shards, increments, c, d, u, f) in
-            [(1, 1, 0, 0, 0, 0), (2, 2, 0, 0, 0, 0), (2, 2, 1, 0, 0, 0), (2, 2, 1, 1, 1, 1)]
-        {
-            let config = ExploreConfig {
-                shards,
-                increments,
-                max_crashes: c,
-                max_drops: d,
-                max_duplicates: u,
-                max_download_faults: f,
-                ..ExploreConfig::default()
-            };
-            let report = run(config);
-            eprintln!(
-                "{shards}x{increments} c{c} d{d} u{u} f{f}: {} unique, {} states, depth {}, {:.0}/s, cex {:?}, stuck {:?}, seen {:?}",
-                report.unique_states,
-                report.states,
-                report.max_depth,
-                report.states_per_second(),
-                report.counterexample.as_ref().map(|c| &c.broken),
-                report.stuck.as_ref().map(|c| c.path.len()),
-                report.sometimes_seen
-            );
-        }
     }
 }

@@ -46,6 +46,48 @@ mod cli {
         Run(RunArgs),
         /// Rerun one seed with its full trace and the invariant that broke.
         Repro(ReproArgs),
+        /// Model-check a small world exhaustively: every interleaving, within fault bounds.
+        Check(CheckArgs),
+    }
+
+    #[derive(Args)]
+    struct CheckArgs {
+        /// Tables restored together.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
+        tables: u32,
+        /// Shards of every table.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4))]
+        shards: u32,
+        /// Increments in the chain: a full backup and the incrementals after it.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=6))]
+        increments: u32,
+        /// Node crashes (each one reboots from durable state).
+        #[arg(long, default_value_t = 1)]
+        crashes: u32,
+        /// Dropped messages.
+        #[arg(long, default_value_t = 1)]
+        drops: u32,
+        /// Duplicated messages.
+        #[arg(long, default_value_t = 1)]
+        duplicates: u32,
+        /// Downloads that come back truncated, corrupted or failed.
+        #[arg(long, default_value_t = 1)]
+        download_faults: u32,
+        /// Longest path explored.
+        #[arg(long, default_value_t = 200)]
+        depth: u32,
+        /// Stop after this many unique states (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_states: u64,
+        /// Depth-first instead of breadth-first (counterexamples are then not the shortest).
+        #[arg(long)]
+        dfs: bool,
+        /// Check a deliberately broken variant (repeatable).
+        #[arg(long = "bug", value_enum)]
+        bugs: Vec<BugName>,
+        /// Where to write a counterexample as a scenario file the simulation replays.
+        #[arg(long, default_value = "target/counterexample.toml")]
+        emit: std::path::PathBuf,
     }
 
     #[derive(Args)]
@@ -101,7 +143,7 @@ mod cli {
         incrementals: Option<u32>,
     }
 
-    #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
     enum BugName {
         /// The coordinator advances when the first shard reports, not the last.
         AdvanceOnFirstReport,
@@ -183,7 +225,93 @@ mod cli {
         match cli.command {
             Command::Run(args) => run(args),
             Command::Repro(args) => repro(args),
+            Command::Check(args) => check(args),
         }
+    }
+
+    fn check(args: CheckArgs) -> i32 {
+        use lockstep_sim::explore::{
+            ExploreConfig, ExploreWorld, SearchOrder, Sometimes, counterexample_scenario, explore, replay,
+        };
+        let bugs = WorldArgs { bugs: args.bugs.clone(), ..WorldArgs::default() }.params().bugs;
+        let config = ExploreConfig {
+            tables: args.tables,
+            shards: args.shards,
+            increments: args.increments,
+            max_crashes: args.crashes,
+            max_drops: args.drops,
+            max_duplicates: args.duplicates,
+            max_download_faults: args.download_faults,
+            max_depth: args.depth,
+            max_states: args.max_states,
+            order: if args.dfs { SearchOrder::DepthFirst } else { SearchOrder::BreadthFirst },
+            bugs,
+        };
+        println!(
+            "lockstep check: {} table(s) x {} shard(s), {} increment(s); at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
+            config.tables,
+            config.shards,
+            config.increments,
+            config.max_crashes,
+            config.max_drops,
+            config.max_duplicates,
+            config.max_download_faults,
+            if args.dfs { "depth-first" } else { "breadth-first" }
+        );
+        let world = ExploreWorld::new(config);
+        let bar = ProgressBar::new_spinner();
+        let report = explore(&world, &mut |r| {
+            bar.set_message(format!(
+                "{} unique states, {} generated, depth {}, {:.0} states/s",
+                r.unique_states,
+                r.states,
+                r.max_depth,
+                r.states_per_second()
+            ));
+            bar.tick();
+        });
+        bar.finish_and_clear();
+        println!("unique states    {}", report.unique_states);
+        println!("states generated {}", report.states);
+        println!("max depth        {}", report.max_depth);
+        println!(
+            "time             {:.2} s, {:.0} unique states/s",
+            report.elapsed.as_secs_f64(),
+            report.states_per_second()
+        );
+        for property in Sometimes::ALL {
+            let reached = report.sometimes_seen.contains(&property);
+            println!("sometimes        {property:?}: {}", if reached { "reached" } else { "NOT reached" });
+        }
+        if report.truncated {
+            println!("search stopped at a bound (--depth / --max-states): the world was not fully explored");
+        }
+        let (cex, code) = match (&report.counterexample, &report.stuck) {
+            (Some(cex), _) => (cex, 1),
+            (None, Some(stuck)) => (stuck, 3),
+            (None, None) => {
+                println!("no violation");
+                return 0;
+            }
+        };
+        println!("VIOLATION {}: {}", cex.broken.invariant, cex.broken.detail);
+        println!("shortest path ({} steps):", cex.path.len());
+        for line in replay(&world, &cex.path) {
+            println!("{line}");
+        }
+        let scenario = counterexample_scenario(&world, cex);
+        if let Some(dir) = args.emit.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(&args.emit, scenario) {
+            Ok(()) => println!(
+                "scenario written to {}; replay it: cargo sim run --scenario {}",
+                args.emit.display(),
+                args.emit.display()
+            ),
+            Err(error) => eprintln!("error: cannot write {}: {error}", args.emit.display()),
+        }
+        code
     }
 
     fn run(args: RunArgs) -> i32 {

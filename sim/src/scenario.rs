@@ -15,13 +15,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
-use lockstep::coordinator::{CoordinatorConfig, RestoreRequest};
+use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
 use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
     TabletId, apply_changes,
 };
 use lockstep::protocol::ClientCall;
-use lockstep::shard::ShardConfig;
+use lockstep::shard::{ShardBug, ShardConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -30,7 +30,7 @@ use crate::plan::{
     Action, CallExpect, FailureExpect, LIFECYCLE_ERROR_NAMES, Moment, OpExpect, PlannedCall, REFUSAL_NAMES,
     ScheduledFault,
 };
-use crate::world::{COLLECTION, LostObject, World, WorldParams, WorldTable, index_rows};
+use crate::world::{Bugs, COLLECTION, LostObject, World, WorldParams, WorldTable, index_rows};
 
 /// A scenario file that did not load: where, and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +90,7 @@ struct Plan {
     coordinator: CoordinatorKnobs,
     existing_tables: Vec<Spanned<String>>,
     liveness_bound_ms: Option<u64>,
+    bugs: Bugs,
     /// The generated world loses an object of its restore chain for good.
     lose_object: bool,
 }
@@ -107,6 +108,9 @@ struct FileDecl {
     #[serde(default)]
     coordinator: CoordinatorKnobs,
     liveness_bound_ms: Option<u64>,
+    /// Deliberately broken variants to run with (as `--bug` does).
+    #[serde(default)]
+    bugs: Vec<Spanned<String>>,
     generate: Option<Spanned<GenerateDecl>>,
     #[serde(default, rename = "table")]
     tables: Vec<Spanned<TableDecl>>,
@@ -359,6 +363,7 @@ impl Scenario {
             coordinator: decl.coordinator,
             existing_tables: decl.existing_tables,
             liveness_bound_ms: decl.liveness_bound_ms,
+            bugs: bugs_of(&decl.bugs)?,
             lose_object: decl.generate.as_ref().is_some_and(|g| g.get_ref().lose_object),
         };
         let scenario = Self { name: name.to_string(), description: decl.description, seeds: decl.seeds, source, plan };
@@ -388,8 +393,9 @@ impl Scenario {
             }
         };
         world.seed = seed;
-        world.shard = ShardConfig::default();
+        world.shard = ShardConfig { bug: self.plan.bugs.shard, ..ShardConfig::default() };
         world.coordinator = self.coordinator_config(&world)?;
+        world.coordinator.bug = self.plan.bugs.coordinator;
         if let Some(bound) = self.plan.liveness_bound_ms {
             world.liveness_bound_ms = bound;
         }
@@ -599,6 +605,24 @@ impl Scenario {
         world.expected_ops = expected_ops;
         Ok(())
     }
+}
+
+/// The names scenario files and `--bug` use for the deliberate bugs.
+pub const BUG_NAMES: [&str; 3] = ["advance-on-first-report", "tables-run-ahead", "skip-checksum"];
+
+fn bugs_of(names: &[Spanned<String>]) -> Result<Bugs, Problem> {
+    let mut bugs = Bugs::default();
+    for name in names {
+        match name.get_ref().as_str() {
+            "advance-on-first-report" => bugs.coordinator = Some(CoordinatorBug::AdvanceOnFirstReport),
+            "tables-run-ahead" => bugs.coordinator = Some(CoordinatorBug::TablesRunAhead),
+            "skip-checksum" => bugs.shard = Some(ShardBug::SkipChecksum),
+            other => {
+                return Err(problem(name.span(), format!("unknown bug `{other}`; known: {}", BUG_NAMES.join(", "))));
+            }
+        }
+    }
+    Ok(bugs)
 }
 
 /// Parses `success` or `refused:<name>` with `name` one of `names`.

@@ -201,7 +201,8 @@ impl StoreServer {
                 let detail = format!("{object} @{offset} cut off after {keep} bytes");
                 state.scheduled_fault(now, SimNode::Store, FaultKind::DownloadTruncated, detail);
             } else if !read.bytes.is_empty() {
-                let at = read.bytes.len() / 2;
+                // The last byte: inside the last change's value, so a reader that skips the checksum decodes it.
+                let at = read.bytes.len() - 1;
                 read.bytes[at] ^= 0x40;
                 let detail = format!("{object} @{offset} byte {at} flipped");
                 state.scheduled_fault(now, SimNode::Store, FaultKind::DownloadCorrupt, detail);

@@ -26,9 +26,10 @@ impl WorldSource {
         match self {
             WorldSource::Generated(params) => World::generate(seed, params),
             WorldSource::Scenario(scenario, bugs) => {
+                // Bugs on the command line come on top of any the scenario names.
                 let mut world = scenario.world(seed);
-                world.coordinator.bug = bugs.coordinator;
-                world.shard.bug = bugs.shard;
+                world.coordinator.bug = bugs.coordinator.or(world.coordinator.bug);
+                world.shard.bug = bugs.shard.or(world.shard.bug);
                 world
             }
         }
