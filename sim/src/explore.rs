@@ -219,10 +219,31 @@ pub struct State {
     now_ms: u64,
     coordinator: CoordinatorNode,
     shards: Vec<ShardNode>,
-    /// Messages in flight (from, to, message), kept sorted: the order they were sent in does not matter.
-    network: Vec<(NodeAddr, NodeAddr, Message)>,
+    /// Messages in flight, kept sorted by (sender, receiver, fingerprint): the order they were sent in does not
+    /// matter, so two states that differ only in it are one.
+    network: Vec<InFlight>,
     used: Budget,
     ghost: Ghost,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct InFlight {
+    from: NodeAddr,
+    to: NodeAddr,
+    fingerprint: u64,
+    msg: Message,
+}
+
+impl InFlight {
+    fn new(from: NodeAddr, to: NodeAddr, msg: Message) -> Self {
+        let mut hasher = FxHasher(0);
+        msg.hash(&mut hasher);
+        Self { from, to, fingerprint: hasher.finish(), msg }
+    }
+
+    fn key(&self) -> (NodeAddr, NodeAddr, u64) {
+        (self.from, self.to, self.fingerprint)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -416,13 +437,13 @@ impl State {
         let mut next = self.clone();
         match *step {
             Step::Deliver(i) | Step::Duplicate(i) => {
-                let (from, to, msg) = if matches!(step, Step::Deliver(_)) {
+                let message = if matches!(step, Step::Deliver(_)) {
                     next.network.remove(i)
                 } else {
                     next.used.duplicates += 1;
                     next.network[i].clone()
                 };
-                next.deliver(world, from, to, msg, broken, seen);
+                next.deliver(world, message.from, message.to, message.msg, broken, seen);
             }
             Step::Drop(i) => {
                 next.used.drops += 1;
@@ -513,12 +534,6 @@ impl State {
                 }
             }
         }
-        // Canonical order: by sender, receiver and the message's fingerprint.
-        next.network.sort_by_cached_key(|(from, to, msg)| {
-            let mut hasher = FxHasher(0);
-            msg.hash(&mut hasher);
-            (*from, *to, hasher.finish())
-        });
         next
     }
 
@@ -557,6 +572,12 @@ impl State {
         }
     }
 
+    /// Puts a message in flight at its place in the canonical order.
+    fn send(&mut self, message: InFlight) {
+        let at = self.network.partition_point(|m| m.key() <= message.key());
+        self.network.insert(at, message);
+    }
+
     /// Carries out the coordinator's outputs up to and including its next persist.
     fn flush_coordinator(&mut self, world: &ExploreWorld, broken: &mut Vec<Broken>) {
         while !self.coordinator.outbox.is_empty() {
@@ -569,7 +590,7 @@ impl State {
                     }
                     return;
                 }
-                Output::Send { to, msg } => self.network.push((NodeAddr::Coordinator, to, msg)),
+                Output::Send { to, msg } => self.send(InFlight::new(NodeAddr::Coordinator, to, msg)),
                 Output::SetTimer { at_ms, timer } => {
                     if !matches!(timer, CoordinatorTimer::Deadline { .. } | CoordinatorTimer::IncrementDeadline { .. })
                         && !self.coordinator.timers.contains(&(at_ms, timer.clone()))
@@ -596,7 +617,7 @@ impl State {
                     self.shards[s].durable = Some(state);
                     return;
                 }
-                Output::Send { to, msg } => self.network.push((NodeAddr::Shard(tablet), to, msg)),
+                Output::Send { to, msg } => self.send(InFlight::new(NodeAddr::Shard(tablet), to, msg)),
                 Output::SetTimer { at_ms, timer } => {
                     if !self.shards[s].timers.contains(&(at_ms, timer.clone())) {
                         self.shards[s].timers.push((at_ms, timer));
@@ -708,6 +729,35 @@ impl Hasher for FxHasher {
     }
 }
 
+/// Fingerprints are already well mixed: the map uses them as they are.
+#[derive(Clone, Copy, Default)]
+struct BuildFingerprint;
+
+impl std::hash::BuildHasher for BuildFingerprint {
+    type Hasher = FingerprintHasher;
+    fn build_hasher(&self) -> FingerprintHasher {
+        FingerprintHasher(0)
+    }
+}
+
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 << 8) | u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
 /// What a search found.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -743,7 +793,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     let initial = world.initial();
     // Per unique state: its parent and the step from it, for paths; and for the liveness check, the states it
     // reaches without a fault.
-    let mut ids: HashMap<u64, u32> = HashMap::new();
+    let mut ids: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
     let mut parents: Vec<(u32, Option<Step>)> = Vec::new();
     let mut fault_free: Vec<Vec<u32>> = Vec::new();
     let mut good_end: Vec<bool> = Vec::new();
@@ -976,7 +1026,9 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
                 }
             }
             Step::Deliver(i) => {
-                if let (NodeAddr::Shard(tablet), NodeAddr::Coordinator, Message::Reply(reply)) = &state.network[*i]
+                let message = &state.network[*i];
+                if let (NodeAddr::Shard(tablet), NodeAddr::Coordinator, Message::Reply(reply)) =
+                    (message.from, message.to, &message.msg)
                     && matches!(reply.outcome, ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied)
                 {
                     moment = Some(format!(
@@ -1013,8 +1065,8 @@ pub fn replay(world: &ExploreWorld, path: &[Step]) -> Vec<String> {
 
 fn describe_step(state: &State, step: &Step) -> String {
     let message = |i: usize| {
-        let (from, to, msg) = &state.network[i];
-        format!("{from} -> {to}: {msg}")
+        let message = &state.network[i];
+        format!("{} -> {}: {}", message.from, message.to, message.msg)
     };
     match step {
         Step::Deliver(i) => format!("deliver {}", message(*i)),
