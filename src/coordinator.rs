@@ -69,13 +69,26 @@ impl Default for CoordinatorConfig {
     }
 }
 
-/// Known-wrong coordinator behaviours that real restore systems have shipped.
+/// Known-wrong coordinator behaviours that real restore systems have shipped, for showing that the checkers
+/// catch them. Their code exists only with the `mutants` feature (the simulator turns it on); without it a
+/// configured bug does nothing and the optimiser removes every trace of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CoordinatorBug {
     /// Advances to the next increment when the first tablet reports, not the last.
     AdvanceOnFirstReport,
     /// Starts increment k+1 of a table as soon as that table is done with k, while other tables still apply k.
     TablesRunAhead,
+    /// Takes a request that timed out (its report lost) for success.
+    LostReportIsSuccess,
+    /// Ends the operation on a transient failure instead of retrying it.
+    TransientIsPermanent,
+    /// Plans the chain from the oldest full backup, applying incrementals that precede the newest full.
+    IncrementalsBeforeNewestFull,
+}
+
+/// Whether `bug` is configured and the catalog of bugs is compiled in.
+fn has(config: &CoordinatorConfig, bug: CoordinatorBug) -> bool {
+    cfg!(feature = "mutants") && config.bug == Some(bug)
 }
 
 /// What starts a restore: the tables of one backup collection, and every backup of it in the store.
@@ -386,7 +399,10 @@ impl Coordinator {
             return if same { Ok(Vec::new()) } else { Err(StartError::OperationIdTaken { op: request.op }) };
         }
         self.check_start(&request)?;
-        let chain = RestoreChain::plan(&request.catalog, &request.tables)?;
+        let mut chain = RestoreChain::plan(&request.catalog, &request.tables)?;
+        if has(&self.config, CoordinatorBug::IncrementalsBeforeNewestFull) {
+            chain = RestoreChain::plan_from_oldest_full(&request.catalog, &request.tables)?;
+        }
         let op = request.op;
         let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
         let increment_deadline_at_ms = now_ms.saturating_add(self.config.increment_deadline_ms);
@@ -585,6 +601,10 @@ impl Coordinator {
                 let pending = self.in_flight.get(&tablet).is_some_and(|f| f.op == op && f.attempt == attempt);
                 if current == Some(increment) && pending {
                     self.in_flight.remove(&tablet);
+                    if has(&self.config, CoordinatorBug::LostReportIsSuccess) {
+                        self.on_tablet_done(now_ms, op, tablet, &mut out);
+                        return out;
+                    }
                     self.schedule_retry(now_ms, op, tablet, &mut out);
                     self.drive(now_ms, &mut out);
                 }
@@ -634,6 +654,12 @@ impl Coordinator {
             ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied => {
                 self.on_tablet_done(now_ms, reply.op, reply.tablet, out);
             }
+            ApplyOutcome::Failed { permanent: false, cause }
+                if has(&self.config, CoordinatorBug::TransientIsPermanent) =>
+            {
+                let error = RestoreError::Shard { increment, backup_id, tablet: reply.tablet, cause };
+                self.fail(now_ms, reply.op, error, out);
+            }
             ApplyOutcome::Failed { permanent: false, .. } => {
                 self.schedule_retry(now_ms, reply.op, reply.tablet, out);
                 self.drive(now_ms, out);
@@ -646,13 +672,13 @@ impl Coordinator {
     }
 
     fn on_tablet_done(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
-        let bug = self.config.bug;
+        let advance_on_first = has(&self.config, CoordinatorBug::AdvanceOnFirstReport);
         let operation = self.durable.operations.get_mut(&op).expect("replies need an operation");
         let all: Vec<TabletId> = operation.tablets();
         let OperationStatus::Running(running) = &mut operation.status else { panic!("only a running operation") };
         running.done.insert(tablet);
         running.retries.remove(&tablet);
-        if bug == Some(CoordinatorBug::AdvanceOnFirstReport) {
+        if advance_on_first {
             running.done.extend(all.iter().copied());
         }
         if running.done.len() != all.len() {
@@ -759,7 +785,7 @@ impl Coordinator {
             free -= 1;
             to_send.push((tablet, running.increment));
         }
-        if self.config.bug == Some(CoordinatorBug::TablesRunAhead) && running.increment < running.chain.last_index() {
+        if has(&self.config, CoordinatorBug::TablesRunAhead) && running.increment < running.chain.last_index() {
             // The bug: a table whose tablets are all done with k moves on to k+1 at once.
             for (group, all_done) in &complete {
                 if !*all_done {

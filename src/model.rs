@@ -343,6 +343,17 @@ impl RestoreChain {
     }
 
     /// Number of increments, the full backup included.
+    /// The wrong plan of [`crate::coordinator::CoordinatorBug::IncrementalsBeforeNewestFull`]: from the oldest
+    /// full backup, every backup after it, older incrementals and fulls included.
+    pub fn plan_from_oldest_full(catalog: &[BackupManifest], tables: &[TableSpec]) -> Result<Self, ChainError> {
+        let planned = Self::plan(catalog, tables)?;
+        let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
+        sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
+        let oldest_full = sorted.iter().position(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
+        let backups = sorted[oldest_full..].iter().map(|m| (*m).clone()).collect();
+        Ok(Self { backups: if planned.backups.is_empty() { planned.backups } else { backups } })
+    }
+
     pub fn len(&self) -> u32 {
         u32::try_from(self.backups.len()).expect("chain length fits in u32")
     }

@@ -36,11 +36,19 @@ impl Default for ShardConfig {
     }
 }
 
-/// Known-wrong shard behaviours.
+/// Known-wrong shard behaviours; like the coordinator's, compiled in only with the `mutants` feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ShardBug {
     /// Applies a downloaded bundle without verifying its checksum.
     SkipChecksum,
+    /// Replies "applied" before the write that makes it true is durable.
+    ReplyBeforePersist,
+    /// Writes the applied-increment marker and the rows in two separate syncs, the marker first.
+    MarkerBeforeRows,
+}
+
+fn has(config: &ShardConfig, bug: ShardBug) -> bool {
+    cfg!(feature = "mutants") && config.bug == Some(bug)
 }
 
 /// What a shard keeps on disk. Rows and the applied marker always change in the same write.
@@ -194,9 +202,10 @@ impl Shard {
     fn finish_download(&mut self) -> Vec<ShardOutput> {
         let work = self.work.as_ref().expect("a download finishes only while running");
         let request = &work.request;
-        let decoded = match self.config.bug {
-            Some(ShardBug::SkipChecksum) => Bundle::decode_unverified(&request.object, &work.buffer),
-            None => Bundle::decode(&request.object, &work.buffer),
+        let decoded = if has(&self.config, ShardBug::SkipChecksum) {
+            Bundle::decode_unverified(&request.object, &work.buffer)
+        } else {
+            Bundle::decode(&request.object, &work.buffer)
         };
         let bundle = match decoded {
             Ok(bundle) => bundle,
@@ -223,6 +232,8 @@ impl Shard {
         };
         let work = self.work.take().expect("checked above");
         let request = work.request;
+        // Only the bug keeps the old rows: holding them would make every apply copy the table.
+        let rows_before = has(&self.config, ShardBug::MarkerBeforeRows).then(|| self.durable.rows.clone());
         // In place: if the persist below does not complete, the node crashes and reloads what is durable.
         if bundle.kind == BackupKind::Full {
             self.durable.rows = Arc::new(rows_of_full(&bundle.changes));
@@ -231,7 +242,16 @@ impl Shard {
         }
         self.durable.op = Some(request.op);
         self.durable.applied_through = Some(request.increment);
-        vec![Output::Persist { state: self.durable.clone(), note }, reply(&request, ApplyOutcome::Applied)]
+        let persist = Output::Persist { state: self.durable.clone(), note: note.clone() };
+        let answer = reply(&request, ApplyOutcome::Applied);
+        if has(&self.config, ShardBug::ReplyBeforePersist) {
+            return vec![answer, persist];
+        }
+        if let Some(rows_before) = rows_before {
+            let marker_only = ShardDurable { rows: rows_before, ..self.durable.clone() };
+            return vec![Output::Persist { state: marker_only, note }, persist, answer];
+        }
+        vec![persist, answer]
     }
 
     fn finish_with(&mut self, outcome: ApplyOutcome) -> Vec<ShardOutput> {

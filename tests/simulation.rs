@@ -140,3 +140,14 @@ fn a_sweep_without_faults_finishes_every_restore() {
         assert_eq!(outcome.faults, Default::default(), "seed {seed}: no fault may fire");
     }
 }
+
+#[test]
+fn every_catalogued_bug_is_caught_within_its_seed_budget() {
+    let mut survivors = Vec::new();
+    for known in &lockstep_sim::catalog::CATALOG {
+        if lockstep_sim::sweep::first_detection(known.bugs, known.budget_seeds, 2).is_none() {
+            survivors.push(known.name);
+        }
+    }
+    assert!(survivors.is_empty(), "bugs that survived their budget: {survivors:?}");
+}

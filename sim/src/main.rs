@@ -21,10 +21,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(madsim)]
 mod cli {
-    use clap::{Args, Parser, Subcommand, ValueEnum};
+    use clap::{Args, Parser, Subcommand};
     use indicatif::{ProgressBar, ProgressStyle};
-    use lockstep::coordinator::CoordinatorBug;
-    use lockstep::shard::ShardBug;
     use lockstep_sim::events::{Event, EventKind};
     use lockstep_sim::faults::FaultKind;
     use lockstep_sim::runner::run_seed;
@@ -48,6 +46,18 @@ mod cli {
         Repro(ReproArgs),
         /// Model-check a small world exhaustively: every interleaving, within fault bounds.
         Check(CheckArgs),
+        /// Run the default sweep against every catalogued bug and report the seeds to its detection.
+        Mutants(MutantsArgs),
+    }
+
+    #[derive(Args)]
+    struct MutantsArgs {
+        /// Only list the catalogued bugs.
+        #[arg(long)]
+        list: bool,
+        /// Parallel workers (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+        jobs: Option<u64>,
     }
 
     #[derive(Args)]
@@ -82,9 +92,9 @@ mod cli {
         /// Depth-first instead of breadth-first (counterexamples are then not the shortest).
         #[arg(long)]
         dfs: bool,
-        /// Check a deliberately broken variant (repeatable).
-        #[arg(long = "bug", value_enum)]
-        bugs: Vec<BugName>,
+        /// Check a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
+        #[arg(long = "bug", value_parser = bug_name)]
+        bugs: Vec<String>,
         /// Where to write a counterexample as a scenario file the simulation replays.
         #[arg(long, default_value = "target/counterexample.toml")]
         emit: std::path::PathBuf,
@@ -126,9 +136,9 @@ mod cli {
         /// Run the world of this scenario file instead of drawing one per seed.
         #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals"])]
         scenario: Option<std::path::PathBuf>,
-        /// Run with a deliberate bug (repeatable).
-        #[arg(long = "bug", value_enum)]
-        bugs: Vec<BugName>,
+        /// Run with a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
+        #[arg(long = "bug", value_parser = bug_name)]
+        bugs: Vec<String>,
         /// Fix the number of tables, index tables not counted, instead of drawing it (1-16).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
         tables: Option<u32>,
@@ -143,26 +153,19 @@ mod cli {
         incrementals: Option<u32>,
     }
 
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-    enum BugName {
-        /// The coordinator advances when the first shard reports, not the last.
-        AdvanceOnFirstReport,
-        /// Shards apply bundles without verifying the checksum.
-        SkipChecksum,
-        /// A table moves on to the next increment as soon as it is done, while other tables still apply.
-        TablesRunAhead,
+    /// Accepts the name of a catalogued bug.
+    fn bug_name(name: &str) -> Result<String, String> {
+        lockstep_sim::catalog::parse(&[name]).map(|_| name.to_string())
     }
 
     impl WorldArgs {
         fn params(&self) -> WorldParams {
-            let mut bugs = Bugs::default();
-            for bug in &self.bugs {
-                match bug {
-                    BugName::AdvanceOnFirstReport => bugs.coordinator = Some(CoordinatorBug::AdvanceOnFirstReport),
-                    BugName::SkipChecksum => bugs.shard = Some(ShardBug::SkipChecksum),
-                    BugName::TablesRunAhead => bugs.coordinator = Some(CoordinatorBug::TablesRunAhead),
-                }
-            }
+            let names: Vec<&str> = self.bugs.iter().map(String::as_str).collect();
+            // Each name was checked on its own; a clash (two coordinator bugs) keeps the last of each kind.
+            let bugs = names.iter().fold(Bugs::default(), |bugs, name| {
+                let one = lockstep_sim::catalog::parse(&[name]).expect("checked by the argument parser");
+                Bugs { coordinator: one.coordinator.or(bugs.coordinator), shard: one.shard.or(bugs.shard) }
+            });
             WorldParams {
                 tables: self.tables,
                 shard_count: self.shards,
@@ -179,8 +182,7 @@ mod cli {
                 flags.push_str(&format!(" --scenario {}", path.display()));
             }
             for bug in &self.bugs {
-                let name = bug.to_possible_value().expect("every bug has a name");
-                flags.push_str(&format!(" --bug {}", name.get_name()));
+                flags.push_str(&format!(" --bug {bug}"));
             }
             if let Some(tables) = self.tables {
                 flags.push_str(&format!(" --tables {tables}"));
@@ -226,7 +228,38 @@ mod cli {
             Command::Run(args) => run(args),
             Command::Repro(args) => repro(args),
             Command::Check(args) => check(args),
+            Command::Mutants(args) => mutants(args),
         }
+    }
+
+    fn mutants(args: MutantsArgs) -> i32 {
+        use lockstep_sim::catalog::CATALOG;
+        if args.list {
+            for known in &CATALOG {
+                println!("{:<32} {}", known.name, known.summary);
+            }
+            return 0;
+        }
+        let jobs =
+            args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        println!("{:<32} {:>8} {:>8}  caught by", "bug", "budget", "seeds");
+        let mut survivors = 0;
+        for known in &CATALOG {
+            match lockstep_sim::sweep::first_detection(known.bugs, known.budget_seeds, jobs) {
+                Some((seed, invariants)) => {
+                    let mut names: Vec<&str> = invariants.iter().map(|i| i.name()).collect();
+                    names.dedup();
+                    let caught_by = if names.is_empty() { "a crash".to_string() } else { names.join(", ") };
+                    println!("{:<32} {:>8} {:>8}  {caught_by} (seed {seed})", known.name, known.budget_seeds, seed + 1);
+                }
+                None => {
+                    survivors += 1;
+                    println!("{:<32} {:>8} {:>8}  SURVIVED", known.name, known.budget_seeds, "-");
+                }
+            }
+        }
+        println!("{} of {} catalogued bugs caught within their budget", CATALOG.len() - survivors, CATALOG.len());
+        if survivors > 0 { 1 } else { 0 }
     }
 
     fn check(args: CheckArgs) -> i32 {

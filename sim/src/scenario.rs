@@ -15,13 +15,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
-use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
+use lockstep::coordinator::{CoordinatorConfig, RestoreRequest};
 use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
     TabletId, apply_changes,
 };
 use lockstep::protocol::ClientCall;
-use lockstep::shard::{ShardBug, ShardConfig};
+use lockstep::shard::ShardConfig;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -607,20 +607,12 @@ impl Scenario {
     }
 }
 
-/// The names scenario files and `--bug` use for the deliberate bugs.
-pub const BUG_NAMES: [&str; 3] = ["advance-on-first-report", "tables-run-ahead", "skip-checksum"];
-
 fn bugs_of(names: &[Spanned<String>]) -> Result<Bugs, Problem> {
     let mut bugs = Bugs::default();
     for name in names {
-        match name.get_ref().as_str() {
-            "advance-on-first-report" => bugs.coordinator = Some(CoordinatorBug::AdvanceOnFirstReport),
-            "tables-run-ahead" => bugs.coordinator = Some(CoordinatorBug::TablesRunAhead),
-            "skip-checksum" => bugs.shard = Some(ShardBug::SkipChecksum),
-            other => {
-                return Err(problem(name.span(), format!("unknown bug `{other}`; known: {}", BUG_NAMES.join(", "))));
-            }
-        }
+        let one = crate::catalog::parse(&[name.get_ref().as_str()]).map_err(|e| problem(name.span(), e))?;
+        bugs.coordinator = one.coordinator.or(bugs.coordinator);
+        bugs.shard = one.shard.or(bugs.shard);
     }
     Ok(bugs)
 }

@@ -230,3 +230,37 @@ fn run_one(seed: u64, config: &SweepConfig) -> (World, SeedOutcome, Option<Optio
     });
     (world, outcome, mismatch)
 }
+
+/// The first seed of the default sweep, below `budget`, that catches `bugs`, with the invariants it broke.
+/// Seeds run `jobs` at a time, in order, so the answer does not depend on the number of jobs.
+pub fn first_detection(bugs: Bugs, budget: u64, jobs: usize) -> Option<(u64, Vec<Invariant>)> {
+    let params = WorldParams { bugs, ..WorldParams::sweep_default() };
+    let jobs = jobs.max(1) as u64;
+    let mut start = 0;
+    while start < budget {
+        let end = (start + jobs).min(budget);
+        let caught: Vec<(u64, Vec<Invariant>)> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (start..end)
+                .map(|seed| {
+                    let params = &params;
+                    scope.spawn(move || {
+                        let outcome = run_seed(&World::generate(seed, params), false);
+                        let invariants: Vec<Invariant> = outcome.violations.iter().map(|v| v.invariant).collect();
+                        let crashed = outcome.panic.is_some();
+                        (seed, invariants, crashed)
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a seed's thread does not panic"))
+                .filter(|(_, invariants, crashed)| !invariants.is_empty() || *crashed)
+                .map(|(seed, invariants, _)| (seed, invariants))
+                .collect()
+        });
+        if let Some(first) = caught.into_iter().min_by_key(|(seed, _)| *seed) {
+            return Some(first);
+        }
+        start = end;
+    }
+    None
+}

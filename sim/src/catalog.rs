@@ -1,0 +1,139 @@
+//! The catalog of known bugs: deliberately faulty variants of the production logic, each a class of bug that
+//! real restore systems have shipped. The simulator must catch every one within its seed budget
+//! (`cargo sim mutants`, and a test); the explorer finds each one it can reach with a shortest counterexample.
+
+use lockstep::coordinator::CoordinatorBug;
+use lockstep::shard::ShardBug;
+
+use crate::world::Bugs;
+
+/// One catalogued bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownBug {
+    /// The name `--bug` and scenario files use.
+    pub name: &'static str,
+    /// What goes wrong, in a line.
+    pub summary: &'static str,
+    pub bugs: Bugs,
+    /// Seeds of the default sweep within which the simulator must catch it.
+    pub budget_seeds: u64,
+}
+
+const fn coordinator(bug: CoordinatorBug) -> Bugs {
+    Bugs { coordinator: Some(bug), shard: None }
+}
+
+const fn shard(bug: ShardBug) -> Bugs {
+    Bugs { coordinator: None, shard: Some(bug) }
+}
+
+pub const CATALOG: [KnownBug; 8] = [
+    KnownBug {
+        name: "advance-on-first-report",
+        summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
+        bugs: coordinator(CoordinatorBug::AdvanceOnFirstReport),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "tables-run-ahead",
+        summary: "a table starts increment k+1 as soon as it is done with k, while other tables still apply k",
+        bugs: coordinator(CoordinatorBug::TablesRunAhead),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "lost-report-is-success",
+        summary: "a request whose report never came back is taken for success",
+        bugs: coordinator(CoordinatorBug::LostReportIsSuccess),
+        budget_seeds: 300,
+    },
+    KnownBug {
+        name: "transient-is-permanent",
+        summary: "a transient failure ends the restore instead of being retried",
+        bugs: coordinator(CoordinatorBug::TransientIsPermanent),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "incrementals-before-newest-full",
+        summary: "the chain starts at the oldest full backup and applies incrementals the newest full replaced",
+        bugs: coordinator(CoordinatorBug::IncrementalsBeforeNewestFull),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "skip-checksum",
+        summary: "a shard applies a downloaded bundle without verifying its checksum",
+        bugs: shard(ShardBug::SkipChecksum),
+        budget_seeds: 100,
+    },
+    KnownBug {
+        name: "reply-before-persist",
+        summary: "a shard reports an increment applied before the write that makes it true is durable",
+        bugs: shard(ShardBug::ReplyBeforePersist),
+        budget_seeds: 300,
+    },
+    KnownBug {
+        name: "marker-before-rows",
+        summary: "a shard makes the applied marker and the rows durable in two syncs, the marker first",
+        bugs: shard(ShardBug::MarkerBeforeRows),
+        budget_seeds: 300,
+    },
+];
+
+/// The catalogued bug called `name`.
+pub fn by_name(name: &str) -> Option<&'static KnownBug> {
+    CATALOG.iter().find(|b| b.name == name)
+}
+
+/// Every catalogued name, for messages.
+pub fn names() -> Vec<&'static str> {
+    CATALOG.iter().map(|b| b.name).collect()
+}
+
+/// The names of the bugs in `bugs`.
+pub fn names_of(bugs: Bugs) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for known in &CATALOG {
+        let coordinator = known.bugs.coordinator.is_some() && known.bugs.coordinator == bugs.coordinator;
+        let shard = known.bugs.shard.is_some() && known.bugs.shard == bugs.shard;
+        if coordinator || shard {
+            names.push(known.name);
+        }
+    }
+    names
+}
+
+/// Parses a list of names into one set of bugs (at most one coordinator bug and one shard bug).
+pub fn parse(names: &[&str]) -> Result<Bugs, String> {
+    let mut bugs = Bugs::default();
+    for name in names {
+        let known =
+            by_name(name).ok_or_else(|| format!("unknown bug `{name}`; known: {}", self::names().join(", ")))?;
+        if let Some(bug) = known.bugs.coordinator {
+            if bugs.coordinator.is_some_and(|b| b != bug) {
+                return Err(format!("`{name}` is a second coordinator bug; run one at a time"));
+            }
+            bugs.coordinator = Some(bug);
+        }
+        if let Some(bug) = known.bugs.shard {
+            if bugs.shard.is_some_and(|b| b != bug) {
+                return Err(format!("`{name}` is a second shard bug; run one at a time"));
+            }
+            bugs.shard = Some(bug);
+        }
+    }
+    Ok(bugs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for known in &CATALOG {
+            assert_eq!(parse(&[known.name]), Ok(known.bugs));
+            assert_eq!(names_of(known.bugs), vec![known.name]);
+        }
+        assert!(parse(&["nope"]).unwrap_err().contains("unknown bug `nope`"));
+        assert!(parse(&["advance-on-first-report", "tables-run-ahead"]).unwrap_err().contains("second coordinator"));
+    }
+}
