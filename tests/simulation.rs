@@ -37,6 +37,8 @@ fn a_fixed_seed_range_with_every_fault_kind_enabled_passes_and_fires_every_fault
 fn a_swarm_sweep_of_the_default_world_passes() {
     let summary = sweep(10_000, 400, WorldParams::sweep_default());
     assert!(summary.failures.is_empty(), "{}", describe(&summary));
+    let missed: Vec<&str> = summary.probes_missed().iter().map(|p| p.name()).collect();
+    assert!(missed.is_empty(), "coverage probes never hit in seeds 10000..10400: {missed:?}");
     assert!(summary.lost_object_worlds > 0, "some worlds lose an object and must still end cleanly");
 }
 

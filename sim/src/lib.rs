@@ -13,6 +13,7 @@ pub mod events;
 pub mod explore;
 pub mod faults;
 pub mod plan;
+pub mod probes;
 pub mod scenario;
 pub mod world;
 

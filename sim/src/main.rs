@@ -434,6 +434,14 @@ mod cli {
         if !never.is_empty() {
             println!("fault kinds that never fired: {}", never.join(", "));
         }
+        println!("probes hit       {:<32} {:>8}", "probe", "seeds");
+        for probe in lockstep_sim::probes::Probe::ALL {
+            println!("                 {:<32} {:>8}", probe.name(), summary.probes.get(&probe).copied().unwrap_or(0));
+        }
+        let missed: Vec<&str> = summary.probes_missed().iter().map(|p| p.name()).collect();
+        if !missed.is_empty() {
+            println!("probes never hit: {}", missed.join(", "));
+        }
         let wall = summary.wall.as_secs_f64();
         let sim = summary.sim_ms as f64 / 1000.0;
         println!(

@@ -57,6 +57,8 @@ pub struct SeedOutcome {
     pub end: RunEnd,
     /// How every operation the coordinator still knows ended.
     pub ends: Vec<(lockstep::protocol::OperationId, RunEnd)>,
+    /// The coverage probes the run hit.
+    pub probes: crate::probes::ProbeSet,
 }
 
 /// The coordinator's durable verdict when the run stopped.
@@ -117,6 +119,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
         Ok((mut state, final_state)) => {
             let log = std::mem::take(&mut state.log);
             let violations = check(world, &log, &final_state);
+            let probes = crate::probes::probes_of(&log);
             SeedOutcome {
                 seed,
                 violations,
@@ -129,6 +132,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 panic: None,
                 end: RunEnd::of(&final_state),
                 ends: RunEnd::all(&final_state),
+                probes,
             }
         }
         Err(payload) => {
@@ -149,6 +153,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 panic: Some(message),
                 end: RunEnd::NeverStarted,
                 ends: Vec::new(),
+                probes: Default::default(),
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
+use crate::probes::Probe;
 use crate::runner::{RunEnd, SeedOutcome, run_seed};
 use crate::scenario::Scenario;
 use crate::world::{Bugs, World, WorldParams};
@@ -131,11 +132,18 @@ pub struct SweepSummary {
     pub ended_done: u64,
     pub ended_failed: u64,
     pub ended_unfinished: u64,
+    /// Seeds that hit each coverage probe.
+    pub probes: BTreeMap<Probe, u64>,
 }
 
 impl SweepSummary {
     pub fn worst_class(&self) -> Option<FailureClass> {
         self.failures.iter().map(|f| f.class).min()
+    }
+
+    /// Probes no seed of the sweep hit.
+    pub fn probes_missed(&self) -> Vec<Probe> {
+        Probe::ALL.into_iter().filter(|p| !self.probes.contains_key(p)).collect()
     }
 
     pub fn seeds_per_second(&self) -> f64 {
@@ -163,6 +171,11 @@ impl SweepSummary {
         }
         for violation in &outcome.violations {
             *self.by_invariant.entry(violation.invariant).or_default() += 1;
+        }
+        for probe in Probe::ALL {
+            if outcome.probes.contains(probe) {
+                *self.probes.entry(probe).or_default() += 1;
+            }
         }
         if let Some(failure) = SeedFailure::of(outcome) {
             self.failures.push(failure);

@@ -1,0 +1,166 @@
+//! Coverage probes: named "sometimes" points a sweep must reach, read off a seed's event log. A probe that no
+//! seed of a sweep hits means the sweep never exercised that part of the protocol or the fakes, however many
+//! seeds passed.
+
+use std::collections::BTreeMap;
+
+use lockstep::coordinator::ProgressMark;
+use lockstep::host::HostEvent;
+use lockstep::model::TabletId;
+use lockstep::protocol::{ApplyOutcome, Message, NodeAddr, PersistNote, ShardFailure};
+
+use crate::events::{Event, EventKind, SimNode};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Probe {
+    /// A ranged read started past offset 0: a download resumed after a short read.
+    PartialDownloadResumed,
+    /// A shard was killed while it had an apply request in hand and had not yet made it durable.
+    RebootMidApply,
+    /// A shard answered a request for an increment it already held from its applied marker.
+    DuplicateAnsweredFromMarker,
+    /// The coordinator received a reply of an older generation (and ignored it).
+    StaleResponseIgnored,
+    /// The coordinator sent a tablet the same increment again in one generation: a backoff retry fired.
+    BackoffRetryFired,
+    /// The coordinator rebooted into a running operation and resumed it.
+    OperationResumed,
+    /// A node rebooted after a torn write and still loaded its last synced state.
+    TornWriteSurvived,
+    /// An operation ended in a persisted Failed.
+    CleanFailedReached,
+    /// A shard reported an object missing for good.
+    ObjectMissingReported,
+}
+
+impl Probe {
+    pub const ALL: [Probe; 9] = [
+        Probe::PartialDownloadResumed,
+        Probe::RebootMidApply,
+        Probe::DuplicateAnsweredFromMarker,
+        Probe::StaleResponseIgnored,
+        Probe::BackoffRetryFired,
+        Probe::OperationResumed,
+        Probe::TornWriteSurvived,
+        Probe::CleanFailedReached,
+        Probe::ObjectMissingReported,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Probe::PartialDownloadResumed => "partial-download-resumed",
+            Probe::RebootMidApply => "reboot-mid-apply",
+            Probe::DuplicateAnsweredFromMarker => "duplicate-answered-from-marker",
+            Probe::StaleResponseIgnored => "stale-response-ignored",
+            Probe::BackoffRetryFired => "backoff-retry-fired",
+            Probe::OperationResumed => "operation-resumed",
+            Probe::TornWriteSurvived => "torn-write-survived",
+            Probe::CleanFailedReached => "clean-failed-reached",
+            Probe::ObjectMissingReported => "object-missing-reported",
+        }
+    }
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// The probes one seed hit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbeSet(u16);
+
+impl ProbeSet {
+    pub fn contains(self, probe: Probe) -> bool {
+        self.0 & probe.bit() != 0
+    }
+
+    fn insert(&mut self, probe: Probe) {
+        self.0 |= probe.bit();
+    }
+}
+
+/// Reads the probes off a seed's event log.
+pub fn probes_of(log: &[Event]) -> ProbeSet {
+    let mut hit = ProbeSet::default();
+    let mut generation = 0;
+    // Per tablet: holding an apply request not yet made durable.
+    let mut applying: BTreeMap<TabletId, bool> = BTreeMap::new();
+    // (tablet, increment) pairs sent in the current generation.
+    let mut sent: Vec<(TabletId, u32)> = Vec::new();
+    // Nodes whose last crash tore a write.
+    let mut torn: Vec<NodeAddr> = Vec::new();
+    for event in log {
+        let SimNode::Protocol(node) = event.node else { continue };
+        match &event.kind {
+            EventKind::Killed { torn: was_torn, .. } => {
+                if let NodeAddr::Shard(tablet) = node
+                    && applying.get(&tablet).copied().unwrap_or(false)
+                {
+                    hit.insert(Probe::RebootMidApply);
+                }
+                if *was_torn {
+                    torn.push(node);
+                }
+            }
+            EventKind::Host(host) => match (node, host) {
+                (NodeAddr::Coordinator, HostEvent::CoordinatorBooted { generation: g, loaded }) => {
+                    generation = *g;
+                    sent.clear();
+                    let progress = loaded.as_ref().map(lockstep::coordinator::progress_of).unwrap_or_default();
+                    if progress.iter().any(|m| matches!(m, ProgressMark::Running { .. })) {
+                        hit.insert(Probe::OperationResumed);
+                    }
+                    if torn.contains(&node) && loaded.is_some() {
+                        hit.insert(Probe::TornWriteSurvived);
+                    }
+                }
+                (NodeAddr::Shard(tablet), HostEvent::ShardBooted { loaded }) => {
+                    applying.insert(tablet, false);
+                    if torn.contains(&node) && loaded.is_some() {
+                        hit.insert(Probe::TornWriteSurvived);
+                    }
+                }
+                (NodeAddr::Shard(_), HostEvent::Download { request, outcome: Ok(_) }) if request.offset > 0 => {
+                    hit.insert(Probe::PartialDownloadResumed);
+                }
+                (NodeAddr::Shard(tablet), HostEvent::Received { msg: Message::Apply(_), .. }) => {
+                    applying.insert(tablet, true);
+                }
+                (NodeAddr::Shard(tablet), HostEvent::Persisted(PersistNote::ShardApplied { .. })) => {
+                    applying.insert(tablet, false);
+                }
+                (NodeAddr::Shard(tablet), HostEvent::Sent { msg: Message::Reply(reply), .. }) => {
+                    applying.insert(tablet, false);
+                    match &reply.outcome {
+                        ApplyOutcome::AlreadyApplied => hit.insert(Probe::DuplicateAnsweredFromMarker),
+                        ApplyOutcome::Failed { cause: ShardFailure::ObjectMissing { .. }, .. } => {
+                            hit.insert(Probe::ObjectMissingReported);
+                        }
+                        _ => {}
+                    }
+                }
+                (NodeAddr::Coordinator, HostEvent::Received { msg: Message::Reply(reply), .. })
+                    if reply.generation < generation =>
+                {
+                    hit.insert(Probe::StaleResponseIgnored);
+                }
+                (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::Apply(request), .. }) => {
+                    let key = (request.tablet, request.increment);
+                    if sent.contains(&key) {
+                        hit.insert(Probe::BackoffRetryFired);
+                    } else {
+                        sent.push(key);
+                    }
+                }
+                (NodeAddr::Coordinator, HostEvent::Persisted(PersistNote::Coordinator(marks)))
+                    if marks.iter().any(|m| matches!(m, ProgressMark::Failed { .. })) =>
+                {
+                    hit.insert(Probe::CleanFailedReached);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    hit
+}
