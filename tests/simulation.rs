@@ -153,3 +153,21 @@ fn every_catalogued_bug_is_caught_within_its_seed_budget() {
     }
     assert!(survivors.is_empty(), "bugs that survived their budget: {survivors:?}");
 }
+
+#[test]
+fn a_sweep_writes_junit_with_a_failing_case_per_broken_invariant_and_seed() {
+    let bugs = Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum) };
+    let summary = sweep(0, 20, WorldParams { bugs, ..WorldParams::sweep_default() });
+    assert!(!summary.failures.is_empty(), "the bug is caught in 20 seeds");
+    let xml = lockstep_sim::sweep::junit_xml(&summary, " --bug skip-checksum");
+    let failing_seeds = summary.failures.iter().map(|f| f.seed).collect::<std::collections::BTreeSet<_>>().len();
+    let broken_invariants = summary.by_invariant.len();
+    assert_eq!(xml.matches("<failure ").count(), failing_seeds + broken_invariants, "{xml}");
+    assert!(
+        xml.contains(r#"name="invariant corrupt-never-applied"><"#)
+            || xml.contains("invariant corrupt-never-applied\">")
+    );
+    let first = summary.failures[0].seed;
+    assert!(xml.contains(&format!("reproduce: cargo sim repro --seed {first} --bug skip-checksum")), "{xml}");
+    assert!(!xml.contains("<failure message=\"\""), "every failure has a message");
+}

@@ -117,6 +117,12 @@ mod cli {
         /// Failing seeds printed in full (the rest are counted).
         #[arg(long, default_value_t = 20)]
         show_failures: usize,
+        /// Run only part K of N of the seed range (K from 1), so N machines share one sweep: `--shard 3/8`.
+        #[arg(long, value_parser = shard_of)]
+        shard: Option<(u64, u64)>,
+        /// Also write the result as JUnit XML to this file, for CI dashboards.
+        #[arg(long)]
+        junit: Option<std::path::PathBuf>,
         #[command(flatten)]
         world: WorldArgs,
     }
@@ -151,6 +157,15 @@ mod cli {
         /// Fix the number of incrementals after the newest full backup (1-50).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
         incrementals: Option<u32>,
+    }
+
+    /// Parses `K/N` with 1 <= K <= N.
+    fn shard_of(text: &str) -> Result<(u64, u64), String> {
+        let parsed = text.split_once('/').and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((k, n)) if k >= 1 && k <= n => Ok((k, n)),
+            _ => Err(format!("`{text}` is not K/N with 1 <= K <= N, e.g. 3/8")),
+        }
     }
 
     /// Accepts the name of a catalogued bug.
@@ -359,26 +374,49 @@ mod cli {
         };
         // A scenario runs its pinned seeds unless --seeds asks for a range.
         let pinned = if args.seeds.is_some() { None } else { pinned };
-        let seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(1000), |p| p.len() as u64);
+        let mut seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(1000), |p| p.len() as u64);
+        let mut start = args.start;
+        let pinned = match (args.shard, pinned) {
+            // Part K of N: the K-th of N contiguous slices of the range (or of the pinned seeds).
+            (Some((k, n)), pinned) => {
+                let chunk = seeds.div_ceil(n);
+                let from = ((k - 1) * chunk).min(seeds);
+                let to = (k * chunk).min(seeds);
+                match pinned {
+                    Some(pinned) => Some(pinned[from as usize..to as usize].to_vec()),
+                    None => {
+                        start += from;
+                        seeds = to - from;
+                        None
+                    }
+                }
+            }
+            (None, pinned) => pinned,
+        };
+        if let Some(pinned) = &pinned {
+            seeds = pinned.len() as u64;
+        }
+        if seeds == 0 {
+            println!("lockstep sweep: this shard has no seeds");
+            return 0;
+        }
         let config = SweepConfig {
-            start: args.start,
+            start,
             seeds,
             pinned: pinned.clone(),
             jobs,
             source,
             determinism_every: args.determinism_every,
         };
-        let Some(end) = args.start.checked_add(seeds) else {
-            eprintln!("error: --start {} plus --seeds {seeds} runs past the last seed ({})", args.start, u64::MAX);
+        let Some(end) = start.checked_add(seeds) else {
+            eprintln!("error: --start {start} plus --seeds {seeds} runs past the last seed ({})", u64::MAX);
             return 2;
         };
         match &pinned {
             Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){}", args.world.as_flags()),
-            None => println!(
-                "lockstep sweep: seeds {}..{end} ({seeds} seeds), {jobs} job(s){}",
-                args.start,
-                args.world.as_flags()
-            ),
+            None => {
+                println!("lockstep sweep: seeds {start}..{end} ({seeds} seeds), {jobs} job(s){}", args.world.as_flags())
+            }
         }
         let bar = ProgressBar::new(seeds);
         bar.set_style(
@@ -388,6 +426,13 @@ mod cli {
         let summary = run_sweep(&config, &|done| bar.set_position(done));
         bar.finish_and_clear();
         print_summary(&summary, &args);
+        if let Some(path) = &args.junit {
+            let xml = lockstep_sim::sweep::junit_xml(&summary, &args.world.as_flags());
+            if let Err(error) = std::fs::write(path, xml) {
+                eprintln!("error: cannot write {}: {error}", path.display());
+                return 2;
+            }
+        }
         summary.worst_class().map_or(0, |class| class.exit_code())
     }
 

@@ -277,3 +277,60 @@ pub fn first_detection(bugs: Bugs, budget: u64, jobs: usize) -> Option<(u64, Vec
     }
     None
 }
+
+/// The sweep as JUnit XML: one test case per invariant (failing with the seeds that broke it), one per coverage
+/// probe (skipped when no seed hit it: a short sweep may miss a rare one), and one per failing seed with the line
+/// that reproduces it.
+pub fn junit_xml(summary: &SweepSummary, flags: &str) -> String {
+    use std::fmt::Write;
+    let escape =
+        |text: &str| text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    let mut cases = Vec::new();
+    for invariant in Invariant::ALL {
+        let broken = summary.by_invariant.get(&invariant).copied().unwrap_or(0);
+        let failure = (broken > 0).then(|| format!("{broken} seed(s) broke {invariant}"));
+        cases.push((format!("invariant {invariant}"), failure));
+    }
+    for failure in &summary.failures {
+        let text = format!("{}\nreproduce: cargo sim repro --seed {}{flags}", failure.lines.join("\n"), failure.seed);
+        cases.push((format!("seed {} [{}]", failure.seed, failure.class.name()), Some(text)));
+    }
+    let failures = cases.iter().filter(|(_, f)| f.is_some()).count();
+    let probes: Vec<(Probe, bool)> = Probe::ALL.into_iter().map(|p| (p, summary.probes.contains_key(&p))).collect();
+    let mut xml = String::new();
+    let _ = writeln!(xml, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
+    let _ = writeln!(
+        xml,
+        r#"<testsuite name="lockstep-sim sweep" tests="{}" failures="{failures}" skipped="{}" time="{:.3}">"#,
+        cases.len() + probes.len(),
+        probes.iter().filter(|(_, hit)| !hit).count(),
+        summary.wall.as_secs_f64()
+    );
+    let _ = writeln!(xml, r#"  <properties><property name="seeds" value="{}"/></properties>"#, summary.seeds_run);
+    for (name, failure) in cases {
+        match failure {
+            None => {
+                let _ = writeln!(xml, r#"  <testcase classname="lockstep-sim" name="{}"/>"#, escape(&name));
+            }
+            Some(text) => {
+                let _ = writeln!(xml, r#"  <testcase classname="lockstep-sim" name="{}">"#, escape(&name));
+                let first = text.lines().next().unwrap_or_default();
+                let _ = writeln!(xml, r#"    <failure message="{}">{}</failure>"#, escape(first), escape(&text));
+                let _ = writeln!(xml, "  </testcase>");
+            }
+        }
+    }
+    for (probe, hit) in probes {
+        let name = format!("probe {}", probe.name());
+        if hit {
+            let _ = writeln!(xml, r#"  <testcase classname="lockstep-sim" name="{name}"/>"#);
+        } else {
+            let _ = writeln!(
+                xml,
+                r#"  <testcase classname="lockstep-sim" name="{name}"><skipped message="no seed hit it"/></testcase>"#
+            );
+        }
+    }
+    let _ = writeln!(xml, "</testsuite>");
+    xml
+}
