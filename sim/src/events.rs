@@ -129,22 +129,33 @@ fn write_marks(f: &mut fmt::Formatter<'_>, marks: &[lockstep::coordinator::Progr
 /// binary, and different as soon as any event differs.
 pub fn log_hash(events: &[Event]) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut hasher = LogHasher(0xcbf2_9ce4_8422_2325);
+    let mut hasher = StableHasher::new();
     events.hash(&mut hasher);
     hasher.finish()
 }
 
 /// A fixed, seedless hasher (FxHash's mixing step, a word at a time), so hashes compare across runs and
-/// processes. Not for untrusted input; it only fingerprints our own logs.
-struct LogHasher(u64);
+/// processes: event logs here, explored states in [`crate::explore`]. Not for untrusted input; it only
+/// fingerprints our own values.
+pub struct StableHasher(u64);
 
-impl LogHasher {
+impl StableHasher {
+    pub fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
     fn mix(&mut self, word: u64) {
         self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
-impl std::hash::Hasher for LogHasher {
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::hash::Hasher for StableHasher {
     fn finish(&self) -> u64 {
         self.0
     }

@@ -33,6 +33,7 @@ use lockstep::protocol::{
 };
 use lockstep::shard::{Shard, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
 
+use crate::events::StableHasher;
 use crate::world::Bugs;
 
 /// The operation every explored restore runs.
@@ -236,7 +237,7 @@ struct InFlight {
 
 impl InFlight {
     fn new(from: NodeAddr, to: NodeAddr, msg: Message) -> Self {
-        let mut hasher = FxHasher(0);
+        let mut hasher = StableHasher::new();
         msg.hash(&mut hasher);
         Self { from, to, fingerprint: hasher.finish(), msg }
     }
@@ -700,44 +701,9 @@ impl State {
 
     /// A 64-bit fingerprint of the whole state.
     pub fn fingerprint(&self) -> u64 {
-        let mut hasher = FxHasher(0);
+        let mut hasher = StableHasher::new();
         self.hash(&mut hasher);
         hasher.finish()
-    }
-}
-
-/// A seedless word-at-a-time hasher: fingerprints must not change between runs.
-struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            self.write_u64(u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
-        }
-        let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        self.write_u64(u64::from_le_bytes(tail) ^ ((bytes.len() as u64) << 56));
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-
-    fn write_u8(&mut self, value: u8) {
-        self.write_u64(u64::from(value));
-    }
-
-    fn write_u32(&mut self, value: u32) {
-        self.write_u64(u64::from(value));
-    }
-
-    fn write_usize(&mut self, value: usize) {
-        self.write_u64(value as u64);
     }
 }
 
