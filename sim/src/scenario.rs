@@ -342,6 +342,34 @@ impl Scenario {
                     return Err(problem(backup.span(), "a scenario with [generate] cannot also declare backups"));
                 }
                 let g = generate.get_ref();
+                // The plan must mean the same thing for every seed: whatever it names must not be drawn.
+                let names_tables = decl.scheduled.iter().any(|f| {
+                    f.get_ref().tablet.is_some()
+                        || f.get_ref().after.as_ref().is_some_and(|a| a.applied.is_some() || a.reported.is_some())
+                }) || decl.restores.iter().any(|r| r.get_ref().tables.is_some())
+                    || !decl.existing_tables.is_empty();
+                if names_tables && (g.tables.is_none() || g.shards.is_none() || g.indexes.is_none()) {
+                    return Err(problem(
+                        generate.span(),
+                        "this scenario names tables or tablets, so [generate] must fix `tables`, `shards` and `indexes` (drawn, they change with the seed)",
+                    ));
+                }
+                if g.lose_object && decl.restores.iter().any(|r| r.get_ref().tables.is_some()) {
+                    return Err(problem(
+                        generate.span(),
+                        "with `lose_object` the lost bundle may belong to any table, so restores must restore every table",
+                    ));
+                }
+                let names_increments = decl.scheduled.iter().any(|f| {
+                    let f = f.get_ref();
+                    f.increment.is_some() || f.after.as_ref().is_some_and(|a| a.increment.is_some())
+                });
+                if names_increments && g.incrementals.is_none() {
+                    return Err(problem(
+                        generate.span(),
+                        "this scenario names increments, so [generate] must fix `incrementals` (drawn, it changes with the seed)",
+                    ));
+                }
                 Source::Generated(WorldParams {
                     tables: g.tables,
                     shard_count: g.shards,
@@ -1054,6 +1082,17 @@ at_ms = 1000
     fn a_scenario_without_a_full_backup_is_refused() {
         let error = error_of(&MINIMAL.replace("kind = \"full\"", "kind = \"incremental\""));
         assert!(error.message.contains("no full backup"), "{error}");
+    }
+
+    #[test]
+    fn a_generated_world_that_draws_its_tables_cannot_name_them() {
+        let text =
+            "description = \"x\"\n[generate]\nshards = 2\n[[fault]]\ndo = \"drop-reports\"\ntablet = \"table0/1\"\n";
+        let error = error_of(text);
+        assert_eq!(error.line, 2, "{error}");
+        assert!(error.message.contains("must fix `tables`, `shards` and `indexes`"), "{error}");
+        let fixed = text.replace("shards = 2", "shards = 2\ntables = 1\nindexes = false");
+        assert!(parse(&fixed).is_ok());
     }
 
     #[test]
