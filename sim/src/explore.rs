@@ -801,7 +801,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
         report.max_depth = report.max_depth.max(depth);
         let steps = state.steps(world);
         if steps.is_empty() {
-            good_end[id as usize] = is_good_end(world, &state);
+            good_end[id as usize] = is_good_end(&state);
         }
         if depth >= world.config.max_depth {
             report.truncated |= !steps.is_empty();
@@ -859,7 +859,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
 }
 
 /// The operation ended as it must: Done (every increment on every shard is checked when Done is persisted).
-fn is_good_end(_world: &ExploreWorld, state: &State) -> bool {
+fn is_good_end(state: &State) -> bool {
     matches!(state.outcome(), Some(OperationStatus::Done { .. }))
 }
 

@@ -342,6 +342,20 @@ impl Scenario {
                     return Err(problem(backup.span(), "a scenario with [generate] cannot also declare backups"));
                 }
                 let g = generate.get_ref();
+                for (name, value, range) in [
+                    ("tables", g.tables, 1..=16),
+                    ("shards", g.shards, 1..=64),
+                    ("incrementals", g.incrementals, 1..=50),
+                    ("initial_rows", g.initial_rows, 1..=100_000),
+                ] {
+                    if let Some(value) = value
+                        && !range.contains(&value)
+                    {
+                        let (low, high) = range.into_inner();
+                        let message = format!("[generate] `{name} = {value}` is out of range: {low} to {high}");
+                        return Err(problem(generate.span(), message));
+                    }
+                }
                 // The plan must mean the same thing for every seed: whatever it names must not be drawn.
                 let names_tables = decl.scheduled.iter().any(|f| {
                     f.get_ref().tablet.is_some()
@@ -1093,6 +1107,15 @@ at_ms = 1000
         assert!(error.message.contains("must fix `tables`, `shards` and `indexes`"), "{error}");
         let fixed = text.replace("shards = 2", "shards = 2\ntables = 1\nindexes = false");
         assert!(parse(&fixed).is_ok());
+    }
+
+    #[test]
+    fn generated_worlds_out_of_range_are_refused_not_built() {
+        for (key, value) in [("shards", 0), ("tables", 0), ("tables", 17), ("incrementals", 0), ("initial_rows", 0)] {
+            let error = error_of(&format!("description = \"x\"\n[generate]\n{key} = {value}\n"));
+            assert_eq!(error.line, 2, "{error}");
+            assert!(error.message.contains(&format!("`{key} = {value}` is out of range")), "{error}");
+        }
     }
 
     #[test]
