@@ -178,7 +178,8 @@ mod bench {
 
     fn sweep(seeds: u64, jobs: usize) -> lockstep_sim::sweep::SweepSummary {
         let source = WorldSource::Generated(WorldParams::sweep_default());
-        let config = SweepConfig { start: 0, seeds, pinned: None, jobs, source, determinism_every: 0 };
+        let config =
+            SweepConfig { start: 0, seeds, pinned: None, first: Vec::new(), jobs, source, determinism_every: 0 };
         let summary = run_sweep(&config, &|_| {});
         assert!(summary.failures.is_empty(), "the sweep passes");
         summary

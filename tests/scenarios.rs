@@ -1,6 +1,8 @@
 //! Every scenario in `scenarios/` runs with its pinned seeds and must pass every invariant; the transcript of
 //! its first pinned seed is a snapshot (`tests/snapshots/scenarios__<name>.snap`), reviewed like code with
-//! `cargo insta review`. Needs the madsim build (`cargo sim-test`).
+//! `cargo insta review`. Every kept bug in `scenarios/regressions/` (written by `cargo sim shrink`) must still
+//! break its invariant with its bug, and pass every invariant without it. Needs the madsim build
+//! (`cargo sim-test`).
 #![cfg(madsim)]
 
 use std::path::Path;
@@ -9,7 +11,11 @@ use lockstep_sim::runner::{run_seed, transcript};
 use lockstep_sim::scenario::{Scenario, scenario_files};
 
 fn scenarios() -> Vec<Scenario> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    load_dir("../scenarios")
+}
+
+fn load_dir(dir: &str) -> Vec<Scenario> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let files = scenario_files(&dir).expect("the scenarios directory is readable");
     files.iter().map(|path| Scenario::load(path).unwrap_or_else(|error| panic!("{error}"))).collect()
 }
@@ -35,6 +41,34 @@ fn every_scenario_passes_its_pinned_seeds_and_its_transcript_is_reviewed() {
             if i == 0 {
                 let text = format!("{}\n{}", scenario.description, transcript(&world, &outcome));
                 insta::assert_snapshot!(scenario.name.clone(), text);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_kept_bug_still_breaks_its_invariant_and_the_production_protocol_passes_its_world() {
+    let regressions = load_dir("../scenarios/regressions");
+    assert!(regressions.len() >= 3, "found {}", regressions.len());
+    let mut failures = Vec::new();
+    for scenario in regressions {
+        let expected = scenario.expect_violation;
+        assert!(expected.is_some(), "{}: a kept bug names the invariant it breaks", scenario.name);
+        let fixed = scenario.without_bugs();
+        for (i, seed) in scenario.seeds.iter().enumerate() {
+            let world = scenario.world(*seed);
+            let outcome = run_seed(&world, i == 0);
+            if !outcome.violations.iter().any(|v| Some(v.invariant) == expected) {
+                failures.push(format!("{} seed {seed}: {expected:?} did not break", scenario.name));
+            }
+            if i == 0 {
+                let text = format!("{}\n{}", scenario.description, transcript(&world, &outcome));
+                insta::assert_snapshot!(format!("regression-{}", scenario.name), text);
+            }
+            let outcome = run_seed(&fixed.world(*seed), false);
+            for violation in &outcome.violations {
+                failures.push(format!("{} seed {seed} without its bug: {violation}", scenario.name));
             }
         }
     }

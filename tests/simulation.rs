@@ -13,7 +13,7 @@ use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn sweep(start: u64, seeds: u64, params: WorldParams) -> lockstep_sim::sweep::SweepSummary {
     let source = WorldSource::Generated(params);
-    let config = SweepConfig { start, seeds, pinned: None, jobs: 2, source, determinism_every: 10 };
+    let config = SweepConfig { start, seeds, pinned: None, first: Vec::new(), jobs: 2, source, determinism_every: 10 };
     run_sweep(&config, &|_| {})
 }
 

@@ -15,12 +15,15 @@ pub mod faults;
 pub mod plan;
 pub mod probes;
 pub mod scenario;
+pub mod tape;
 pub mod world;
 
 #[cfg(madsim)]
 pub mod net;
 #[cfg(madsim)]
 pub mod runner;
+#[cfg(madsim)]
+pub mod shrink;
 #[cfg(madsim)]
 pub mod state;
 #[cfg(madsim)]

@@ -31,6 +31,9 @@ mod cli {
     use lockstep_sim::world::{Bugs, WorldParams};
     use std::sync::Arc;
 
+    /// The committed file of regression seeds, at the top of the workspace.
+    const DEFAULT_REGRESSIONS: &str = "regression-seeds.txt";
+
     #[derive(Parser)]
     #[command(name = "cargo sim", about = "Deterministic simulation of lockstep's sharded incremental restore")]
     struct Cli {
@@ -48,6 +51,35 @@ mod cli {
         Check(CheckArgs),
         /// Run the default sweep against every catalogued bug and report the seeds to its detection.
         Mutants(MutantsArgs),
+        /// Shrink a failing seed to the smallest world and fewest faults that still fail the same way, and
+        /// write it as a scenario file to keep as a regression test.
+        Shrink(ShrinkArgs),
+    }
+
+    #[derive(Args)]
+    struct ShrinkArgs {
+        /// The failing seed.
+        #[arg(long)]
+        seed: u64,
+        /// Keep breaking this invariant [default: the first the seed breaks].
+        #[arg(long, value_parser = invariant_name)]
+        invariant: Option<lockstep_sim::checkers::Invariant>,
+        /// Candidate runs at most.
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+        max_runs: u64,
+        /// Directory to write the scenario file to.
+        #[arg(long, default_value = "scenarios/regressions")]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        world: WorldArgs,
+    }
+
+    fn invariant_name(name: &str) -> Result<lockstep_sim::checkers::Invariant, String> {
+        use lockstep_sim::checkers::Invariant;
+        Invariant::ALL.into_iter().find(|i| i.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = Invariant::ALL.iter().map(|i| i.name()).collect();
+            format!("unknown invariant `{name}`; known: {}", known.join(", "))
+        })
     }
 
     #[derive(Args)]
@@ -123,6 +155,10 @@ mod cli {
         /// Also write the result as JUnit XML to this file, for CI dashboards.
         #[arg(long)]
         junit: Option<std::path::PathBuf>,
+        /// Seeds replayed before the sweep (generated worlds only; with --shard, on part 1 only). A missing
+        /// file at the default path is skipped with a note.
+        #[arg(long, default_value = DEFAULT_REGRESSIONS)]
+        regressions: std::path::PathBuf,
         #[command(flatten)]
         world: WorldArgs,
     }
@@ -244,6 +280,7 @@ mod cli {
             Command::Repro(args) => repro(args),
             Command::Check(args) => check(args),
             Command::Mutants(args) => mutants(args),
+            Command::Shrink(args) => shrink(args),
         }
     }
 
@@ -400,10 +437,18 @@ mod cli {
             println!("lockstep sweep: this shard has no seeds");
             return 0;
         }
+        let first = match regression_seeds(&args, &source) {
+            Ok(first) => first,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
+            }
+        };
         let config = SweepConfig {
             start,
             seeds,
             pinned: pinned.clone(),
+            first,
             jobs,
             source,
             determinism_every: args.determinism_every,
@@ -418,7 +463,10 @@ mod cli {
                 println!("lockstep sweep: seeds {start}..{end} ({seeds} seeds), {jobs} job(s){}", args.world.as_flags())
             }
         }
-        let bar = ProgressBar::new(seeds);
+        if !config.first.is_empty() {
+            println!("regression seeds from {} first: {:?}", args.regressions.display(), config.first);
+        }
+        let bar = ProgressBar::new(config.total_seeds());
         bar.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
                 .expect("the template is valid"),
@@ -446,7 +494,7 @@ mod cli {
         }
         let count = |class: &str| summary.failures.iter().filter(|f| f.class.name() == class).count();
         println!();
-        println!("seeds run        {}", summary.seeds_run);
+        println!("seeds run        {} ({} regression seed(s) first)", summary.seeds_run, summary.regression_seeds);
         println!(
             "failed seeds     {failed} (safety {}, liveness {}, crash {}, determinism {})",
             count("safety"),
@@ -498,6 +546,57 @@ mod cli {
         println!("{} passed, {} failed", summary.seeds_run - failed, failed);
     }
 
+    /// The regression seeds to replay first: from the file for generated worlds, on part 1 of a split sweep.
+    fn regression_seeds(args: &RunArgs, source: &WorldSource) -> Result<Vec<u64>, String> {
+        let generated = matches!(source, WorldSource::Generated(_));
+        let first_part = args.shard.is_none_or(|(k, _)| k == 1);
+        if !generated || !first_part {
+            return Ok(Vec::new());
+        }
+        let path = &args.regressions;
+        match std::fs::read_to_string(path) {
+            Ok(text) => lockstep_sim::sweep::parse_regression_seeds(&path.display().to_string(), &text),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && path.as_os_str() == DEFAULT_REGRESSIONS => {
+                println!("note: no {DEFAULT_REGRESSIONS} here (run from the top of the workspace to replay it)");
+                Ok(Vec::new())
+            }
+            Err(error) => Err(format!("cannot read {}: {error}", path.display())),
+        }
+    }
+
+    fn shrink(args: ShrinkArgs) -> i32 {
+        if args.world.scenario.is_some() {
+            eprintln!("error: shrink works on generated worlds; a scenario is already written down (drop --scenario)");
+            return 2;
+        }
+        let world = lockstep_sim::world::World::generate(args.seed, &args.world.params());
+        let command = format!("cargo sim run --start {} --seeds 1{}", args.seed, args.world.as_flags());
+        println!("shrinking seed {}{} ...", args.seed, args.world.as_flags());
+        let progress = Box::new(|runs: usize, size: lockstep_sim::shrink::Size| {
+            println!("  run {runs:>5}: {size}");
+        });
+        let max_runs = usize::try_from(args.max_runs).unwrap_or(usize::MAX);
+        let shrunk = match lockstep_sim::shrink::shrink(&world, args.invariant, &command, max_runs, progress) {
+            Ok(shrunk) => shrunk,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 1;
+            }
+        };
+        println!("invariant {} still breaks after {} runs", shrunk.invariant, shrunk.runs);
+        println!("before: {}", shrunk.before);
+        println!("after:  {}", shrunk.after);
+        let stem = args.world.bugs.first().map_or_else(|| shrunk.invariant.name().to_string(), Clone::clone);
+        let path = args.out.join(format!("{stem}-seed-{}.toml", args.seed));
+        if let Err(error) = std::fs::create_dir_all(&args.out).and_then(|()| std::fs::write(&path, &shrunk.scenario)) {
+            eprintln!("error: cannot write {}: {error}", path.display());
+            return 2;
+        }
+        println!("written to {}; it runs as a test from there, and by hand:", path.display());
+        println!("  cargo sim repro --scenario {} --seed {}", path.display(), args.seed);
+        0
+    }
+
     fn print_failure(failure: &SeedFailure, world: &WorldArgs) {
         println!("FAIL seed {} [{}] event log hash {:016x}", failure.seed, failure.class.name(), failure.log_hash);
         for line in &failure.lines {
@@ -522,7 +621,16 @@ mod cli {
             emit(event);
         }
         println!("event log: {} events, hash {:016x}", outcome.events, outcome.log_hash);
-        match SeedFailure::of(&outcome) {
+        let expected = source.expect_violation();
+        match SeedFailure::of(&outcome, expected) {
+            None if expected.is_some() => {
+                for violation in &outcome.violations {
+                    println!("  {violation}");
+                }
+                let expected = expected.expect("checked");
+                println!("seed {} broke {expected}, as the scenario expects: the kept bug is still found", args.seed);
+                0
+            }
             None => {
                 println!("seed {} passed every invariant", args.seed);
                 0

@@ -30,6 +30,7 @@ use crate::net::{Directory, SimTransport};
 use crate::plan::{Action, Moment};
 use crate::state::{Shared, SimState};
 use crate::store::SimStoreClient;
+use crate::tape::{Reboot, Tape};
 use crate::world::World;
 
 pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 9, 1)), 9000);
@@ -59,6 +60,8 @@ pub struct SeedOutcome {
     pub ends: Vec<(lockstep::protocol::OperationId, RunEnd)>,
     /// The coverage probes the run hit.
     pub probes: crate::probes::ProbeSet,
+    /// Every fault the run's dice (or its replayed tape) decided.
+    pub decisions: Tape,
 }
 
 /// The coordinator's durable verdict when the run stopped.
@@ -133,6 +136,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 end: RunEnd::of(&final_state),
                 ends: RunEnd::all(&final_state),
                 probes,
+                decisions: std::mem::take(&mut state.tape),
             }
         }
         Err(payload) => {
@@ -154,6 +158,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 end: RunEnd::NeverStarted,
                 ends: Vec::new(),
                 probes: Default::default(),
+                decisions: Tape::default(),
             }
         }
     }
@@ -270,6 +275,20 @@ fn fire_scheduled(
 
 fn now_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).expect("fits")
+}
+
+/// The node at `ip`, if any protocol node lives there.
+pub fn node_at_ip(ip: IpAddr) -> Option<NodeAddr> {
+    let IpAddr::V4(v4) = ip else { return None };
+    match v4.octets() {
+        [10, 0, 0, 1] => Some(NodeAddr::Coordinator),
+        [10, 0, 0, 2] => Some(NodeAddr::Client),
+        [10, 0, table @ 1..=254, shard @ 1..=255] => Some(NodeAddr::Shard(TabletId {
+            table: lockstep::model::TableId(u32::from(table) - 1),
+            shard: lockstep::model::ShardId(u32::from(shard) - 1),
+        })),
+        _ => None,
+    }
 }
 
 fn node_ip(node: NodeAddr) -> IpAddr {
@@ -392,7 +411,7 @@ impl NodeEnv {
 async fn simulate(world: World) -> (SimState, FinalState) {
     let world = Arc::new(world);
     let epoch = Instant::now();
-    let state = Shared::new(SimState::new(world.seed, world.faults.clone()));
+    let state = Shared::new(SimState::new(world.seed, world.faults.clone(), world.decisions.clone()));
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
     let nodes: Vec<NodeAddr> =
@@ -470,7 +489,7 @@ async fn simulate(world: World) -> (SimState, FinalState) {
     };
     let final_state = supervisor.final_state(&world, timed_out);
     supervisor.shut_down(store_id).await;
-    let state = std::mem::replace(&mut *state.lock(), SimState::new(0, crate::faults::FaultPlan::none()));
+    let state = std::mem::replace(&mut *state.lock(), SimState::new(0, crate::faults::FaultPlan::none(), None));
     (state, final_state)
 }
 
@@ -487,6 +506,8 @@ struct Supervisor {
     give_up_at_ms: u64,
     next_coordinator_reboot_ms: Option<u64>,
     next_shard_reboot_ms: Option<u64>,
+    /// When replaying a tape: its reboots still to come, latest first.
+    replayed_reboots: Vec<Reboot>,
     tablets: Vec<TabletId>,
 }
 
@@ -503,10 +524,16 @@ impl Supervisor {
             give_up_at_ms: heal_at_ms + world.liveness_bound_ms,
             next_coordinator_reboot_ms: None,
             next_shard_reboot_ms: None,
+            replayed_reboots: Vec::new(),
             tablets: world.tablets().collect(),
         };
-        supervisor.next_coordinator_reboot_ms = supervisor.draw_reboot(FaultKind::CoordinatorReboot, 0);
-        supervisor.next_shard_reboot_ms = supervisor.draw_reboot(FaultKind::ShardReboot, 0);
+        match &world.decisions {
+            Some(tape) => supervisor.replayed_reboots = tape.reboots.iter().rev().copied().collect(),
+            None => {
+                supervisor.next_coordinator_reboot_ms = supervisor.draw_reboot(FaultKind::CoordinatorReboot, 0);
+                supervisor.next_shard_reboot_ms = supervisor.draw_reboot(FaultKind::ShardReboot, 0);
+            }
+        }
         supervisor
     }
 
@@ -517,7 +544,7 @@ impl Supervisor {
         if rate_per_s <= 0.0 {
             return None;
         }
-        let uniform: f64 = state.rng.gen_range(f64::EPSILON..1.0);
+        let uniform: f64 = state.dice.gen_range(f64::EPSILON..1.0);
         let gap_ms = (-uniform.ln() / rate_per_s * 1000.0) as u64;
         let at = after_ms.saturating_add(gap_ms.max(1));
         (at < self.heal_at_ms).then_some(at)
@@ -528,7 +555,8 @@ impl Supervisor {
         if !self.state.lock().healed {
             wake = wake.min(self.heal_at_ms);
         }
-        for at in [self.next_coordinator_reboot_ms, self.next_shard_reboot_ms].into_iter().flatten() {
+        let replayed = self.replayed_reboots.last().map(|r| r.at_ms);
+        for at in [self.next_coordinator_reboot_ms, self.next_shard_reboot_ms, replayed].into_iter().flatten() {
             wake = wake.min(at);
         }
         self.down.values().fold(wake, |wake, at| wake.min(*at))
@@ -556,14 +584,21 @@ impl Supervisor {
             self.next_coordinator_reboot_ms = self.draw_reboot(FaultKind::CoordinatorReboot, now);
         }
         if self.next_shard_reboot_ms.is_some_and(|at| at <= now) {
-            let tablet = self.tablets[self.state.lock().rng.gen_range(0..self.tablets.len())];
+            let tablet = self.tablets[self.state.lock().dice.gen_range(0..self.tablets.len())];
             self.reboot(now, NodeAddr::Shard(tablet), FaultKind::ShardReboot);
             self.next_shard_reboot_ms = self.draw_reboot(FaultKind::ShardReboot, now);
+        }
+        while let Some(reboot) = self.replayed_reboots.last().copied().filter(|r| r.at_ms <= now) {
+            self.replayed_reboots.pop();
+            self.reboot(now, reboot.node, reboot.kind());
         }
         false
     }
 
     fn reboot(&mut self, now: u64, node: NodeAddr, kind: FaultKind) {
+        // Every decided reboot goes on the tape, even one that finds its node down: a replay must wake the
+        // supervisor at the same moments, or madsim would schedule the rest of the run differently.
+        self.state.lock().tape.reboots.push(Reboot { at_ms: now, node });
         if self.down.contains_key(&node) || self.state.lock().healed {
             return;
         }
@@ -584,8 +619,7 @@ impl Supervisor {
         let now = now_ms(self.epoch);
         self.handle.kill(self.ids[&node]);
         let mut state = self.state.lock();
-        let tear_rate = state.plan.rate(FaultKind::DiskTornWrite);
-        let tear = !state.healed && tear_rate > 0.0 && state.rng.gen_bool(tear_rate.min(1.0));
+        let tear = state.roll(node, FaultKind::DiskTornWrite);
         let mut disk = state.disks.remove(&node).unwrap_or_default();
         let damage = disk.crash(&mut state.rng, tear);
         state.disks.insert(node, disk);

@@ -20,16 +20,18 @@ use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
     TabletId, apply_changes,
 };
-use lockstep::protocol::ClientCall;
+use lockstep::protocol::{ClientCall, NodeAddr};
 use lockstep::shard::ShardConfig;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::checkers::Invariant;
 use crate::faults::{FaultKind, FaultPlan};
 use crate::plan::{
     Action, CallExpect, FailureExpect, LIFECYCLE_ERROR_NAMES, Moment, OpExpect, PlannedCall, REFUSAL_NAMES,
     ScheduledFault,
 };
+use crate::tape::{Chance, Decision, Reboot, Tape};
 use crate::world::{Bugs, COLLECTION, LostObject, World, WorldParams, WorldTable, index_rows};
 
 /// A scenario file that did not load: where, and what is wrong.
@@ -60,6 +62,9 @@ pub struct Scenario {
     pub name: String,
     pub description: String,
     pub seeds: Vec<u64>,
+    /// The invariant each pinned seed must break (a kept bug: a regression file of a deliberate bug); `None`
+    /// means every invariant must hold.
+    pub expect_violation: Option<Invariant>,
     source: Source,
     plan: Plan,
 }
@@ -87,7 +92,9 @@ struct Plan {
     calls: Vec<Spanned<CallDecl>>,
     faults: Option<FaultsDecl>,
     scheduled: Vec<Spanned<FaultDecl>>,
+    decisions: Vec<Spanned<DecisionDecl>>,
     coordinator: CoordinatorKnobs,
+    shard: ShardKnobs,
     existing_tables: Vec<Spanned<String>>,
     liveness_bound_ms: Option<u64>,
     bugs: Bugs,
@@ -105,8 +112,12 @@ struct FileDecl {
     description: String,
     #[serde(default = "default_seeds")]
     seeds: Vec<u64>,
+    /// The invariant every pinned seed must break.
+    expect_violation: Option<Spanned<String>>,
     #[serde(default)]
     coordinator: CoordinatorKnobs,
+    #[serde(default)]
+    shard: ShardKnobs,
     liveness_bound_ms: Option<u64>,
     /// Deliberately broken variants to run with (as `--bug` does).
     #[serde(default)]
@@ -126,6 +137,8 @@ struct FileDecl {
     faults: Option<FaultsDecl>,
     #[serde(default, rename = "fault")]
     scheduled: Vec<Spanned<FaultDecl>>,
+    #[serde(default, rename = "decision")]
+    decisions: Vec<Spanned<DecisionDecl>>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -142,6 +155,12 @@ struct CoordinatorKnobs {
     backoff_cap_ms: Option<u64>,
     deadline_ms: Option<u64>,
     increment_deadline_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardKnobs {
+    download_chunk_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -279,6 +298,16 @@ struct FaultDecl {
     times: u32,
 }
 
+/// A fault pinned at a chance of a node (see [`crate::tape`]), or a reboot pinned at a time.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionDecl {
+    fault: Spanned<String>,
+    node: Spanned<String>,
+    nth: Option<u32>,
+    at_ms: Option<u64>,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AfterDecl {
@@ -357,10 +386,16 @@ impl Scenario {
                     }
                 }
                 // The plan must mean the same thing for every seed: whatever it names must not be drawn.
-                let names_tables = decl.scheduled.iter().any(|f| {
-                    f.get_ref().tablet.is_some()
-                        || f.get_ref().after.as_ref().is_some_and(|a| a.applied.is_some() || a.reported.is_some())
-                }) || decl.restores.iter().any(|r| r.get_ref().tables.is_some())
+                let names_tablets = decl
+                    .decisions
+                    .iter()
+                    .any(|d| !matches!(d.get_ref().node.get_ref().as_str(), "coordinator" | "client"));
+                let names_tables = names_tablets
+                    || decl.scheduled.iter().any(|f| {
+                        f.get_ref().tablet.is_some()
+                            || f.get_ref().after.as_ref().is_some_and(|a| a.applied.is_some() || a.reported.is_some())
+                    })
+                    || decl.restores.iter().any(|r| r.get_ref().tables.is_some())
                     || !decl.existing_tables.is_empty();
                 if names_tables && (g.tables.is_none() || g.shards.is_none() || g.indexes.is_none()) {
                     return Err(problem(
@@ -397,21 +432,54 @@ impl Scenario {
             }
             None => Source::Explicit(Box::new(explicit_world(&decl)?)),
         };
+        if let (Some(decision), Some(faults)) = (decl.decisions.first(), &decl.faults)
+            && !faults.rates.is_empty()
+        {
+            return Err(problem(
+                decision.span(),
+                "a scenario with [[decision]] rolls no dice: faults fire only where decisions say, so leave out [faults] rates",
+            ));
+        }
+        let expect_violation = match &decl.expect_violation {
+            None => None,
+            Some(name) => Some(Invariant::ALL.into_iter().find(|i| i.name() == name.get_ref()).ok_or_else(|| {
+                let known: Vec<&str> = Invariant::ALL.iter().map(|i| i.name()).collect();
+                problem(name.span(), format!("unknown invariant `{}`; known: {}", name.get_ref(), known.join(", ")))
+            })?),
+        };
         let plan = Plan {
             restores: decl.restores,
             calls: decl.calls,
             faults: decl.faults,
             scheduled: decl.scheduled,
+            decisions: decl.decisions,
+            shard: decl.shard,
             coordinator: decl.coordinator,
             existing_tables: decl.existing_tables,
             liveness_bound_ms: decl.liveness_bound_ms,
             bugs: bugs_of(&decl.bugs)?,
             lose_object: decl.generate.as_ref().is_some_and(|g| g.get_ref().lose_object),
         };
-        let scenario = Self { name: name.to_string(), description: decl.description, seeds: decl.seeds, source, plan };
+        let scenario = Self {
+            name: name.to_string(),
+            description: decl.description,
+            seeds: decl.seeds,
+            expect_violation,
+            source,
+            plan,
+        };
         // Resolve the plan once now, so a bad reference fails at load and not at run time.
         scenario.try_world(scenario.seeds[0])?;
         Ok(scenario)
+    }
+
+    /// The same scenario with its deliberate bugs taken out and no violation expected: what a kept bug's
+    /// world must do under the production protocol.
+    pub fn without_bugs(&self) -> Scenario {
+        let mut scenario = self.clone();
+        scenario.plan.bugs = Bugs::default();
+        scenario.expect_violation = None;
+        scenario
     }
 
     /// The world of this scenario for `seed`.
@@ -436,6 +504,12 @@ impl Scenario {
         };
         world.seed = seed;
         world.shard = ShardConfig { bug: self.plan.bugs.shard, ..ShardConfig::default() };
+        if let Some(bytes) = self.plan.shard.download_chunk_bytes {
+            if bytes == 0 {
+                return Err(problem(0..0, "[shard] download_chunk_bytes must be at least 1"));
+            }
+            world.shard.download_chunk_bytes = bytes;
+        }
         world.coordinator = self.coordinator_config(&world)?;
         world.coordinator.bug = self.plan.bugs.coordinator;
         if let Some(bound) = self.plan.liveness_bound_ms {
@@ -447,6 +521,11 @@ impl Scenario {
         world.scheduled = Vec::new();
         for fault in &self.plan.scheduled {
             self.add_fault(&mut world, fault)?;
+        }
+        if !self.plan.decisions.is_empty() {
+            let decisions: Result<Vec<Decision>, Problem> =
+                self.plan.decisions.iter().map(|d| decision_of(&world, d)).collect();
+            world.decisions = Some(Arc::new(Tape::from_decisions(decisions?)));
         }
         self.add_calls(&mut world)?;
         Ok(world)
@@ -646,6 +725,58 @@ impl Scenario {
         world.calls = calls;
         world.expected_ops = expected_ops;
         Ok(())
+    }
+}
+
+/// The kinds of fault a decision may pin, with what they need.
+const DECIDED_KINDS: &str = "coordinator-reboot, shard-reboot (with `at_ms`); message-drop, message-duplicate, \
+     message-delay, crash-before-sync, crash-after-persist, disk-torn-write, download-partial, download-truncated, \
+     download-corrupt, store-unavailable, store-throttled, store-slow (with `nth`)";
+
+fn decision_of(world: &World, decl: &Spanned<DecisionDecl>) -> Result<Decision, Problem> {
+    let d = decl.get_ref();
+    let span = decl.span();
+    let kind = FaultKind::ALL.iter().copied().find(|k| k.name() == d.fault.get_ref()).ok_or_else(|| {
+        problem(
+            d.fault.span(),
+            format!("unknown fault `{}`; a decision pins one of: {DECIDED_KINDS}", d.fault.get_ref()),
+        )
+    })?;
+    let node = match d.node.get_ref().as_str() {
+        "coordinator" => NodeAddr::Coordinator,
+        "client" => NodeAddr::Client,
+        _ => NodeAddr::Shard(tablet_named(world, &d.node)?),
+    };
+    let on_shard = matches!(node, NodeAddr::Shard(_));
+    let fits = match kind {
+        FaultKind::CoordinatorReboot => node == NodeAddr::Coordinator,
+        FaultKind::ShardReboot => on_shard,
+        FaultKind::MessageDrop | FaultKind::MessageDuplicate | FaultKind::MessageDelay => true,
+        FaultKind::CrashBeforeSync | FaultKind::CrashAfterPersist | FaultKind::DiskTornWrite => {
+            node != NodeAddr::Client
+        }
+        FaultKind::DownloadPartial
+        | FaultKind::DownloadTruncated
+        | FaultKind::DownloadCorrupt
+        | FaultKind::StoreUnavailable
+        | FaultKind::StoreThrottled
+        | FaultKind::StoreSlow => on_shard,
+        FaultKind::DiskLostWrite => {
+            return Err(problem(
+                d.fault.span(),
+                "`disk-lost-write` follows from a crash and is not decided on its own; pin the crash instead",
+            ));
+        }
+    };
+    if !fits {
+        return Err(problem(d.node.span(), format!("`{kind}` cannot happen at `{}`", d.node.get_ref())));
+    }
+    let reboot = matches!(kind, FaultKind::CoordinatorReboot | FaultKind::ShardReboot);
+    match (reboot, d.nth, d.at_ms) {
+        (true, None, Some(at_ms)) => Ok(Decision::Reboot(Reboot { at_ms, node })),
+        (false, Some(nth), None) => Ok(Decision::Chance(Chance { node, kind, nth })),
+        (true, _, _) => Err(problem(span, format!("a `{kind}` decision gives `at_ms` (when), and no `nth`"))),
+        (false, _, _) => Err(problem(span, format!("a `{kind}` decision gives `nth` (which chance), and no `at_ms`"))),
     }
 }
 
@@ -874,6 +1005,9 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
                     index_diff(&before, &index_rows(&sources[base]))
                 }
             };
+            // In key order, as a backup tool writes them (and as generated worlds do).
+            let mut table_changes = table_changes;
+            table_changes.sort_by_key(Change::key);
             let mut names = Vec::new();
             for shard in shard_map.shards() {
                 let tablet = TabletId { table: spec.id, shard };
@@ -1116,6 +1250,54 @@ at_ms = 1000
             assert_eq!(error.line, 2, "{error}");
             assert!(error.message.contains(&format!("`{key} = {value}` is out of range")), "{error}");
         }
+    }
+
+    #[test]
+    fn decisions_pin_faults_and_replace_the_dice() {
+        let text = format!(
+            "{MINIMAL}[[decision]]\nfault = \"download-corrupt\"\nnode = \"orders/1\"\nnth = 2\n\
+             [[decision]]\nfault = \"coordinator-reboot\"\nnode = \"coordinator\"\nat_ms = 40\n"
+        );
+        let world = parse(&text).unwrap().world(0);
+        let tape = world.decisions.expect("a scenario with decisions replays them");
+        let corrupt = Chance { node: NodeAddr::Shard(TabletId::new(0, 1)), kind: FaultKind::DownloadCorrupt, nth: 2 };
+        assert!(tape.chances.contains(&corrupt));
+        assert_eq!(tape.reboots, vec![Reboot { at_ms: 40, node: NodeAddr::Coordinator }]);
+        assert!(parse(MINIMAL).unwrap().world(0).decisions.is_none(), "no decisions: the dice roll");
+    }
+
+    #[test]
+    fn bad_decisions_are_refused_naming_what_is_wrong() {
+        let decision = |body: &str| error_of(&format!("{MINIMAL}[[decision]]\n{body}\n"));
+        let cases = [
+            ("fault = \"message-lost\"\nnode = \"coordinator\"\nnth = 0", "unknown fault `message-lost`"),
+            ("fault = \"message-drop\"\nnode = \"orders/7\"\nnth = 0", "no shard 7"),
+            ("fault = \"download-partial\"\nnode = \"coordinator\"\nnth = 0", "cannot happen at `coordinator`"),
+            ("fault = \"shard-reboot\"\nnode = \"orders/0\"\nnth = 0", "gives `at_ms` (when), and no `nth`"),
+            ("fault = \"message-drop\"\nnode = \"orders/0\"", "gives `nth` (which chance)"),
+            ("fault = \"disk-lost-write\"\nnode = \"orders/0\"\nnth = 0", "follows from a crash"),
+        ];
+        for (body, message) in cases {
+            let error = decision(body);
+            assert!(error.message.contains(message), "{body}: {error}");
+            assert!((11..=14).contains(&error.line), "the decision's lines: {body}: {error}");
+        }
+        let with_rates = format!(
+            "{MINIMAL}[faults]\nrates = {{ message-drop = 0.1 }}\n[[decision]]\nfault = \"message-drop\"\nnode = \"coordinator\"\nnth = 0\n"
+        );
+        assert!(error_of(&with_rates).message.contains("rolls no dice"), "{}", error_of(&with_rates));
+    }
+
+    #[test]
+    fn an_expected_violation_must_name_an_invariant() {
+        let scenario =
+            parse(&MINIMAL.replace("[[table]]", "expect_violation = \"in-order-apply\"\n[[table]]")).unwrap();
+        assert_eq!(scenario.expect_violation, Some(Invariant::InOrderApply));
+        assert_eq!(scenario.without_bugs().expect_violation, None);
+        let error = error_of(&MINIMAL.replace("[[table]]", "expect_violation = \"in-order\"\n[[table]]"));
+        assert!(error.message.contains("unknown invariant `in-order`"), "{error}");
+        let error = error_of(&MINIMAL.replace("[[table]]", "[shard]\ndownload_chunk_bytes = 0\n[[table]]"));
+        assert!(error.message.contains("download_chunk_bytes must be at least 1"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! World-wide simulation state shared by every node of one seed: the event log, the fault dice, the fault
 //! counters and the disks (which outlive node restarts). Only one seed ever touches one `SimState`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lockstep::model::TabletId;
@@ -12,11 +12,20 @@ use rand_chacha::ChaCha8Rng;
 use crate::disk::DiskState;
 use crate::events::{Event, EventKind, SimNode};
 use crate::faults::{FaultCounts, FaultKind, FaultPlan};
+use crate::tape::{Chance, Tape};
 
 pub struct SimState {
     pub log: Vec<Event>,
-    /// Every fault decision is drawn from here, in simulation order.
+    /// Whether a fault fires at a chance, and when random reboots come, is drawn from here (see [`crate::tape`]).
+    pub dice: ChaCha8Rng,
+    /// What a fault that fires needs (delays, cut points, flipped bytes, downtimes), in simulation order.
     pub rng: ChaCha8Rng,
+    /// When set, no dice are rolled: faults fire exactly at these decisions.
+    pub replay: Option<Arc<Tape>>,
+    /// Chances seen so far, per node and kind.
+    chances: HashMap<(NodeAddr, FaultKind), u32>,
+    /// The decisions this run made (or replayed).
+    pub tape: Tape,
     pub plan: FaultPlan,
     pub healed: bool,
     pub counts: FaultCounts,
@@ -41,10 +50,14 @@ pub struct SimState {
 }
 
 impl SimState {
-    pub fn new(seed: u64, plan: FaultPlan) -> Self {
+    pub fn new(seed: u64, plan: FaultPlan, replay: Option<Arc<Tape>>) -> Self {
         Self {
             log: Vec::new(),
+            dice: ChaCha8Rng::seed_from_u64(seed ^ 0xd1ce_0000_0000_0000),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0000),
+            replay,
+            chances: HashMap::new(),
+            tape: Tape::default(),
             plan,
             healed: false,
             counts: FaultCounts::default(),
@@ -71,15 +84,51 @@ impl SimState {
         self.record(at_ms, node, EventKind::Fault { kind, detail: format!("scheduled: {detail}") });
     }
 
-    /// Rolls the dice for `kind`; on a hit counts it and logs it with `detail`.
+    /// Rolls the dice for `kind` at `node`; on a hit counts it and logs it with `detail`.
     pub fn fault(&mut self, at_ms: u64, node: SimNode, kind: FaultKind, detail: impl FnOnce() -> String) -> bool {
-        let rate = self.plan.rate(kind);
-        if self.healed || rate <= 0.0 || !self.rng.gen_bool(rate.min(1.0)) {
+        let SimNode::Protocol(addr) = node else { panic!("fault chances belong to protocol nodes, not {node}") };
+        self.fault_at(at_ms, node, addr, kind, detail)
+    }
+
+    /// Like [`SimState::fault`] for a chance of `chance_node` that `log_node` carries out (the store damaging
+    /// a shard's read).
+    pub fn fault_at(
+        &mut self,
+        at_ms: u64,
+        log_node: SimNode,
+        chance_node: NodeAddr,
+        kind: FaultKind,
+        detail: impl FnOnce() -> String,
+    ) -> bool {
+        if !self.roll(chance_node, kind) {
             return false;
         }
         self.counts.add(kind);
-        self.record(at_ms, node, EventKind::Fault { kind, detail: detail() });
+        self.record(at_ms, log_node, EventKind::Fault { kind, detail: detail() });
         true
+    }
+
+    /// Decides the next chance of `kind` at `node`: from the tape when replaying, else with the dice at the
+    /// seed's rate. Never a hit after healing. Hits are written to [`SimState::tape`].
+    pub fn roll(&mut self, node: NodeAddr, kind: FaultKind) -> bool {
+        let counter = self.chances.entry((node, kind)).or_default();
+        let nth = *counter;
+        *counter += 1;
+        if self.healed {
+            return false;
+        }
+        let chance = Chance { node, kind, nth };
+        let hit = match &self.replay {
+            Some(tape) => tape.chances.contains(&chance),
+            None => {
+                let rate = self.plan.rate(kind);
+                rate > 0.0 && self.dice.gen_bool(rate.min(1.0))
+            }
+        };
+        if hit {
+            self.tape.chances.insert(chance);
+        }
+        hit
     }
 }
 

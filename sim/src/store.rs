@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::io::{RemoteStore, range_of};
-use lockstep::protocol::{RangeRead, StoreError};
+use lockstep::protocol::{NodeAddr, RangeRead, StoreError};
 use madsim::net::Endpoint;
 use rand::Rng;
 
@@ -68,7 +68,8 @@ pub async fn serve(
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
         let Envelope { reply_tag, request } = *envelope;
-        let (response, delay) = server.answer(request);
+        let reader = crate::runner::node_at_ip(from.ip());
+        let (response, delay) = server.answer(request, reader);
         let reply = Box::new(response);
         match delay {
             // A slow answer waits in its own task, so later requests overtake it.
@@ -103,7 +104,8 @@ impl StoreServer {
         u64::try_from(self.epoch.elapsed().as_millis()).expect("fits")
     }
 
-    fn answer(&self, request: StoreRequest) -> (StoreResponse, Option<Duration>) {
+    /// Answers `reader`'s request (a node the simulated network knows; faults are its chances).
+    fn answer(&self, request: StoreRequest, reader: Option<NodeAddr>) -> (StoreResponse, Option<Duration>) {
         // The request that arrived and the answer about to go back.
         self.state.lock().messages += 2;
         match request {
@@ -118,13 +120,19 @@ impl StoreServer {
                 (StoreResponse::List(Ok(names)), None)
             }
             StoreRequest::GetRange { object, offset, len } => {
-                let (result, delay) = self.get_range(&object, offset, len);
+                let (result, delay) = self.get_range(&object, offset, len, reader);
                 (StoreResponse::GetRange(result), delay)
             }
         }
     }
 
-    fn get_range(&self, object: &str, offset: u64, len: u64) -> (Result<RangeRead, StoreError>, Option<Duration>) {
+    fn get_range(
+        &self,
+        object: &str,
+        offset: u64,
+        len: u64,
+        reader: Option<NodeAddr>,
+    ) -> (Result<RangeRead, StoreError>, Option<Duration>) {
         if self.lost.contains(object) {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         }
@@ -139,32 +147,33 @@ impl StoreServer {
         if self.scheduled_damage(object, offset, &mut read) {
             return (Ok(read), None);
         }
+        let Some(reader) = reader else { return (Ok(read), None) };
         let streak = self.streaks.borrow().get(object).copied().unwrap_or(0);
         if streak >= MAX_DAMAGED_STREAK {
             self.streaks.borrow_mut().insert(object.to_string(), 0);
             return (Ok(read), None);
         }
         let now = self.now_ms();
-        let node = SimNode::Store;
         let mut state = self.state.lock();
         let at = || format!("{object} @{offset}+{len}");
+        let node = SimNode::Store;
         let mut damaged = true;
-        let result = if state.fault(now, node, FaultKind::StoreUnavailable, at) {
+        let result = if state.fault_at(now, node, reader, FaultKind::StoreUnavailable, at) {
             Err(StoreError::Unavailable { detail: "injected 503".to_string() })
-        } else if state.fault(now, node, FaultKind::StoreThrottled, at) {
+        } else if state.fault_at(now, node, reader, FaultKind::StoreThrottled, at) {
             Err(StoreError::Throttled { retry_after_ms: state.rng.gen_range(50..500) })
         } else {
             damaged = false;
-            if read.bytes.len() > 1 && state.fault(now, node, FaultKind::DownloadPartial, at) {
+            if read.bytes.len() > 1 && state.fault_at(now, node, reader, FaultKind::DownloadPartial, at) {
                 let keep = state.rng.gen_range(1..read.bytes.len());
                 read.bytes.truncate(keep);
             }
             let end = offset + read.bytes.len() as u64;
-            if end < read.total_len && state.fault(now, node, FaultKind::DownloadTruncated, at) {
+            if end < read.total_len && state.fault_at(now, node, reader, FaultKind::DownloadTruncated, at) {
                 read.total_len = end;
                 damaged = true;
             }
-            if !read.bytes.is_empty() && state.fault(now, node, FaultKind::DownloadCorrupt, at) {
+            if !read.bytes.is_empty() && state.fault_at(now, node, reader, FaultKind::DownloadCorrupt, at) {
                 let at = state.rng.gen_range(0..read.bytes.len());
                 read.bytes[at] ^= 1 << state.rng.gen_range(0..8);
                 damaged = true;
@@ -172,7 +181,7 @@ impl StoreServer {
             Ok(read)
         };
         let delay = state
-            .fault(now, node, FaultKind::StoreSlow, at)
+            .fault_at(now, node, reader, FaultKind::StoreSlow, at)
             .then(|| Duration::from_millis(state.rng.gen_range(100..2_500)));
         drop(state);
         let streak = if damaged { streak + 1 } else { 0 };

@@ -23,6 +23,14 @@ pub enum WorldSource {
 }
 
 impl WorldSource {
+    /// The invariant every seed must break (a scenario that keeps a bug found), if any.
+    pub fn expect_violation(&self) -> Option<Invariant> {
+        match self {
+            WorldSource::Generated(_) => None,
+            WorldSource::Scenario(scenario, _) => scenario.expect_violation,
+        }
+    }
+
     pub fn world(&self, seed: u64) -> World {
         match self {
             WorldSource::Generated(params) => World::generate(seed, params),
@@ -44,10 +52,48 @@ pub struct SweepConfig {
     pub seeds: u64,
     /// Exactly these seeds, in this order.
     pub pinned: Option<Vec<u64>>,
+    /// Seeds run before the others: the committed regression seeds.
+    pub first: Vec<u64>,
     pub jobs: usize,
     pub source: WorldSource,
     /// Every this-many seeds one is run twice and the two event-log hashes compared; 0 turns the check off.
     pub determinism_every: u64,
+}
+
+impl SweepConfig {
+    /// The seed at position `index` of the run order, and whether it is a regression seed.
+    fn seed_at(&self, index: u64) -> Option<(u64, bool)> {
+        let first = self.first.len() as u64;
+        if index < first {
+            return Some((self.first[index as usize], true));
+        }
+        let index = index - first;
+        match &self.pinned {
+            Some(pinned) => pinned.get(index as usize).map(|seed| (*seed, false)),
+            None if index >= self.seeds => None,
+            None => Some((self.start + index, false)),
+        }
+    }
+
+    /// Seeds this sweep runs, regression seeds included.
+    pub fn total_seeds(&self) -> u64 {
+        self.first.len() as u64 + self.pinned.as_ref().map_or(self.seeds, |p| p.len() as u64)
+    }
+}
+
+/// Reads a regression-seed file: one seed per line, `#` starts a comment, blank lines are skipped.
+pub fn parse_regression_seeds(file: &str, text: &str) -> Result<Vec<u64>, String> {
+    let mut seeds = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let seed =
+            line.parse().map_err(|_| format!("{file}:{}: `{line}` is not a seed (a whole number)", number + 1))?;
+        seeds.push(seed);
+    }
+    Ok(seeds)
 }
 
 /// The kinds of failure, in order of severity; each has its own exit code.
@@ -94,11 +140,20 @@ pub struct SeedFailure {
 }
 
 impl SeedFailure {
-    /// Classifies a seed's outcome; `None` when it passed.
-    pub fn of(outcome: &SeedOutcome) -> Option<Self> {
+    /// Classifies a seed's outcome; `None` when it passed. With `expect_violation` the seed passes only when
+    /// that invariant broke (a kept bug must stay found).
+    pub fn of(outcome: &SeedOutcome, expect_violation: Option<Invariant>) -> Option<Self> {
         if let Some(message) = &outcome.panic {
             let lines = vec![format!("panicked: {message}")];
             return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines, log_hash: 0 });
+        }
+        if let Some(expected) = expect_violation {
+            if outcome.violations.iter().any(|v| v.invariant == expected) {
+                return None;
+            }
+            let mut lines = vec![format!("expected invariant {expected} to break (a kept bug), but it held")];
+            lines.extend(outcome.violations.iter().map(|v| v.to_string()));
+            return Some(Self { seed: outcome.seed, class: FailureClass::Safety, lines, log_hash: outcome.log_hash });
         }
         if outcome.violations.is_empty() {
             return None;
@@ -134,6 +189,8 @@ pub struct SweepSummary {
     pub ended_unfinished: u64,
     /// Seeds that hit each coverage probe.
     pub probes: BTreeMap<Probe, u64>,
+    /// Regression seeds replayed before the sweep (counted in `seeds_run` too).
+    pub regression_seeds: u64,
 }
 
 impl SweepSummary {
@@ -150,7 +207,7 @@ impl SweepSummary {
         self.seeds_run as f64 / self.wall.as_secs_f64().max(1e-9)
     }
 
-    fn add(&mut self, world: &World, outcome: &SeedOutcome) {
+    fn add(&mut self, world: &World, outcome: &SeedOutcome, expect_violation: Option<Invariant>) {
         self.seeds_run += 1;
         self.sim_ms += outcome.sim_ms;
         self.messages += outcome.messages;
@@ -177,7 +234,7 @@ impl SweepSummary {
                 *self.probes.entry(probe).or_default() += 1;
             }
         }
-        if let Some(failure) = SeedFailure::of(outcome) {
+        if let Some(failure) = SeedFailure::of(outcome, expect_violation) {
             self.failures.push(failure);
         }
     }
@@ -195,17 +252,11 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    let seed = match &config.pinned {
-                        Some(pinned) => match pinned.get(index as usize) {
-                            Some(seed) => *seed,
-                            None => return,
-                        },
-                        None if index >= config.seeds => return,
-                        None => config.start + index,
-                    };
+                    let Some((seed, first)) = config.seed_at(index) else { return };
                     let (world, outcome, mismatch) = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
-                    summary.add(&world, &outcome);
+                    summary.add(&world, &outcome, config.source.expect_violation());
+                    summary.regression_seeds += u64::from(first);
                     if let Some(mismatch) = mismatch {
                         summary.determinism_checked += 1;
                         if let Some(line) = mismatch {

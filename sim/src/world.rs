@@ -21,6 +21,7 @@ use lockstep::protocol::{ClientCall, OperationId};
 
 use crate::faults::FaultPlan;
 use crate::plan::{CallExpect, FailureExpect, OpExpect, PlannedCall, ScheduledFault};
+use crate::tape::Tape;
 
 /// The operation id every simulated restore uses.
 pub const OPERATION_ID: u64 = 1;
@@ -101,6 +102,8 @@ pub struct World {
     pub expected_ops: BTreeMap<OperationId, OpExpect>,
     /// Faults injected at named moments.
     pub scheduled: Vec<ScheduledFault>,
+    /// When set, faults fire exactly at these decisions and no dice are rolled (see [`crate::tape`]).
+    pub decisions: Option<Arc<Tape>>,
     /// After healing, the restore must end within this much simulated time.
     pub liveness_bound_ms: u64,
     pub coordinator: CoordinatorConfig,
@@ -226,6 +229,7 @@ impl World {
             calls: Vec::new(),
             expected_ops: BTreeMap::from([(OPERATION_ID, expect)]),
             scheduled: Vec::new(),
+            decisions: None,
             liveness_bound_ms: 120_000,
             coordinator,
             shard,
@@ -321,6 +325,12 @@ impl World {
             self.faults.enabled().map(|k| format!("{}={:.2}", k.name(), self.faults.rate(k))).collect();
         let enabled = if enabled.is_empty() { "none".to_string() } else { enabled.join(" ") };
         text.push_str(&format!("faults on: {enabled}\n"));
+        if let Some(tape) = &self.decisions {
+            text.push_str(&format!("faults pinned (no dice): {}\n", tape.len()));
+            for decision in tape.decisions() {
+                text.push_str(&format!("  {decision}\n"));
+            }
+        }
         for lost in &self.lost_objects {
             text.push_str(&format!(
                 "object lost for good: {} (increment {}, {})\n",

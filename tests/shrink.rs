@@ -1,0 +1,81 @@
+//! Decision tapes and shrinking: a run replayed from the faults its dice decided is the same run; a failing
+//! seed of a deliberate bug shrinks to a scenario file of a few events that still breaks the same invariant,
+//! and passes without the bug. Needs the madsim build (`cargo sim-test`).
+#![cfg(madsim)]
+
+use std::sync::Arc;
+
+use lockstep_sim::catalog;
+use lockstep_sim::events::EventKind;
+use lockstep_sim::runner::run_seed;
+use lockstep_sim::scenario::Scenario;
+use lockstep_sim::shrink::shrink;
+use lockstep_sim::sweep::first_detection;
+use lockstep_sim::tape::Tape;
+use lockstep_sim::world::{World, WorldParams};
+
+#[test]
+fn a_run_replayed_from_its_own_decisions_is_the_same_run() {
+    let mut decisions = 0;
+    for seed in 0..150 {
+        let world = World::generate(seed, &WorldParams::sweep_default());
+        let first = run_seed(&world, false);
+        decisions += first.decisions.len();
+        let replayed = World { decisions: Some(Arc::new(first.decisions.clone())), ..world };
+        let again = run_seed(&replayed, false);
+        assert_eq!(again.log_hash, first.log_hash, "seed {seed}: the replay is another run");
+        assert_eq!(again.decisions, first.decisions, "seed {seed}");
+        assert_eq!(again.faults, first.faults, "seed {seed}");
+    }
+    assert!(decisions > 300, "the dice decided only {decisions} faults in 150 seeds");
+}
+
+#[test]
+fn an_empty_tape_rolls_no_dice_and_injects_nothing() {
+    for seed in 0..20 {
+        let world = World::generate(seed, &WorldParams::sweep_default());
+        let quiet = World { decisions: Some(Arc::new(Tape::default())), ..world.clone() };
+        let outcome = run_seed(&quiet, true);
+        let faults = outcome.log.iter().flatten().filter(|e| matches!(e.kind, EventKind::Fault { .. })).count();
+        assert_eq!(faults, 0, "seed {seed}: a fault fired with no decision for it");
+        assert!(outcome.decisions.is_empty(), "seed {seed}");
+        let expected_failure = !world.lost_objects.is_empty();
+        assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
+        assert_eq!(outcome.end == lockstep_sim::runner::RunEnd::Done, !expected_failure, "seed {seed}");
+    }
+}
+
+/// The deliberate bugs whose first failing seed needs a fault, and one that needs none.
+#[test]
+fn a_deliberate_bug_found_by_a_sweep_shrinks_to_a_scenario_of_a_few_events() {
+    for name in ["skip-checksum", "reply-before-persist", "tables-run-ahead"] {
+        let known = catalog::by_name(name).expect("catalogued");
+        let (seed, invariants) = first_detection(known.bugs, known.budget_seeds, 2).expect("the sweep finds it");
+        let params = WorldParams { bugs: known.bugs, ..WorldParams::sweep_default() };
+        let world = World::generate(seed, &params);
+        let shrunk = shrink(&world, None, "test", 2_000, Box::new(|_, _| {})).expect("the seed shrinks");
+        assert_eq!(shrunk.invariant, invariants[0], "{name}");
+        let (before, after) = (shrunk.before, shrunk.after);
+        assert!(after.events <= 60, "{name}: {after}");
+        assert!(after.events < before.events && after.tablets <= before.tablets, "{name}: {before} -> {after}");
+        assert!(after.rows_and_changes < before.rows_and_changes, "{name}: {before} -> {after}");
+        assert!(after.decisions <= 1, "{name}: {after}");
+
+        // The file it writes loads, breaks the same invariant at the same seed, and passes without the bug.
+        let scenario = Scenario::parse(name, "shrunk.toml", &shrunk.scenario).expect("the shrunk file loads");
+        assert_eq!(scenario.seeds, vec![seed]);
+        assert_eq!(scenario.expect_violation, Some(shrunk.invariant));
+        let outcome = run_seed(&scenario.world(seed), false);
+        assert!(outcome.violations.iter().any(|v| v.invariant == shrunk.invariant), "{name}: {:?}", outcome.violations);
+        assert_eq!(outcome.events, after.events, "{name}: the file is the case last seen failing");
+        let fixed = run_seed(&scenario.without_bugs().world(seed), false);
+        assert!(fixed.violations.is_empty(), "{name} without the bug: {:?}", fixed.violations);
+    }
+}
+
+#[test]
+fn a_passing_seed_has_nothing_to_shrink() {
+    let world = World::generate(3, &WorldParams::sweep_default());
+    let error = shrink(&world, None, "test", 100, Box::new(|_, _| {})).expect_err("nothing to shrink");
+    assert!(error.to_string().contains("breaks no invariant"), "{error}");
+}
