@@ -330,8 +330,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         state: &Dur,
         note: PersistNote,
     ) -> bool {
-        let bytes = encode_frame(state);
-        let written = file.write(&*self.disk, &bytes).await;
+        let written = file.write_state(&*self.disk, state).await;
         if let Err(error) = written {
             self.observer.record(node, HostEvent::Fatal(format!("writing state: {error}")));
             return false;
