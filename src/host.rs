@@ -5,6 +5,7 @@
 //! before the next output runs, so a crash may land between any two outputs but never lets a reply overtake
 //! the write it depends on. Everything it does is told to an [`Observer`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -15,7 +16,6 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorTimer, RestoreRequest};
@@ -231,16 +231,16 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         mut file: StateFile,
         first: Vec<Output<M::Durable, M::Timer>>,
     ) {
-        // Timers come back through this channel. Frames are read by one receive kept alive across iterations (a
-        // receive is not cancel-safe: dropping it could lose a frame already taken off the wire), and downloads
-        // run inside this loop rather than as tasks of their own.
-        let (tx, mut rx) = mpsc::unbounded_channel::<M::Timer>();
+        // Timers wait in a queue of this loop, behind one sleep for the earliest. Frames are read by one receive
+        // kept alive across iterations (a receive is not cancel-safe: dropping it could lose a frame already taken
+        // off the wire), and downloads run inside this loop rather than as tasks of their own.
+        let mut timers = Timers::new();
         let mut receive = Box::pin(next_frame(self.transport.clone()));
         let mut downloads = FuturesUnordered::new();
         let mut outputs = first;
         loop {
             for output in outputs {
-                match self.execute(node, &mut file, output, &tx).await {
+                match self.execute(node, &mut file, output, &mut timers).await {
                     Step::Next => {}
                     Step::Download(request) => {
                         downloads.push(download(self.store.clone(), request, self.download_timeout_ms));
@@ -265,7 +265,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                         }
                     }
                 }
-                Some(timer) = rx.recv() => Input::Timer(timer),
+                timer = std::future::poll_fn(|cx| timers.poll_expired(cx)) => Input::Timer(timer),
                 Some((request, outcome)) = downloads.next(), if !downloads.is_empty() => {
                     let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
                     let result = DownloadResult {
@@ -296,7 +296,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         node: NodeAddr,
         file: &mut StateFile,
         output: Output<Dur, Tm>,
-        timers: &mpsc::UnboundedSender<Tm>,
+        timers: &mut Timers<Tm>,
     ) -> Step {
         match output {
             Output::Persist { state, note } => {
@@ -309,14 +309,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 self.observer.record(node, HostEvent::Sent { to, msg });
                 self.transport.send(to, frame).await;
             }
-            Output::SetTimer { at_ms, timer } => {
-                let deadline = self.epoch + Duration::from_millis(at_ms);
-                let timers = timers.clone();
-                tokio::task::spawn_local(async move {
-                    tokio::time::sleep_until(deadline).await;
-                    let _ = timers.send(timer);
-                });
-            }
+            Output::SetTimer { at_ms, timer } => timers.set(self.epoch + Duration::from_millis(at_ms), timer),
             Output::Download(request) => return Step::Download(request),
             Output::Report(text) => self.observer.record(node, HostEvent::Report(text)),
         }
@@ -330,8 +323,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         state: &Dur,
         note: PersistNote,
     ) -> bool {
-        let bytes = encode_frame(state);
-        let written = file.write(&*self.disk, &bytes).await;
+        let written = file.write_state(&*self.disk, state).await;
         if let Err(error) = written {
             self.observer.record(node, HostEvent::Fatal(format!("writing state: {error}")));
             return false;
@@ -375,5 +367,52 @@ impl<F: Future> Future for Within<F> {
         }
         self.armed = true;
         self.sleep.as_mut().poll(cx).map(|()| None)
+    }
+}
+
+/// A host's pending timers, fired in deadline order (in the order they were set, for equal deadlines).
+///
+/// One sleep stands for the earliest deadline and is registered with the runtime once per deadline, so a timer
+/// costs no task of its own (under madsim every poll of a pending `Sleep` would register another timer).
+struct Timers<T> {
+    /// By deadline, then by the order they were set.
+    queue: BTreeMap<(Instant, u64), T>,
+    /// Timers set so far.
+    set: u64,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The deadline `sleep` is registered for, with this task's waker.
+    armed: Option<Instant>,
+}
+
+impl<T> Timers<T> {
+    fn new() -> Self {
+        Self { queue: BTreeMap::new(), set: 0, sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed: None }
+    }
+
+    /// Fires `timer` at `deadline`, or a millisecond from now if that is later, as a sleep until it would.
+    fn set(&mut self, deadline: Instant, timer: T) {
+        let deadline = deadline.max(Instant::now() + Duration::from_millis(1));
+        self.set += 1;
+        self.queue.insert((deadline, self.set), timer);
+    }
+
+    /// The earliest timer whose deadline has passed; otherwise has the task woken at the earliest deadline.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(entry) = self.queue.first_entry() else { return Poll::Pending };
+        let deadline = entry.key().0;
+        if Instant::now() >= deadline {
+            self.armed = None;
+            return Poll::Ready(entry.remove());
+        }
+        if self.armed != Some(deadline) {
+            self.armed = Some(deadline);
+            self.sleep.as_mut().reset(deadline);
+            if self.sleep.as_mut().poll(cx).is_ready() {
+                // Not reached: the deadline is later than now. Should it be, fire at once.
+                self.armed = None;
+                return Poll::Ready(self.queue.pop_first().expect("the queue has an earliest timer").1);
+            }
+        }
+        Poll::Pending
     }
 }

@@ -5,7 +5,9 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 
-use crate::protocol::{NodeAddr, RangeRead, StoreError};
+use serde::Serialize;
+
+use crate::protocol::{NodeAddr, RangeRead, StoreError, encode_frame_after};
 
 /// A node's local disk: named files, writes that are durable only after `sync`.
 pub trait Disk {
@@ -36,11 +38,13 @@ const STATE_HEADER_LEN: usize = 20;
 /// Durable state kept in two slots, written alternately, each with a sequence number and a checksum. A crash
 /// that tears the write in progress damages only the slot being written; the other still holds the last synced
 /// state, so a torn write never loses state that was acknowledged as durable.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct StateFile {
     name: String,
     /// Sequence number of the last state written or loaded.
     seq: u64,
+    /// The slot last written, kept to encode the next one in place without allocating.
+    slot: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,19 +67,40 @@ impl StateFile {
             }
         }
         let seq = best.as_ref().map_or(0, |(seq, _)| *seq);
-        Ok((Self { name: name.to_string(), seq }, best.map(|(_, payload)| payload)))
+        Ok((Self { name: name.to_string(), seq, slot: Vec::new() }, best.map(|(_, payload)| payload)))
     }
 
     /// Writes `payload` into the slot not holding the newest state. The caller syncs.
     pub async fn write<D: Disk>(&mut self, disk: &D, payload: &[u8]) -> io::Result<()> {
+        let mut slot = std::mem::take(&mut self.slot);
+        slot.clear();
+        slot.extend_from_slice(&[0; STATE_HEADER_LEN]);
+        slot.extend_from_slice(payload);
+        self.write_slot(disk, slot).await
+    }
+
+    /// Encodes `state` as a frame ([`crate::protocol::encode_frame`]) straight into the slot not holding the newest state and
+    /// writes it. The caller syncs.
+    pub async fn write_state<D: Disk, T: Serialize>(&mut self, disk: &D, state: &T) -> io::Result<()> {
+        let mut slot = std::mem::take(&mut self.slot);
+        slot.clear();
+        slot.extend_from_slice(&[0; STATE_HEADER_LEN]);
+        self.write_slot(disk, encode_frame_after(state, slot)).await
+    }
+
+    /// Fills in the header of `slot` (header space, then the payload) and writes it.
+    async fn write_slot<D: Disk>(&mut self, disk: &D, mut slot: Vec<u8>) -> io::Result<()> {
         self.seq += 1;
-        let mut bytes = Vec::with_capacity(STATE_HEADER_LEN + payload.len());
-        bytes.extend_from_slice(STATE_MAGIC);
-        bytes.extend_from_slice(&self.seq.to_le_bytes());
-        bytes.extend_from_slice(&u32::try_from(payload.len()).expect("state fits in u32").to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        disk.write(&slot_name(&self.name, self.seq % 2), &bytes).await
+        let payload = &slot[STATE_HEADER_LEN..];
+        let len = u32::try_from(payload.len()).expect("state fits in u32");
+        let crc = crc32fast::hash(payload);
+        slot[0..4].copy_from_slice(STATE_MAGIC);
+        slot[4..12].copy_from_slice(&self.seq.to_le_bytes());
+        slot[12..16].copy_from_slice(&len.to_le_bytes());
+        slot[16..20].copy_from_slice(&crc.to_le_bytes());
+        let written = disk.write(&slot_name(&self.name, self.seq % 2), &slot).await;
+        self.slot = slot;
+        written
     }
 }
 

@@ -232,6 +232,11 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_extend(value, Vec::with_capacity(size)).expect("protocol values always serialize")
 }
 
+/// Appends the frame of `value` to `buffer`; a buffer that already has the room allocates nothing.
+pub fn encode_frame_after<T: Serialize>(value: &T, buffer: Vec<u8>) -> Vec<u8> {
+    postcard::to_extend(value, buffer).expect("protocol values always serialize")
+}
+
 /// Decodes one wire frame; garbage is an error, never a panic.
 pub fn decode_frame<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
     postcard::from_bytes(bytes).map_err(|source| FrameError { len: bytes.len(), source })
