@@ -814,6 +814,8 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     // Per unique state: its parent and the step from it, for paths; and for the liveness check, the states it
     // reaches without a fault.
     let mut ids: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
+    // With symmetry reduction, the plain fingerprints already met: a state met again needs no canonical form.
+    let mut met: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
     let mut parents: Vec<(u32, Option<Step>)> = Vec::new();
     let mut fault_free: Vec<Vec<u32>> = Vec::new();
     let mut good_end: Vec<bool> = Vec::new();
@@ -854,9 +856,11 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
             broken.clear();
             let next = state.next(world, &step, &mut broken, &mut seen);
             report.states += 1;
-            let fingerprint = world.dedup_key(&next);
-            let next_id = match ids.get(&fingerprint) {
-                Some(known) => *known,
+            let plain = world.symmetry.is_some().then(|| next.fingerprint());
+            let known = plain.and_then(|plain| met.get(&plain).copied());
+            let fingerprint = if known.is_some() { 0 } else { world.dedup_key(&next) };
+            let next_id = match known.or_else(|| ids.get(&fingerprint).copied()) {
+                Some(known) => known,
                 None => {
                     let next_id = u32::try_from(parents.len()).expect("fewer than 2^32 states");
                     ids.insert(fingerprint, next_id);
@@ -874,6 +878,9 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
                     next_id
                 }
             };
+            if let Some(plain) = plain {
+                met.insert(plain, next_id);
+            }
             if !State::is_fault(&step) {
                 fault_free[id as usize].push(next_id);
             }
