@@ -1,7 +1,8 @@
 //! The explorer against stateright, the Rust anchor for model checking, on the same state machines and the same
 //! world: stateright runs `State::steps` and `State::next` through a `Model` adapter, so both search exactly the
 //! same graph. Reports unique states (they must be equal) and states per second for each, both single-threaded.
-//! Target: the explorer's rate is at least stateright's.
+//! Target: the explorer's rate is at least stateright's. Both search without symmetry reduction (the adapter does
+//! not give stateright the explorer's canonical forms), so the state counts are comparable.
 //!
 //! Run with `cargo bench -p lockstep-sim --bench explore` (either build).
 

@@ -354,6 +354,19 @@ pub struct Coordinator {
     rng: SplitMix64,
 }
 
+/// Every part of a coordinator, borrowed, for model checkers that relabel states (the explorer's symmetry
+/// reduction renames tablets): built by destructuring, so a new field cannot be left out of it.
+#[derive(Debug)]
+pub struct CoordinatorParts<'a> {
+    pub config: &'a CoordinatorConfig,
+    pub durable: &'a CoordinatorDurable,
+    /// Apply requests awaiting their reply: tablet, operation, attempt.
+    pub in_flight: Vec<(TabletId, OperationId, u32)>,
+    pub next_attempt: u32,
+    pub ran_ahead: &'a BTreeSet<(OperationId, TabletId, IncrementIndex)>,
+    pub rng: &'a SplitMix64,
+}
+
 impl Coordinator {
     /// Boots from durable state (`None` on first boot): bumps the generation, persists it, and resumes every
     /// running operation by re-arming its timers and re-sending to the tablets that have no result.
@@ -629,6 +642,19 @@ impl Coordinator {
 
     pub fn durable(&self) -> &CoordinatorDurable {
         &self.durable
+    }
+
+    /// Every part of the machine, for model checkers; see [`CoordinatorParts`].
+    pub fn parts(&self) -> CoordinatorParts<'_> {
+        let Self { config, durable, in_flight, next_attempt, ran_ahead, rng } = self;
+        let in_flight = in_flight
+            .iter()
+            .map(|(tablet, flight)| {
+                let InFlight { op, attempt } = *flight;
+                (*tablet, op, attempt)
+            })
+            .collect();
+        CoordinatorParts { config, durable, in_flight, next_attempt: *next_attempt, ran_ahead, rng }
     }
 
     pub fn operation(&self, op: OperationId) -> Option<&Operation> {

@@ -89,6 +89,18 @@ pub struct Shard {
     next_download_id: u64,
 }
 
+/// Every part of a shard, borrowed, for model checkers that relabel states (the explorer's symmetry reduction
+/// renames tablets): built by destructuring, so a new field cannot be left out of it.
+#[derive(Debug)]
+pub struct ShardParts<'a> {
+    pub id: TabletId,
+    pub config: &'a ShardConfig,
+    pub durable: &'a ShardDurable,
+    /// The download in progress: its request, download id, bytes read so far and failed reads.
+    pub work: Option<(&'a ApplyRequest, u64, &'a [u8], u32)>,
+    pub next_download_id: u64,
+}
+
 impl Shard {
     pub fn boot(id: TabletId, config: ShardConfig, loaded: Option<ShardDurable>) -> Self {
         assert!(config.download_chunk_bytes > 0, "a ranged read asks for at least one byte");
@@ -101,6 +113,16 @@ impl Shard {
 
     pub fn durable(&self) -> &ShardDurable {
         &self.durable
+    }
+
+    /// Every part of the machine, for model checkers; see [`ShardParts`].
+    pub fn parts(&self) -> ShardParts<'_> {
+        let Self { id, config, durable, work, next_download_id } = self;
+        let work = work.as_ref().map(|work| {
+            let Work { request, download_id, buffer, failures } = work;
+            (request, *download_id, buffer.as_slice(), *failures)
+        });
+        ShardParts { id: *id, config, durable, work, next_download_id: *next_download_id }
     }
 
     pub fn handle_message(&mut self, _now_ms: u64, from: NodeAddr, msg: Message) -> Vec<ShardOutput> {

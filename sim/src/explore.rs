@@ -29,12 +29,16 @@ use lockstep::coordinator::{
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, Change, Rows, TableId, TableSpec, TabletId, apply_changes};
 use lockstep::protocol::{
-    ApplyOutcome, DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, StoreError,
+    ApplyOutcome, DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, RangeRead, StoreError,
 };
 use lockstep::shard::{Shard, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
 
 use crate::events::StableHasher;
 use crate::world::Bugs;
+
+pub mod symmetry;
+
+pub use symmetry::Symmetry;
 
 /// The operation every explored restore runs.
 pub const OP: u64 = 1;
@@ -61,6 +65,8 @@ pub struct ExploreConfig {
     /// Breadth-first (shortest counterexamples) or depth-first.
     pub order: SearchOrder,
     pub bugs: Bugs,
+    /// Deduplicate states up to a renaming of interchangeable shards ([`symmetry`]).
+    pub symmetry: bool,
 }
 
 impl Default for ExploreConfig {
@@ -77,6 +83,7 @@ impl Default for ExploreConfig {
             max_states: 0,
             order: SearchOrder::BreadthFirst,
             bugs: Bugs::default(),
+            symmetry: false,
         }
     }
 }
@@ -100,6 +107,8 @@ pub struct ExploreWorld {
     pub expected: Vec<Rows>,
     coordinator_config: CoordinatorConfig,
     shard_config: ShardConfig,
+    /// The renamings states are deduplicated under, when `config.symmetry` is on.
+    symmetry: Option<Symmetry>,
 }
 
 pub type BTreeObjects = std::collections::BTreeMap<String, Vec<u8>>;
@@ -159,7 +168,52 @@ impl ExploreWorld {
             bug: config.bugs.shard,
             ..ShardConfig::default()
         };
-        Self { config, tables, catalog, objects, crcs, expected, coordinator_config, shard_config }
+        let mut world =
+            Self { config, tables, catalog, objects, crcs, expected, coordinator_config, shard_config, symmetry: None };
+        if world.config.symmetry {
+            world.reduce_by_symmetry();
+        }
+        world
+    }
+
+    /// Computes, from the world as it now is, the renamings of shards under which it is invariant, and
+    /// deduplicates states up to them from now on (for a world whose data was changed after [`Self::new`]).
+    pub fn reduce_by_symmetry(&mut self) {
+        self.symmetry = None;
+        self.symmetry = Some(Symmetry::of(self));
+    }
+
+    /// The renamings states are deduplicated under, if symmetry reduction is on.
+    pub fn symmetry(&self) -> Option<&Symmetry> {
+        self.symmetry.as_ref()
+    }
+
+    /// What states are deduplicated by: the fingerprint of the state, or with symmetry reduction, of the
+    /// canonical member of its class.
+    pub fn dedup_key(&self, state: &State) -> u64 {
+        match &self.symmetry {
+            Some(symmetry) => symmetry.canonical_fingerprint(state),
+            None => state.fingerprint(),
+        }
+    }
+
+    /// What the store gives back for `request` when the download's fate is `fate`.
+    fn read(&self, request: &DownloadRequest, fate: Fate) -> Result<RangeRead, StoreError> {
+        let bytes = &self.objects[&request.object];
+        match fate {
+            Fate::Failed => Err(StoreError::Unavailable { detail: "explored failure".to_string() }),
+            _ => range_of(&request.object, bytes, request.offset, request.len).map(|mut read| {
+                if fate == Fate::Truncated && !read.bytes.is_empty() {
+                    read.bytes.truncate(read.bytes.len() / 2);
+                    read.total_len = request.offset + read.bytes.len() as u64;
+                }
+                if fate == Fate::Corrupted && !read.bytes.is_empty() {
+                    let last = read.bytes.len() - 1;
+                    read.bytes[last] ^= 1;
+                }
+                read
+            }),
+        }
     }
 
     pub fn request(&self) -> RestoreRequest {
@@ -471,21 +525,7 @@ impl State {
                     next.used.download_faults += 1;
                 }
                 let request = next.shards[s].downloads.remove(i);
-                let bytes = &world.objects[&request.object];
-                let outcome = match fate {
-                    Fate::Failed => Err(StoreError::Unavailable { detail: "explored failure".to_string() }),
-                    _ => range_of(&request.object, bytes, request.offset, request.len).map(|mut read| {
-                        if fate == Fate::Truncated && !read.bytes.is_empty() {
-                            read.bytes.truncate(read.bytes.len() / 2);
-                            read.total_len = request.offset + read.bytes.len() as u64;
-                        }
-                        if fate == Fate::Corrupted && !read.bytes.is_empty() {
-                            let last = read.bytes.len() - 1;
-                            read.bytes[last] ^= 1;
-                        }
-                        read
-                    }),
-                };
+                let outcome = world.read(&request, fate);
                 let result = DownloadResult {
                     download_id: request.download_id,
                     object: request.object,
@@ -751,6 +791,8 @@ pub struct Report {
     pub sometimes_seen: Vec<Sometimes>,
     /// The search stopped at `max_states` or `max_depth` before it was complete.
     pub truncated: bool,
+    /// Renamings of shards states were deduplicated under, the identity included (1: no symmetry reduction).
+    pub symmetries: usize,
 }
 
 impl Report {
@@ -772,11 +814,13 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     // Per unique state: its parent and the step from it, for paths; and for the liveness check, the states it
     // reaches without a fault.
     let mut ids: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
+    // With symmetry reduction, the plain fingerprints already met: a state met again needs no canonical form.
+    let mut met: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
     let mut parents: Vec<(u32, Option<Step>)> = Vec::new();
     let mut fault_free: Vec<Vec<u32>> = Vec::new();
     let mut good_end: Vec<bool> = Vec::new();
     let mut frontier: VecDeque<(State, u32, u32)> = VecDeque::new();
-    ids.insert(initial.fingerprint(), 0);
+    ids.insert(world.dedup_key(&initial), 0);
     parents.push((0, None));
     fault_free.push(Vec::new());
     good_end.push(false);
@@ -790,6 +834,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
         stuck: None,
         sometimes_seen: Vec::new(),
         truncated: false,
+        symmetries: world.symmetry.as_ref().map_or(1, Symmetry::len),
     };
     let mut broken = Vec::new();
     let mut seen = Vec::new();
@@ -811,9 +856,11 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
             broken.clear();
             let next = state.next(world, &step, &mut broken, &mut seen);
             report.states += 1;
-            let fingerprint = next.fingerprint();
-            let next_id = match ids.get(&fingerprint) {
-                Some(known) => *known,
+            let plain = world.symmetry.is_some().then(|| next.fingerprint());
+            let known = plain.and_then(|plain| met.get(&plain).copied());
+            let fingerprint = if known.is_some() { 0 } else { world.dedup_key(&next) };
+            let next_id = match known.or_else(|| ids.get(&fingerprint).copied()) {
+                Some(known) => known,
                 None => {
                     let next_id = u32::try_from(parents.len()).expect("fewer than 2^32 states");
                     ids.insert(fingerprint, next_id);
@@ -831,6 +878,9 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
                     next_id
                 }
             };
+            if let Some(plain) = plain {
+                met.insert(plain, next_id);
+            }
             if !State::is_fault(&step) {
                 fault_free[id as usize].push(next_id);
             }

@@ -124,6 +124,13 @@ mod cli {
         /// Depth-first instead of breadth-first (counterexamples are then not the shortest).
         #[arg(long)]
         dfs: bool,
+        /// Deduplicate states up to renaming interchangeable shards (sound: see sim/src/explore/symmetry.rs).
+        #[arg(long)]
+        symmetry: bool,
+        /// Also search the world the other way (with symmetry reduction if it was off, without if on) and print
+        /// both state counts.
+        #[arg(long)]
+        compare: bool,
         /// Check a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
         #[arg(long = "bug", value_parser = bug_name)]
         bugs: Vec<String>,
@@ -331,6 +338,7 @@ mod cli {
             max_states: args.max_states,
             order: if args.dfs { SearchOrder::DepthFirst } else { SearchOrder::BreadthFirst },
             bugs,
+            symmetry: args.symmetry,
         };
         println!(
             "lockstep check: {} table(s) x {} shard(s), {} increment(s); at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
@@ -343,6 +351,7 @@ mod cli {
             config.max_download_faults,
             if args.dfs { "depth-first" } else { "breadth-first" }
         );
+        let other = ExploreConfig { symmetry: !config.symmetry, ..config.clone() };
         let world = ExploreWorld::new(config);
         let bar = ProgressBar::new_spinner();
         let report = explore(&world, &mut |r| {
@@ -356,6 +365,12 @@ mod cli {
             bar.tick();
         });
         bar.finish_and_clear();
+        if world.config.symmetry {
+            println!(
+                "symmetry         {} renaming(s) of shards keep the world (the identity included)",
+                report.symmetries
+            );
+        }
         println!("unique states    {}", report.unique_states);
         println!("states generated {}", report.states);
         println!("max depth        {}", report.max_depth);
@@ -370,6 +385,26 @@ mod cli {
         }
         if report.truncated {
             println!("search stopped at a bound (--depth / --max-states): the world was not fully explored");
+        }
+        if args.compare {
+            let other_world = ExploreWorld::new(other);
+            let other_report = explore(&other_world, &mut |_| {});
+            let (with, without) =
+                if world.config.symmetry { (&report, &other_report) } else { (&other_report, &report) };
+            println!(
+                "compare          {} unique states with symmetry reduction ({:.2} s), {} without ({:.2} s): {:.2}x fewer",
+                with.unique_states,
+                with.elapsed.as_secs_f64(),
+                without.unique_states,
+                without.elapsed.as_secs_f64(),
+                without.unique_states as f64 / with.unique_states.max(1) as f64
+            );
+            let verdict = |r: &lockstep_sim::explore::Report| {
+                (r.counterexample.as_ref().map(|c| c.broken.invariant), r.stuck.is_some(), r.sometimes_seen.clone())
+            };
+            if verdict(with) != verdict(without) || with.truncated || without.truncated {
+                println!("compare          the two searches disagree or stopped at a bound");
+            }
         }
         let (cex, code) = match (&report.counterexample, &report.stuck) {
             (Some(cex), _) => (cex, 1),
