@@ -361,19 +361,49 @@ impl Case {
         case
     }
 
-    /// The last shard of `table` merged into the one before it.
-    fn without_last_shard(&self, table: usize) -> Option<Case> {
+    /// Shards `gone` and `gone - 1` of `table` merged into one (shard `gone - 1`): the faults of shard `keep`
+    /// (one of the two) stay, renamed to the merged shard, those of the other go; later shards move down by one.
+    fn with_shards_merged(&self, table: usize, gone: usize, keep: usize) -> Option<Case> {
         let mut case = self.clone();
         let t = &mut case.tables[table];
-        if t.ranges.len() < 2 {
+        if gone == 0 || gone >= t.ranges.len() {
             return None;
         }
-        t.ranges.pop();
-        let gone = format!("{}/{}", t.name, t.ranges.len());
-        if case.lost.as_ref().is_some_and(|(tablet, _)| *tablet == gone) {
-            return None;
+        t.ranges.remove(gone);
+        let name = t.name.clone();
+        // The new name of a shard of this table, `None` when its faults go.
+        let renamed = |shard: usize| -> Option<usize> {
+            match shard {
+                s if s == gone || s == gone - 1 => (s == keep).then_some(gone - 1),
+                s if s > gone => Some(s - 1),
+                s => Some(s),
+            }
+        };
+        let rename = |node: &str| -> Option<Option<String>> {
+            let (table, shard) = node.rsplit_once('/')?;
+            if table != name {
+                return None;
+            }
+            let shard: usize = shard.parse().ok()?;
+            Some(renamed(shard).map(|s| format!("{name}/{s}")))
+        };
+        if let Some((tablet, _)) = &mut case.lost
+            && let Some(new) = rename(tablet)
+        {
+            *tablet = new?;
         }
-        case.decisions.retain(|d| d.node != gone);
+        let mut decisions = Vec::new();
+        for mut decision in std::mem::take(&mut case.decisions) {
+            match rename(&decision.node) {
+                None => decisions.push(decision),
+                Some(None) => {}
+                Some(Some(new)) => {
+                    decision.node = new;
+                    decisions.push(decision);
+                }
+            }
+        }
+        case.decisions = decisions;
         Some(case)
     }
 }
@@ -553,11 +583,14 @@ impl Shrinker {
     fn pass_shards(&mut self) -> bool {
         let mut changed = false;
         for t in 0..self.best.tables.len() {
-            while let Some(case) = self.best.without_last_shard(t) {
-                if !self.accept(case) {
-                    break;
-                }
-                changed = true;
+            // From the last shard down, each merged with the one before, keeping either one's faults.
+            let mut gone = self.best.tables[t].ranges.len().saturating_sub(1);
+            while gone >= 1 {
+                let merged = [gone, gone - 1]
+                    .into_iter()
+                    .any(|keep| self.best.with_shards_merged(t, gone, keep).is_some_and(|case| self.accept(case)));
+                changed |= merged;
+                gone = gone.min(self.best.tables[t].ranges.len()) - 1;
             }
             for i in 0..self.best.tables[t].indexes.len() {
                 while self.best.tables[t].indexes[i].1 > 1 {

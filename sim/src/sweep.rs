@@ -385,3 +385,35 @@ pub fn junit_xml(summary: &SweepSummary, flags: &str) -> String {
     let _ = writeln!(xml, "</testsuite>");
     xml
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_seeds_parse_with_comments_and_a_bad_line_is_named() {
+        let text = "# kept seeds\n\n17   # caught a bug\n  4\n";
+        assert_eq!(parse_regression_seeds("r.txt", text), Ok(vec![17, 4]));
+        let error = parse_regression_seeds("r.txt", "17\nseven # no\n").expect_err("refused");
+        assert_eq!(error, "r.txt:2: `seven` is not a seed (a whole number)");
+    }
+
+    #[test]
+    fn regression_seeds_run_first_then_the_range() {
+        let config = SweepConfig {
+            start: 100,
+            seeds: 2,
+            pinned: None,
+            first: vec![7, 3],
+            jobs: 1,
+            source: WorldSource::Generated(WorldParams::default()),
+            determinism_every: 0,
+        };
+        let order: Vec<_> = (0..5).map(|i| config.seed_at(i)).collect();
+        assert_eq!(order, vec![Some((7, true)), Some((3, true)), Some((100, false)), Some((101, false)), None]);
+        assert_eq!(config.total_seeds(), 4);
+        let summary = run_sweep(&config, &|_| {});
+        assert_eq!((summary.seeds_run, summary.regression_seeds), (4, 2));
+        assert!(summary.failures.is_empty());
+    }
+}
