@@ -95,7 +95,7 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The tablet the decision is about, if it is a shard's.
+    /// The node whose chance or reboot the decision is.
     pub fn node(&self) -> NodeAddr {
         match self {
             Decision::Chance(chance) => chance.node,
