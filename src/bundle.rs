@@ -133,6 +133,10 @@ fn split_payload<'a>(object: &str, bytes: &'a [u8]) -> Result<&'a [u8], BundleEr
     Ok(&bytes[HEADER_LEN..])
 }
 
+fn le_u64(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("slice of eight bytes"))
+}
+
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("slice of four bytes"))
 }
@@ -159,12 +163,18 @@ impl PayloadReader<'_> {
             return Err(self.malformed(format!("change count {count} does not fit in the payload")));
         }
         let mut changes = Vec::with_capacity(count);
-        for _ in 0..count {
-            let change = match self.u8()? {
-                0 => Change::Upsert { key: self.u64()?, value: self.u64()? },
-                1 => Change::Delete { key: self.u64()? },
-                other => return Err(self.malformed(format!("unknown change tag {other}"))),
+        for index in 0..count {
+            // One bounds check per change rather than per field: a change is read whole or not at all.
+            let rest = &self.bytes[self.at..];
+            let change = match rest.first() {
+                Some(0) if rest.len() >= 17 => Change::Upsert { key: le_u64(&rest[1..9]), value: le_u64(&rest[9..17]) },
+                Some(1) if rest.len() >= 9 => Change::Delete { key: le_u64(&rest[1..9]) },
+                Some(0 | 1) | None => {
+                    return Err(self.malformed(format!("payload ends inside change {index} at byte {}", self.at)));
+                }
+                Some(other) => return Err(self.malformed(format!("unknown change tag {other}"))),
             };
+            self.at += if matches!(change, Change::Upsert { .. }) { 17 } else { 9 };
             changes.push(change);
         }
         if self.at != self.bytes.len() {
@@ -292,5 +302,28 @@ mod tests {
         let count_at = HEADER_LEN + 13;
         bytes[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(Bundle::decode_unverified("obj", &bytes), Err(BundleError::Malformed { .. })));
+    }
+
+    /// A payload cut short after its change count (with a checksum that matches, as a buggy writer would make):
+    /// every cut is malformed, naming the change it ends in or the count that cannot fit, and yields no rows.
+    #[test]
+    fn a_change_cut_short_inside_a_checksummed_payload_is_malformed() {
+        let full = sample().encode();
+        let payload = &full[HEADER_LEN..];
+        let changes_at = 21;
+        for cut in changes_at + 1..payload.len() {
+            let payload = &payload[..cut];
+            let mut bytes = full[..HEADER_LEN].to_vec();
+            bytes[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+            bytes.extend_from_slice(payload);
+            match Bundle::decode("obj", &bytes) {
+                Err(BundleError::Malformed { object, reason }) => {
+                    assert_eq!(object, "obj");
+                    assert!(reason.contains("ends inside change") || reason.contains("does not fit"), "{reason}");
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
     }
 }

@@ -62,6 +62,11 @@ impl FaultKind {
         FaultKind::DiskTornWrite,
     ];
 
+    /// Position in [`FaultKind::ALL`], which lists the kinds in declaration order.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::CoordinatorReboot => "coordinator-reboot",
@@ -80,10 +85,6 @@ impl FaultKind {
             FaultKind::DiskLostWrite => "disk-lost-write",
             FaultKind::DiskTornWrite => "disk-torn-write",
         }
-    }
-
-    fn index(self) -> usize {
-        FaultKind::ALL.iter().position(|k| *k == self).expect("every kind is listed")
     }
 
     /// The range a seed draws this kind's rate from, when the kind is on. Reboots are per second of simulated
@@ -178,5 +179,17 @@ impl FaultPlan {
 
     pub fn enabled(&self) -> impl Iterator<Item = FaultKind> + '_ {
         FaultKind::ALL.into_iter().filter(|k| self.rate(*k) > 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_sits_at_its_index() {
+        for (at, kind) in FaultKind::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), at, "{kind}");
+        }
     }
 }

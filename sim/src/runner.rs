@@ -443,7 +443,8 @@ async fn simulate(world: World) -> (SimState, FinalState) {
             .create_node()
             .name(node.to_string())
             .ip(node_ip(node))
-            .init(move || env.clone().run(node))
+            // Boxed: the host's future is large, and madsim copies an unboxed init future into every restart.
+            .init(move || Box::pin(env.clone().run(node)))
             .build()
             .id();
         ids.insert(node, id);

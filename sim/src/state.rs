@@ -1,7 +1,7 @@
 //! World-wide simulation state shared by every node of one seed: the event log, the fault dice, the fault
 //! counters and the disks (which outlive node restarts). Only one seed ever touches one `SimState`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lockstep::model::TabletId;
@@ -22,8 +22,9 @@ pub struct SimState {
     pub rng: ChaCha8Rng,
     /// When set, no dice are rolled: faults fire exactly at these decisions.
     pub replay: Option<Arc<Tape>>,
-    /// Chances seen so far, per node and kind.
-    chances: HashMap<(NodeAddr, FaultKind), u32>,
+    /// Chances seen so far, per node (a handful of nodes, searched in order) and kind (by position in
+    /// [`FaultKind::ALL`]). Rolled for every message and read, so kept cheaper than a hashed map.
+    chances: Vec<(NodeAddr, [u32; FaultKind::ALL.len()])>,
     /// The decisions this run made (or replayed).
     pub tape: Tape,
     pub plan: FaultPlan,
@@ -52,11 +53,12 @@ pub struct SimState {
 impl SimState {
     pub fn new(seed: u64, plan: FaultPlan, replay: Option<Arc<Tape>>) -> Self {
         Self {
-            log: Vec::new(),
+            // A standard world logs a few hundred events; growing from empty would copy the log several times.
+            log: Vec::with_capacity(512),
             dice: ChaCha8Rng::seed_from_u64(seed ^ 0xd1ce_0000_0000_0000),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0000),
             replay,
-            chances: HashMap::new(),
+            chances: Vec::new(),
             tape: Tape::default(),
             plan,
             healed: false,
@@ -111,7 +113,14 @@ impl SimState {
     /// Decides the next chance of `kind` at `node`: from the tape when replaying, else with the dice at the
     /// seed's rate. Never a hit after healing. Hits are written to [`SimState::tape`].
     pub fn roll(&mut self, node: NodeAddr, kind: FaultKind) -> bool {
-        let counter = self.chances.entry((node, kind)).or_default();
+        let at = match self.chances.iter().position(|(n, _)| *n == node) {
+            Some(at) => at,
+            None => {
+                self.chances.push((node, [0; FaultKind::ALL.len()]));
+                self.chances.len() - 1
+            }
+        };
+        let counter = &mut self.chances[at].1[kind.index()];
         let nth = *counter;
         *counter += 1;
         if self.healed {
