@@ -19,6 +19,8 @@ pub mod tape;
 pub mod world;
 
 #[cfg(madsim)]
+pub mod clock;
+#[cfg(madsim)]
 pub mod net;
 #[cfg(madsim)]
 pub mod runner;

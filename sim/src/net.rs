@@ -20,6 +20,7 @@ use lockstep::protocol::NodeAddr;
 use madsim::net::Endpoint;
 use rand::Rng;
 
+use crate::clock::SimClock;
 use crate::events::SimNode;
 use crate::faults::FaultKind;
 use crate::state::Shared;
@@ -44,19 +45,13 @@ pub struct SimTransport {
     pub endpoint: Rc<Endpoint>,
     pub directory: Arc<Directory>,
     pub state: Shared,
-    pub epoch: tokio::time::Instant,
-}
-
-impl SimTransport {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).expect("fits")
-    }
+    pub clock: SimClock,
 }
 
 impl Transport for SimTransport {
     async fn send(&self, to: NodeAddr, frame: Vec<u8>) {
         let Some(&dst) = self.directory.addrs.get(&to) else { return };
-        let now = self.now_ms();
+        let now = self.clock.now_ms();
         let node = SimNode::Protocol(self.node);
         let (copies, delay) = {
             let mut state = self.state.lock();

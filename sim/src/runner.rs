@@ -20,9 +20,9 @@ use madsim::runtime::Handle;
 use madsim::task::NodeId;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::checkers::{FinalState, Violation, check};
+use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::events::{Event, EventKind, SimNode, log_hash};
 use crate::faults::{FaultCounts, FaultKind};
@@ -167,7 +167,7 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
 struct SimObserver {
     node: NodeAddr,
     state: Shared,
-    epoch: Instant,
+    clock: SimClock,
     world: Arc<World>,
     crash_tx: mpsc::UnboundedSender<NodeAddr>,
     finished_tx: mpsc::UnboundedSender<()>,
@@ -175,7 +175,7 @@ struct SimObserver {
 
 impl Observer for SimObserver {
     fn record(&self, node: NodeAddr, event: HostEvent) {
-        let now = now_ms(self.epoch);
+        let now = self.clock.now_ms();
         let moment = moment_of(node, &event);
         let mut state = self.state.lock();
         if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event {
@@ -196,7 +196,7 @@ impl Observer for SimObserver {
             CrashPoint::BeforeSync => FaultKind::CrashBeforeSync,
             CrashPoint::AfterPersist => FaultKind::CrashAfterPersist,
         };
-        let now = now_ms(self.epoch);
+        let now = self.clock.now_ms();
         let hit =
             self.state.lock().fault(now, SimNode::Protocol(node), kind, || format!("{node} crashes at {point:?}"));
         if hit {
@@ -273,10 +273,6 @@ fn fire_scheduled(
     }
 }
 
-fn now_ms(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).expect("fits")
-}
-
 /// The node at `ip`, if any protocol node lives there.
 pub fn node_at_ip(ip: IpAddr) -> Option<NodeAddr> {
     let IpAddr::V4(v4) = ip else { return None };
@@ -307,7 +303,7 @@ fn node_ip(node: NodeAddr) -> IpAddr {
 #[derive(Clone)]
 struct NodeEnv {
     state: Shared,
-    epoch: Instant,
+    clock: SimClock,
     directory: Arc<Directory>,
     crash_tx: mpsc::UnboundedSender<NodeAddr>,
     finished_tx: mpsc::UnboundedSender<()>,
@@ -326,7 +322,7 @@ impl NodeEnv {
             store: Rc::new(store),
             transport: Rc::new(transport),
             observer: Rc::new(observer),
-            epoch: self.epoch,
+            epoch: self.clock.epoch,
             download_timeout_ms: self.world.download_timeout_ms,
         })
     }
@@ -337,7 +333,7 @@ impl NodeEnv {
             endpoint: Rc::new(endpoint),
             directory: self.directory.clone(),
             state: self.state.clone(),
-            epoch: self.epoch,
+            clock: self.clock.clone(),
         }
     }
 
@@ -345,7 +341,7 @@ impl NodeEnv {
         SimObserver {
             node,
             state: self.state.clone(),
-            epoch: self.epoch,
+            clock: self.clock.clone(),
             world: self.world.clone(),
             crash_tx: self.crash_tx.clone(),
             finished_tx: self.finished_tx.clone(),
@@ -382,7 +378,7 @@ impl NodeEnv {
             }
         });
         for (index, planned) in self.world.calls.iter().enumerate() {
-            tokio::time::sleep_until(self.epoch + Duration::from_millis(planned.at_ms)).await;
+            tokio::time::sleep_until(self.clock.epoch + Duration::from_millis(planned.at_ms)).await;
             let call_id = index as u64 + 1;
             let msg = Message::Client(ClientRequest { call_id, call: planned.call.clone() });
             'answered: loop {
@@ -410,7 +406,8 @@ impl NodeEnv {
 
 async fn simulate(world: World) -> (SimState, FinalState) {
     let world = Arc::new(world);
-    let epoch = Instant::now();
+    let clock = SimClock::start();
+    let epoch = clock.epoch;
     let state = Shared::new(SimState::new(world.seed, world.faults.clone(), world.decisions.clone()));
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
@@ -421,17 +418,19 @@ async fn simulate(world: World) -> (SimState, FinalState) {
         addrs: nodes.iter().map(|n| (*n, SocketAddr::new(node_ip(*n), PROTOCOL_PORT))).collect(),
     });
     let supervisor_crash_tx = crash_tx.clone();
-    let env = NodeEnv { state: state.clone(), epoch, directory, crash_tx, finished_tx, world: world.clone() };
+    let env =
+        NodeEnv { state: state.clone(), clock: clock.clone(), directory, crash_tx, finished_tx, world: world.clone() };
     let handle = Handle::current();
 
     let lost: BTreeSet<String> = world.lost_objects.iter().map(|l| l.object.clone()).collect();
     let store_state = state.clone();
+    let store_clock = clock.clone();
     let objects = world.objects.clone();
     let store_id = handle
         .create_node()
         .name("store")
         .ip(STORE_ADDR.ip())
-        .init(move || crate::store::serve(store_state.clone(), epoch, objects.clone(), lost.clone()))
+        .init(move || crate::store::serve(store_state.clone(), store_clock.clone(), objects.clone(), lost.clone()))
         .build()
         .id();
 
@@ -473,7 +472,7 @@ async fn simulate(world: World) -> (SimState, FinalState) {
         }
     });
 
-    let mut supervisor = Supervisor::new(&world, state.clone(), epoch, handle, ids);
+    let mut supervisor = Supervisor::new(&world, state.clone(), clock, handle, ids);
     let timed_out = loop {
         let wake = supervisor.next_wake();
         // `biased`: tokio's unbiased select draws from a process-wide counter, which breaks determinism.
@@ -498,7 +497,7 @@ async fn simulate(world: World) -> (SimState, FinalState) {
 /// healing, and the liveness bound.
 struct Supervisor {
     state: Shared,
-    epoch: Instant,
+    clock: SimClock,
     handle: Handle,
     ids: BTreeMap<NodeAddr, NodeId>,
     /// Nodes that are down, with the time they come back.
@@ -513,11 +512,11 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(world: &World, state: Shared, epoch: Instant, handle: Handle, ids: BTreeMap<NodeAddr, NodeId>) -> Self {
+    fn new(world: &World, state: Shared, clock: SimClock, handle: Handle, ids: BTreeMap<NodeAddr, NodeId>) -> Self {
         let heal_at_ms = world.faults.heal_at_ms;
         let mut supervisor = Self {
             state,
-            epoch,
+            clock,
             handle,
             ids,
             down: BTreeMap::new(),
@@ -565,7 +564,7 @@ impl Supervisor {
 
     /// Handles everything due now; `true` when the liveness bound has passed.
     fn tick(&mut self) -> bool {
-        let now = now_ms(self.epoch);
+        let now = self.clock.now_ms();
         if now >= self.give_up_at_ms {
             return true;
         }
@@ -617,7 +616,7 @@ impl Supervisor {
         if self.down.contains_key(&node) {
             return;
         }
-        let now = now_ms(self.epoch);
+        let now = self.clock.now_ms();
         self.handle.kill(self.ids[&node]);
         let mut state = self.state.lock();
         let tear = state.roll(node, FaultKind::DiskTornWrite);

@@ -26,6 +26,7 @@ use lockstep::protocol::{NodeAddr, RangeRead, StoreError};
 use madsim::net::Endpoint;
 use rand::Rng;
 
+use crate::clock::SimClock;
 use crate::events::SimNode;
 use crate::faults::FaultKind;
 use crate::state::Shared;
@@ -55,15 +56,10 @@ struct Envelope {
 }
 
 /// The store node's main loop. Never returns.
-pub async fn serve(
-    state: Shared,
-    epoch: tokio::time::Instant,
-    objects: Arc<BTreeMap<String, Vec<u8>>>,
-    lost: BTreeSet<String>,
-) {
+pub async fn serve(state: Shared, clock: SimClock, objects: Arc<BTreeMap<String, Vec<u8>>>, lost: BTreeSet<String>) {
     let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
     let server =
-        Rc::new(StoreServer { state, epoch, objects, written: Default::default(), lost, streaks: Default::default() });
+        Rc::new(StoreServer { state, clock, objects, written: Default::default(), lost, streaks: Default::default() });
     loop {
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
@@ -89,7 +85,7 @@ pub async fn serve(
 
 struct StoreServer {
     state: Shared,
-    epoch: tokio::time::Instant,
+    clock: SimClock,
     /// The objects the world put in the store before the run.
     objects: Arc<BTreeMap<String, Vec<u8>>>,
     /// Objects put during the run; they shadow `objects`.
@@ -101,7 +97,7 @@ struct StoreServer {
 
 impl StoreServer {
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).expect("fits")
+        self.clock.now_ms()
     }
 
     /// Answers `reader`'s request (a node the simulated network knows; faults are its chances).
