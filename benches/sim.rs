@@ -22,16 +22,14 @@ fn main() {
 #[cfg(madsim)]
 mod bench {
     use std::alloc::{GlobalAlloc, Layout};
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
     use std::time::{Duration, Instant};
 
     use criterion::{Criterion, Throughput};
-    use lockstep_sim::faults::FaultPlan;
     use lockstep_sim::runner::run_seed;
+    use lockstep_sim::standard::{bare_exchange, standard_worlds};
     use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
     use lockstep_sim::world::{World, WorldParams};
-    use madsim::net::Endpoint;
 
     /// The allocator the simulator binary uses.
     static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -70,23 +68,6 @@ mod bench {
     /// Seeds of the standard world run per measured iteration.
     const SEEDS_PER_ITER: u64 = 16;
 
-    fn standard_params() -> WorldParams {
-        WorldParams {
-            tables: Some(1),
-            indexes: Some(false),
-            shard_count: Some(4),
-            incrementals: Some(5),
-            // About 1,000 rows at the last backup: the workload deletes some of what it inserts.
-            initial_rows: Some(1_500),
-            faults: Some(FaultPlan::all(10_000)),
-            ..WorldParams::default()
-        }
-    }
-
-    fn standard_worlds() -> Vec<World> {
-        (0..SEEDS_PER_ITER).map(|seed| World::generate(seed, &standard_params())).collect()
-    }
-
     /// Runs the standard worlds; returns the messages each sent.
     fn run_standard(worlds: &[World]) -> Vec<u64> {
         worlds
@@ -103,46 +84,6 @@ mod bench {
     fn bare_exchange_per_seed(per_seed: &[u64]) {
         for (seed, messages) in per_seed.iter().enumerate() {
             bare_exchange(seed as u64, *messages);
-        }
-    }
-
-    /// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, `messages` in all,
-    /// in a fresh thread per run (as the simulator runs each seed).
-    fn bare_exchange(seed: u64, messages: u64) {
-        std::thread::spawn(move || {
-            let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-            runtime.block_on(exchange(messages));
-        })
-        .join()
-        .expect("the bare exchange does not panic");
-    }
-
-    async fn exchange(messages: u64) {
-        const NODES: u8 = 6;
-        let handle = madsim::runtime::Handle::current();
-        let addr = |i: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, i + 1)), 7000);
-        let rounds = messages.div_ceil(2 * u64::from(NODES));
-        let mut clients = Vec::new();
-        for i in 0..NODES {
-            let node = handle.create_node().name(format!("n{i}")).ip(addr(i).ip()).build();
-            let peer = addr((i + 1) % NODES);
-            clients.push(node.spawn(async move {
-                let endpoint = std::sync::Arc::new(Endpoint::bind(addr(i)).await.expect("bind"));
-                let server = endpoint.clone();
-                madsim::task::spawn(async move {
-                    loop {
-                        let (ping, from) = server.recv_from_raw(1).await.expect("recv ping");
-                        server.send_to_raw(from, 2, ping).await.expect("send pong");
-                    }
-                });
-                for _ in 0..rounds {
-                    endpoint.send_to_raw(peer, 1, Box::new(vec![7u8; 64])).await.expect("send ping");
-                    endpoint.recv_from_raw(2).await.expect("recv pong");
-                }
-            }));
-        }
-        for client in clients {
-            client.await.expect("client finishes");
         }
     }
 
@@ -200,7 +141,7 @@ mod bench {
     }
 
     pub fn main() {
-        let worlds = standard_worlds();
+        let worlds = standard_worlds(SEEDS_PER_ITER);
         let per_seed = run_standard(&worlds);
         let messages: u64 = per_seed.iter().sum();
         let rows: usize = worlds.iter().map(World::total_rows).sum::<usize>() / worlds.len();

@@ -27,6 +27,8 @@ pub mod runner;
 #[cfg(madsim)]
 pub mod shrink;
 #[cfg(madsim)]
+pub mod standard;
+#[cfg(madsim)]
 pub mod state;
 #[cfg(madsim)]
 pub mod store;
