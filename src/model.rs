@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A row key.
 pub type Key = u64;
@@ -17,74 +18,254 @@ pub type Value = u64;
 /// The rows of a table, or of one shard of it, in key order.
 pub type Rows = BTreeMap<Key, Value>;
 
-/// Rows serialized as one byte string of fixed-width little-endian `(key, value)` pairs in key order, for
-/// `#[serde(with = "packed_rows")]`. A shard writes all its rows on every apply; one copy is much cheaper than a
-/// varint per field, and reading back builds the map in one pass from sorted input. Decoding rejects a length
-/// that is not a whole number of pairs and keys that are not strictly increasing.
-pub mod packed_rows {
-    use std::fmt;
-    use std::sync::Arc;
+/// A shard's rows: `(key, value)` pairs in one vector, keys strictly increasing.
+///
+/// A shard applies whole increments and writes all its rows after each one, so its rows are read and written in
+/// bulk, never looked up one at a time: a sorted vector applies an increment in one merge pass, encodes as one
+/// pass over contiguous memory and decodes into a single allocation, where a [`Rows`] map pays a node per row
+/// on every one of those. Everything else (the source tables, the oracles, the scenarios) keeps [`Rows`].
+///
+/// The serde form is one byte string of fixed-width little-endian `(key, value)` pairs in key order: one copy
+/// is much cheaper than a varint per field. Decoding rejects a length that is not a whole number of pairs and
+/// keys that are not strictly increasing, so a decoded value always keeps the invariant.
+///
+/// `Hash` feeds the hasher exactly what the [`Rows`] of the same pairs feeds it (the length, then each key and
+/// value), and `Debug` prints it the same way too, so fingerprints and printed states do not depend on which of
+/// the two holds the rows.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct SortedRows(Vec<(Key, Value)>);
 
-    use serde::de::{self, SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
+impl SortedRows {
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
 
-    use super::{Key, Rows, Value};
+    /// The rows a full backup's changes describe, starting from nothing. A full backup is upserts in key order,
+    /// which this builds in one pass; any other list means the same as applying it change by change.
+    pub fn from_changes(changes: &[Change]) -> Self {
+        Self::new().with_changes(changes)
+    }
 
-    /// Bytes of one `(key, value)` pair.
-    const PAIR_LEN: usize = 16;
+    /// Applies `changes` in order, as [`apply_changes`] does to a [`Rows`]: a later change of a key wins over an
+    /// earlier one, and deleting a missing key does nothing.
+    pub fn apply(&mut self, changes: &[Change]) {
+        *self = self.with_changes(changes);
+    }
 
-    pub fn serialize<S: Serializer>(rows: &Arc<Rows>, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = Vec::with_capacity(rows.len() * PAIR_LEN);
-        for (key, value) in rows.iter() {
-            bytes.extend_from_slice(&key.to_le_bytes());
-            bytes.extend_from_slice(&value.to_le_bytes());
+    /// These rows with `changes` applied in order, as by [`SortedRows::apply`], leaving `self` as it is.
+    ///
+    /// The result is merged into a new vector straight from `self`, so rows shared behind an `Arc` with a
+    /// persist in flight are read, never cloned first: `Arc::make_mut` would copy every row only for the merge to
+    /// copy them again. Changes in strictly increasing key order (what a bundle holds) merge as they are; any
+    /// other list is first sorted by key, keeping the last change of each key, which is the one that wins.
+    pub fn with_changes(&self, changes: &[Change]) -> Self {
+        if changes.windows(2).all(|pair| pair[0].key() < pair[1].key()) {
+            return Self(merge(&self.0, changes));
         }
+        let mut sorted = changes.to_vec();
+        sort_keeping_last(&mut sorted, Change::key);
+        Self(merge(&self.0, &sorted))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value of `key`, found by binary search.
+    pub fn get(&self, key: Key) -> Option<Value> {
+        self.0.binary_search_by_key(&key, |&(k, _)| k).ok().map(|index| self.0[index].1)
+    }
+
+    /// The rows in key order, as references like a [`Rows`] map's iterator yields them, so the two compare
+    /// with `Iterator::eq`.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&Key, &Value)> + ExactSizeIterator + Clone {
+        self.0.iter().map(|(key, value)| (key, value))
+    }
+
+    /// The rows in key order.
+    pub fn as_slice(&self) -> &[(Key, Value)] {
+        &self.0
+    }
+
+    /// The same rows as a map, for comparing with the oracle's [`Rows`] and printing differences.
+    pub fn to_map(&self) -> Rows {
+        self.0.iter().copied().collect()
+    }
+}
+
+/// Merges `changes`, in strictly increasing key order, into `rows`: each change's key is found by galloping from
+/// where the previous one was, and the rows between two changes are copied as one slice. That costs
+/// O(m log(n/m)) comparisons for m changes to n rows, never much more than a linear merge or a binary search
+/// per change, and one copy of every row that stays.
+fn merge(rows: &[(Key, Value)], changes: &[Change]) -> Vec<(Key, Value)> {
+    let upserts = changes.iter().filter(|change| matches!(change, Change::Upsert { .. })).count();
+    let mut merged = Vec::with_capacity(rows.len() + upserts);
+    let mut rest = rows;
+    for change in changes {
+        let key = change.key();
+        let below = seek(rest, key);
+        merged.extend_from_slice(&rest[..below]);
+        rest = &rest[below..];
+        if rest.first().is_some_and(|&(k, _)| k == key) {
+            rest = &rest[1..];
+        }
+        if let Change::Upsert { key, value } = *change {
+            merged.push((key, value));
+        }
+    }
+    merged.extend_from_slice(rest);
+    merged
+}
+
+/// The number of pairs at the front of `rows` whose key is below `key`: probes at 1, 2, 4, ... pairs from the
+/// front, then a binary search between the last two probes.
+fn seek(rows: &[(Key, Value)], key: Key) -> usize {
+    // Every key of `rows[..low]` is below `key`; the probe looks at the last pair of `rows[..high]`.
+    let mut low = 0;
+    let mut high = 1;
+    while high <= rows.len() && rows[high - 1].0 < key {
+        low = high;
+        high *= 2;
+    }
+    let high = high.min(rows.len());
+    low + rows[low..high].partition_point(|&(k, _)| k < key)
+}
+
+/// Sorts `items` by key, keeping only the last item of each key, the one that wins when they are applied in
+/// their original order. The sort is stable, so among one key's items the last stays last.
+fn sort_keeping_last<T>(items: &mut Vec<T>, key: impl Fn(&T) -> Key) {
+    items.sort_by_key(&key);
+    // `dedup_by` drops the later of two neighbours; swapping first keeps the later one's content instead.
+    items.dedup_by(|later, kept| {
+        let same = key(later) == key(kept);
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+}
+
+/// Rows in any order; a repeated key keeps its last value, as when collecting into a [`Rows`].
+impl FromIterator<(Key, Value)> for SortedRows {
+    fn from_iter<I: IntoIterator<Item = (Key, Value)>>(iter: I) -> Self {
+        let mut pairs: Vec<(Key, Value)> = iter.into_iter().collect();
+        if !pairs.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+            sort_keeping_last(&mut pairs, |&(key, _)| key);
+        }
+        Self(pairs)
+    }
+}
+
+impl From<&Rows> for SortedRows {
+    fn from(rows: &Rows) -> Self {
+        Self(rows.iter().map(|(&key, &value)| (key, value)).collect())
+    }
+}
+
+impl PartialEq<Rows> for SortedRows {
+    fn eq(&self, other: &Rows) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl PartialEq<SortedRows> for Rows {
+    fn eq(&self, other: &SortedRows) -> bool {
+        other == self
+    }
+}
+
+impl fmt::Debug for SortedRows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// Bytes of one `(key, value)` pair in the serde form.
+const PAIR_LEN: usize = 16;
+
+impl Serialize for SortedRows {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Whole pairs into room reserved once: the compiler turns this into straight stores, where extending by
+        // each half on its own checks the capacity every time and takes several times as long.
+        let mut bytes = Vec::with_capacity(self.0.len() * PAIR_LEN);
+        bytes.extend(self.0.iter().flat_map(|&(key, value)| pack_pair(key, value)));
         serializer.serialize_bytes(&bytes)
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<Rows>, D::Error> {
-        deserializer.deserialize_bytes(PackedRows).map(Arc::new)
+impl<'de> Deserialize<'de> for SortedRows {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_bytes(PackedRowsVisitor)
+    }
+}
+
+/// One `(key, value)` pair of the serde form.
+fn pack_pair(key: Key, value: Value) -> [u8; PAIR_LEN] {
+    let mut pair = [0; PAIR_LEN];
+    pair[..PAIR_LEN / 2].copy_from_slice(&key.to_le_bytes());
+    pair[PAIR_LEN / 2..].copy_from_slice(&value.to_le_bytes());
+    pair
+}
+
+/// The `(key, value)` of one pair of the serde form, `PAIR_LEN` bytes.
+fn unpack_pair(pair: &[u8]) -> (Key, Value) {
+    let (key, value) = pair.split_at(PAIR_LEN / 2);
+    let key = Key::from_le_bytes(key.try_into().expect("half a pair is 8 bytes"));
+    let value = Value::from_le_bytes(value.try_into().expect("half a pair is 8 bytes"));
+    (key, value)
+}
+
+/// Decodes the serde form of [`SortedRows`] in one pass into a vector of the right size, noting on the way
+/// whether every key is above the one before; only a refusal looks for where the order breaks, to name it.
+fn unpack<E: de::Error>(bytes: &[u8]) -> Result<SortedRows, E> {
+    if bytes.len() % PAIR_LEN != 0 {
+        return Err(E::custom(format_args!("packed rows of {} bytes are not whole pairs", bytes.len())));
+    }
+    let mut previous: Option<Key> = None;
+    let mut ordered = true;
+    let pairs: Vec<(Key, Value)> = bytes
+        .chunks_exact(PAIR_LEN)
+        .map(|pair| {
+            let (key, value) = unpack_pair(pair);
+            ordered &= previous.is_none_or(|previous| previous < key);
+            previous = Some(key);
+            (key, value)
+        })
+        .collect();
+    if !ordered {
+        let (previous, key) = pairs
+            .windows(2)
+            .map(|pair| (pair[0].0, pair[1].0))
+            .find(|(previous, key)| previous >= key)
+            .expect("a key is not above the one before it");
+        return Err(E::custom(format_args!("packed rows out of key order: {key} after {previous}")));
+    }
+    Ok(SortedRows(pairs))
+}
+
+struct PackedRowsVisitor;
+
+impl<'de> Visitor<'de> for PackedRowsVisitor {
+    type Value = SortedRows;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("rows packed as little-endian (key, value) pairs")
     }
 
-    fn unpack<E: de::Error>(bytes: &[u8]) -> Result<Rows, E> {
-        if bytes.len() % PAIR_LEN != 0 {
-            return Err(E::custom(format_args!("packed rows of {} bytes are not whole pairs", bytes.len())));
-        }
-        let mut pairs: Vec<(Key, Value)> = Vec::with_capacity(bytes.len() / PAIR_LEN);
-        for pair in bytes.chunks_exact(PAIR_LEN) {
-            let (key, value) = pair.split_at(PAIR_LEN / 2);
-            let key = Key::from_le_bytes(key.try_into().expect("half a pair is 8 bytes"));
-            let value = Value::from_le_bytes(value.try_into().expect("half a pair is 8 bytes"));
-            if let Some(&(previous, _)) = pairs.last()
-                && previous >= key
-            {
-                return Err(E::custom(format_args!("packed rows out of key order: {key} after {previous}")));
-            }
-            pairs.push((key, value));
-        }
-        Ok(pairs.into_iter().collect())
+    fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<SortedRows, E> {
+        unpack(bytes)
     }
 
-    struct PackedRows;
-
-    impl<'de> Visitor<'de> for PackedRows {
-        type Value = Rows;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("rows packed as little-endian (key, value) pairs")
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SortedRows, A::Error> {
+        let mut bytes = Vec::new();
+        while let Some(byte) = seq.next_element::<u8>()? {
+            bytes.push(byte);
         }
-
-        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Rows, E> {
-            unpack(bytes)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rows, A::Error> {
-            let mut bytes = Vec::new();
-            while let Some(byte) = seq.next_element::<u8>()? {
-                bytes.push(byte);
-            }
-            unpack(&bytes)
-        }
+        unpack(&bytes)
     }
 }
 
@@ -376,23 +557,58 @@ impl RestoreChain {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
+
+    /// A shard's state as far as its rows go: the rows behind an `Arc`, as a shard holds them.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
-    struct Packed(#[serde(with = "packed_rows")] std::sync::Arc<Rows>);
+    struct Packed(std::sync::Arc<SortedRows>);
+
+    /// The encoding a shard's rows had as a [`Rows`] map, spelled out: one byte string of little-endian
+    /// `(key, value)` pairs in key order. Durable state files, event-log hashes and transcripts depend on it.
+    struct MapEncoding<'a>(&'a Rows);
+
+    impl Serialize for MapEncoding<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut bytes = Vec::new();
+            for (key, value) in self.0 {
+                bytes.extend_from_slice(&key.to_le_bytes());
+                bytes.extend_from_slice(&value.to_le_bytes());
+            }
+            serializer.serialize_bytes(&bytes)
+        }
+    }
+
+    fn upsert(key: Key, value: Value) -> Change {
+        Change::Upsert { key, value }
+    }
+
+    fn delete(key: Key) -> Change {
+        Change::Delete { key }
+    }
+
+    /// What applying `changes` to `base` must give: the map, change by change.
+    fn applied_to_map(base: &Rows, changes: &[Change]) -> Rows {
+        let mut rows = base.clone();
+        apply_changes(&mut rows, changes);
+        rows
+    }
 
     #[test]
     fn packed_rows_round_trip_in_fixed_width_pairs() {
         let rows: Rows = [(0, u64::MAX), (7, 1), (u64::MAX, 0)].into_iter().collect();
-        let bytes = postcard::to_allocvec(&Packed(rows.clone().into())).unwrap();
+        let bytes = postcard::to_allocvec(&Packed(SortedRows::from(&rows).into())).unwrap();
         // One length byte, then three 16-byte pairs.
         assert_eq!(bytes.len(), 1 + 3 * 16);
-        assert_eq!(postcard::from_bytes::<Packed>(&bytes).unwrap().0.as_ref(), &rows);
-        let empty = postcard::to_allocvec(&Packed(Rows::new().into())).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&MapEncoding(&rows)).unwrap());
+        assert_eq!(*postcard::from_bytes::<Packed>(&bytes).unwrap().0, rows);
+        let empty = postcard::to_allocvec(&Packed(SortedRows::new().into())).unwrap();
+        assert_eq!(empty, [0]);
         assert!(postcard::from_bytes::<Packed>(&empty).unwrap().0.is_empty());
     }
 
     #[test]
     fn packed_rows_reject_a_partial_pair() {
-        let mut bytes = postcard::to_allocvec(&Packed(Rows::from([(1, 2)]).into())).unwrap();
+        let mut bytes = postcard::to_allocvec(&Packed(SortedRows::from_iter([(1, 2)]).into())).unwrap();
         bytes.pop();
         bytes[0] = 15;
         let error = postcard::from_bytes::<Packed>(&bytes).unwrap_err();
@@ -407,8 +623,139 @@ mod tests {
             bytes.extend_from_slice(&value.to_le_bytes());
         }
         assert!(postcard::from_bytes::<Packed>(&bytes).is_err(), "a repeated key is refused");
+        let error = unpack::<serde::de::value::Error>(&bytes[1..]).unwrap_err();
+        assert_eq!(error.to_string(), "packed rows out of key order: 5 after 5");
         bytes[1] = 9;
         assert!(postcard::from_bytes::<Packed>(&bytes).is_err(), "a falling key is refused");
+        let error = unpack::<serde::de::value::Error>(&bytes[1..]).unwrap_err();
+        assert_eq!(error.to_string(), "packed rows out of key order: 5 after 9");
+    }
+
+    #[test]
+    fn sorted_rows_apply_changes_like_a_map() {
+        let base: Rows = [(10, 100), (20, 200), (30, 300)].into_iter().collect();
+        let cases: [&[Change]; 8] = [
+            &[],
+            // In key order, as a bundle holds them: update, insert between, delete, insert past the end.
+            &[upsert(5, 50), upsert(10, 101), upsert(15, 150), delete(20), upsert(40, 400)],
+            // Deleting a key that is not there does nothing.
+            &[delete(1), delete(25), delete(99)],
+            // Out of order.
+            &[upsert(40, 400), delete(10), upsert(1, 1), upsert(25, 250)],
+            // A repeated key: the last change wins, whichever it is.
+            &[upsert(15, 1), upsert(15, 2), delete(30), upsert(30, 3), delete(20), upsert(20, 4), delete(20)],
+            // Delete then re-insert, and insert then delete, of keys old and new.
+            &[delete(10), upsert(10, 7), upsert(12, 1), delete(12)],
+            // Everything goes.
+            &[delete(30), delete(20), delete(10)],
+            // Every key is new, before and after the old ones.
+            &[upsert(1, 1), upsert(2, 2), upsert(31, 31), upsert(u64::MAX, 0)],
+        ];
+        for changes in cases {
+            let expected = applied_to_map(&base, changes);
+            let mut rows = SortedRows::from(&base);
+            rows.apply(changes);
+            assert_eq!(rows, expected, "{changes:?}");
+            assert_eq!(SortedRows::from(&base).with_changes(changes), rows, "{changes:?}");
+            assert_eq!(SortedRows::from_changes(changes), applied_to_map(&Rows::new(), changes), "{changes:?}");
+        }
+    }
+
+    #[test]
+    fn sorted_rows_of_a_full_backup_match_applying_its_changes_one_by_one() {
+        let cases: [&[Change]; 4] = [
+            &[upsert(1, 10), upsert(2, 20)],
+            &[upsert(2, 20), upsert(1, 10), upsert(2, 21)],
+            &[upsert(1, 10), delete(1), upsert(3, 30)],
+            &[],
+        ];
+        for changes in cases {
+            let rows = SortedRows::from_changes(changes);
+            assert_eq!(rows, applied_to_map(&Rows::new(), changes), "{changes:?}");
+            assert!(rows.as_slice().windows(2).all(|pair| pair[0].0 < pair[1].0), "{rows:?}");
+        }
+    }
+
+    #[test]
+    fn sorted_rows_read_like_a_map() {
+        let map: Rows = [(3, 30), (1, 10), (2, 20)].into_iter().collect();
+        let rows: SortedRows = [(3, 30), (1, 11), (2, 20), (1, 10)].into_iter().collect();
+        assert_eq!(rows, map, "collecting keeps the last value of a repeated key");
+        assert_eq!(map, rows);
+        assert_eq!(rows.to_map(), map);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.get(1), Some(10));
+        assert_eq!(rows.get(4), None);
+        assert!(rows.iter().eq(map.iter()));
+        assert_eq!(format!("{rows:?}"), format!("{map:?}"));
+        assert_ne!(rows, SortedRows::from_iter([(1, 10), (2, 20)]).to_map());
+        assert_ne!(SortedRows::from_iter([(1, 10), (2, 20), (3, 31)]), map);
+    }
+
+    /// Records what a value feeds a hasher, call by call.
+    #[derive(Default)]
+    struct Recorder(Vec<u8>);
+
+    impl std::hash::Hasher for Recorder {
+        fn finish(&self) -> u64 {
+            0
+        }
+
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.push(u8::try_from(bytes.len()).unwrap());
+            self.0.extend_from_slice(bytes);
+        }
+    }
+
+    #[test]
+    fn sorted_rows_hash_like_the_map_of_the_same_rows() {
+        use std::hash::Hash;
+        for pairs in [&[][..], &[(1, 10)], &[(1, 10), (2, 20), (u64::MAX, 7)]] {
+            let map: Rows = pairs.iter().copied().collect();
+            let (mut of_rows, mut of_map) = (Recorder::default(), Recorder::default());
+            SortedRows::from(&map).hash(&mut of_rows);
+            map.hash(&mut of_map);
+            assert_eq!(of_rows.0, of_map.0, "{pairs:?}");
+        }
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        // A small key space, so changes often hit the same key and the rows already there.
+        prop_oneof![
+            3 => (0u64..24, any::<u64>()).prop_map(|(key, value)| upsert(key, value)),
+            1 => (0u64..24).prop_map(delete),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn sorted_rows_apply_random_changes_like_a_map(
+            base in prop::collection::btree_map(0u64..24, any::<u64>(), 0..16),
+            mut changes in prop::collection::vec(change(), 0..32),
+            in_key_order: bool,
+        ) {
+            if in_key_order {
+                // What a bundle holds: one change per key, in key order.
+                sort_keeping_last(&mut changes, Change::key);
+            }
+            let expected = applied_to_map(&base, &changes);
+            let rows = SortedRows::from(&base).with_changes(&changes);
+            prop_assert_eq!(&rows, &expected);
+            prop_assert!(rows.as_slice().windows(2).all(|pair| pair[0].0 < pair[1].0));
+            prop_assert_eq!(SortedRows::from_changes(&changes), applied_to_map(&Rows::new(), &changes));
+            let bytes = postcard::to_allocvec(&rows).unwrap();
+            prop_assert_eq!(&bytes, &postcard::to_allocvec(&MapEncoding(&expected)).unwrap());
+            prop_assert_eq!(postcard::from_bytes::<SortedRows>(&bytes).unwrap(), rows);
+        }
+
+        #[test]
+        fn seek_finds_the_first_key_not_below(
+            keys in prop::collection::btree_set(0u64..64, 0..40),
+            key in 0u64..70,
+        ) {
+            let rows: Vec<(Key, Value)> = keys.iter().map(|&k| (k, 0)).collect();
+            prop_assert_eq!(seek(&rows, key), keys.range(..key).count());
+        }
     }
 
     fn manifest(backup_id: u64, kind: BackupKind, taken_at_ms: u64) -> BackupManifest {

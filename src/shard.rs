@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
-use crate::model::{BackupKind, Change, IncrementIndex, Rows, TabletId, apply_changes};
+use crate::model::{BackupKind, IncrementIndex, SortedRows, TabletId};
 use crate::protocol::{
     ApplyOutcome, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output, PersistNote,
     ShardFailure, StoreError,
@@ -58,9 +58,9 @@ pub struct ShardDurable {
     pub op: Option<OperationId>,
     /// The last increment of `op` applied to `rows`.
     pub applied_through: Option<IncrementIndex>,
-    /// Shared with the persist output instead of copied; the next apply copies only if the host still holds it.
-    #[serde(with = "crate::model::packed_rows")]
-    pub rows: Arc<Rows>,
+    /// Shared with the persist output instead of copied; the next apply merges into new rows, so it never copies
+    /// them first either, whether or not the host still holds them.
+    pub rows: Arc<SortedRows>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -254,14 +254,16 @@ impl Shard {
         };
         let work = self.work.take().expect("checked above");
         let request = work.request;
-        // Only the bug keeps the old rows: holding them would make every apply copy the table.
+        // Only the bug writes the old rows again. Holding them costs a reference count: the apply below builds new
+        // rows and copies none of these.
         let rows_before = has(&self.config, ShardBug::MarkerBeforeRows).then(|| self.durable.rows.clone());
-        // In place: if the persist below does not complete, the node crashes and reloads what is durable.
-        if bundle.kind == BackupKind::Full {
-            self.durable.rows = Arc::new(rows_of_full(&bundle.changes));
+        // Straight into the durable state: if the persist below does not complete, the node crashes and reloads
+        // what is durable.
+        self.durable.rows = Arc::new(if bundle.kind == BackupKind::Full {
+            SortedRows::from_changes(&bundle.changes)
         } else {
-            apply_changes(Arc::make_mut(&mut self.durable.rows), &bundle.changes);
-        }
+            self.durable.rows.with_changes(&bundle.changes)
+        });
         self.durable.op = Some(request.op);
         self.durable.applied_through = Some(request.increment);
         let persist = Output::Persist { state: self.durable.clone(), note: note.clone() };
@@ -282,49 +284,6 @@ impl Shard {
     }
 }
 
-/// The rows a full backup's changes describe, starting from nothing. A full backup is upserts in key order, which
-/// `collect` builds in one pass; anything else is applied change by change.
-fn rows_of_full(changes: &[Change]) -> Rows {
-    let upserts: Option<Vec<(u64, u64)>> = changes
-        .iter()
-        .map(|change| match *change {
-            Change::Upsert { key, value } => Some((key, value)),
-            Change::Delete { .. } => None,
-        })
-        .collect();
-    match upserts {
-        Some(pairs) => pairs.into_iter().collect(),
-        None => {
-            let mut rows = Rows::new();
-            apply_changes(&mut rows, changes);
-            rows
-        }
-    }
-}
-
 fn reply(request: &ApplyRequest, outcome: ApplyOutcome) -> ShardOutput {
     Output::Send { to: NodeAddr::Coordinator, msg: Message::Reply(request.reply(outcome)) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_of_a_full_backup_match_applying_its_changes_one_by_one() {
-        let cases: [&[Change]; 3] = [
-            &[Change::Upsert { key: 1, value: 10 }, Change::Upsert { key: 2, value: 20 }],
-            &[
-                Change::Upsert { key: 2, value: 20 },
-                Change::Upsert { key: 1, value: 10 },
-                Change::Upsert { key: 2, value: 21 },
-            ],
-            &[Change::Upsert { key: 1, value: 10 }, Change::Delete { key: 1 }, Change::Upsert { key: 3, value: 30 }],
-        ];
-        for changes in cases {
-            let mut expected = Rows::new();
-            apply_changes(&mut expected, changes);
-            assert_eq!(rows_of_full(changes), expected, "{changes:?}");
-        }
-    }
 }

@@ -10,7 +10,7 @@ use lockstep::coordinator::{
     OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, backoff_ms,
 };
 use lockstep::io::range_of;
-use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, Rows, TableId, TableSpec, TabletId};
+use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, SortedRows, TableId, TableSpec, TabletId};
 use lockstep::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
     PersistNote, RangeRead, ShardFailure, StoreError,
@@ -745,7 +745,7 @@ fn full_changes() -> Vec<Change> {
     ]
 }
 
-fn rows(pairs: &[(u64, u64)]) -> Arc<Rows> {
+fn rows(pairs: &[(u64, u64)]) -> Arc<SortedRows> {
     Arc::new(pairs.iter().copied().collect())
 }
 
@@ -1021,7 +1021,7 @@ fn shard_with_skip_checksum_bug_applies_a_corrupted_payload() {
     let mut buggy = fresh_shard(ShardConfig { bug: Some(ShardBug::SkipChecksum), ..shard_config() });
     let (_, out) = serve_request(&mut buggy, &request, &corrupt);
     let state = persisted_then_applied(&out, &request);
-    assert_eq!(state.rows[&30], 300 ^ (1 << 56), "the bug persists the corrupted value");
+    assert_eq!(state.rows.get(30), Some(300 ^ (1 << 56)), "the bug persists the corrupted value");
     assert_ne!(state.rows, rows(&[(10, 100), (20, 200), (30, 300)]));
 }
 

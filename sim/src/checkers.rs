@@ -328,7 +328,7 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
                             None => format!("at Done of operation {op} {tablet} holds no durable rows of it"),
                             Some(rows) => format!(
                                 "at Done of operation {op} {tablet} differs from the source table: {}",
-                                first_difference(rows, &world.expected_rows_of(tablet))
+                                first_difference(&rows.to_map(), &world.expected_rows_of(tablet))
                             ),
                         };
                         push(violations, Invariant::NoLostIncrement, detail);
@@ -400,7 +400,7 @@ mod tests {
     use super::*;
     use crate::world::WorldParams;
     use lockstep::coordinator::{Operation, RunningState};
-    use lockstep::model::Rows;
+    use lockstep::model::{Change, SortedRows};
 
     fn world() -> World {
         let params = WorldParams {
@@ -474,8 +474,7 @@ mod tests {
         let shards = world
             .tablets()
             .map(|s| {
-                let rows = world.expected_rows_of(s);
-                let rows = std::sync::Arc::new(rows);
+                let rows = std::sync::Arc::new(SortedRows::from(&world.expected_rows_of(s)));
                 (s, Some(ShardDurable { op: Some(1), applied_through: Some(world.chain_len - 1), rows }))
             })
             .collect();
@@ -571,11 +570,11 @@ mod tests {
     fn rows_that_differ_from_the_oracle_at_done_break_no_lost_increment() {
         let world = world();
         let mut final_state = done_state(&world);
-        let rows: &mut Rows = std::sync::Arc::make_mut(
+        let rows = std::sync::Arc::make_mut(
             &mut final_state.shards.get_mut(&TabletId::new(0, 1)).unwrap().as_mut().unwrap().rows,
         );
-        let key = *rows.keys().next().expect("the shard has rows");
-        rows.remove(&key);
+        let (&key, _) = rows.iter().next().expect("the shard has rows");
+        rows.apply(&[Change::Delete { key }]);
         let violations = check(&world, &clean_log(&world), &final_state);
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].invariant, Invariant::NoLostIncrement);

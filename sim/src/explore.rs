@@ -731,7 +731,7 @@ impl State {
                 if durable.and_then(|d| d.applied_through) != Some(last) {
                     let detail = format!("Done while {tablet} holds {:?}", durable.and_then(|d| d.applied_through));
                     broken.push(Broken { invariant: "no-false-success", detail });
-                } else if durable.map(|d| d.rows.as_ref()) != Some(&world.expected[s]) {
+                } else if !durable.is_some_and(|d| *d.rows == world.expected[s]) {
                     let detail = format!("Done while {tablet}'s rows differ from the source");
                     broken.push(Broken { invariant: "no-lost-increment", detail });
                 }
