@@ -107,38 +107,22 @@ impl std::fmt::Display for RunEnd {
 /// Runs `world` under madsim with the world's seed.
 pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
     let seed = world.seed;
-    let world_for_run = world.clone();
+    let world_for_run = Arc::new(world.clone());
     // A fresh thread per seed: std seeds each thread's hash-map keys once and then steps them, so a second
-    // runtime on the same thread would iterate madsim's internal maps in another order.
+    // runtime on the same thread would iterate madsim's internal maps in another order. The checkers run on it
+    // too, so the event log is freed by the thread that built it (a cheaper free) and only the outcome crosses.
     let run = std::thread::Builder::new()
         .name(format!("seed-{seed}"))
         .spawn(move || {
             let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-            runtime.block_on(simulate(world_for_run))
+            let (state, final_state) = runtime.block_on(simulate(world_for_run.clone()));
+            drop(runtime);
+            judge(&world_for_run, state, &final_state, keep_log)
         })
         .expect("a seed thread can be spawned")
         .join();
     match run {
-        Ok((mut state, final_state)) => {
-            let log = std::mem::take(&mut state.log);
-            let violations = check(world, &log, &final_state);
-            let probes = crate::probes::probes_of(&log);
-            SeedOutcome {
-                seed,
-                violations,
-                log_hash: log_hash(&log),
-                events: log.len(),
-                sim_ms: state.now_ms,
-                faults: state.counts.clone(),
-                messages: state.messages,
-                log: keep_log.then_some(log),
-                panic: None,
-                end: RunEnd::of(&final_state),
-                ends: RunEnd::all(&final_state),
-                probes,
-                decisions: std::mem::take(&mut state.tape),
-            }
-        }
+        Ok(outcome) => outcome,
         Err(payload) => {
             let message = payload
                 .downcast_ref::<String>()
@@ -161,6 +145,28 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
                 decisions: Tape::default(),
             }
         }
+    }
+}
+
+/// The outcome of a run that ended: the checkers' verdict on its log and final state, and its figures.
+fn judge(world: &World, mut state: SimState, final_state: &FinalState, keep_log: bool) -> SeedOutcome {
+    let log = std::mem::take(&mut state.log);
+    let violations = check(world, &log, final_state);
+    let probes = crate::probes::probes_of(&log);
+    SeedOutcome {
+        seed: world.seed,
+        violations,
+        log_hash: log_hash(&log),
+        events: log.len(),
+        sim_ms: state.now_ms,
+        faults: state.counts.clone(),
+        messages: state.messages,
+        log: keep_log.then_some(log),
+        panic: None,
+        end: RunEnd::of(final_state),
+        ends: RunEnd::all(final_state),
+        probes,
+        decisions: std::mem::take(&mut state.tape),
     }
 }
 
@@ -404,8 +410,7 @@ impl NodeEnv {
     }
 }
 
-async fn simulate(world: World) -> (SimState, FinalState) {
-    let world = Arc::new(world);
+async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
     let clock = SimClock::start();
     let epoch = clock.epoch;
     let state = Shared::new(SimState::new(world.seed, world.faults.clone(), world.decisions.clone()));
