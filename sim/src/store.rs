@@ -146,7 +146,7 @@ impl StoreServer {
         let Some(reader) = reader else { return (Ok(read), None) };
         let streak = self.streaks.borrow().get(object).copied().unwrap_or(0);
         if streak >= MAX_DAMAGED_STREAK {
-            self.streaks.borrow_mut().insert(object.to_string(), 0);
+            self.set_streak(object, 0);
             return (Ok(read), None);
         }
         let now = self.now_ms();
@@ -180,9 +180,20 @@ impl StoreServer {
             .fault_at(now, node, reader, FaultKind::StoreSlow, at)
             .then(|| Duration::from_millis(state.rng.gen_range(100..2_500)));
         drop(state);
-        let streak = if damaged { streak + 1 } else { 0 };
-        self.streaks.borrow_mut().insert(object.to_string(), streak);
+        self.set_streak(object, if damaged { streak + 1 } else { 0 });
         (result, delay)
+    }
+
+    /// Records `object`'s streak of faulty answers; an object without an entry has a streak of 0.
+    fn set_streak(&self, object: &str, streak: u32) {
+        let mut streaks = self.streaks.borrow_mut();
+        match streaks.get_mut(object) {
+            Some(entry) => *entry = streak,
+            None if streak > 0 => {
+                streaks.insert(object.to_string(), streak);
+            }
+            None => {}
+        }
     }
 }
 
