@@ -22,11 +22,12 @@ fn main() {
 #[cfg(madsim)]
 mod bench {
     use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
     use std::time::{Duration, Instant};
 
     use criterion::{Criterion, Throughput};
-    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::runner::run_world;
     use lockstep_sim::standard::{bare_exchange, standard_worlds};
     use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
     use lockstep_sim::world::{World, WorldParams};
@@ -69,11 +70,11 @@ mod bench {
     const SEEDS_PER_ITER: u64 = 16;
 
     /// Runs the standard worlds; returns the messages each sent.
-    fn run_standard(worlds: &[World]) -> Vec<u64> {
+    fn run_standard(worlds: &[Arc<World>]) -> Vec<u64> {
         worlds
             .iter()
             .map(|world| {
-                let outcome = run_seed(world, false);
+                let outcome = run_world(world.clone(), false);
                 assert!(outcome.violations.is_empty(), "seed {}: {:?}", world.seed, outcome.violations);
                 outcome.messages
             })
@@ -87,7 +88,7 @@ mod bench {
         }
     }
 
-    fn benches(c: &mut Criterion, worlds: &[World], per_seed: &[u64]) {
+    fn benches(c: &mut Criterion, worlds: &[Arc<World>], per_seed: &[u64]) {
         let messages = per_seed.iter().sum();
         let mut group = c.benchmark_group("messages");
         group.sample_size(10).measurement_time(Duration::from_secs(8));
@@ -146,7 +147,7 @@ mod bench {
         let worlds = standard_worlds(SEEDS_PER_ITER);
         let per_seed = run_standard(&worlds);
         let messages: u64 = per_seed.iter().sum();
-        let rows: usize = worlds.iter().map(World::total_rows).sum::<usize>() / worlds.len();
+        let rows: usize = worlds.iter().map(|world| world.total_rows()).sum::<usize>() / worlds.len();
         println!("standard world: 4 shards, full + 5 incrementals, ~{rows} rows, every fault kind on");
         println!("{SEEDS_PER_ITER} seeds of it send {messages} messages");
 

@@ -222,7 +222,7 @@ fn unpack_pair(pair: &[u8]) -> (Key, Value) {
 /// Decodes the serde form of [`SortedRows`] in one pass into a vector of the right size, noting on the way
 /// whether every key is above the one before; only a refusal looks for where the order breaks, to name it.
 fn unpack<E: de::Error>(bytes: &[u8]) -> Result<SortedRows, E> {
-    if bytes.len() % PAIR_LEN != 0 {
+    if !bytes.len().is_multiple_of(PAIR_LEN) {
         return Err(E::custom(format_args!("packed rows of {} bytes are not whole pairs", bytes.len())));
     }
     let mut previous: Option<Key> = None;

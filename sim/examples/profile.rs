@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(madsim)]
 fn main() {
-    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::runner::run_world;
     use lockstep_sim::standard::{bare_exchange, standard_worlds};
 
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,7 +39,7 @@ fn main() {
     }
     let mut per_seed = Vec::with_capacity(worlds.len());
     for world in &worlds {
-        let outcome = run_seed(world, false);
+        let outcome = run_world(world.clone(), false);
         if !outcome.violations.is_empty() || outcome.panic.is_some() {
             eprintln!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic);
             std::process::exit(1);

@@ -106,8 +106,13 @@ impl std::fmt::Display for RunEnd {
 
 /// Runs `world` under madsim with the world's seed.
 pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
+    run_world(Arc::new(world.clone()), keep_log)
+}
+
+/// Runs a world the caller has no further use for without copying it, as a sweep does.
+pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
     let seed = world.seed;
-    let world_for_run = Arc::new(world.clone());
+    let world_for_run = world;
     // A fresh thread per seed: std seeds each thread's hash-map keys once and then steps them, so a second
     // runtime on the same thread would iterate madsim's internal maps in another order. The checkers run on it
     // too, so the event log is freed by the thread that built it (a cheaper free) and only the outcome crosses.

@@ -24,9 +24,9 @@ pub fn standard_params() -> WorldParams {
     }
 }
 
-/// The standard worlds of seeds `0..seeds`.
-pub fn standard_worlds(seeds: u64) -> Vec<World> {
-    (0..seeds).map(|seed| World::generate(seed, &standard_params())).collect()
+/// The standard worlds of seeds `0..seeds`, shared so that runs take them without a copy, as a sweep does.
+pub fn standard_worlds(seeds: u64) -> Vec<Arc<World>> {
+    (0..seeds).map(|seed| Arc::new(World::generate(seed, &standard_params()))).collect()
 }
 
 /// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, at least `messages` in

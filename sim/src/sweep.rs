@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
 use crate::probes::Probe;
-use crate::runner::{RunEnd, SeedOutcome, run_seed};
+use crate::runner::{RunEnd, SeedOutcome, run_world};
 use crate::scenario::Scenario;
 use crate::world::{Bugs, World, WorldParams};
 
@@ -279,12 +279,13 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
 
 /// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
 /// checked, `Some(None)` when the two runs agreed, `Some(Some(line))` when they did not.
-fn run_one(seed: u64, config: &SweepConfig) -> (World, SeedOutcome, Option<Option<String>>) {
-    let world = config.source.world(seed);
-    let outcome = run_seed(&world, false);
-    let checked = config.determinism_every > 0 && seed % config.determinism_every == 0 && outcome.panic.is_none();
+fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<Option<String>>) {
+    let world = Arc::new(config.source.world(seed));
+    let outcome = run_world(world.clone(), false);
+    let checked =
+        config.determinism_every > 0 && seed.is_multiple_of(config.determinism_every) && outcome.panic.is_none();
     let mismatch = checked.then(|| {
-        let again = run_seed(&world, false);
+        let again = run_world(world.clone(), false);
         (again.log_hash != outcome.log_hash).then(|| {
             format!(
                 "event log hash {:016x} on the first run, {:016x} on the second ({} vs {} events)",
@@ -308,7 +309,7 @@ pub fn first_detection(bugs: Bugs, budget: u64, jobs: usize) -> Option<(u64, Vec
                 .map(|seed| {
                     let params = &params;
                     scope.spawn(move || {
-                        let outcome = run_seed(&World::generate(seed, params), false);
+                        let outcome = run_world(Arc::new(World::generate(seed, params)), false);
                         let invariants: Vec<Invariant> = outcome.violations.iter().map(|v| v.invariant).collect();
                         let crashed = outcome.panic.is_some();
                         (seed, invariants, crashed)
