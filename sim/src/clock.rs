@@ -31,3 +31,25 @@ impl SimClock {
         u64::try_from(elapsed.as_millis()).expect("simulated time fits in u64 ms")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The simulator's events and the hosts' machines must agree on the time: both count from the same moment.
+    #[test]
+    fn the_clock_reads_what_the_hosts_epoch_reads() {
+        let runtime = madsim::runtime::Runtime::with_seed_and_config(7, madsim::Config::default());
+        runtime.block_on(async {
+            tokio::time::sleep(Duration::from_millis(1_234)).await;
+            let clock = SimClock::start();
+            assert_eq!(clock.now_ms(), 0);
+            for wait_ms in [1, 999, 1_000, 61_500] {
+                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                let hosts = u64::try_from(clock.epoch.elapsed().as_millis()).expect("fits");
+                assert_eq!(clock.now_ms(), hosts, "after waiting {wait_ms} ms more");
+            }
+            assert!(clock.now_ms() >= 63_500);
+        });
+    }
+}

@@ -112,7 +112,6 @@ pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
 /// Runs a world the caller has no further use for without copying it, as a sweep does.
 pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
     let seed = world.seed;
-    let world_for_run = world;
     // A fresh thread per seed: std seeds each thread's hash-map keys once and then steps them, so a second
     // runtime on the same thread would iterate madsim's internal maps in another order. The checkers run on it
     // too, so the event log is freed by the thread that built it (a cheaper free) and only the outcome crosses.
@@ -120,9 +119,9 @@ pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
         .name(format!("seed-{seed}"))
         .spawn(move || {
             let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
-            let (state, final_state) = runtime.block_on(simulate(world_for_run.clone()));
+            let (state, final_state) = runtime.block_on(simulate(world.clone()));
             drop(runtime);
-            judge(&world_for_run, state, &final_state, keep_log)
+            judge(&world, state, &final_state, keep_log)
         })
         .expect("a seed thread can be spawned")
         .join();
