@@ -33,7 +33,7 @@ mod bench {
     use lockstep_sim::world::{World, WorldParams};
 
     /// The allocator the simulator binary uses.
-    static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+    static INNER: lockstep_sim::alloc::Allocator = lockstep_sim::alloc::Allocator;
 
     /// Counts live heap bytes and their peak, to show that a sweep's memory does not grow with its length.
     struct CountingAlloc;

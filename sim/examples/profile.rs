@@ -14,7 +14,7 @@ fn main() {
 
 #[cfg(madsim)]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: lockstep_sim::alloc::Allocator = lockstep_sim::alloc::Allocator;
 
 #[cfg(madsim)]
 fn main() {

@@ -6,6 +6,7 @@
 //!
 //! Everything that needs the simulator is compiled only with `--cfg madsim` (the `cargo sim` aliases set it).
 
+pub mod alloc;
 pub mod catalog;
 pub mod checkers;
 pub mod disk;

@@ -17,7 +17,7 @@ fn main() {
 /// Seeds allocate heavily and in parallel; mimalloc is faster than the system allocator at both.
 #[cfg(madsim)]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: lockstep_sim::alloc::Allocator = lockstep_sim::alloc::Allocator;
 
 #[cfg(madsim)]
 mod cli {
