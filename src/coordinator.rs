@@ -139,8 +139,9 @@ pub enum LifecycleError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CoordinatorDurable {
     pub generation: Generation,
-    /// Every operation not forgotten, running or finished.
-    pub operations: BTreeMap<OperationId, Operation>,
+    /// Every operation not forgotten, running or finished. Shared with the persist outputs instead of copied:
+    /// the host is done with a persisted state before the next input, so a later change copies nothing either.
+    pub operations: Arc<BTreeMap<OperationId, Operation>>,
     /// The state of every target table a restore has touched.
     pub tables: BTreeMap<TableId, TableState>,
     /// Backup collections whose objects a running operation reads.
@@ -423,7 +424,7 @@ impl Coordinator {
             self.durable.tables.insert(table.id, TableState::Restoring { op });
         }
         self.durable.sources_in_use.insert(request.collection.clone(), op);
-        self.durable.operations.insert(
+        self.operations_mut().insert(
             op,
             Operation {
                 op,
@@ -555,7 +556,7 @@ impl Coordinator {
         if matches!(operation.status, OperationStatus::Running(_)) {
             return Err(LifecycleError::StillRunning { op });
         }
-        self.durable.operations.remove(&op);
+        self.operations_mut().remove(&op);
         let mut out = Vec::new();
         self.persist(&mut out);
         out.push(Output::Report(format!("operation {op} forgotten")));
@@ -699,15 +700,16 @@ impl Coordinator {
 
     fn on_tablet_done(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
         let advance_on_first = has(&self.config, CoordinatorBug::AdvanceOnFirstReport);
-        let operation = self.durable.operations.get_mut(&op).expect("replies need an operation");
-        let all: Vec<TabletId> = operation.tablets();
+        let operation = self.operations_mut().get_mut(&op).expect("replies need an operation");
+        let tablet_count = operation.tablet_count();
+        let all = advance_on_first.then(|| operation.tablets());
         let OperationStatus::Running(running) = &mut operation.status else { panic!("only a running operation") };
         running.done.insert(tablet);
         running.retries.remove(&tablet);
-        if advance_on_first {
-            running.done.extend(all.iter().copied());
+        if let Some(all) = all {
+            running.done.extend(all);
         }
-        if running.done.len() != all.len() {
+        if running.done.len() != tablet_count {
             // The result is durable before anything else happens, so a reboot re-sends only to tablets without one.
             self.persist(out);
         }
@@ -741,16 +743,19 @@ impl Coordinator {
 
     fn advance(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
         let increment_deadline_ms = self.config.increment_deadline_ms;
-        let operation = self.durable.operations.get_mut(&op).expect("advance needs an operation");
-        let tablet_count = operation.tablet_count();
-        let OperationStatus::Running(running) = &mut operation.status else { return };
-        if running.done.len() != tablet_count {
+        // Looked at before it is changed: a persist output may still share the operations, and only a change
+        // copies them.
+        let operation = self.durable.operations.get(&op).expect("advance needs an operation");
+        let OperationStatus::Running(running) = &operation.status else { return };
+        if running.done.len() != operation.tablet_count() {
             return;
         }
         if running.increment == running.chain.last_index() {
             self.finish(now_ms, op, out);
             return;
         }
+        let operation = self.operations_mut().get_mut(&op).expect("advance needs an operation");
+        let OperationStatus::Running(running) = &mut operation.status else { return };
         running.increment += 1;
         running.increment_deadline_at_ms = now_ms.saturating_add(increment_deadline_ms);
         running.done.clear();
@@ -903,7 +908,8 @@ impl Coordinator {
 
     /// Ends `op` as Done or Failed: releases its tables and its source collection, drops its working state.
     fn end(&mut self, op: OperationId, status: OperationStatus, table_state: TableState) {
-        let operation = self.durable.operations.get_mut(&op).expect("an operation ends only once it exists");
+        let operation =
+            Arc::make_mut(&mut self.durable.operations).get_mut(&op).expect("an operation ends only once it exists");
         assert!(matches!(operation.status, OperationStatus::Running(_)), "only a running operation ends");
         operation.status = status;
         for table in &operation.tables {
@@ -940,8 +946,13 @@ impl Coordinator {
         }
     }
 
+    /// The operations, to change: copied only while a persist output still holds them.
+    fn operations_mut(&mut self) -> &mut BTreeMap<OperationId, Operation> {
+        Arc::make_mut(&mut self.durable.operations)
+    }
+
     fn running_mut(&mut self, op: OperationId) -> Option<&mut RunningState> {
-        match &mut self.durable.operations.get_mut(&op)?.status {
+        match &mut self.operations_mut().get_mut(&op)?.status {
             OperationStatus::Running(running) => Some(running),
             _ => None,
         }

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -236,14 +237,15 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         // off the wire), and downloads run inside this loop rather than as tasks of their own.
         let mut timers = Timers::new();
         let mut receive = Box::pin(next_frame(self.transport.clone()));
-        let mut downloads = FuturesUnordered::new();
+        let mut downloads = Vec::new();
         let mut outputs = first;
         loop {
             for output in outputs {
                 match self.execute(node, &mut file, output, &mut timers).await {
                     Step::Next => {}
                     Step::Download(request) => {
-                        downloads.push(download(self.store.clone(), request, self.download_timeout_ms));
+                        let read = download(self.store.clone(), request, self.download_timeout_ms);
+                        downloads.push(Woken::new(Box::pin(read)));
                     }
                     Step::Stop => {
                         // Crashed on purpose or hit a fatal disk error: do nothing more until the node is restarted.
@@ -266,7 +268,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                     }
                 }
                 timer = std::future::poll_fn(|cx| timers.poll_expired(cx)) => Input::Timer(timer),
-                Some((request, outcome)) = downloads.next(), if !downloads.is_empty() => {
+                (request, outcome) = std::future::poll_fn(|cx| first_ready(&mut downloads, cx)), if !downloads.is_empty() => {
                     let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
                     let result = DownloadResult {
                         download_id: request.download_id,
@@ -368,6 +370,73 @@ impl<F: Future> Future for Within<F> {
         self.armed = true;
         self.sleep.as_mut().poll(cx).map(|()| None)
     }
+}
+
+/// `future`, polled only on its first poll and after its own waker was woken.
+///
+/// A host's loop waits on several things at once, and its task wakes for any of them. Under madsim every poll
+/// of a pending `Sleep` (inside a send, a sync, or a receive's simulated latency) registers another timer, which
+/// later wakes the task once more for nothing: re-polling every part on every wake-up piles up timers and
+/// wake-ups. Each part that waits on its own is wrapped in one of these, so it is polled only when what it
+/// waits for has moved. (Downloads get the same from `FuturesUnordered`; the timer queue polls its sleep once
+/// per deadline.)
+struct Woken<F> {
+    future: F,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+/// Whether a [`Woken`] future's waker was woken since it was last polled, and the task to wake.
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> Woken<F> {
+    fn new(future: F) -> Self {
+        let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        let waker = Waker::from(flag.clone());
+        Self { future, flag, waker }
+    }
+}
+
+impl<F: Future + Unpin> Future for Woken<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        Pin::new(&mut this.future).poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+/// The output of the first of `futures` that is ready, which leaves the list; the others stay.
+///
+/// Unlike `FuturesUnordered`, which wakes its task again after polling every future it holds (to yield to other
+/// tasks), this wakes nobody: under madsim that extra wake-up was a second poll of the whole loop for nearly
+/// every step of every download.
+fn first_ready<F: Future + Unpin>(futures: &mut Vec<Woken<F>>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    for at in 0..futures.len() {
+        if let Poll::Ready(output) = Pin::new(&mut futures[at]).poll(cx) {
+            futures.remove(at);
+            return Poll::Ready(output);
+        }
+    }
+    Poll::Pending
 }
 
 /// A host's pending timers, fired in deadline order (in the order they were set, for equal deadlines).

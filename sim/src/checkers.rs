@@ -468,7 +468,7 @@ mod tests {
         };
         let coordinator = CoordinatorDurable {
             generation: 1,
-            operations: [(1, operation)].into_iter().collect(),
+            operations: std::sync::Arc::new([(1, operation)].into_iter().collect()),
             ..Default::default()
         };
         let shards = world
@@ -585,7 +585,8 @@ mod tests {
     fn an_operation_still_running_at_the_end_breaks_liveness() {
         let world = world();
         let mut final_state = done_state(&world);
-        let operation = final_state.coordinator.as_mut().unwrap().operations.get_mut(&1).unwrap();
+        let operation =
+            std::sync::Arc::make_mut(&mut final_state.coordinator.as_mut().unwrap().operations).get_mut(&1).unwrap();
         let chain = lockstep::model::RestoreChain::plan(&world.catalog, &operation.tables).unwrap();
         operation.status = OperationStatus::Running(RunningState {
             chain: std::sync::Arc::new(chain),
@@ -602,8 +603,10 @@ mod tests {
         let mut world = world();
         let mut final_state = done_state(&world);
         let error = lockstep::coordinator::RestoreError::DeadlineExceeded { increment: 0, pending: 2 };
-        final_state.coordinator.as_mut().unwrap().operations.get_mut(&1).unwrap().status =
-            OperationStatus::Failed { error, failed_at_ms: 1 };
+        std::sync::Arc::make_mut(&mut final_state.coordinator.as_mut().unwrap().operations)
+            .get_mut(&1)
+            .unwrap()
+            .status = OperationStatus::Failed { error, failed_at_ms: 1 };
         assert_eq!(invariants(&world, &clean_log(&world), &final_state), vec![Invariant::ExpectedOutcome]);
 
         let tablet = TabletId::new(0, 0);

@@ -35,7 +35,6 @@ use crate::world::World;
 
 pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 9, 1)), 9000);
 const PROTOCOL_PORT: u16 = 7000;
-const STORE_CLIENT_PORT: u16 = 7001;
 /// How long the client waits for an answer before it sends a call again.
 const CLIENT_RETRY_MS: u64 = 1_000;
 
@@ -323,8 +322,8 @@ struct NodeEnv {
 impl NodeEnv {
     async fn host_io(&self, node: NodeAddr) -> Option<HostIo<SimDisk, SimStoreClient, SimTransport, SimObserver>> {
         let ip = node_ip(node);
-        let endpoint = Endpoint::bind(SocketAddr::new(ip, PROTOCOL_PORT)).await.ok()?;
-        let store = SimStoreClient::bind(SocketAddr::new(ip, STORE_CLIENT_PORT), self.state.clone()).await.ok()?;
+        let endpoint = Rc::new(Endpoint::bind(SocketAddr::new(ip, PROTOCOL_PORT)).await.ok()?);
+        let store = SimStoreClient::new(endpoint.clone(), self.state.clone());
         let transport = self.transport(node, endpoint);
         let observer = self.observer(node);
         Some(HostIo {
@@ -337,10 +336,10 @@ impl NodeEnv {
         })
     }
 
-    fn transport(&self, node: NodeAddr, endpoint: Endpoint) -> SimTransport {
+    fn transport(&self, node: NodeAddr, endpoint: Rc<Endpoint>) -> SimTransport {
         SimTransport {
             node,
-            endpoint: Rc::new(endpoint),
+            endpoint,
             directory: self.directory.clone(),
             state: self.state.clone(),
             clock: self.clock.clone(),
@@ -376,7 +375,7 @@ impl NodeEnv {
     async fn run_client(self) {
         let node = NodeAddr::Client;
         let Ok(endpoint) = Endpoint::bind(SocketAddr::new(node_ip(node), PROTOCOL_PORT)).await else { return };
-        let transport = Rc::new(self.transport(node, endpoint));
+        let transport = Rc::new(self.transport(node, Rc::new(endpoint)));
         let observer = self.observer(node);
         let (answers_tx, mut answers) = mpsc::unbounded_channel();
         let receiver = transport.clone();

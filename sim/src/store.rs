@@ -16,7 +16,6 @@
 //! intact copy of every bundle is always reachable, and a restore that fails under faults is a real bug.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +32,8 @@ use crate::state::Shared;
 
 /// Tag the store listens on.
 pub const STORE_TAG: u64 = 1;
+/// Replies come back on tags from here up, one per request, clear of the protocol's tag on the same endpoint.
+const FIRST_REPLY_TAG: u64 = 1 << 32;
 /// Faulty answers in a row for one object after which the next answer is intact.
 pub const MAX_DAMAGED_STREAK: u32 = 3;
 
@@ -229,23 +230,24 @@ impl StoreServer {
     }
 }
 
-/// A shard's client of the simulated store. Each request waits on its own reply tag, unique across the whole
-/// run: a late answer to a request sent before a restart must never be taken for the answer to a new one.
+/// A node's client of the simulated store, on the endpoint its protocol frames use. Each request waits on its
+/// own reply tag, unique across the whole run: a late answer to a request sent before a restart must never be
+/// taken for the answer to a new one.
 pub struct SimStoreClient {
-    endpoint: Endpoint,
+    endpoint: Rc<Endpoint>,
     state: Shared,
 }
 
 impl SimStoreClient {
-    pub async fn bind(addr: SocketAddr, state: Shared) -> std::io::Result<Self> {
-        Ok(Self { endpoint: Endpoint::bind(addr).await?, state })
+    pub fn new(endpoint: Rc<Endpoint>, state: Shared) -> Self {
+        Self { endpoint, state }
     }
 
     async fn call(&self, request: StoreRequest) -> Result<StoreResponse, StoreError> {
         let reply_tag = {
             let mut state = self.state.lock();
             state.next_store_tag += 1;
-            STORE_TAG + state.next_store_tag
+            FIRST_REPLY_TAG + state.next_store_tag
         };
         let envelope = Envelope { reply_tag, request };
         let unavailable = |error: std::io::Error| StoreError::Unavailable { detail: error.to_string() };

@@ -507,7 +507,7 @@ impl<'a> Encoder<'a> {
         let CoordinatorDurable { generation, operations, tables, sources_in_use } = durable;
         self.word(*generation);
         self.word(operations.len() as u64);
-        for (op, operation) in operations {
+        for (op, operation) in operations.iter() {
             self.word(*op);
             self.operation(operation);
         }
