@@ -408,7 +408,7 @@ impl Coordinator {
             let same = existing.collection == request.collection
                 && sorted_tables(&existing.tables) == sorted_tables(&request.tables)
                 && RestoreChain::plan(&request.catalog, &request.tables).is_ok_and(|chain| {
-                    chain.backups.iter().map(|m| m.backup_id).eq(existing.backup_ids.iter().copied())
+                    chain.backups().iter().map(|m| m.backup_id).eq(existing.backup_ids.iter().copied())
                 });
             return if same { Ok(Vec::new()) } else { Err(StartError::OperationIdTaken { op: request.op }) };
         }
@@ -430,7 +430,7 @@ impl Coordinator {
                 op,
                 collection: request.collection,
                 tables: request.tables,
-                backup_ids: chain.backups.iter().map(|m| m.backup_id).collect(),
+                backup_ids: chain.backups().iter().map(|m| m.backup_id).collect(),
                 started_at_ms: now_ms,
                 deadline_at_ms,
                 status: OperationStatus::Running(RunningState {

@@ -478,9 +478,66 @@ impl BackupManifest {
 }
 
 /// The backups a restore applies, in order: the newest full backup, then every later incremental.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Its serde form is its own postcard encoding as one byte string, made once and kept: a running operation's
+/// state is written at every step of the restore and holds the chain, which never changes, so a write copies
+/// these bytes instead of encoding every manifest again.
+#[derive(Clone)]
 pub struct RestoreChain {
-    pub backups: Vec<BackupManifest>,
+    backups: Vec<BackupManifest>,
+    /// The postcard encoding of `backups`, once made (or as read).
+    encoded: std::sync::OnceLock<Box<[u8]>>,
+}
+
+impl PartialEq for RestoreChain {
+    fn eq(&self, other: &Self) -> bool {
+        self.backups == other.backups
+    }
+}
+
+impl Eq for RestoreChain {}
+
+impl std::hash::Hash for RestoreChain {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.backups.hash(state);
+    }
+}
+
+impl fmt::Debug for RestoreChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestoreChain").field("backups", &self.backups).finish()
+    }
+}
+
+impl Serialize for RestoreChain {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let encoded = self.encoded.get_or_init(|| {
+            postcard::to_allocvec(&self.backups).expect("manifests always serialize").into_boxed_slice()
+        });
+        serializer.serialize_bytes(encoded)
+    }
+}
+
+impl<'de> Deserialize<'de> for RestoreChain {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ChainVisitor;
+
+        impl Visitor<'_> for ChainVisitor {
+            type Value = RestoreChain;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("the encoded manifests of a restore chain")
+            }
+
+            fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<RestoreChain, E> {
+                let backups = postcard::from_bytes(bytes)
+                    .map_err(|error| E::custom(format_args!("restore chain of {} bytes: {error}", bytes.len())))?;
+                Ok(RestoreChain { backups, encoded: std::sync::OnceLock::from(Box::<[u8]>::from(bytes)) })
+            }
+        }
+
+        deserializer.deserialize_bytes(ChainVisitor)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
@@ -520,7 +577,7 @@ impl RestoreChain {
                 }
             }
         }
-        Ok(Self { backups })
+        Ok(Self::new(backups))
     }
 
     /// Number of increments, the full backup included.
@@ -532,7 +589,16 @@ impl RestoreChain {
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
         let oldest_full = sorted.iter().position(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
         let backups = sorted[oldest_full..].iter().map(|m| (*m).clone()).collect();
-        Ok(Self { backups: if planned.backups.is_empty() { planned.backups } else { backups } })
+        Ok(if planned.backups.is_empty() { planned } else { Self::new(backups) })
+    }
+
+    pub fn new(backups: Vec<BackupManifest>) -> Self {
+        Self { backups, encoded: std::sync::OnceLock::new() }
+    }
+
+    /// The backups, in the order they are applied.
+    pub fn backups(&self) -> &[BackupManifest] {
+        &self.backups
     }
 
     pub fn len(&self) -> u32 {

@@ -528,7 +528,7 @@ mod tests {
             assert_eq!(chain.len(), world.chain_len, "seed {seed}");
             for tablet in world.tablets() {
                 let mut rows = Rows::new();
-                for manifest in &chain.backups {
+                for manifest in chain.backups() {
                     let object = manifest.object(tablet).unwrap();
                     let bundle = Bundle::decode(object, &world.objects[object]).unwrap();
                     apply_changes(&mut rows, &bundle.changes);
