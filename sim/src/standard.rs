@@ -29,8 +29,8 @@ pub fn standard_worlds(seeds: u64) -> Vec<Arc<World>> {
     (0..seeds).map(|seed| Arc::new(World::generate(seed, &standard_params()))).collect()
 }
 
-/// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, at least `messages` in
-/// all, in a fresh runtime on a fresh thread (as the simulator runs each seed).
+/// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, `messages` in all (one
+/// more when `messages` is odd), in a fresh runtime on a fresh thread (as the simulator runs each seed).
 pub fn bare_exchange(seed: u64, messages: u64) {
     std::thread::spawn(move || {
         let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
@@ -40,15 +40,22 @@ pub fn bare_exchange(seed: u64, messages: u64) {
     .expect("the bare exchange does not panic");
 }
 
+/// Pings node `node` of `nodes` sends when `pings` are shared out among them as evenly as they go.
+fn pings_of(node: u64, nodes: u64, pings: u64) -> u64 {
+    pings / nodes + u64::from(node < pings % nodes)
+}
+
 async fn exchange(messages: u64) {
     const NODES: u8 = 6;
     let handle = madsim::runtime::Handle::current();
     let addr = |i: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, i + 1)), 7000);
-    let rounds = messages.div_ceil(2 * u64::from(NODES));
+    // A ping and its pong are two messages.
+    let pings = messages.div_ceil(2);
     let mut clients = Vec::new();
     for i in 0..NODES {
         let node = handle.create_node().name(format!("n{i}")).ip(addr(i).ip()).build();
         let peer = addr((i + 1) % NODES);
+        let rounds = pings_of(u64::from(i), u64::from(NODES), pings);
         clients.push(node.spawn(async move {
             let endpoint = Arc::new(Endpoint::bind(addr(i)).await.expect("bind"));
             let server = endpoint.clone();
@@ -66,5 +73,19 @@ async fn exchange(messages: u64) {
     }
     for client in clients {
         client.await.expect("client finishes");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_are_shared_out_exactly() {
+        for pings in [0, 1, 5, 6, 7, 100, 103] {
+            let shares: Vec<u64> = (0..6).map(|node| pings_of(node, 6, pings)).collect();
+            assert_eq!(shares.iter().sum::<u64>(), pings, "{shares:?}");
+            assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1, "{shares:?}");
+        }
     }
 }
