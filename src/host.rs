@@ -236,7 +236,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         // kept alive across iterations (a receive is not cancel-safe: dropping it could lose a frame already taken
         // off the wire), and downloads run inside this loop rather than as tasks of their own.
         let mut timers = Timers::new();
-        let mut receive = Box::pin(next_frame(self.transport.clone()));
+        let mut receive = Woken::new(Box::pin(next_frame(self.transport.clone())));
         let mut downloads = Vec::new();
         let mut outputs = first;
         loop {
@@ -255,8 +255,8 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             }
             let input = tokio::select! {
                 biased;
-                frame = &mut receive => {
-                    receive.set(next_frame(self.transport.clone()));
+                frame = std::future::poll_fn(|cx| Pin::new(&mut receive).poll(cx)) => {
+                    receive.replace(next_frame(self.transport.clone()));
                     let Ok((from, frame)) = frame else { return };
                     match decode_frame::<Message>(&frame) {
                         Ok(msg) => Input::Message(from, msg),
@@ -408,6 +408,21 @@ impl<F: Future + Unpin> Woken<F> {
         let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
         let waker = Waker::from(flag.clone());
         Self { future, flag, waker }
+    }
+}
+
+impl<F: Future> Woken<Pin<Box<F>>> {
+    /// Waits on `future` instead, in the same allocation; its first poll comes with the next poll of this.
+    fn replace(&mut self, future: F) {
+        self.future.set(future);
+        self.flag.woken.store(true, Ordering::Release);
+    }
+}
+
+impl<F> Drop for Woken<F> {
+    /// A waker the future handed out (a download's timeout timer, say) wakes nobody once it is gone.
+    fn drop(&mut self) {
+        self.flag.task.take();
     }
 }
 
