@@ -32,8 +32,20 @@ pub type Rows = BTreeMap<Key, Value>;
 /// `Hash` feeds the hasher exactly what the [`Rows`] of the same pairs feeds it (the length, then each key and
 /// value), and `Debug` prints it the same way too, so fingerprints and printed states do not depend on which of
 /// the two holds the rows.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct SortedRows(Vec<(Key, Value)>);
+/// In memory a pair is `[key, value]`: on a little-endian machine the vector's bytes are then the serde form
+/// as they are, and encoding is one copy.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SortedRows(Vec<[u64; 2]>);
+
+impl std::hash::Hash for SortedRows {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.len().hash(state);
+        for [key, value] in &self.0 {
+            key.hash(state);
+            value.hash(state);
+        }
+    }
+}
 
 impl SortedRows {
     pub const fn new() -> Self {
@@ -77,23 +89,18 @@ impl SortedRows {
 
     /// The value of `key`, found by binary search.
     pub fn get(&self, key: Key) -> Option<Value> {
-        self.0.binary_search_by_key(&key, |&(k, _)| k).ok().map(|index| self.0[index].1)
+        self.0.binary_search_by_key(&key, |&[k, _]| k).ok().map(|index| self.0[index][1])
     }
 
     /// The rows in key order, as references like a [`Rows`] map's iterator yields them, so the two compare
     /// with `Iterator::eq`.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&Key, &Value)> + ExactSizeIterator + Clone {
-        self.0.iter().map(|(key, value)| (key, value))
-    }
-
-    /// The rows in key order.
-    pub fn as_slice(&self) -> &[(Key, Value)] {
-        &self.0
+        self.0.iter().map(|[key, value]| (key, value))
     }
 
     /// The same rows as a map, for comparing with the oracle's [`Rows`] and printing differences.
     pub fn to_map(&self) -> Rows {
-        self.0.iter().copied().collect()
+        self.0.iter().map(|&[key, value]| (key, value)).collect()
     }
 }
 
@@ -101,7 +108,7 @@ impl SortedRows {
 /// where the previous one was, and the rows between two changes are copied as one slice. That costs
 /// O(m log(n/m)) comparisons for m changes to n rows, never much more than a linear merge or a binary search
 /// per change, and one copy of every row that stays.
-fn merge(rows: &[(Key, Value)], changes: &[Change]) -> Vec<(Key, Value)> {
+fn merge(rows: &[[u64; 2]], changes: &[Change]) -> Vec<[u64; 2]> {
     let upserts = changes.iter().filter(|change| matches!(change, Change::Upsert { .. })).count();
     let mut merged = Vec::with_capacity(rows.len() + upserts);
     let mut rest = rows;
@@ -110,11 +117,11 @@ fn merge(rows: &[(Key, Value)], changes: &[Change]) -> Vec<(Key, Value)> {
         let below = seek(rest, key);
         merged.extend_from_slice(&rest[..below]);
         rest = &rest[below..];
-        if rest.first().is_some_and(|&(k, _)| k == key) {
+        if rest.first().is_some_and(|&[k, _]| k == key) {
             rest = &rest[1..];
         }
         if let Change::Upsert { key, value } = *change {
-            merged.push((key, value));
+            merged.push([key, value]);
         }
     }
     merged.extend_from_slice(rest);
@@ -123,16 +130,16 @@ fn merge(rows: &[(Key, Value)], changes: &[Change]) -> Vec<(Key, Value)> {
 
 /// The number of pairs at the front of `rows` whose key is below `key`: probes at 1, 2, 4, ... pairs from the
 /// front, then a binary search between the last two probes.
-fn seek(rows: &[(Key, Value)], key: Key) -> usize {
+fn seek(rows: &[[u64; 2]], key: Key) -> usize {
     // Every key of `rows[..low]` is below `key`; the probe looks at the last pair of `rows[..high]`.
     let mut low = 0;
     let mut high = 1;
-    while high <= rows.len() && rows[high - 1].0 < key {
+    while high <= rows.len() && rows[high - 1][0] < key {
         low = high;
         high *= 2;
     }
     let high = high.min(rows.len());
-    low + rows[low..high].partition_point(|&(k, _)| k < key)
+    low + rows[low..high].partition_point(|&[k, _]| k < key)
 }
 
 /// Sorts `items` by key, keeping only the last item of each key, the one that wins when they are applied in
@@ -152,9 +159,9 @@ fn sort_keeping_last<T>(items: &mut Vec<T>, key: impl Fn(&T) -> Key) {
 /// Rows in any order; a repeated key keeps its last value, as when collecting into a [`Rows`].
 impl FromIterator<(Key, Value)> for SortedRows {
     fn from_iter<I: IntoIterator<Item = (Key, Value)>>(iter: I) -> Self {
-        let mut pairs: Vec<(Key, Value)> = iter.into_iter().collect();
-        if !pairs.windows(2).all(|pair| pair[0].0 < pair[1].0) {
-            sort_keeping_last(&mut pairs, |&(key, _)| key);
+        let mut pairs: Vec<[u64; 2]> = iter.into_iter().map(|(key, value)| [key, value]).collect();
+        if !pairs.windows(2).all(|pair| pair[0][0] < pair[1][0]) {
+            sort_keeping_last(&mut pairs, |&[key, _]| key);
         }
         Self(pairs)
     }
@@ -162,7 +169,7 @@ impl FromIterator<(Key, Value)> for SortedRows {
 
 impl From<&Rows> for SortedRows {
     fn from(rows: &Rows) -> Self {
-        Self(rows.iter().map(|(&key, &value)| (key, value)).collect())
+        Self(rows.iter().map(|(&key, &value)| [key, value]).collect())
     }
 }
 
@@ -189,10 +196,11 @@ const PAIR_LEN: usize = 16;
 
 impl Serialize for SortedRows {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Whole pairs into room reserved once: the compiler turns this into straight stores, where extending by
-        // each half on its own checks the capacity every time and takes several times as long.
+        if cfg!(target_endian = "little") {
+            return serializer.serialize_bytes(zerocopy::IntoBytes::as_bytes(self.0.as_slice()));
+        }
         let mut bytes = Vec::with_capacity(self.0.len() * PAIR_LEN);
-        bytes.extend(self.0.iter().flat_map(|&(key, value)| pack_pair(key, value)));
+        bytes.extend(self.0.iter().flat_map(|&[key, value]| pack_pair(key, value)));
         serializer.serialize_bytes(&bytes)
     }
 }
@@ -219,29 +227,23 @@ fn unpack_pair(pair: &[u8]) -> (Key, Value) {
     (key, value)
 }
 
-/// Decodes the serde form of [`SortedRows`] in one pass into a vector of the right size, noting on the way
-/// whether every key is above the one before; only a refusal looks for where the order breaks, to name it.
+/// Decodes the serde form of [`SortedRows`] into a vector of the right size (one copy on a little-endian
+/// machine), then checks that every key is above the one before, naming the first that is not.
 fn unpack<E: de::Error>(bytes: &[u8]) -> Result<SortedRows, E> {
     if !bytes.len().is_multiple_of(PAIR_LEN) {
         return Err(E::custom(format_args!("packed rows of {} bytes are not whole pairs", bytes.len())));
     }
-    let mut previous: Option<Key> = None;
-    let mut ordered = true;
-    let pairs: Vec<(Key, Value)> = bytes
-        .chunks_exact(PAIR_LEN)
-        .map(|pair| {
-            let (key, value) = unpack_pair(pair);
-            ordered &= previous.is_none_or(|previous| previous < key);
-            previous = Some(key);
-            (key, value)
-        })
-        .collect();
-    if !ordered {
-        let (previous, key) = pairs
-            .windows(2)
-            .map(|pair| (pair[0].0, pair[1].0))
-            .find(|(previous, key)| previous >= key)
-            .expect("a key is not above the one before it");
+    let mut pairs = vec![[0u64; 2]; bytes.len() / PAIR_LEN];
+    if cfg!(target_endian = "little") {
+        zerocopy::IntoBytes::as_mut_bytes(pairs.as_mut_slice()).copy_from_slice(bytes);
+    } else {
+        for (pair, packed) in pairs.iter_mut().zip(bytes.chunks_exact(PAIR_LEN)) {
+            let (key, value) = unpack_pair(packed);
+            *pair = [key, value];
+        }
+    }
+    if let Some(out_of_order) = pairs.windows(2).find(|pair| pair[0][0] >= pair[1][0]) {
+        let (previous, key) = (out_of_order[0][0], out_of_order[1][0]);
         return Err(E::custom(format_args!("packed rows out of key order: {key} after {previous}")));
     }
     Ok(SortedRows(pairs))
@@ -468,13 +470,36 @@ pub struct BackupManifest {
 impl BackupManifest {
     /// The conventional object name of a tablet's bundle in a backup.
     pub fn object_name(backup_id: u64, tablet: TabletId) -> String {
-        format!("backups/{backup_id:06}/{}/{}.bundle", tablet.table, tablet.shard)
+        // `backups/{backup_id:06}/{table}/{shard}.bundle`, built without the formatting machinery: the checkers
+        // name every applied bundle this way.
+        let mut name = String::with_capacity(48);
+        name.push_str("backups/");
+        push_decimal(&mut name, backup_id, 6);
+        name.push_str("/t");
+        push_decimal(&mut name, u64::from(tablet.table.0), 1);
+        name.push_str("/shard-");
+        push_decimal(&mut name, u64::from(tablet.shard.0), 1);
+        name.push_str(".bundle");
+        name
     }
 
     /// The bundle object of `tablet`, if the manifest lists one.
     pub fn object(&self, tablet: TabletId) -> Option<&str> {
         self.tables.get(&tablet.table)?.get(tablet.shard.0 as usize).map(String::as_str)
     }
+}
+
+/// Appends `value` in decimal, zero-padded to at least `width` digits.
+fn push_decimal(out: &mut String, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while value > 0 || start == digits.len() {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    start = start.min(digits.len() - width.min(digits.len()));
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("decimal digits are ASCII"));
 }
 
 /// The backups a restore applies, in order: the newest full backup, then every later incremental.
@@ -623,6 +648,17 @@ impl RestoreChain {
 mod tests {
     use super::*;
 
+    #[test]
+    fn object_names_are_the_formatted_convention() {
+        for backup_id in [0, 1, 9, 10, 123_456, 999_999, 1_000_000, 987_654_321, u64::MAX] {
+            for (table, shard) in [(0, 0), (1, 7), (12, 345), (u32::MAX, u32::MAX)] {
+                let tablet = TabletId::new(table, shard);
+                let expected = format!("backups/{backup_id:06}/{}/{}.bundle", tablet.table, tablet.shard);
+                assert_eq!(BackupManifest::object_name(backup_id, tablet), expected);
+            }
+        }
+    }
+
     use proptest::prelude::*;
 
     /// A shard's state as far as its rows go: the rows behind an `Arc`, as a shard holds them.
@@ -738,7 +774,7 @@ mod tests {
         for changes in cases {
             let rows = SortedRows::from_changes(changes);
             assert_eq!(rows, applied_to_map(&Rows::new(), changes), "{changes:?}");
-            assert!(rows.as_slice().windows(2).all(|pair| pair[0].0 < pair[1].0), "{rows:?}");
+            assert!(rows.0.windows(2).all(|pair| pair[0][0] < pair[1][0]), "{rows:?}");
         }
     }
 
@@ -807,7 +843,7 @@ mod tests {
             let expected = applied_to_map(&base, &changes);
             let rows = SortedRows::from(&base).with_changes(&changes);
             prop_assert_eq!(&rows, &expected);
-            prop_assert!(rows.as_slice().windows(2).all(|pair| pair[0].0 < pair[1].0));
+            prop_assert!(rows.0.windows(2).all(|pair| pair[0][0] < pair[1][0]));
             prop_assert_eq!(SortedRows::from_changes(&changes), applied_to_map(&Rows::new(), &changes));
             let bytes = postcard::to_allocvec(&rows).unwrap();
             prop_assert_eq!(&bytes, &postcard::to_allocvec(&MapEncoding(&expected)).unwrap());
@@ -819,7 +855,7 @@ mod tests {
             keys in prop::collection::btree_set(0u64..64, 0..40),
             key in 0u64..70,
         ) {
-            let rows: Vec<(Key, Value)> = keys.iter().map(|&k| (k, 0)).collect();
+            let rows: Vec<[u64; 2]> = keys.iter().map(|&k| [k, 0]).collect();
             prop_assert_eq!(seek(&rows, key), keys.range(..key).count());
         }
     }
