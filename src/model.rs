@@ -111,6 +111,16 @@ impl SortedRows {
 fn merge(rows: &[[u64; 2]], changes: &[Change]) -> Vec<[u64; 2]> {
     let upserts = changes.iter().filter(|change| matches!(change, Change::Upsert { .. })).count();
     let mut merged = Vec::with_capacity(rows.len() + upserts);
+    if changes.len().saturating_mul(DENSE_CHANGES) >= rows.len() {
+        merge_linear(rows, changes, &mut merged);
+    } else {
+        merge_galloping(rows, changes, &mut merged);
+    }
+    merged
+}
+
+/// `merge` by galloping to each change's key, appending to `merged`.
+fn merge_galloping(rows: &[[u64; 2]], changes: &[Change], merged: &mut Vec<[u64; 2]>) {
     let mut rest = rows;
     for change in changes {
         let key = change.key();
@@ -125,7 +135,26 @@ fn merge(rows: &[[u64; 2]], changes: &[Change]) -> Vec<[u64; 2]> {
         }
     }
     merged.extend_from_slice(rest);
-    merged
+}
+
+/// With at least one change per this many rows, `merge` walks both lists side by side: between changes that
+/// close together, galloping and copying runs cost more than looking at each row once.
+const DENSE_CHANGES: usize = 8;
+
+/// `merge` by one pass over both lists, appending to `merged`.
+fn merge_linear(rows: &[[u64; 2]], changes: &[Change], merged: &mut Vec<[u64; 2]>) {
+    let mut rows = rows.iter().copied().peekable();
+    for change in changes {
+        let key = change.key();
+        while let Some(row) = rows.next_if(|row| row[0] < key) {
+            merged.push(row);
+        }
+        rows.next_if(|row| row[0] == key);
+        if let Change::Upsert { key, value } = *change {
+            merged.push([key, value]);
+        }
+    }
+    merged.extend(rows);
 }
 
 /// The number of pairs at the front of `rows` whose key is below `key`: probes at 1, 2, 4, ... pairs from the
@@ -848,6 +877,25 @@ mod tests {
             let bytes = postcard::to_allocvec(&rows).unwrap();
             prop_assert_eq!(&bytes, &postcard::to_allocvec(&MapEncoding(&expected)).unwrap());
             prop_assert_eq!(postcard::from_bytes::<SortedRows>(&bytes).unwrap(), rows);
+        }
+
+        #[test]
+        fn the_linear_and_the_galloping_merge_agree(
+            keys in prop::collection::btree_set(0u64..400, 0..200),
+            mut changes in prop::collection::vec(
+                prop_oneof![
+                    3 => (0u64..420, any::<u64>()).prop_map(|(key, value)| upsert(key, value)),
+                    1 => (0u64..420).prop_map(delete),
+                ],
+                0..40,
+            ),
+        ) {
+            sort_keeping_last(&mut changes, Change::key);
+            let rows: Vec<[u64; 2]> = keys.iter().map(|&k| [k, k + 1]).collect();
+            let (mut linear, mut galloping) = (Vec::new(), Vec::new());
+            merge_linear(&rows, &changes, &mut linear);
+            merge_galloping(&rows, &changes, &mut galloping);
+            prop_assert_eq!(linear, galloping);
         }
 
         #[test]
