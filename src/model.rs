@@ -143,18 +143,23 @@ const DENSE_CHANGES: usize = 8;
 
 /// `merge` by one pass over both lists, appending to `merged`.
 fn merge_linear(rows: &[[u64; 2]], changes: &[Change], merged: &mut Vec<[u64; 2]>) {
-    let mut rows = rows.iter().copied().peekable();
+    let mut at = 0;
     for change in changes {
         let key = change.key();
-        while let Some(row) = rows.next_if(|row| row[0] < key) {
+        while let Some(&row) = rows.get(at)
+            && row[0] < key
+        {
             merged.push(row);
+            at += 1;
         }
-        rows.next_if(|row| row[0] == key);
+        if rows.get(at).is_some_and(|row| row[0] == key) {
+            at += 1;
+        }
         if let Change::Upsert { key, value } = *change {
             merged.push([key, value]);
         }
     }
-    merged.extend(rows);
+    merged.extend_from_slice(&rows[at..]);
 }
 
 /// The number of pairs at the front of `rows` whose key is below `key`: probes at 1, 2, 4, ... pairs from the
