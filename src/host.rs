@@ -500,3 +500,69 @@ impl<T> Timers<T> {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::AtomicUsize;
+
+    /// Pending until opened; counts its polls and keeps the last waker it was given.
+    #[derive(Default)]
+    struct Probe {
+        open: Cell<bool>,
+        polls: Cell<u32>,
+        waker: RefCell<Option<Waker>>,
+    }
+
+    struct ProbeFuture(Rc<Probe>, u32);
+
+    impl Future for ProbeFuture {
+        type Output = u32;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+            self.0.polls.set(self.0.polls.get() + 1);
+            if self.0.open.get() {
+                return Poll::Ready(self.1);
+            }
+            *self.0.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Counts the wake-ups of the task.
+    struct TaskWakes(AtomicUsize);
+
+    impl Wake for TaskWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn only_woken_downloads_are_polled_and_a_finished_one_wakes_nobody() {
+        let task = Arc::new(TaskWakes(AtomicUsize::new(0)));
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (a, b) = (Rc::new(Probe::default()), Rc::new(Probe::default()));
+        let mut futures = vec![Woken::new(ProbeFuture(a.clone(), 1)), Woken::new(ProbeFuture(b.clone(), 2))];
+
+        assert!(first_ready(&mut futures, &mut cx).is_pending());
+        assert_eq!((a.polls.get(), b.polls.get()), (1, 1), "a first poll reaches every future");
+        assert!(first_ready(&mut futures, &mut cx).is_pending());
+        assert_eq!((a.polls.get(), b.polls.get()), (1, 1), "nothing was woken, nothing is polled");
+        assert_eq!(task.0.load(Ordering::Relaxed), 0, "polling pending futures wakes nobody");
+
+        b.open.set(true);
+        b.waker.borrow_mut().take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1, "a future's wake-up wakes the task");
+        assert_eq!(first_ready(&mut futures, &mut cx), Poll::Ready(2));
+        assert_eq!((a.polls.get(), b.polls.get()), (1, 2), "only the woken future was polled");
+        assert_eq!(futures.len(), 1, "the ready future left the list");
+
+        let stale = a.waker.borrow_mut().take().unwrap();
+        futures.clear();
+        stale.wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1, "a dropped future's waker wakes nobody");
+    }
+}

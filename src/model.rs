@@ -913,6 +913,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_chain_is_written_as_its_own_encoding_and_read_back_whole() {
+        let catalog = vec![manifest(1, BackupKind::Full, 10), manifest(2, BackupKind::Incremental, 20)];
+        let chain = RestoreChain::plan(&catalog, &[table(0, 1)]).unwrap();
+        let bytes = postcard::to_allocvec(&chain).unwrap();
+        let inner = postcard::to_allocvec(chain.backups()).unwrap();
+        // A byte string: its length, then the manifests' own encoding.
+        assert_eq!(bytes[0] as usize, inner.len());
+        assert_eq!(&bytes[1..], &inner[..]);
+        let read: RestoreChain = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(read, chain);
+        assert_eq!(postcard::to_allocvec(&read).unwrap(), bytes, "a chain read back writes the same bytes");
+        // Written twice, the second from the kept encoding.
+        assert_eq!(postcard::to_allocvec(&chain).unwrap(), bytes);
+
+        let mut garbage = bytes.clone();
+        garbage.truncate(bytes.len() - 3);
+        garbage[0] = (garbage.len() - 1) as u8;
+        let error = postcard::from_bytes::<RestoreChain>(&garbage).unwrap_err();
+        assert!(matches!(error, postcard::Error::SerdeDeCustom), "{error:?}");
+    }
+
     fn manifest(backup_id: u64, kind: BackupKind, taken_at_ms: u64) -> BackupManifest {
         BackupManifest {
             backup_id,
