@@ -139,8 +139,8 @@ pub enum LifecycleError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CoordinatorDurable {
     pub generation: Generation,
-    /// Every operation not forgotten, running or finished. Shared with the persist outputs instead of copied:
-    /// the host is done with a persisted state before the next input, so a later change copies nothing either.
+    /// Every operation not forgotten, running or finished. Shared with the persist outputs instead of copied; a
+    /// change copies them only while an output still holds them (a host is done with one before the next input).
     pub operations: Arc<BTreeMap<OperationId, Operation>>,
     /// The state of every target table a restore has touched.
     pub tables: BTreeMap<TableId, TableState>,

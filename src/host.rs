@@ -374,12 +374,11 @@ impl<F: Future> Future for Within<F> {
 
 /// `future`, polled only on its first poll and after its own waker was woken.
 ///
-/// A host's loop waits on several things at once, and its task wakes for any of them. Under madsim every poll
-/// of a pending `Sleep` (inside a send, a sync, or a receive's simulated latency) registers another timer, which
-/// later wakes the task once more for nothing: re-polling every part on every wake-up piles up timers and
-/// wake-ups. Each part that waits on its own is wrapped in one of these, so it is polled only when what it
-/// waits for has moved. (Downloads get the same from `FuturesUnordered`; the timer queue polls its sleep once
-/// per deadline.)
+/// A host's loop waits on several things at once (the frame receive, each download, the timer queue), and its
+/// task wakes for any of them. Re-polling a part that has not moved costs a poll for nothing and, under madsim,
+/// may register one more timer (every poll of a pending `Sleep` does), which later wakes the task again. The
+/// frame receive and each download are wrapped in one of these, so each is polled only when what it waits for
+/// has moved; the timer queue polls its sleep once per deadline.
 struct Woken<F> {
     future: F,
     flag: Arc<WakeFlag>,
