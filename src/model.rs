@@ -32,6 +32,7 @@ pub type Rows = BTreeMap<Key, Value>;
 /// `Hash` feeds the hasher exactly what the [`Rows`] of the same pairs feeds it (the length, then each key and
 /// value), and `Debug` prints it the same way too, so fingerprints and printed states do not depend on which of
 /// the two holds the rows.
+///
 /// In memory a pair is `[key, value]`: on a little-endian machine the vector's bytes are then the serde form
 /// as they are, and encoding is one copy.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -104,10 +105,11 @@ impl SortedRows {
     }
 }
 
-/// Merges `changes`, in strictly increasing key order, into `rows`: each change's key is found by galloping from
-/// where the previous one was, and the rows between two changes are copied as one slice. That costs
-/// O(m log(n/m)) comparisons for m changes to n rows, never much more than a linear merge or a binary search
-/// per change, and one copy of every row that stays.
+/// Merges `changes`, in strictly increasing key order, into `rows`, with one copy of every row that stays.
+///
+/// Sparse changes (fewer than one per [`DENSE_CHANGES`] rows) gallop: each change's key is found by probing
+/// from where the previous one was, and the rows between two changes are copied as one slice, O(m log(n/m))
+/// comparisons for m changes to n rows. Dense changes walk both lists side by side, one comparison per row.
 fn merge(rows: &[[u64; 2]], changes: &[Change]) -> Vec<[u64; 2]> {
     let upserts = changes.iter().filter(|change| matches!(change, Change::Upsert { .. })).count();
     let mut merged = Vec::with_capacity(rows.len() + upserts);
