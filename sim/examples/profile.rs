@@ -4,7 +4,8 @@
 //!
 //! `profile generate N`: only build the worlds of seeds `0..N`;
 //! `profile world N`: build them and run each once, printing the messages they sent;
-//! `profile bare N`: build and run them, then run the bare exchange of the same messages per seed.
+//! `profile bare N`: build and run them, then run the bare exchange of the same messages per seed;
+//! `profile rounds N R`: then R rounds of both in alternation, as the benchmark measures them.
 
 #[cfg(not(madsim))]
 fn main() {
@@ -18,18 +19,19 @@ static ALLOCATOR: lockstep_sim::alloc::Allocator = lockstep_sim::alloc::Allocato
 
 #[cfg(madsim)]
 fn main() {
-    use lockstep_sim::runner::run_world;
-    use lockstep_sim::standard::{bare_exchange, standard_worlds};
+    use lockstep_sim::standard::standard_worlds;
 
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mode, seeds) = match args.as_slice() {
-        [mode, seeds] => match seeds.parse::<u64>() {
-            Ok(seeds) if seeds > 0 => (mode.as_str(), seeds),
-            _ => usage(&format!("seed count {seeds:?} is not a positive whole number")),
-        },
-        _ => usage("expected two arguments"),
+    let number = |text: &str, what: &str| match text.parse::<u64>() {
+        Ok(n) if n > 0 => n,
+        _ => usage(&format!("{what} {text:?} is not a positive whole number")),
     };
-    if !["generate", "world", "bare"].contains(&mode) {
+    let (mode, seeds, rounds) = match args.as_slice() {
+        [mode, seeds] => (mode.as_str(), number(seeds, "seed count"), 1),
+        [mode, seeds, rounds] if mode == "rounds" => (mode.as_str(), number(seeds, "seed count"), number(rounds, "round count")),
+        _ => usage("expected two arguments, or three for rounds"),
+    };
+    if !["generate", "world", "bare", "rounds"].contains(&mode) {
         usage(&format!("unknown mode {mode:?}"));
     }
     let worlds = standard_worlds(seeds);
@@ -37,25 +39,63 @@ fn main() {
         println!("{} worlds built", worlds.len());
         return;
     }
-    let mut per_seed = Vec::with_capacity(worlds.len());
-    for world in &worlds {
-        let outcome = run_world(world.clone(), false);
-        if !outcome.violations.is_empty() || outcome.panic.is_some() {
-            eprintln!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic);
-            std::process::exit(1);
-        }
-        per_seed.push(outcome.messages);
+    let (world_s, per_seed) = timed(|| run_worlds(&worlds));
+    let messages = per_seed.iter().sum::<u64>();
+    println!("messages {messages}");
+    println!("world seconds {world_s:.3}, {:.0} messages/s", messages as f64 / world_s);
+    if mode == "world" {
+        return;
     }
-    println!("messages {}", per_seed.iter().sum::<u64>());
-    if mode == "bare" {
-        for (seed, messages) in per_seed.iter().enumerate() {
-            bare_exchange(seed as u64, *messages);
-        }
+    let (bare_s, ()) = timed(|| run_bare(&per_seed));
+    println!("bare seconds {bare_s:.3}, {:.0} messages/s", messages as f64 / bare_s);
+    if mode == "rounds" {
+        // The benchmark's alternating rounds, for a wall-clock profile of the steady state it measures.
+        let mut ratios: Vec<f64> = (0..rounds)
+            .map(|_| {
+                let (world_s, _) = timed(|| run_worlds(&worlds));
+                let (bare_s, ()) = timed(|| run_bare(&per_seed));
+                bare_s / world_s
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!("ratio {:.2}, median of {rounds} alternating rounds", ratios[ratios.len() / 2]);
+    }
+}
+
+/// Seconds `f` took, and what it returned.
+#[cfg(madsim)]
+fn timed<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let began = std::time::Instant::now();
+    let value = f();
+    (began.elapsed().as_secs_f64(), value)
+}
+
+/// Runs each world once; returns the messages each sent.
+#[cfg(madsim)]
+fn run_worlds(worlds: &[std::sync::Arc<lockstep_sim::world::World>]) -> Vec<u64> {
+    worlds
+        .iter()
+        .map(|world| {
+            let outcome = lockstep_sim::runner::run_world(world.clone(), false);
+            if !outcome.violations.is_empty() || outcome.panic.is_some() {
+                eprintln!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic);
+                std::process::exit(1);
+            }
+            outcome.messages
+        })
+        .collect()
+}
+
+/// The bare exchange of each seed's messages.
+#[cfg(madsim)]
+fn run_bare(per_seed: &[u64]) {
+    for (seed, messages) in per_seed.iter().enumerate() {
+        lockstep_sim::standard::bare_exchange(seed as u64, *messages);
     }
 }
 
 #[cfg(madsim)]
 fn usage(problem: &str) -> ! {
-    eprintln!("{problem}\nusage: profile generate|world|bare SEEDS");
+    eprintln!("{problem}\nusage: profile generate|world|bare SEEDS, or profile rounds SEEDS ROUNDS");
     std::process::exit(2);
 }
