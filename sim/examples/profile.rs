@@ -28,7 +28,9 @@ fn main() {
     };
     let (mode, seeds, rounds) = match args.as_slice() {
         [mode, seeds] => (mode.as_str(), number(seeds, "seed count"), 1),
-        [mode, seeds, rounds] if mode == "rounds" => (mode.as_str(), number(seeds, "seed count"), number(rounds, "round count")),
+        [mode, seeds, rounds] if mode == "rounds" => {
+            (mode.as_str(), number(seeds, "seed count"), number(rounds, "round count"))
+        }
         _ => usage("expected two arguments, or three for rounds"),
     };
     if !["generate", "world", "bare", "rounds"].contains(&mode) {
