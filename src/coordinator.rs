@@ -571,7 +571,7 @@ impl Coordinator {
                 let answer = self.on_client_call(now_ms, request.call, &mut out);
                 // After the outputs of the call: a start or forget is answered once its state is durable.
                 let reply = ClientReply { call_id: request.call_id, answer };
-                out.push(Output::Send { to: NodeAddr::Client, msg: Message::ClientReply(reply) });
+                out.push(Output::Send { to: NodeAddr::Client, msg: Message::ClientReply(Box::new(reply)) });
             }
             // Apply requests and client answers are not for the coordinator, and a reply must come from the
             // tablet it speaks for.

@@ -39,7 +39,9 @@ pub enum Message {
     Apply(ApplyRequest),
     Reply(ApplyReply),
     Client(ClientRequest),
-    ClientReply(ClientReply),
+    /// Boxed: rare, and by far the largest, it would set the size of every message (and of every event the
+    /// simulator logs) otherwise.
+    ClientReply(Box<ClientReply>),
 }
 
 /// A lifecycle call from a client. Clients retry until answered: a start is idempotent by operation id.
@@ -263,7 +265,8 @@ impl fmt::Display for Message {
                     ClientCall::Forget { op } => write!(f, "forget op={op}"),
                 }
             }
-            Message::ClientReply(ClientReply { call_id, answer }) => {
+            Message::ClientReply(reply) => {
+                let ClientReply { call_id, answer } = &**reply;
                 write!(f, "answer {call_id}: ")?;
                 match answer {
                     ClientAnswer::Started { op } => write!(f, "started op={op}"),

@@ -368,7 +368,7 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
         match walker.answers.get(&call_id) {
             None => push(violations, Invariant::Liveness, format!("client call {call_id} was never answered")),
             Some(answer) if !planned.expect.accepts(answer) => {
-                let got = Message::ClientReply(ClientReply { call_id, answer: answer.clone() });
+                let got = Message::ClientReply(Box::new(ClientReply { call_id, answer: answer.clone() }));
                 let detail = format!("client call {call_id} expected {}, got {got}", planned.expect);
                 push(violations, Invariant::ExpectedOutcome, detail);
             }
@@ -438,7 +438,7 @@ mod tests {
     }
 
     fn answer(call_id: u64, answer: ClientAnswer) -> Event {
-        let msg = Message::ClientReply(ClientReply { call_id, answer });
+        let msg = Message::ClientReply(Box::new(ClientReply { call_id, answer }));
         event(NodeAddr::Client, HostEvent::Received { from: NodeAddr::Coordinator, msg })
     }
 
