@@ -184,14 +184,19 @@ mod bench {
         println!("ratio to the one-runtime exchange: {:.2}", world_rate / long_rate);
 
         let seeds = 2_000;
-        // Best of 3 for each, the two run in alternation so that a busy spell of the machine does not fall on one.
+        // Best of 5 for each, the two run in alternation so that a busy spell of the machine does not fall on one.
+        // On a shared 2-core machine a single pair of runs puts the speed-up anywhere between about 1.5 and 2.0:
+        // `--jobs 2` needs the second core free, and other tenants take it now and then.
+        const SWEEP_ROUNDS: usize = 5;
         let (mut one, mut two) = (0.0f64, 0.0f64);
-        for _ in 0..3 {
+        for _ in 0..SWEEP_ROUNDS {
             one = one.max(sweep(seeds, 1).seeds_per_second());
             two = two.max(sweep(seeds, 2).seeds_per_second());
         }
         let speedup = two / one;
-        println!("sweep of {seeds} seeds, best of 3: --jobs 1 {one:.0} seeds/s, --jobs 2 {two:.0} seeds/s");
+        println!(
+            "sweep of {seeds} seeds, best of {SWEEP_ROUNDS}: --jobs 1 {one:.0} seeds/s, --jobs 2 {two:.0} seeds/s"
+        );
         println!("speed-up {speedup:.2} (target >= 1.80): {}", verdict(speedup >= 1.8));
 
         let small = peak_bytes_of(500);
