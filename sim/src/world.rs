@@ -455,7 +455,7 @@ impl Workload {
     }
 }
 
-/// [`index_rows`] of rows in key order, in key order.
+/// [`index_rows`] of rows held as pairs in key order; the index rows come back in key order too.
 fn index_pairs(rows: &[(Key, Value)]) -> Vec<(Key, Value)> {
     let mut index: Vec<(Key, Value)> =
         rows.iter().map(|&(key, value)| ((value << 32) | (key & 0xffff_ffff), key)).collect();
