@@ -27,8 +27,7 @@ mod bench {
     use std::time::{Duration, Instant};
 
     use criterion::{Criterion, Throughput};
-    use lockstep_sim::runner::run_world;
-    use lockstep_sim::standard::{bare_exchange, standard_worlds};
+    use lockstep_sim::standard::{bare_exchange, bare_exchange_per_seed, standard_worlds};
     use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
     use lockstep_sim::world::{World, WorldParams};
 
@@ -71,21 +70,7 @@ mod bench {
 
     /// Runs the standard worlds; returns the messages each sent.
     fn run_standard(worlds: &[Arc<World>]) -> Vec<u64> {
-        worlds
-            .iter()
-            .map(|world| {
-                let outcome = run_world(world.clone(), false);
-                assert!(outcome.violations.is_empty(), "seed {}: {:?}", world.seed, outcome.violations);
-                outcome.messages
-            })
-            .collect()
-    }
-
-    /// The bare exchange of each seed's messages, one fresh runtime per seed.
-    fn bare_exchange_per_seed(per_seed: &[u64]) {
-        for (seed, messages) in per_seed.iter().enumerate() {
-            bare_exchange(seed as u64, *messages);
-        }
+        lockstep_sim::standard::run_standard(worlds).expect("the standard worlds pass")
     }
 
     fn benches(c: &mut Criterion, worlds: &[Arc<World>], per_seed: &[u64]) {

@@ -19,7 +19,7 @@ static ALLOCATOR: lockstep_sim::alloc::Allocator = lockstep_sim::alloc::Allocato
 
 #[cfg(madsim)]
 fn main() {
-    use lockstep_sim::standard::standard_worlds;
+    use lockstep_sim::standard::{bare_exchange_per_seed, standard_worlds};
 
     let args: Vec<String> = std::env::args().skip(1).collect();
     let number = |text: &str, what: &str| match text.parse::<u64>() {
@@ -48,14 +48,14 @@ fn main() {
     if mode == "world" {
         return;
     }
-    let (bare_s, ()) = timed(|| run_bare(&per_seed));
+    let (bare_s, ()) = timed(|| bare_exchange_per_seed(&per_seed));
     println!("bare seconds {bare_s:.3}, {:.0} messages/s", messages as f64 / bare_s);
     if mode == "rounds" {
         // The benchmark's alternating rounds, for a wall-clock profile of the steady state it measures.
         let mut ratios: Vec<f64> = (0..rounds)
             .map(|_| {
                 let (world_s, _) = timed(|| run_worlds(&worlds));
-                let (bare_s, ()) = timed(|| run_bare(&per_seed));
+                let (bare_s, ()) = timed(|| bare_exchange_per_seed(&per_seed));
                 bare_s / world_s
             })
             .collect();
@@ -72,28 +72,13 @@ fn timed<T>(f: impl FnOnce() -> T) -> (f64, T) {
     (began.elapsed().as_secs_f64(), value)
 }
 
-/// Runs each world once; returns the messages each sent.
+/// Runs each world once; returns the messages each sent. A seed that fails ends the program.
 #[cfg(madsim)]
 fn run_worlds(worlds: &[std::sync::Arc<lockstep_sim::world::World>]) -> Vec<u64> {
-    worlds
-        .iter()
-        .map(|world| {
-            let outcome = lockstep_sim::runner::run_world(world.clone(), false);
-            if !outcome.violations.is_empty() || outcome.panic.is_some() {
-                eprintln!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic);
-                std::process::exit(1);
-            }
-            outcome.messages
-        })
-        .collect()
-}
-
-/// The bare exchange of each seed's messages.
-#[cfg(madsim)]
-fn run_bare(per_seed: &[u64]) {
-    for (seed, messages) in per_seed.iter().enumerate() {
-        lockstep_sim::standard::bare_exchange(seed as u64, *messages);
-    }
+    lockstep_sim::standard::run_standard(worlds).unwrap_or_else(|failure| {
+        eprintln!("{failure}");
+        std::process::exit(1);
+    })
 }
 
 #[cfg(madsim)]

@@ -29,6 +29,27 @@ pub fn standard_worlds(seeds: u64) -> Vec<Arc<World>> {
     (0..seeds).map(|seed| Arc::new(World::generate(seed, &standard_params()))).collect()
 }
 
+/// Runs each standard world once; returns the messages each sent, or names the first seed that did not pass.
+pub fn run_standard(worlds: &[Arc<World>]) -> Result<Vec<u64>, String> {
+    worlds
+        .iter()
+        .map(|world| {
+            let outcome = crate::runner::run_world(world.clone(), false);
+            if !outcome.violations.is_empty() || outcome.panic.is_some() {
+                return Err(format!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic));
+            }
+            Ok(outcome.messages)
+        })
+        .collect()
+}
+
+/// The bare exchange of each seed's messages (`per_seed[seed]`), one fresh runtime per seed.
+pub fn bare_exchange_per_seed(per_seed: &[u64]) {
+    for (seed, messages) in per_seed.iter().enumerate() {
+        bare_exchange(seed as u64, *messages);
+    }
+}
+
 /// A bare madsim exchange: 6 nodes, each pinging its neighbour and answering pings, `messages` in all (one
 /// more when `messages` is odd), in a fresh runtime on a fresh thread (as the simulator runs each seed).
 pub fn bare_exchange(seed: u64, messages: u64) {
