@@ -181,22 +181,45 @@ pub struct Operation {
 impl Operation {
     /// Every tablet of the operation, table by table, each table followed by its indexes.
     pub fn tablets(&self) -> Vec<TabletId> {
-        let mut ordered: Vec<&TableSpec> = Vec::with_capacity(self.tables.len());
-        for table in self.tables.iter().filter(|t| t.index_of.is_none()) {
-            ordered.push(table);
-            ordered.extend(self.tables.iter().filter(|t| t.index_of == Some(table.id)));
-        }
-        ordered.iter().flat_map(|t| t.tablets()).collect()
+        self.tablets_with_group().map(|(tablet, _)| tablet).collect()
+    }
+
+    /// [`Operation::tablets`] in the same order, each with the table it is restored with (its own table, or the
+    /// table its index belongs to).
+    fn tablets_with_group(&self) -> impl Iterator<Item = (TabletId, TableId)> + '_ {
+        let ordered = self.tables.iter().filter(|t| t.index_of.is_none()).flat_map(move |table| {
+            std::iter::once(table).chain(self.tables.iter().filter(move |t| t.index_of == Some(table.id)))
+        });
+        ordered.flat_map(|table| {
+            let group = table.group();
+            table.tablets().map(move |tablet| (tablet, group))
+        })
     }
 
     pub fn tablet_count(&self) -> usize {
         self.tables.iter().map(|t| t.shard_count as usize).sum()
     }
+}
 
-    /// The table a tablet is restored with: its own table, or the table its index belongs to.
-    fn group_of(&self, tablet: TabletId) -> TableId {
-        self.tables.iter().find(|t| t.id == tablet.table).map_or(tablet.table, TableSpec::group)
-    }
+/// One table and the indexes restored with it, as [`Coordinator::dispatch`] sees them.
+struct GroupState {
+    group: TableId,
+    /// Every tablet of the group is done with the current increment.
+    all_done: bool,
+    /// Work is under way: some tablet done, in flight or backing off, and not every tablet done.
+    active: bool,
+}
+
+/// The state of `group` among `groups`, added (every tablet done, nothing under way) when it is not there yet.
+fn group_state(groups: &mut Vec<GroupState>, group: TableId) -> &mut GroupState {
+    let at = match groups.iter().position(|g| g.group == group) {
+        Some(at) => at,
+        None => {
+            groups.push(GroupState { group, all_done: true, active: false });
+            groups.len() - 1
+        }
+    };
+    &mut groups[at]
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -772,28 +795,25 @@ impl Coordinator {
         let generation = self.durable.generation;
         let operation = self.durable.operations.get(&op)?;
         let OperationStatus::Running(running) = &operation.status else { return None };
-        let tablets = operation.tablets();
         let mut earliest_retry: Option<u64> = None;
         let mut to_send = Vec::new();
         let mut free = (self.config.max_in_flight_shards as usize).saturating_sub(self.in_flight.len());
-        // Tables with work under way: some tablet done, in flight or backing off, and not every tablet done.
-        let mut active: BTreeSet<TableId> = BTreeSet::new();
-        let mut complete: BTreeMap<TableId, bool> = BTreeMap::new();
-        for tablet in &tablets {
-            let group = operation.group_of(*tablet);
-            let all_done = complete.entry(group).or_insert(true);
-            *all_done &= running.done.contains(tablet);
+        // A few tables per operation: a list searched by id beats a map here.
+        let mut groups: Vec<GroupState> = Vec::with_capacity(operation.tables.len());
+        for (tablet, group) in operation.tablets_with_group() {
+            let done = running.done.contains(&tablet);
+            let started = done
+                || self.in_flight.get(&tablet).is_some_and(|f| f.op == op)
+                || running.retries.contains_key(&tablet);
+            let state = group_state(&mut groups, group);
+            state.all_done &= done;
+            state.active |= started;
         }
-        for tablet in &tablets {
-            let started = running.done.contains(tablet)
-                || self.in_flight.get(tablet).is_some_and(|f| f.op == op)
-                || running.retries.contains_key(tablet);
-            let group = operation.group_of(*tablet);
-            if started && !complete[&group] {
-                active.insert(group);
-            }
+        for state in &mut groups {
+            state.active &= !state.all_done;
         }
-        for tablet in tablets {
+        let mut active = groups.iter().filter(|g| g.active).count();
+        for (tablet, group) in operation.tablets_with_group() {
             if running.done.contains(&tablet) || self.in_flight.contains_key(&tablet) {
                 continue;
             }
@@ -803,12 +823,13 @@ impl Coordinator {
                 earliest_retry = Some(earliest_retry.map_or(retry.not_before_ms, |t| t.min(retry.not_before_ms)));
                 continue;
             }
-            let group = operation.group_of(tablet);
-            if !active.contains(&group) {
-                if active.len() >= self.config.max_in_flight_tables as usize {
+            let state = group_state(&mut groups, group);
+            if !state.active {
+                if active >= self.config.max_in_flight_tables as usize {
                     continue;
                 }
-                active.insert(group);
+                state.active = true;
+                active += 1;
             }
             if free == 0 {
                 break;
@@ -818,11 +839,10 @@ impl Coordinator {
         }
         if has(&self.config, CoordinatorBug::TablesRunAhead) && running.increment < running.chain.last_index() {
             // The bug: a table whose tablets are all done with k moves on to k+1 at once.
-            for (group, all_done) in &complete {
-                if !*all_done {
-                    continue;
-                }
-                for tablet in operation.tablets().into_iter().filter(|t| operation.group_of(*t) == *group) {
+            let mut complete: Vec<TableId> = groups.iter().filter(|g| g.all_done).map(|g| g.group).collect();
+            complete.sort_unstable();
+            for group in complete {
+                for (tablet, _) in operation.tablets_with_group().filter(|(_, g)| *g == group) {
                     if self.ran_ahead.insert((op, tablet, running.increment + 1)) {
                         to_send.push((tablet, running.increment + 1));
                     }
