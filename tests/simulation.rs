@@ -171,3 +171,35 @@ fn a_sweep_writes_junit_with_a_failing_case_per_broken_invariant_and_seed() {
     assert!(xml.contains(&format!("reproduce: cargo sim repro --seed {first} --bug skip-checksum")), "{xml}");
     assert!(!xml.contains("<failure message=\"\""), "every failure has a message");
 }
+
+/// `cargo sim run` with these arguments: its exit code and its output without the two lines that name the jobs
+/// and the wall time.
+fn cli_sweep(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("the simulator runs");
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).expect("utf-8 output");
+    let kept: String = text
+        .lines()
+        .filter(|line| !line.starts_with("lockstep sweep:") && !line.starts_with("time "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    (output.status.code(), kept)
+}
+
+#[test]
+fn a_sweep_over_worker_processes_prints_what_one_job_prints() {
+    for bug in [None, Some("skip-checksum")] {
+        let mut args = vec!["--seeds", "40", "--determinism-every", "10"];
+        args.extend(bug.map(|bug| ["--bug", bug]).into_iter().flatten());
+        let (one_code, one) = cli_sweep(&[args.as_slice(), &["--jobs", "1"]].concat());
+        let (three_code, three) = cli_sweep(&[args.as_slice(), &["--jobs", "3"]].concat());
+        assert_eq!(three, one);
+        assert_eq!(three_code, one_code);
+        assert_eq!(one_code, Some(if bug.is_some() { 1 } else { 0 }), "{one}");
+        assert!(one.contains("determinism      4 seed(s) rerun, 0 mismatch(es)"), "{one}");
+    }
+}

@@ -15,7 +15,7 @@ use crate::events::{Event, EventKind, SimNode};
 use crate::plan::OpExpect;
 use crate::world::World;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Invariant {
     /// Every tablet applies full, 1, 2, ... with no gap, no changing repeat, no regression across reboots, and no
     /// tablet of any table applies k+1 before every tablet of every table has durably applied k.

@@ -111,7 +111,7 @@ impl fmt::Display for FaultKind {
 }
 
 /// Per-kind counters, indexed by [`FaultKind`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FaultCounts([u64; FaultKind::ALL.len()]);
 
 impl FaultCounts {

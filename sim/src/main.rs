@@ -166,6 +166,13 @@ mod cli {
         /// file at the default path is skipped with a note.
         #[arg(long, default_value = DEFAULT_REGRESSIONS)]
         regressions: std::path::PathBuf,
+        /// Worker process of a sweep with several jobs: run part K of N of the seeds and report each seed on
+        /// standard output (see `lockstep_sim::sweep::serve_part`). Set by the sweep, not by hand.
+        #[arg(long, value_parser = shard_of, hide = true)]
+        worker: Option<(u64, u64)>,
+        /// With --worker: the part's first seeds already run by a worker that died.
+        #[arg(long, default_value_t = 0, hide = true, requires = "worker")]
+        skip: u64,
         #[command(flatten)]
         world: WorldArgs,
     }
@@ -469,7 +476,9 @@ mod cli {
             seeds = pinned.len() as u64;
         }
         if seeds == 0 {
-            println!("lockstep sweep: this shard has no seeds");
+            if args.worker.is_none() {
+                println!("lockstep sweep: this shard has no seeds");
+            }
             return 0;
         }
         let first = match regression_seeds(&args, &source) {
@@ -492,6 +501,16 @@ mod cli {
             eprintln!("error: --start {start} plus --seeds {seeds} runs past the last seed ({})", u64::MAX);
             return 2;
         };
+        if let Some((k, n)) = args.worker {
+            let part = lockstep_sim::sweep::Part { part: k - 1, parts: n, skip: args.skip };
+            return match lockstep_sim::sweep::serve_part(&config, part, &mut std::io::stdout().lock()) {
+                Ok(()) => 0,
+                Err(error) => {
+                    eprintln!("error: sweep worker {k}/{n} cannot report: {error}");
+                    2
+                }
+            };
+        }
         match &pinned {
             Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){}", args.world.as_flags()),
             None => {
@@ -506,7 +525,19 @@ mod cli {
             ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
                 .expect("the template is valid"),
         );
-        let summary = run_sweep(&config, &|done| bar.set_position(done));
+        let summary = match worker_command() {
+            Some(command) if jobs > 1 => {
+                match lockstep_sim::sweep::run_sweep_in_processes(&config, &command, &|done| bar.set_position(done)) {
+                    Ok(summary) => summary,
+                    Err(error) => {
+                        bar.finish_and_clear();
+                        eprintln!("error: {error}");
+                        return 2;
+                    }
+                }
+            }
+            _ => run_sweep(&config, &|done| bar.set_position(done)),
+        };
         bar.finish_and_clear();
         print_summary(&summary, &args);
         if let Some(path) = &args.junit {
@@ -582,6 +613,14 @@ mod cli {
     }
 
     /// The regression seeds to replay first: from the file for generated worlds, on part 1 of a split sweep.
+    /// This program with the arguments it was started with: a worker of a sweep takes the same arguments, so
+    /// it builds the very same sweep and runs its part of it. `None` (threads instead) when the program cannot
+    /// name its own file.
+    fn worker_command() -> Option<lockstep_sim::sweep::WorkerCommand> {
+        let program = std::env::current_exe().ok()?;
+        Some(lockstep_sim::sweep::WorkerCommand { program, args: std::env::args_os().skip(1).collect() })
+    }
+
     fn regression_seeds(args: &RunArgs, source: &WorldSource) -> Result<Vec<u64>, String> {
         let generated = matches!(source, WorldSource::Generated(_));
         let first_part = args.shard.is_none_or(|(k, _)| k == 1);
@@ -592,7 +631,10 @@ mod cli {
         match std::fs::read_to_string(path) {
             Ok(text) => lockstep_sim::sweep::parse_regression_seeds(&path.display().to_string(), &text),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound && path.as_os_str() == DEFAULT_REGRESSIONS => {
-                println!("note: no {DEFAULT_REGRESSIONS} here (run from the top of the workspace to replay it)");
+                // A worker's standard output carries its reports; its parent has said this already.
+                if args.worker.is_none() {
+                    println!("note: no {DEFAULT_REGRESSIONS} here (run from the top of the workspace to replay it)");
+                }
                 Ok(Vec::new())
             }
             Err(error) => Err(format!("cannot read {}: {error}", path.display())),

@@ -11,7 +11,7 @@ use lockstep::protocol::{ApplyOutcome, Message, NodeAddr, PersistNote, ShardFail
 
 use crate::events::{Event, EventKind, SimNode};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Probe {
     /// A ranged read started past offset 0: a download resumed after a short read.
     PartialDownloadResumed,

@@ -1,10 +1,25 @@
-//! Seed sweeps: many seeds over a pool of worker threads (one madsim runtime per seed), a determinism
-//! self-check on a sample of seeds, and a summary. Memory stays flat: only counts and failures are kept.
+//! Seed sweeps: many seeds over a pool of workers (one madsim runtime per seed, on a fresh thread), a
+//! determinism self-check on a sample of seeds, and a summary. Memory stays flat: only counts and failures are
+//! kept.
+//!
+//! Workers are threads of this process ([`run_sweep`]) or child processes ([`run_sweep_in_processes`], what
+//! `cargo sim run --jobs N` uses). Seed threads of one process share its address space, and every thread that
+//! ends returns its stack to the kernel, which then interrupts every other core running the process to flush
+//! its address translations; with both cores of a 2-core machine busy, two processes ran 1.2 times the seeds per
+//! second of two threads. A child process runs part K of N of the run order (every N-th seed from the K-th) and
+//! reports each seed's result on its standard output as soon as it has it ([`serve_part`]), so a worker that
+//! dies loses nothing but the seed it was running, which is reported as a crash; a new worker takes the rest.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{self, BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
@@ -97,7 +112,7 @@ pub fn parse_regression_seeds(file: &str, text: &str) -> Result<Vec<u64>, String
 }
 
 /// The kinds of failure, in order of severity; each has its own exit code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FailureClass {
     /// A safety invariant broke (wrong data, wrong order, false success, ...).
     Safety,
@@ -129,7 +144,7 @@ impl FailureClass {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeedFailure {
     pub seed: u64,
     pub class: FailureClass,
@@ -168,7 +183,7 @@ impl SeedFailure {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SweepSummary {
     pub seeds_run: u64,
     pub failures: Vec<SeedFailure>,
@@ -238,6 +253,59 @@ impl SweepSummary {
             self.failures.push(failure);
         }
     }
+
+    /// Counts one seed: its outcome, whether it was a regression seed, and its determinism check if it had one.
+    fn add_seed(
+        &mut self,
+        config: &SweepConfig,
+        seed: u64,
+        first: bool,
+        world: &World,
+        outcome: &SeedOutcome,
+        mismatch: Option<Option<String>>,
+    ) {
+        self.add(world, outcome, config.source.expect_violation());
+        self.regression_seeds += u64::from(first);
+        if let Some(mismatch) = mismatch {
+            self.determinism_checked += 1;
+            if let Some(line) = mismatch {
+                let class = FailureClass::Determinism;
+                let log_hash = outcome.log_hash;
+                self.failures.push(SeedFailure { seed, class, lines: vec![line], log_hash });
+            }
+        }
+    }
+
+    /// Counts a seed whose worker process died running it: a crash, like a seed whose thread panicked.
+    fn add_lost(&mut self, seed: u64, first: bool, why: String) {
+        self.seeds_run += 1;
+        self.regression_seeds += u64::from(first);
+        self.ended_unfinished += 1;
+        self.failures.push(SeedFailure { seed, class: FailureClass::Crash, lines: vec![why], log_hash: 0 });
+    }
+
+    /// Adds up `other`, a summary of other seeds; failures are sorted once the sweep is over.
+    fn merge(&mut self, other: SweepSummary) {
+        self.seeds_run += other.seeds_run;
+        self.failures.extend(other.failures);
+        for (invariant, count) in other.by_invariant {
+            *self.by_invariant.entry(invariant).or_default() += count;
+        }
+        self.faults.merge(&other.faults);
+        self.seeds_with_fault.merge(&other.seeds_with_fault);
+        self.determinism_checked += other.determinism_checked;
+        self.sim_ms += other.sim_ms;
+        self.messages += other.messages;
+        self.events += other.events;
+        self.lost_object_worlds += other.lost_object_worlds;
+        self.ended_done += other.ended_done;
+        self.ended_failed += other.ended_failed;
+        self.ended_unfinished += other.ended_unfinished;
+        for (probe, count) in other.probes {
+            *self.probes.entry(probe).or_default() += count;
+        }
+        self.regression_seeds += other.regression_seeds;
+    }
 }
 
 /// Runs the sweep; `progress` is called after every seed with the number done so far.
@@ -255,16 +323,7 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
                     let Some((seed, first)) = config.seed_at(index) else { return };
                     let (world, outcome, mismatch) = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
-                    summary.add(&world, &outcome, config.source.expect_violation());
-                    summary.regression_seeds += u64::from(first);
-                    if let Some(mismatch) = mismatch {
-                        summary.determinism_checked += 1;
-                        if let Some(line) = mismatch {
-                            let class = FailureClass::Determinism;
-                            let log_hash = outcome.log_hash;
-                            summary.failures.push(SeedFailure { seed, class, lines: vec![line], log_hash });
-                        }
-                    }
+                    summary.add_seed(config, seed, first, &world, &outcome, mismatch);
                     drop(summary);
                     progress(done.fetch_add(1, Ordering::Relaxed) + 1);
                 }
@@ -275,6 +334,185 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
     summary.failures.sort_by_key(|f| (f.seed, f.class));
     summary.wall = began.elapsed();
     summary
+}
+
+/// Part `part` (from 0) of `parts` of a sweep: every `parts`-th position of the run order from the `part`-th.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub part: u64,
+    pub parts: u64,
+    /// Seeds of the part already run elsewhere (by a worker that died): the part starts after them.
+    pub skip: u64,
+}
+
+impl Part {
+    /// Positions in the run order of the seeds of this part, skipped ones left out.
+    fn positions(self, config: &SweepConfig) -> impl Iterator<Item = u64> {
+        (self.part..config.total_seeds()).step_by(self.parts.max(1) as usize).skip(self.skip as usize)
+    }
+}
+
+/// A worker's report of one seed, on its standard output: this tag, the length of the encoded summary of that
+/// seed alone (4 bytes, little-endian), then the summary (postcard).
+const SEED_REPORT: u8 = b'R';
+
+/// The worker side of [`run_sweep_in_processes`]: runs `part` of `config`'s seeds one after the other and
+/// reports each on `out` as soon as it is done.
+pub fn serve_part(config: &SweepConfig, part: Part, out: &mut impl Write) -> io::Result<()> {
+    for index in part.positions(config) {
+        let (seed, first) = config.seed_at(index).expect("positions stay within the run order");
+        let (world, outcome, mismatch) = run_one(seed, config);
+        let mut summary = SweepSummary::default();
+        summary.add_seed(config, seed, first, &world, &outcome, mismatch);
+        let bytes = postcard::to_stdvec(&summary).map_err(io::Error::other)?;
+        let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
+        out.write_all(&[SEED_REPORT])?;
+        out.write_all(&len.to_le_bytes())?;
+        out.write_all(&bytes)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// How to start a worker process: `program` with `args`, to which each start adds `--worker K/N --skip M`
+/// (part K of N, counted from 1, after its first M seeds).
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// What a worker's reader tells the sweep.
+enum Report {
+    /// One seed's summary.
+    Seed(Box<SweepSummary>),
+    /// A worker could not be started at all: the sweep cannot go on.
+    Broken(String),
+}
+
+/// Runs the sweep in `config.jobs` worker processes started with `command`, each running one part of the seeds
+/// ([`serve_part`]); `progress` is called after every seed with the number done so far. The summary is the one
+/// [`run_sweep`] gives for the same seeds. Errs only when a worker cannot be started at all.
+pub fn run_sweep_in_processes(
+    config: &SweepConfig,
+    command: &WorkerCommand,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SweepSummary, String> {
+    let began = Instant::now();
+    let parts = (config.jobs.max(1) as u64).min(config.total_seeds()).max(1);
+    let (tx, rx) = mpsc::channel();
+    let mut summary = SweepSummary::default();
+    let mut broken = None;
+    std::thread::scope(|scope| {
+        for part in 0..parts {
+            let tx = tx.clone();
+            scope.spawn(move || run_part(config, command, part, parts, &tx));
+        }
+        drop(tx);
+        let mut done = 0;
+        for report in rx {
+            match report {
+                Report::Seed(seed) => {
+                    summary.merge(*seed);
+                    done += 1;
+                    progress(done);
+                }
+                Report::Broken(why) => broken = Some(why),
+            }
+        }
+    });
+    if let Some(why) = broken {
+        return Err(why);
+    }
+    summary.failures.sort_by_key(|f| (f.seed, f.class));
+    summary.wall = began.elapsed();
+    Ok(summary)
+}
+
+/// Runs part `part` of `parts` in a worker process, and in a new one after the seed a worker died on.
+fn run_part(config: &SweepConfig, command: &WorkerCommand, part: u64, parts: u64, tx: &mpsc::Sender<Report>) {
+    let total = Part { part, parts, skip: 0 }.positions(config).count() as u64;
+    let mut skip = 0;
+    while skip < total {
+        let spawned = Command::new(&command.program)
+            .args(&command.args)
+            .arg("--worker")
+            .arg(format!("{}/{parts}", part + 1))
+            .arg("--skip")
+            .arg(skip.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                let why = format!("cannot start a sweep worker ({}): {error}", command.program.display());
+                let _ = tx.send(Report::Broken(why));
+                return;
+            }
+        };
+        let stdout = child.stdout.take().expect("the worker's output is piped");
+        let (reported, trouble) = read_reports(stdout, tx);
+        if trouble.is_some() {
+            // It may be blocked writing more of what could not be read.
+            let _ = child.kill();
+        }
+        let status = child.wait();
+        skip += reported;
+        if skip >= total {
+            // Every seed of the part was reported.
+            return;
+        }
+        // The worker stopped before the end of its part: the seed it was running is lost, and counts as a crash.
+        let index = Part { part, parts, skip }.positions(config).next().expect("a seed is left");
+        let (seed, first) = config.seed_at(index).expect("positions stay within the run order");
+        let exit = match status {
+            Ok(status) => status.to_string(),
+            Err(error) => format!("unknown exit ({error})"),
+        };
+        let why = trouble.map_or(String::new(), |t| format!("; {t}"));
+        let mut lost = SweepSummary::default();
+        lost.add_lost(seed, first, format!("the worker process running this seed died: {exit}{why}"));
+        let _ = tx.send(Report::Seed(Box::new(lost)));
+        skip += 1;
+    }
+}
+
+/// Reads a worker's seed reports until its output ends; returns how many it sent, and what was wrong with the
+/// output if anything was.
+fn read_reports(stdout: impl Read, tx: &mpsc::Sender<Report>) -> (u64, Option<String>) {
+    let mut reader = io::BufReader::new(stdout);
+    let mut reported = 0;
+    loop {
+        let mut tag = [0u8; 1];
+        match reader.read(&mut tag) {
+            Ok(0) => return (reported, None),
+            Ok(_) => {}
+            Err(error) => return (reported, Some(format!("reading its output: {error}"))),
+        }
+        if tag[0] != SEED_REPORT {
+            let rest = String::from_utf8_lossy(reader.fill_buf().unwrap_or_default()).into_owned();
+            let text = format!("{}{}", tag[0] as char, rest.lines().next().unwrap_or_default());
+            return (reported, Some(format!("it wrote {text:?} where a seed report was due")));
+        }
+        let mut len = [0u8; 4];
+        let mut bytes = Vec::new();
+        let read = reader.read_exact(&mut len).and_then(|()| {
+            bytes.resize(u32::from_le_bytes(len) as usize, 0);
+            reader.read_exact(&mut bytes)
+        });
+        if let Err(error) = read {
+            return (reported, Some(format!("its output ended inside a seed report: {error}")));
+        }
+        match postcard::from_bytes::<SweepSummary>(&bytes) {
+            Ok(summary) => {
+                reported += 1;
+                let _ = tx.send(Report::Seed(Box::new(summary)));
+            }
+            Err(error) => return (reported, Some(format!("a seed report did not decode: {error}"))),
+        }
+    }
 }
 
 /// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
@@ -416,5 +654,87 @@ mod tests {
         let summary = run_sweep(&config, &|_| {});
         assert_eq!((summary.seeds_run, summary.regression_seeds), (4, 2));
         assert!(summary.failures.is_empty());
+    }
+
+    fn config(seeds: u64, jobs: usize) -> SweepConfig {
+        SweepConfig {
+            start: 100,
+            seeds,
+            pinned: None,
+            first: vec![7],
+            jobs,
+            source: WorldSource::Generated(WorldParams::default()),
+            determinism_every: 0,
+        }
+    }
+
+    #[test]
+    fn parts_share_out_the_run_order_exactly_and_skip_what_was_run() {
+        let config = config(9, 3);
+        let mut all: Vec<u64> =
+            (0..3).flat_map(|part| Part { part, parts: 3, skip: 0 }.positions(&config).collect::<Vec<_>>()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        let part = Part { part: 1, parts: 3, skip: 2 };
+        assert_eq!(part.positions(&config).collect::<Vec<_>>(), vec![7]);
+    }
+
+    #[test]
+    fn the_reports_of_every_part_add_up_to_the_summary_of_one_sweep() {
+        let config = config(5, 2);
+        let mut expected = run_sweep(&config, &|_| {});
+        let mut merged = SweepSummary::default();
+        for part in 0..2 {
+            let mut out = Vec::new();
+            serve_part(&config, Part { part, parts: 2, skip: 0 }, &mut out).expect("writes to memory");
+            let (tx, rx) = mpsc::channel();
+            let (reported, trouble) = read_reports(out.as_slice(), &tx);
+            drop(tx);
+            assert_eq!(trouble, None);
+            assert_eq!(reported, [3, 3][part as usize]);
+            for report in rx {
+                let Report::Seed(seed) = report else { panic!("only seed reports") };
+                merged.merge(*seed);
+            }
+        }
+        merged.failures.sort_by_key(|f| (f.seed, f.class));
+        (expected.wall, merged.wall) = (Duration::ZERO, Duration::ZERO);
+        assert_eq!(merged, expected);
+        assert_eq!(merged.seeds_run, 6);
+    }
+
+    /// A worker that prints `output` and exits with status 3, whatever it is asked.
+    fn failing_worker(output: &str) -> WorkerCommand {
+        let script = format!("printf '{output}'; exit 3");
+        WorkerCommand { program: "sh".into(), args: vec!["-c".into(), script.into(), "worker".into()] }
+    }
+
+    #[test]
+    fn a_worker_that_dies_costs_the_seed_it_was_running_as_a_crash_and_a_new_worker_takes_the_rest() {
+        let config = config(3, 2);
+        for (output, trouble) in [("", None), ("nonsense", Some("where a seed report was due"))] {
+            let ticks = AtomicU64::new(0);
+            let summary = run_sweep_in_processes(&config, &failing_worker(output), &|done| {
+                ticks.store(done, Ordering::Relaxed);
+            })
+            .expect("workers start");
+            assert_eq!((summary.seeds_run, summary.regression_seeds, summary.ended_unfinished), (4, 1, 4));
+            assert_eq!(ticks.load(Ordering::Relaxed), 4);
+            let seeds: Vec<u64> = summary.failures.iter().map(|f| f.seed).collect();
+            assert_eq!(seeds, vec![7, 100, 101, 102]);
+            for failure in &summary.failures {
+                assert_eq!(failure.class, FailureClass::Crash);
+                let line = &failure.lines[0];
+                assert!(line.starts_with("the worker process running this seed died: exit status: 3"), "{line}");
+                assert_eq!(trouble.is_some_and(|t| line.contains(t)), trouble.is_some(), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_that_cannot_be_started_is_an_error_naming_the_program() {
+        let command = WorkerCommand { program: "/nonexistent/lockstep-sim".into(), args: Vec::new() };
+        let error = run_sweep_in_processes(&config(3, 2), &command, &|_| {}).expect_err("no worker");
+        assert!(error.starts_with("cannot start a sweep worker (/nonexistent/lockstep-sim): "), "{error}");
     }
 }
