@@ -355,6 +355,9 @@ impl Part {
 /// A worker's report of one seed, on its standard output: this tag, the length of the encoded summary of that
 /// seed alone (4 bytes, little-endian), then the summary (postcard).
 const SEED_REPORT: u8 = b'R';
+/// Far more than a seed's report takes (a few hundred bytes, a few thousand with failures); a longer one is
+/// garbage, not something to allocate.
+const MAX_REPORT_BYTES: u32 = 1 << 24;
 
 /// The worker side of [`run_sweep_in_processes`]: runs `part` of `config`'s seeds one after the other and
 /// reports each on `out` as soon as it is done.
@@ -493,16 +496,20 @@ fn read_reports(stdout: impl Read, tx: &mpsc::Sender<Report>) -> (u64, Option<St
         }
         if tag[0] != SEED_REPORT {
             let rest = String::from_utf8_lossy(reader.fill_buf().unwrap_or_default()).into_owned();
-            let text = format!("{}{}", tag[0] as char, rest.lines().next().unwrap_or_default());
+            let line = format!("{}{}", tag[0] as char, rest.lines().next().unwrap_or_default());
+            let text: String = line.chars().take(80).collect();
             return (reported, Some(format!("it wrote {text:?} where a seed report was due")));
         }
         let mut len = [0u8; 4];
-        let mut bytes = Vec::new();
-        let read = reader.read_exact(&mut len).and_then(|()| {
-            bytes.resize(u32::from_le_bytes(len) as usize, 0);
-            reader.read_exact(&mut bytes)
-        });
-        if let Err(error) = read {
+        if let Err(error) = reader.read_exact(&mut len) {
+            return (reported, Some(format!("its output ended inside a seed report: {error}")));
+        }
+        let len = u32::from_le_bytes(len);
+        if len > MAX_REPORT_BYTES {
+            return (reported, Some(format!("a seed report claimed {len} bytes")));
+        }
+        let mut bytes = vec![0; len as usize];
+        if let Err(error) = reader.read_exact(&mut bytes) {
             return (reported, Some(format!("its output ended inside a seed report: {error}")));
         }
         match postcard::from_bytes::<SweepSummary>(&bytes) {
@@ -730,6 +737,28 @@ mod tests {
                 assert!(line.starts_with("the worker process running this seed died: "), "{line}");
                 assert!(line.ends_with(ending), "{line}");
             }
+        }
+    }
+
+    #[test]
+    fn a_damaged_report_stops_the_reading_with_what_was_wrong() {
+        let config = config(1, 1);
+        let mut good = Vec::new();
+        serve_part(&config, Part { part: 0, parts: 2, skip: 0 }, &mut good).expect("writes to memory");
+        let cases: [(Vec<u8>, &str); 4] = [
+            (vec![b'R', 0xff, 0xff, 0xff, 0xff], "a seed report claimed 4294967295 bytes"),
+            (vec![b'R', 9, 0], "its output ended inside a seed report: failed to fill whole buffer"),
+            (vec![b'R', 3, 0, 0, 0, 0xff, 0xff, 0xff], "a seed report did not decode: "),
+            ([b"x".repeat(100), b"\nmore".to_vec()].concat(), &format!("it wrote \"{}\"", "x".repeat(80))),
+        ];
+        for (damaged, trouble) in cases {
+            let (tx, rx) = mpsc::channel();
+            let (reported, found) = read_reports([good.as_slice(), &damaged].concat().as_slice(), &tx);
+            drop(tx);
+            assert_eq!(reported, 1, "the good report before it counts");
+            assert_eq!(rx.into_iter().count(), 1);
+            let found = found.expect("trouble");
+            assert!(found.starts_with(trouble), "{found}");
         }
     }
 
