@@ -807,6 +807,7 @@ impl Coordinator {
                 || running.retries.contains_key(&tablet);
             let state = group_state(&mut groups, group);
             state.all_done &= done;
+            // Some tablet started, for now; a group with every tablet done is not under way (next loop).
             state.active |= started;
         }
         for state in &mut groups {
