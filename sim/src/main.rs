@@ -147,7 +147,7 @@ mod cli {
         /// First seed.
         #[arg(long, default_value_t = 0)]
         start: u64,
-        /// Parallel workers (default: one per core).
+        /// Parallel workers (default: one per core): worker processes, each running every N-th seed.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
         jobs: Option<u64>,
         /// Run every this-many seeds twice and compare event logs (0: off).
