@@ -612,7 +612,6 @@ mod cli {
         println!("{} passed, {} failed", summary.seeds_run - failed, failed);
     }
 
-    /// The regression seeds to replay first: from the file for generated worlds, on part 1 of a split sweep.
     /// This program with the arguments it was started with: a worker of a sweep takes the same arguments, so
     /// it builds the very same sweep and runs its part of it. `None` (threads instead) when the program cannot
     /// name its own file.
@@ -621,6 +620,7 @@ mod cli {
         Some(lockstep_sim::sweep::WorkerCommand { program, args: std::env::args_os().skip(1).collect() })
     }
 
+    /// The regression seeds to replay first: from the file for generated worlds, on part 1 of a split sweep.
     fn regression_seeds(args: &RunArgs, source: &WorldSource) -> Result<Vec<u64>, String> {
         let generated = matches!(source, WorldSource::Generated(_));
         let first_part = args.shard.is_none_or(|(k, _)| k == 1);
