@@ -95,7 +95,7 @@ fn each_catalogued_bug_yields_its_shortest_counterexample() {
 #[test]
 fn the_emitted_scenario_makes_the_simulation_break_the_same_invariant() {
     use lockstep_sim::explore::counterexample_scenario;
-    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::runner::{Keep, run_seed};
     use lockstep_sim::scenario::Scenario;
     for known in explorable() {
         let (world, cex) = counterexample(known.bugs);
@@ -105,7 +105,7 @@ fn the_emitted_scenario_makes_the_simulation_break_the_same_invariant() {
         // A lost path to Done shows in the simulation as an operation that ends otherwise than planned.
         let expected = if cex.broken.invariant == "liveness" { "expected-outcome" } else { cex.broken.invariant };
         let reproduced = scenario.seeds.iter().any(|seed| {
-            let outcome = run_seed(&scenario.world(*seed), false);
+            let outcome = run_seed(&scenario.world(*seed), Keep::Verdict);
             outcome.violations.iter().any(|v| v.invariant.name() == expected)
         });
         assert!(reproduced, "{}: no seed of the emitted scenario breaks {expected}\n{text}", known.name);

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use lockstep_sim::runner::{run_seed, transcript};
+use lockstep_sim::runner::{Keep, run_seed, transcript};
 use lockstep_sim::scenario::{Scenario, scenario_files};
 
 fn scenarios() -> Vec<Scenario> {
@@ -31,7 +31,7 @@ fn every_scenario_passes_its_pinned_seeds_and_its_transcript_is_reviewed() {
     for scenario in scenarios() {
         for (i, seed) in scenario.seeds.iter().enumerate() {
             let world = scenario.world(*seed);
-            let outcome = run_seed(&world, i == 0);
+            let outcome = run_seed(&world, if i == 0 { Keep::Log } else { Keep::Verdict });
             if let Some(panic) = &outcome.panic {
                 failures.push(format!("{} seed {seed}: panicked: {panic}", scenario.name));
             }
@@ -58,7 +58,7 @@ fn every_kept_bug_still_breaks_its_invariant_and_the_production_protocol_passes_
         let fixed = scenario.without_bugs();
         for (i, seed) in scenario.seeds.iter().enumerate() {
             let world = scenario.world(*seed);
-            let outcome = run_seed(&world, i == 0);
+            let outcome = run_seed(&world, if i == 0 { Keep::Log } else { Keep::Verdict });
             if !outcome.violations.iter().any(|v| Some(v.invariant) == expected) {
                 failures.push(format!("{} seed {seed}: {expected:?} did not break", scenario.name));
             }
@@ -66,7 +66,7 @@ fn every_kept_bug_still_breaks_its_invariant_and_the_production_protocol_passes_
                 let text = format!("{}\n{}", scenario.description, transcript(&world, &outcome));
                 insta::assert_snapshot!(format!("regression-{}", scenario.name), text);
             }
-            let outcome = run_seed(&fixed.world(*seed), false);
+            let outcome = run_seed(&fixed.world(*seed), Keep::Verdict);
             for violation in &outcome.violations {
                 failures.push(format!("{} seed {seed} without its bug: {violation}", scenario.name));
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use lockstep_sim::catalog;
 use lockstep_sim::events::EventKind;
-use lockstep_sim::runner::run_seed;
+use lockstep_sim::runner::{Keep, run_seed};
 use lockstep_sim::scenario::Scenario;
 use lockstep_sim::shrink::shrink;
 use lockstep_sim::sweep::first_detection;
@@ -19,10 +19,11 @@ fn a_run_replayed_from_its_own_decisions_is_the_same_run() {
     let mut decisions = 0;
     for seed in 0..150 {
         let world = World::generate(seed, &WorldParams::sweep_default());
-        let first = run_seed(&world, false);
+        let first = run_seed(&world, Keep::Hash);
         decisions += first.decisions.len();
         let replayed = World { decisions: Some(Arc::new(first.decisions.clone())), ..world };
-        let again = run_seed(&replayed, false);
+        let again = run_seed(&replayed, Keep::Hash);
+        assert!(first.log_hash.is_some(), "seed {seed}: the run was asked for its hash");
         assert_eq!(again.log_hash, first.log_hash, "seed {seed}: the replay is another run");
         assert_eq!(again.decisions, first.decisions, "seed {seed}");
         assert_eq!(again.faults, first.faults, "seed {seed}");
@@ -35,7 +36,7 @@ fn an_empty_tape_rolls_no_dice_and_injects_nothing() {
     for seed in 0..20 {
         let world = World::generate(seed, &WorldParams::sweep_default());
         let quiet = World { decisions: Some(Arc::new(Tape::default())), ..world.clone() };
-        let outcome = run_seed(&quiet, true);
+        let outcome = run_seed(&quiet, Keep::Log);
         let faults = outcome.log.iter().flatten().filter(|e| matches!(e.kind, EventKind::Fault { .. })).count();
         assert_eq!(faults, 0, "seed {seed}: a fault fired with no decision for it");
         assert!(outcome.decisions.is_empty(), "seed {seed}");
@@ -65,10 +66,10 @@ fn a_deliberate_bug_found_by_a_sweep_shrinks_to_a_scenario_of_a_few_events() {
         let scenario = Scenario::parse(name, "shrunk.toml", &shrunk.scenario).expect("the shrunk file loads");
         assert_eq!(scenario.seeds, vec![seed]);
         assert_eq!(scenario.expect_violation, Some(shrunk.invariant));
-        let outcome = run_seed(&scenario.world(seed), false);
+        let outcome = run_seed(&scenario.world(seed), Keep::Verdict);
         assert!(outcome.violations.iter().any(|v| v.invariant == shrunk.invariant), "{name}: {:?}", outcome.violations);
         assert_eq!(outcome.events, after.events, "{name}: the file is the case last seen failing");
-        let fixed = run_seed(&scenario.without_bugs().world(seed), false);
+        let fixed = run_seed(&scenario.without_bugs().world(seed), Keep::Verdict);
         assert!(fixed.violations.is_empty(), "{name} without the bug: {:?}", fixed.violations);
     }
 }

@@ -7,7 +7,7 @@ use lockstep::protocol::ShardFailure;
 use lockstep::shard::ShardBug;
 use lockstep_sim::checkers::Invariant;
 use lockstep_sim::faults::{FaultKind, FaultPlan};
-use lockstep_sim::runner::{RunEnd, SeedOutcome, run_seed};
+use lockstep_sim::runner::{Keep, RunEnd, SeedOutcome, run_seed};
 use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
 use lockstep_sim::world::{Bugs, World, WorldParams};
 
@@ -46,13 +46,25 @@ fn a_swarm_sweep_of_the_default_world_passes() {
 fn the_same_seed_gives_the_same_event_log_byte_for_byte() {
     for seed in [3, 77, 1_234] {
         let world = World::generate(seed, &WorldParams::sweep_default());
-        let first = run_seed(&world, true);
-        let second = run_seed(&world, true);
+        let first = run_seed(&world, Keep::Log);
+        let second = run_seed(&world, Keep::Log);
         let text = |o: &SeedOutcome| o.log.iter().flatten().map(|e| format!("{e}\n")).collect::<String>();
         assert!(first.events > 50, "seed {seed}: a real run has a real log");
         assert_eq!(text(&first), text(&second), "seed {seed}");
+        assert!(first.log_hash.is_some(), "seed {seed}: a run that keeps its log hashes it");
         assert_eq!(first.log_hash, second.log_hash);
     }
+}
+
+#[test]
+fn a_passing_run_hashes_its_log_only_when_asked() {
+    let world = World::generate(3, &WorldParams::sweep_default());
+    let verdict = run_seed(&world, Keep::Verdict);
+    assert!(verdict.violations.is_empty(), "seed 3 passes");
+    assert_eq!((verdict.log_hash, verdict.log.is_some()), (None, false), "a sweep's passing seed keeps no hash");
+    let hashed = run_seed(&world, Keep::Hash);
+    assert!(hashed.log_hash.is_some() && hashed.log.is_none());
+    assert_eq!(run_seed(&world, Keep::Log).log_hash, hashed.log_hash);
 }
 
 #[test]
@@ -61,7 +73,7 @@ fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_
     for seed in 0..60 {
         let world = World::generate(seed, &params);
         let lost = world.lost_objects.first().cloned().expect("every world loses an object");
-        let outcome = run_seed(&world, false);
+        let outcome = run_seed(&world, Keep::Verdict);
         assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
         match outcome.end {
             RunEnd::Failed(RestoreError::Shard {
@@ -81,7 +93,7 @@ fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_
 fn first_failure(params: &WorldParams, budget: u64) -> Option<(World, SeedOutcome)> {
     (0..budget).find_map(|seed| {
         let world = World::generate(seed, params);
-        let outcome = run_seed(&world, false);
+        let outcome = run_seed(&world, Keep::Verdict);
         (!outcome.violations.is_empty()).then_some((world, outcome))
     })
 }
@@ -97,7 +109,8 @@ fn assert_caught_and_reproducible(bugs: Bugs, expected: &[Invariant]) {
     );
     // The repro path (rebuild the world from the seed alone, run with the full log) sees the same run.
     let rebuilt = World::generate(world.seed, &params);
-    let repro = run_seed(&rebuilt, true);
+    let repro = run_seed(&rebuilt, Keep::Log);
+    assert!(outcome.log_hash.is_some(), "seed {}: a failing run hashes its log", world.seed);
     assert_eq!(repro.log_hash, outcome.log_hash, "seed {}: repro gives another trace", world.seed);
     assert_eq!(repro.violations, outcome.violations);
 }
@@ -136,7 +149,7 @@ fn with_a_single_table_running_ahead_cannot_happen_and_nothing_is_caught() {
 fn a_sweep_without_faults_finishes_every_restore() {
     let params = WorldParams { faults: Some(FaultPlan::none()), ..WorldParams::default() };
     for seed in 0..30 {
-        let outcome = run_seed(&World::generate(seed, &params), false);
+        let outcome = run_seed(&World::generate(seed, &params), Keep::Verdict);
         assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
         assert_eq!(outcome.end, RunEnd::Done, "seed {seed}");
         assert_eq!(outcome.faults, Default::default(), "seed {seed}: no fault may fire");

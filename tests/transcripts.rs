@@ -4,7 +4,7 @@
 
 use lockstep::coordinator::CoordinatorBug;
 use lockstep_sim::faults::{FaultKind, FaultPlan};
-use lockstep_sim::runner::{run_seed, transcript};
+use lockstep_sim::runner::{Keep, run_seed, transcript};
 use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn small(faults: FaultPlan) -> WorldParams {
@@ -21,7 +21,7 @@ fn small(faults: FaultPlan) -> WorldParams {
 
 fn run(seed: u64, params: &WorldParams) -> String {
     let world = World::generate(seed, params);
-    transcript(&world, &run_seed(&world, true))
+    transcript(&world, &run_seed(&world, Keep::Log))
 }
 
 /// The transcript's verdict lines hold `line`: the snapshot shows the whole run, this holds the test to what its

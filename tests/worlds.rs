@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
-use lockstep_sim::runner::{RunEnd, SeedOutcome, run_seed};
+use lockstep_sim::runner::{Keep, RunEnd, SeedOutcome, run_seed};
 use lockstep_sim::scenario::Scenario;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestError, TestRunner};
@@ -133,7 +133,7 @@ fn scenario_text(world: &WorldGen) -> String {
 
 fn run(world: &WorldGen) -> (Scenario, SeedOutcome) {
     let scenario = Scenario::parse("proptest", "proptest.toml", &scenario_text(world)).expect("a drawn world loads");
-    let outcome = run_seed(&scenario.world(world.seed), false);
+    let outcome = run_seed(&scenario.world(world.seed), Keep::Verdict);
     (scenario, outcome)
 }
 

@@ -25,7 +25,7 @@ mod cli {
     use indicatif::{ProgressBar, ProgressStyle};
     use lockstep_sim::events::{Event, EventKind};
     use lockstep_sim::faults::FaultKind;
-    use lockstep_sim::runner::run_seed;
+    use lockstep_sim::runner::{Keep, run_seed};
     use lockstep_sim::scenario::Scenario;
     use lockstep_sim::sweep::{SeedFailure, SweepConfig, SweepSummary, WorldSource, run_sweep};
     use lockstep_sim::world::{Bugs, WorldParams};
@@ -675,7 +675,10 @@ mod cli {
     }
 
     fn print_failure(failure: &SeedFailure, world: &WorldArgs) {
-        println!("FAIL seed {} [{}] event log hash {:016x}", failure.seed, failure.class.name(), failure.log_hash);
+        match failure.log_hash {
+            Some(hash) => println!("FAIL seed {} [{}] event log hash {hash:016x}", failure.seed, failure.class.name()),
+            None => println!("FAIL seed {} [{}]", failure.seed, failure.class.name()),
+        }
         for line in &failure.lines {
             println!("  {line}");
         }
@@ -693,11 +696,15 @@ mod cli {
         init_tracing();
         let world = source.world(args.seed);
         print!("{}", world.describe());
-        let outcome = run_seed(&world, true);
+        let outcome = run_seed(&world, Keep::Log);
         for event in outcome.log.iter().flatten() {
             emit(event);
         }
-        println!("event log: {} events, hash {:016x}", outcome.events, outcome.log_hash);
+        match outcome.log_hash {
+            Some(hash) => println!("event log: {} events, hash {hash:016x}", outcome.events),
+            // The seed's thread panicked: the log went with it.
+            None => println!("event log: lost with the run"),
+        }
         let expected = source.expect_violation();
         match SeedFailure::of(&outcome, expected) {
             None if expected.is_some() => {

@@ -43,8 +43,9 @@ const CLIENT_RETRY_MS: u64 = 1_000;
 pub struct SeedOutcome {
     pub seed: u64,
     pub violations: Vec<Violation>,
-    /// Hash of the whole event log, for determinism checks.
-    pub log_hash: u64,
+    /// Hash of the whole event log, for determinism checks and repro lines: kept when the run was asked to keep
+    /// it (see [`Keep`]) or broke an invariant.
+    pub log_hash: Option<u64>,
     pub events: usize,
     /// The log itself, when asked for.
     pub log: Option<Vec<Event>>,
@@ -103,13 +104,25 @@ impl std::fmt::Display for RunEnd {
     }
 }
 
+/// What a run keeps of its event log beyond the checkers' verdict, the counts and the decisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// The log's hash only when the run broke an invariant (a sweep's seeds: hashing every log costs about as
+    /// much as the probes).
+    Verdict,
+    /// The log's hash always (runs compared with one another).
+    Hash,
+    /// The whole log, and its hash (a trace to print).
+    Log,
+}
+
 /// Runs `world` under madsim with the world's seed.
-pub fn run_seed(world: &World, keep_log: bool) -> SeedOutcome {
-    run_world(Arc::new(world.clone()), keep_log)
+pub fn run_seed(world: &World, keep: Keep) -> SeedOutcome {
+    run_world(Arc::new(world.clone()), keep)
 }
 
 /// Runs a world the caller has no further use for without copying it, as a sweep does.
-pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
+pub fn run_world(world: Arc<World>, keep: Keep) -> SeedOutcome {
     let seed = world.seed;
     // A fresh thread per seed: std seeds each thread's hash-map keys once and then steps them, so a second
     // runtime on the same thread would iterate madsim's internal maps in another order. The checkers run on it
@@ -120,7 +133,7 @@ pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
             let runtime = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
             let (state, final_state) = runtime.block_on(simulate(world.clone()));
             drop(runtime);
-            judge(&world, state, &final_state, keep_log)
+            judge(&world, state, &final_state, keep)
         })
         .expect("a seed thread can be spawned")
         .join();
@@ -135,7 +148,7 @@ pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
             SeedOutcome {
                 seed,
                 violations: Vec::new(),
-                log_hash: 0,
+                log_hash: None,
                 events: 0,
                 log: None,
                 sim_ms: 0,
@@ -152,19 +165,20 @@ pub fn run_world(world: Arc<World>, keep_log: bool) -> SeedOutcome {
 }
 
 /// The outcome of a run that ended: the checkers' verdict on its log and final state, and its figures.
-fn judge(world: &World, mut state: SimState, final_state: &FinalState, keep_log: bool) -> SeedOutcome {
+fn judge(world: &World, mut state: SimState, final_state: &FinalState, keep: Keep) -> SeedOutcome {
     let log = std::mem::take(&mut state.log);
     let violations = check(world, &log, final_state);
     let probes = crate::probes::probes_of(&log);
+    let log_hash = (keep != Keep::Verdict || !violations.is_empty()).then(|| log_hash(&log));
     SeedOutcome {
         seed: world.seed,
         violations,
-        log_hash: log_hash(&log),
+        log_hash,
         events: log.len(),
         sim_ms: state.now_ms,
         faults: state.counts.clone(),
         messages: state.messages,
-        log: keep_log.then_some(log),
+        log: (keep == Keep::Log).then_some(log),
         panic: None,
         end: RunEnd::of(final_state),
         ends: RunEnd::all(final_state),

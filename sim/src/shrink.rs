@@ -23,7 +23,7 @@ use lockstep::protocol::NodeAddr;
 use crate::checkers::Invariant;
 use crate::faults::FaultKind;
 use crate::plan::CallExpect;
-use crate::runner::run_seed;
+use crate::runner::{Keep, run_seed};
 use crate::scenario::Scenario;
 use crate::tape::Decision;
 use crate::world::{OPERATION_ID, World};
@@ -691,7 +691,7 @@ fn run_case(case: &Case, invariant: Invariant) -> Option<(usize, Vec<CaseDecisio
     let text = case.to_toml(&[], "a candidate of the shrinker", None);
     let scenario = Scenario::parse("candidate", "candidate", &text).ok()?;
     let world = scenario.world(case.seed);
-    let outcome = run_seed(&world, false);
+    let outcome = run_seed(&world, Keep::Verdict);
     if outcome.panic.is_some() || !outcome.violations.iter().any(|v| v.invariant == invariant) {
         return None;
     }
@@ -734,7 +734,7 @@ pub fn shrink(
     progress: Box<dyn FnMut(usize, Size)>,
 ) -> Result<Shrunk, ShrinkError> {
     let seed = world.seed;
-    let outcome = run_seed(world, false);
+    let outcome = run_seed(world, Keep::Verdict);
     if let Some(message) = outcome.panic {
         return Err(ShrinkError::Panicked { seed, message });
     }

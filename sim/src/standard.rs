@@ -34,7 +34,7 @@ pub fn run_standard(worlds: &[Arc<World>]) -> Result<Vec<u64>, String> {
     worlds
         .iter()
         .map(|world| {
-            let outcome = crate::runner::run_world(world.clone(), false);
+            let outcome = crate::runner::run_world(world.clone(), crate::runner::Keep::Verdict);
             if !outcome.violations.is_empty() || outcome.panic.is_some() {
                 return Err(format!("seed {} failed: {:?} {:?}", world.seed, outcome.violations, outcome.panic));
             }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkers::Invariant;
 use crate::faults::{FaultCounts, FaultKind};
 use crate::probes::Probe;
-use crate::runner::{RunEnd, SeedOutcome, run_world};
+use crate::runner::{Keep, RunEnd, SeedOutcome, run_world};
 use crate::scenario::Scenario;
 use crate::world::{Bugs, World, WorldParams};
 
@@ -150,8 +150,8 @@ pub struct SeedFailure {
     pub class: FailureClass,
     /// One line per violation (or the panic, or the hash mismatch).
     pub lines: Vec<String>,
-    /// Hash of the failing run's event log; `cargo sim repro` prints the same hash.
-    pub log_hash: u64,
+    /// Hash of the failing run's event log (`cargo sim repro` prints the same hash); none for a crash.
+    pub log_hash: Option<u64>,
 }
 
 impl SeedFailure {
@@ -160,7 +160,7 @@ impl SeedFailure {
     pub fn of(outcome: &SeedOutcome, expect_violation: Option<Invariant>) -> Option<Self> {
         if let Some(message) = &outcome.panic {
             let lines = vec![format!("panicked: {message}")];
-            return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines, log_hash: 0 });
+            return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines, log_hash: None });
         }
         if let Some(expected) = expect_violation {
             if outcome.violations.iter().any(|v| v.invariant == expected) {
@@ -281,7 +281,7 @@ impl SweepSummary {
         self.seeds_run += 1;
         self.regression_seeds += u64::from(first);
         self.ended_unfinished += 1;
-        self.failures.push(SeedFailure { seed, class: FailureClass::Crash, lines: vec![why], log_hash: 0 });
+        self.failures.push(SeedFailure { seed, class: FailureClass::Crash, lines: vec![why], log_hash: None });
     }
 
     /// Adds up `other`, a summary of other seeds; failures are sorted once the sweep is over.
@@ -526,15 +526,20 @@ fn read_reports(stdout: impl Read, tx: &mpsc::Sender<Report>) -> (u64, Option<St
 /// checked, `Some(None)` when the two runs agreed, `Some(Some(line))` when they did not.
 fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<Option<String>>) {
     let world = Arc::new(config.source.world(seed));
-    let outcome = run_world(world.clone(), false);
-    let checked =
-        config.determinism_every > 0 && seed.is_multiple_of(config.determinism_every) && outcome.panic.is_none();
-    let mismatch = checked.then(|| {
-        let again = run_world(world.clone(), false);
+    let sampled = config.determinism_every > 0 && seed.is_multiple_of(config.determinism_every);
+    // A seed that must break a kept bug's invariant fails when it holds, and its failure line names the hash.
+    let keep = if sampled || config.source.expect_violation().is_some() { Keep::Hash } else { Keep::Verdict };
+    let outcome = run_world(world.clone(), keep);
+    let mismatch = (sampled && outcome.panic.is_none()).then(|| {
+        let again = run_world(world.clone(), Keep::Hash);
         (again.log_hash != outcome.log_hash).then(|| {
+            let hash = |hash: Option<u64>| hash.map_or("none".to_string(), |hash| format!("{hash:016x}"));
             format!(
-                "event log hash {:016x} on the first run, {:016x} on the second ({} vs {} events)",
-                outcome.log_hash, again.log_hash, outcome.events, again.events
+                "event log hash {} on the first run, {} on the second ({} vs {} events)",
+                hash(outcome.log_hash),
+                hash(again.log_hash),
+                outcome.events,
+                again.events
             )
         })
     });
@@ -554,7 +559,7 @@ pub fn first_detection(bugs: Bugs, budget: u64, jobs: usize) -> Option<(u64, Vec
                 .map(|seed| {
                     let params = &params;
                     scope.spawn(move || {
-                        let outcome = run_world(Arc::new(World::generate(seed, params)), false);
+                        let outcome = run_world(Arc::new(World::generate(seed, params)), Keep::Verdict);
                         let invariants: Vec<Invariant> = outcome.violations.iter().map(|v| v.invariant).collect();
                         let crashed = outcome.panic.is_some();
                         (seed, invariants, crashed)
