@@ -84,11 +84,21 @@ pub enum CoordinatorBug {
     TransientIsPermanent,
     /// Plans the chain from the oldest full backup, applying incrementals that precede the newest full.
     IncrementalsBeforeNewestFull,
+    /// Draws retry jitter from state shared by the whole process instead of its seeded generator, so a seed
+    /// does not replay the same: no invariant breaks, only the simulator's determinism check can see it.
+    AmbientJitter,
 }
 
 /// Whether `bug` is configured and the catalog of bugs is compiled in.
 fn has(config: &CoordinatorConfig, bug: CoordinatorBug) -> bool {
     cfg!(feature = "mutants") && config.bug == Some(bug)
+}
+
+/// The jitter of [`CoordinatorBug::AmbientJitter`], below `bound`: from a counter every coordinator of the
+/// process steps, which outlives the run that stepped it.
+fn ambient_jitter(bound: u64) -> u64 {
+    static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    DRAWS.fetch_add(7_919, std::sync::atomic::Ordering::Relaxed) % bound
 }
 
 /// What starts a restore: the tables of one backup collection, and every backup of it in the store.
@@ -887,7 +897,11 @@ impl Coordinator {
         let failed_attempts = running.retries.get(&tablet).map_or(0, |r| r.failed_attempts) + 1;
         let backoff = backoff_ms(base, cap, failed_attempts);
         // Full jitter over the upper half keeps retries of many tablets from marching in step.
-        let jitter = self.rng.below(backoff / 2 + 1);
+        let jitter = if has(&self.config, CoordinatorBug::AmbientJitter) {
+            ambient_jitter(backoff / 2 + 1)
+        } else {
+            self.rng.below(backoff / 2 + 1)
+        };
         let not_before_ms = now_ms + backoff / 2 + jitter;
         let running = self.running_mut(op).expect("still running");
         running.retries.insert(tablet, Retry { failed_attempts, not_before_ms });

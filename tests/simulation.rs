@@ -8,7 +8,7 @@ use lockstep::shard::ShardBug;
 use lockstep_sim::checkers::Invariant;
 use lockstep_sim::faults::{FaultKind, FaultPlan};
 use lockstep_sim::runner::{Keep, RunEnd, SeedOutcome, run_seed};
-use lockstep_sim::sweep::{SweepConfig, WorldSource, run_sweep};
+use lockstep_sim::sweep::{FailureClass, SweepConfig, WorldSource, run_sweep};
 use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn sweep(start: u64, seeds: u64, params: WorldParams) -> lockstep_sim::sweep::SweepSummary {
@@ -53,6 +53,20 @@ fn the_same_seed_gives_the_same_event_log_byte_for_byte() {
         assert_eq!(text(&first), text(&second), "seed {seed}");
         assert!(first.log_hash.is_some(), "seed {seed}: a run that keeps its log hashes it");
         assert_eq!(first.log_hash, second.log_hash);
+    }
+}
+
+#[test]
+fn a_coordinator_whose_jitter_outlives_its_run_fails_the_determinism_check_naming_where_the_logs_part() {
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::AmbientJitter), shard: None };
+    let summary = sweep(0, 200, WorldParams { bugs, ..WorldParams::sweep_default() });
+    let (mismatches, others): (Vec<_>, Vec<_>) =
+        summary.failures.iter().partition(|f| f.class == FailureClass::Determinism);
+    assert!(others.is_empty(), "the bug breaks no invariant: {}", describe(&summary));
+    assert!(mismatches.len() >= 5, "of {} seeds rerun: {}", summary.determinism_checked, describe(&summary));
+    for failure in mismatches {
+        assert!(failure.lines[0].starts_with("event log hash "), "{:?}", failure.lines);
+        assert!(failure.lines[1].starts_with("first difference at event "), "{:?}", failure.lines);
     }
 }
 

@@ -134,6 +134,40 @@ pub fn log_hash(events: &[Event]) -> u64 {
     hasher.finish()
 }
 
+/// Where two logs of one seed part, for a determinism failure: the first event that differs, as each run
+/// logged it, or where the shorter log ends. `None` when the logs are equal.
+pub fn first_difference(first: &[Event], second: &[Event]) -> Option<String> {
+    let at = first.iter().zip(second).position(|(a, b)| a != b).unwrap_or(first.len().min(second.len()));
+    let text = |event: &Event| event.to_string().trim_start().to_string();
+    match (first.get(at).map(text), second.get(at).map(text)) {
+        (None, None) => None,
+        (Some(a), Some(b)) if a == b => {
+            // The trace does not show the field that differs (a loaded state's retry times, say): show where the
+            // full forms part.
+            let (a_full, b_full) = (format!("{:?}", first[at]), format!("{:?}", second[at]));
+            let (a_part, b_part) = parting(&a_full, &b_full);
+            Some(format!(
+                "first difference at event {}: `{a}` in both traces; in full they part at `{a_part}` against `{b_part}`",
+                at + 1
+            ))
+        }
+        (Some(a), Some(b)) => Some(format!("first difference at event {}: first run `{a}`, second run `{b}`", at + 1)),
+        (Some(a), None) => Some(format!("the second run's log ends after {at} event(s); the first goes on with `{a}`")),
+        (None, Some(b)) => Some(format!("the first run's log ends after {at} event(s); the second goes on with `{b}`")),
+    }
+}
+
+/// Up to 40 characters either side of where `a` and `b` first differ, from each.
+fn parting(a: &str, b: &str) -> (String, String) {
+    let at = a.chars().zip(b.chars()).position(|(x, y)| x != y).unwrap_or(a.chars().count().min(b.chars().count()));
+    let window = |text: &str| {
+        let start = at.saturating_sub(40);
+        let shown: String = text.chars().skip(start).take(at - start + 40).collect();
+        format!("{}{shown}{}", if start > 0 { "…" } else { "" }, if text.chars().count() > at + 40 { "…" } else { "" })
+    };
+    (window(a), window(b))
+}
+
 /// A fixed, seedless hasher (FxHash's mixing step, a word at a time), so hashes compare across runs and
 /// processes: event logs here, explored states in [`crate::explore`]. Not for untrusted input; it only
 /// fingerprints our own values.
@@ -197,6 +231,44 @@ mod tests {
 
     fn event(at_ms: u64) -> Event {
         Event { at_ms, node: SimNode::World, kind: EventKind::Healed }
+    }
+
+    #[test]
+    fn first_difference_names_the_first_event_that_differs_or_where_a_log_ends() {
+        let log = vec![event(1000), event(2000), event(3000)];
+        assert_eq!(first_difference(&log, &log.clone()), None);
+        let other = vec![event(1000), event(2500), event(3000)];
+        assert_eq!(
+            first_difference(&log, &other).unwrap(),
+            "first difference at event 2: first run `2.000s world        HEALED: faults stop`, \
+             second run `2.500s world        HEALED: faults stop`"
+        );
+        assert_eq!(
+            first_difference(&log[..1], &log).unwrap(),
+            "the first run's log ends after 1 event(s); the second goes on with `2.000s world        HEALED: faults stop`"
+        );
+        assert!(first_difference(&log, &[]).unwrap().starts_with("the second run's log ends after 0 event(s)"));
+        // Events that read the same in the trace but differ in a field it does not show: a loaded shard's rows.
+        let booted = |value: u64| {
+            let rows = std::sync::Arc::new([(1, value)].into_iter().collect());
+            let loaded = lockstep::shard::ShardDurable { op: Some(1), applied_through: None, rows };
+            let node = SimNode::Protocol(NodeAddr::Coordinator);
+            Event { at_ms: 1000, node, kind: EventKind::Host(HostEvent::ShardBooted { loaded: Some(loaded) }) }
+        };
+        let (a, b) = (booted(7), booted(8));
+        assert_eq!(a.to_string(), b.to_string());
+        let line = first_difference(&[a], &[b]).unwrap();
+        assert!(line.starts_with("first difference at event 1: `1.000s coordinator  booted, loaded op"), "{line}");
+        assert!(
+            line.ends_with("in full they part at `…me(1), applied_through: None, rows: {1: 7} }) }) }` against `…me(1), applied_through: None, rows: {1: 8} }) }) }`"),
+            "{line}"
+        );
+        assert_eq!(parting("abcdefgh", "abcdXfgh"), ("abcdefgh".to_string(), "abcdXfgh".to_string()));
+        let long_a = format!("{}A{}", "-".repeat(100), "+".repeat(100));
+        let long_b = format!("{}B{}", "-".repeat(100), "+".repeat(100));
+        let (a_part, b_part) = parting(&long_a, &long_b);
+        assert_eq!(a_part, format!("…{}A{}…", "-".repeat(40), "+".repeat(39)));
+        assert_eq!(b_part, format!("…{}B{}…", "-".repeat(40), "+".repeat(39)));
     }
 
     #[test]

@@ -262,16 +262,16 @@ impl SweepSummary {
         first: bool,
         world: &World,
         outcome: &SeedOutcome,
-        mismatch: Option<Option<String>>,
+        mismatch: Option<Option<Vec<String>>>,
     ) {
         self.add(world, outcome, config.source.expect_violation());
         self.regression_seeds += u64::from(first);
         if let Some(mismatch) = mismatch {
             self.determinism_checked += 1;
-            if let Some(line) = mismatch {
+            if let Some(lines) = mismatch {
                 let class = FailureClass::Determinism;
                 let log_hash = outcome.log_hash;
-                self.failures.push(SeedFailure { seed, class, lines: vec![line], log_hash });
+                self.failures.push(SeedFailure { seed, class, lines, log_hash });
             }
         }
     }
@@ -523,24 +523,35 @@ fn read_reports(stdout: impl Read, tx: &mpsc::Sender<Report>) -> (u64, Option<St
 }
 
 /// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
-/// checked, `Some(None)` when the two runs agreed, `Some(Some(line))` when they did not.
-fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<Option<String>>) {
+/// checked, `Some(None)` when the two runs agreed, `Some(Some(lines))` when they did not: the two hashes and
+/// the first event where the logs part.
+fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<Option<Vec<String>>>) {
     let world = Arc::new(config.source.world(seed));
     let sampled = config.determinism_every > 0 && seed.is_multiple_of(config.determinism_every);
-    // A seed that must break a kept bug's invariant fails when it holds, and its failure line names the hash.
-    let keep = if sampled || config.source.expect_violation().is_some() { Keep::Hash } else { Keep::Verdict };
-    let outcome = run_world(world.clone(), keep);
+    // A sampled seed keeps its log until the second run is compared with it. A seed that must break a kept bug's
+    // invariant fails when it holds, and its failure line names the hash.
+    let keep = if sampled {
+        Keep::Log
+    } else if config.source.expect_violation().is_some() {
+        Keep::Hash
+    } else {
+        Keep::Verdict
+    };
+    let mut outcome = run_world(world.clone(), keep);
+    let first_log = outcome.log.take().unwrap_or_default();
     let mismatch = (sampled && outcome.panic.is_none()).then(|| {
-        let again = run_world(world.clone(), Keep::Hash);
+        let again = run_world(world.clone(), Keep::Log);
         (again.log_hash != outcome.log_hash).then(|| {
             let hash = |hash: Option<u64>| hash.map_or("none".to_string(), |hash| format!("{hash:016x}"));
-            format!(
+            let mut lines = vec![format!(
                 "event log hash {} on the first run, {} on the second ({} vs {} events)",
                 hash(outcome.log_hash),
                 hash(again.log_hash),
                 outcome.events,
                 again.events
-            )
+            )];
+            lines.extend(crate::events::first_difference(&first_log, again.log.as_deref().unwrap_or_default()));
+            lines
         })
     });
     (world, outcome, mismatch)
