@@ -26,13 +26,22 @@ pub struct ShardConfig {
     pub download_retry_ms: u64,
     /// Failed ranged reads of one download before the shard reports a transient failure to the coordinator.
     pub max_download_failures: u32,
+    /// Longest wait a throttling store's "retry after" is honoured for; a longer one (a store may say anything)
+    /// is cut to this.
+    pub max_retry_after_ms: u64,
     /// A deliberately broken behaviour, for showing that the checkers catch it. `None` in production.
     pub bug: Option<ShardBug>,
 }
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        Self { download_chunk_bytes: 1024, download_retry_ms: 50, max_download_failures: 4, bug: None }
+        Self {
+            download_chunk_bytes: 1024,
+            download_retry_ms: 50,
+            max_download_failures: 4,
+            max_retry_after_ms: 10_000,
+            bug: None,
+        }
     }
 }
 
@@ -214,9 +223,12 @@ impl Shard {
                 ShardFailure::DownloadFailed { object: work.request.object.clone(), attempts: work.failures, detail };
             return self.finish_with(ApplyOutcome::Failed { permanent: false, cause });
         }
-        let wait = wait_ms.unwrap_or(retry_ms * u64::from(work.failures));
+        let wait = match wait_ms {
+            Some(retry_after_ms) => retry_after_ms.min(self.config.max_retry_after_ms),
+            None => retry_ms.saturating_mul(u64::from(work.failures)),
+        };
         vec![Output::SetTimer {
-            at_ms: now_ms + wait,
+            at_ms: now_ms.saturating_add(wait),
             timer: ShardTimer::DownloadRetry { download_id: work.download_id },
         }]
     }

@@ -711,7 +711,13 @@ fn coordinator_with_advance_on_first_report_bug_advances_after_the_first_report(
 const SHARD: TabletId = TabletId::new(0, 3);
 
 fn shard_config() -> ShardConfig {
-    ShardConfig { download_chunk_bytes: 16, download_retry_ms: 50, max_download_failures: 3, bug: None }
+    ShardConfig {
+        download_chunk_bytes: 16,
+        download_retry_ms: 50,
+        max_download_failures: 3,
+        max_retry_after_ms: 1_000,
+        bug: None,
+    }
 }
 
 fn fresh_shard(config: ShardConfig) -> Shard {
@@ -1105,6 +1111,17 @@ fn shard_retries_throttled_and_unavailable_reads_then_fails_transiently() {
 }
 
 #[test]
+fn shard_waits_out_a_throttling_store_no_longer_than_its_cap() {
+    let mut shard = fresh_shard(shard_config());
+    let first = only_download(&send_apply(&mut shard, &apply_request(1, 0, 0)));
+    let retry = ShardTimer::DownloadRetry { download_id: first.download_id };
+    for retry_after_ms in [5_000, u64::MAX] {
+        let out = shard.handle_download(2_000, failed_read(&first, StoreError::Throttled { retry_after_ms }));
+        assert_eq!(out, vec![Output::SetTimer { at_ms: 3_000, timer: retry.clone() }], "retry after {retry_after_ms}");
+    }
+}
+
+#[test]
 fn shard_ignores_stale_download_results_and_timers() {
     let mut shard = fresh_shard(shard_config());
     let request = apply_request(1, 0, 0);
@@ -1228,5 +1245,657 @@ fn coordinator_and_shards_restore_every_increment_in_order() {
         let key = u64::from(shard.id().shard.0) * 100 + u64::from(increments);
         assert_eq!(shard.durable().rows, rows(&[(key, u64::from(increments))]));
         assert_eq!(shard.durable().applied_through, Some(increments - 1));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hostile inputs: whatever the network, the store or a stale timer hands a machine, it neither panics nor breaks
+// a rule of the protocol. Each property is also run against a deliberately broken machine and must fail there.
+// ---------------------------------------------------------------------------------------------------------------
+
+mod hostile {
+    use super::*;
+    use lockstep::protocol::{ClientAnswer, ClientCall, ClientReply, ClientRequest, decode_frame, encode_frame};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+    use std::collections::BTreeMap;
+
+    /// Steps of one run.
+    const MAX_STEPS: usize = 60;
+
+    /// A runner for showing that a property fails on a broken machine: up to 1,000 cases, nothing saved.
+    fn runner() -> TestRunner {
+        TestRunner::new(Config { cases: 1_000, failure_persistence: None, ..Config::default() })
+    }
+
+    /// `result` is a failure of the property (not a panic) whose message names `broken`.
+    fn assert_fails_with<T: std::fmt::Debug>(
+        result: Result<(), TestError<T>>,
+        broken: &str,
+        bug: impl std::fmt::Debug,
+    ) {
+        match result {
+            Err(TestError::Fail(reason, _)) => {
+                let reason = reason.to_string();
+                assert!(reason.contains(broken), "{bug:?} was caught, but not as {broken:?}: {reason}");
+            }
+            other => panic!("the property did not catch {bug:?}: {other:?}"),
+        }
+    }
+
+    // -- the shard ------------------------------------------------------------------------------------------
+
+    /// The store's intact copy of `SHARD`'s part of backups 1 (full) to 4 (incrementals), by object name.
+    fn library() -> BTreeMap<String, Vec<u8>> {
+        (1..=4u64)
+            .map(|backup_id| {
+                let kind = if backup_id == 1 { BackupKind::Full } else { BackupKind::Incremental };
+                let changes = if backup_id == 1 {
+                    (1..=6).map(|key| Change::Upsert { key, value: key * 10 }).collect()
+                } else {
+                    vec![
+                        Change::Upsert { key: backup_id, value: backup_id * 100 },
+                        Change::Delete { key: backup_id + 1 },
+                    ]
+                };
+                let bytes = Bundle { backup_id, tablet: SHARD, kind, changes }.encode();
+                (BackupManifest::object_name(backup_id, SHARD), bytes)
+            })
+            .collect()
+    }
+
+    /// How the store damages the answer to a ranged read.
+    #[derive(Clone, Debug)]
+    enum Damage {
+        None,
+        FlipByte(usize),
+        ShortRead(usize),
+        EmptyRead,
+        WrongTotal(u64),
+        /// An error instead of bytes.
+        Error(StoreError),
+    }
+
+    #[derive(Clone, Debug)]
+    enum ShardInput {
+        Message(NodeAddr, Message),
+        /// The answer to the shard's newest ranged read, from the store's copy of its object, maybe damaged.
+        Serve(Damage),
+        /// A read result made up from scratch: any download id, offset, bytes, length or error.
+        Forged(DownloadResult),
+        Timer(ShardTimer),
+    }
+
+    fn any_tablet() -> impl Strategy<Value = TabletId> {
+        prop_oneof![4 => Just(SHARD), 1 => (0u32..2, 0u32..5).prop_map(|(table, shard)| TabletId::new(table, shard))]
+    }
+
+    /// Mostly well-formed requests for `SHARD`, with any field now and then wrong.
+    fn any_apply_request() -> impl Strategy<Value = ApplyRequest> {
+        let identity = (1u64..3, 0u64..3, 0u32..3, 0u32..5, any_tablet());
+        let content = (
+            prop::option::weighted(0.15, 0u64..6),
+            prop::bool::weighted(0.1),
+            prop::option::weighted(0.1, "[a-z0-9/-]{0,12}"),
+        );
+        (identity, content).prop_map(|((op, generation, attempt, increment, tablet), (backup, wrong_kind, object))| {
+            let backup_id = backup.unwrap_or(u64::from(increment) + 1);
+            let full = (increment == 0) != wrong_kind;
+            ApplyRequest {
+                op,
+                generation,
+                attempt,
+                increment,
+                backup_id,
+                kind: if full { BackupKind::Full } else { BackupKind::Incremental },
+                tablet,
+                object: object.unwrap_or_else(|| BackupManifest::object_name(backup_id, SHARD)),
+            }
+        })
+    }
+
+    /// A number from a store or a peer: small, at the very top of the range, or anything.
+    fn any_number(small: u64) -> impl Strategy<Value = u64> {
+        prop_oneof![0..small, Just(u64::MAX), any::<u64>()]
+    }
+
+    fn any_store_error() -> impl Strategy<Value = StoreError> {
+        prop_oneof![
+            Just(StoreError::NotFound { object: "x".into() }),
+            Just(StoreError::Unavailable { detail: "503".into() }),
+            any_number(1_000).prop_map(|retry_after_ms| StoreError::Throttled { retry_after_ms }),
+            any_number(1_000).prop_map(|timeout_ms| StoreError::Timeout { timeout_ms }),
+            (any_number(300), any_number(300)).prop_map(|(offset, len)| StoreError::BadRange {
+                object: "x".into(),
+                offset,
+                len
+            }),
+        ]
+    }
+
+    fn any_outcome() -> impl Strategy<Value = ApplyOutcome> {
+        prop_oneof![
+            5 => Just(ApplyOutcome::Applied),
+            2 => Just(ApplyOutcome::AlreadyApplied),
+            2 => Just(transient()),
+            1 => (0u32..4, 0u32..4).prop_map(|(expected, requested)| ApplyOutcome::Failed {
+                permanent: true,
+                cause: ShardFailure::OutOfOrder { expected, requested },
+            }),
+        ]
+    }
+
+    fn any_shard_input() -> impl Strategy<Value = ShardInput> {
+        let from = prop_oneof![
+            8 => Just(NodeAddr::Coordinator),
+            1 => Just(NodeAddr::Client),
+            1 => any_tablet().prop_map(NodeAddr::Shard),
+        ];
+        let message = prop_oneof![
+            8 => any_apply_request().prop_map(Message::Apply),
+            1 => (any_apply_request(), any_outcome()).prop_map(|(request, outcome)| Message::Reply(request.reply(outcome))),
+            1 => Just(Message::Client(ClientRequest { call_id: 1, call: ClientCall::List })),
+        ];
+        let damage = prop_oneof![
+            6 => Just(Damage::None),
+            1 => any::<usize>().prop_map(Damage::FlipByte),
+            1 => (0usize..16).prop_map(Damage::ShortRead),
+            1 => Just(Damage::EmptyRead),
+            1 => any_number(300).prop_map(Damage::WrongTotal),
+            2 => any_store_error().prop_map(Damage::Error),
+        ];
+        let read = (prop::collection::vec(any::<u8>(), 0..40), any_number(300))
+            .prop_map(|(bytes, total_len)| RangeRead { bytes, total_len });
+        let forged = (0u64..4, any_number(200), prop_oneof![read.prop_map(Ok), any_store_error().prop_map(Err)])
+            .prop_map(|(download_id, offset, outcome)| DownloadResult {
+                download_id,
+                object: "forged".into(),
+                offset,
+                outcome,
+            });
+        prop_oneof![
+            4 => (from, message).prop_map(|(from, msg)| ShardInput::Message(from, msg)),
+            8 => damage.prop_map(ShardInput::Serve),
+            1 => forged.prop_map(ShardInput::Forged),
+            1 => (0u64..4).prop_map(|download_id| ShardInput::Timer(ShardTimer::DownloadRetry { download_id })),
+        ]
+    }
+
+    /// Drives a shard through `inputs`, `delays[i]` ms apart, and checks every step:
+    /// - a persist applies exactly the intact bundle of its backup, to the rows of the increment before it (or
+    ///   replaces them for increment 0), and moves "applied through" one increment on;
+    /// - an Applied reply comes after the persist that makes it true;
+    /// - nothing changes the durable state without a persist of it, and no timer is set in the past.
+    fn run_shard(config: ShardConfig, inputs: &[(u64, ShardInput)]) -> Result<(), TestCaseError> {
+        let library = library();
+        let by_backup: BTreeMap<u64, Bundle> = library
+            .iter()
+            .map(|(object, bytes)| {
+                let bundle = Bundle::decode(object, bytes).expect("the library is intact");
+                (bundle.backup_id, bundle)
+            })
+            .collect();
+        let mut shard = Shard::boot(SHARD, config, None);
+        let mut now_ms = 0u64;
+        let mut last_read: Option<DownloadRequest> = None;
+        for (step, (delay_ms, input)) in inputs.iter().enumerate() {
+            now_ms += delay_ms;
+            let before = shard.durable().clone();
+            let out = match input.clone() {
+                ShardInput::Message(from, msg) => shard.handle_message(now_ms, from, msg),
+                ShardInput::Serve(damage) => {
+                    let Some(read) = &last_read else { continue };
+                    let outcome = match (library.get(&read.object), damage) {
+                        (_, Damage::Error(error)) => Err(error),
+                        (None, _) => Err(StoreError::NotFound { object: read.object.clone() }),
+                        (Some(bytes), damage) => {
+                            range_of(&read.object, bytes, read.offset, read.len).map(|mut answer| {
+                                match damage {
+                                    Damage::None | Damage::Error(_) => {}
+                                    Damage::FlipByte(at) if !answer.bytes.is_empty() => {
+                                        let at = at % answer.bytes.len();
+                                        answer.bytes[at] ^= 0x5a;
+                                    }
+                                    Damage::FlipByte(_) => {}
+                                    Damage::ShortRead(keep) => answer.bytes.truncate(keep),
+                                    Damage::EmptyRead => answer.bytes.clear(),
+                                    Damage::WrongTotal(total_len) => answer.total_len = total_len,
+                                }
+                                answer
+                            })
+                        }
+                    };
+                    let result = DownloadResult {
+                        download_id: read.download_id,
+                        object: read.object.clone(),
+                        offset: read.offset,
+                        outcome,
+                    };
+                    shard.handle_download(now_ms, result)
+                }
+                ShardInput::Forged(result) => shard.handle_download(now_ms, result),
+                ShardInput::Timer(timer) => shard.handle_timer(now_ms, timer),
+            };
+            let context = || format!("step {step}, {input:?}, outputs {out:?}");
+            let mut durable = before.clone();
+            let mut persisted = false;
+            for output in &out {
+                match output {
+                    Output::Download(read) => last_read = Some(read.clone()),
+                    Output::SetTimer { at_ms, .. } => {
+                        prop_assert!(*at_ms >= now_ms, "a timer set in the past: {}", context());
+                    }
+                    Output::Persist { state, note } => {
+                        let PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 } = note else {
+                            return Err(TestCaseError::fail(format!("not a shard note: {}", context())));
+                        };
+                        let Some(bundle) = by_backup.get(backup_id) else {
+                            return Err(TestCaseError::fail(format!("no such backup was applied: {}", context())));
+                        };
+                        let intact = &library[&BackupManifest::object_name(*backup_id, SHARD)];
+                        prop_assert_eq!(*bundle_crc32, crc32fast::hash(intact), "a damaged bundle: {}", context());
+                        let rows = if *increment == 0 {
+                            SortedRows::from_changes(&bundle.changes)
+                        } else {
+                            prop_assert_eq!(durable.op, Some(*op), "applied onto another operation: {}", context());
+                            prop_assert_eq!(
+                                durable.applied_through,
+                                Some(increment - 1),
+                                "an increment skipped or repeated: {}",
+                                context()
+                            );
+                            durable.rows.with_changes(&bundle.changes)
+                        };
+                        prop_assert_eq!(&*state.rows, &rows, "rows other than the bundle's: {}", context());
+                        prop_assert_eq!((state.op, state.applied_through), (Some(*op), Some(*increment)));
+                        durable = state.clone();
+                        persisted = true;
+                    }
+                    Output::Send { to, msg } => {
+                        prop_assert_eq!(*to, NodeAddr::Coordinator, "{}", context());
+                        if let Message::Reply(ApplyReply { outcome: ApplyOutcome::Applied, .. }) = msg {
+                            prop_assert!(persisted, "Applied before the persist: {}", context());
+                        }
+                    }
+                    Output::Report(_) => {}
+                }
+            }
+            prop_assert_eq!(shard.durable(), &durable, "durable state changed without a persist: {}", context());
+        }
+        Ok(())
+    }
+
+    fn shard_inputs() -> impl Strategy<Value = Vec<(u64, ShardInput)>> {
+        prop::collection::vec((prop_oneof![0u64..200, 0u64..100_000], any_shard_input()), 1..MAX_STEPS)
+    }
+
+    proptest! {
+        #[test]
+        fn a_shard_survives_any_requests_reads_and_timers(inputs in shard_inputs()) {
+            run_shard(shard_config(), &inputs)?;
+        }
+    }
+
+    #[test]
+    fn the_shard_property_fails_for_each_shard_bug() {
+        for (bug, broken) in [
+            (ShardBug::SkipChecksum, "a damaged bundle"),
+            (ShardBug::ReplyBeforePersist, "Applied before the persist"),
+            (ShardBug::MarkerBeforeRows, "rows other than the bundle's"),
+        ] {
+            let config = ShardConfig { bug: Some(bug), ..shard_config() };
+            let result = runner().run(&shard_inputs(), |inputs| run_shard(config.clone(), &inputs));
+            assert_fails_with(result, broken, bug);
+        }
+    }
+
+    // -- the coordinator ------------------------------------------------------------------------------------
+
+    /// A field of an answer changed on its way.
+    #[derive(Clone, Debug)]
+    enum Tamper {
+        None,
+        Op,
+        Generation,
+        Attempt,
+        Increment,
+        /// Speaks for another tablet, and comes from it.
+        Tablet,
+        /// Comes from a node other than the tablet it speaks for.
+        Sender(NodeAddr),
+    }
+
+    #[derive(Clone, Debug)]
+    enum CoordinatorInput {
+        /// An answer to one of the apply requests sent so far, chosen by `pick`, maybe tampered with.
+        Answer {
+            pick: usize,
+            outcome: ApplyOutcome,
+            tamper: Tamper,
+        },
+        /// A reply made up from scratch.
+        Forged(NodeAddr, ApplyReply),
+        /// A message no coordinator expects.
+        Stray(NodeAddr, Message),
+        Client(NodeAddr, ClientCall),
+        /// One of the timers set so far, chosen by `pick`, at its time or later (again, maybe).
+        Timer(usize),
+        /// A timer the coordinator never set.
+        ForgedTimer(CoordinatorTimer),
+        /// A crash, and a boot from the last state it persisted.
+        Reboot,
+    }
+
+    fn any_node() -> impl Strategy<Value = NodeAddr> {
+        prop_oneof![
+            Just(NodeAddr::Coordinator),
+            Just(NodeAddr::Client),
+            (0u32..2, 0u32..4).prop_map(|(table, shard)| NodeAddr::Shard(TabletId::new(table, shard))),
+        ]
+    }
+
+    fn any_coordinator_input() -> impl Strategy<Value = CoordinatorInput> {
+        let ops = OP - 1..OP + 2;
+        let tamper = prop_oneof![
+            12 => Just(Tamper::None),
+            1 => Just(Tamper::Op),
+            1 => Just(Tamper::Generation),
+            1 => Just(Tamper::Attempt),
+            1 => Just(Tamper::Increment),
+            1 => Just(Tamper::Tablet),
+            1 => any_node().prop_map(Tamper::Sender),
+        ];
+        // Answers fail for good now and then, not so often that no restore ever gets far.
+        let outcome = prop_oneof![
+            12 => Just(ApplyOutcome::Applied),
+            3 => Just(ApplyOutcome::AlreadyApplied),
+            3 => Just(transient()),
+            1 => any_outcome(),
+        ];
+        let answer = (any::<usize>(), outcome, tamper).prop_map(|(pick, outcome, tamper)| CoordinatorInput::Answer {
+            pick,
+            outcome,
+            tamper,
+        });
+        let reply = (ops.clone(), 0u64..4, 0u32..4, 0u32..4, 0u32..4, any_outcome()).prop_map(
+            |(op, generation, attempt, increment, shard, outcome)| ApplyReply {
+                op,
+                generation,
+                attempt,
+                increment,
+                tablet: tablet(shard),
+                outcome,
+            },
+        );
+        let forged = (any_node(), reply).prop_map(|(from, reply)| CoordinatorInput::Forged(from, reply));
+        let stray = (any_node(), any_apply_request())
+            .prop_map(|(from, request)| CoordinatorInput::Stray(from, Message::Apply(request)));
+        let call = prop_oneof![
+            ops.clone().prop_map(|op| ClientCall::Status { op }),
+            Just(ClientCall::List),
+            ops.clone().prop_map(|op| ClientCall::Forget { op }),
+            (ops.clone(), 0u32..4, 0u32..4)
+                .prop_map(|(op, shards, increments)| ClientCall::Start(restore_request(op, shards, increments))),
+        ];
+        let caller = prop_oneof![9 => Just(NodeAddr::Client), 1 => any_node()];
+        let client = (caller, call).prop_map(|(from, call)| CoordinatorInput::Client(from, call));
+        let timer = prop_oneof![
+            (ops.clone(), 0u32..4, 0u32..4, 0u32..4).prop_map(|(op, shard, increment, attempt)| {
+                CoordinatorTimer::RequestTimeout { op, tablet: tablet(shard), increment, attempt }
+            }),
+            Just(CoordinatorTimer::RetryDue),
+            ops.clone().prop_map(|op| CoordinatorTimer::Deadline { op }),
+            (ops, 0u32..4).prop_map(|(op, increment)| CoordinatorTimer::IncrementDeadline { op, increment }),
+        ];
+        prop_oneof![
+            10 => answer,
+            1 => forged,
+            1 => stray,
+            2 => client,
+            4 => any::<usize>().prop_map(CoordinatorInput::Timer),
+            1 => timer.prop_map(CoordinatorInput::ForgedTimer),
+            1 => Just(CoordinatorInput::Reboot),
+        ]
+    }
+
+    fn running_increment(durable: &CoordinatorDurable, op: OperationId) -> Option<u32> {
+        match &durable.operations.get(&op)?.status {
+            OperationStatus::Running(running) => Some(running.increment),
+            _ => None,
+        }
+    }
+
+    /// Drives a coordinator that has started `OP` (3 shards, 3 increments) through `inputs`, `delays[i]` ms
+    /// apart, and checks every step:
+    /// - an operation moves past increment k only once every tablet of it has answered k with success, from
+    ///   itself and in the current generation, and never moves back; an ended operation stays as it ended;
+    /// - an apply request goes to the tablet it names, in the current generation, for the increment the
+    ///   operation has durably reached; a start is answered only once the operation is durable;
+    /// - nothing changes the durable state without a persist of it; a reboot bumps the generation, nothing else.
+    fn run_coordinator(config: CoordinatorConfig, inputs: &[(u64, CoordinatorInput)]) -> Result<(), TestCaseError> {
+        let (mut coordinator, mut out) = Coordinator::boot(config.clone(), None, SEED, 0);
+        out.extend(coordinator.start(0, restore_request(OP, 3, 3)).expect("the start succeeds"));
+        let mut now_ms = 0u64;
+        let mut sent: Vec<ApplyRequest> = Vec::new();
+        let mut timers: Vec<(u64, CoordinatorTimer)> = Vec::new();
+        let mut last_persisted = CoordinatorDurable::default();
+        // (op, tablet, increment) answered with success by that tablet in the generation of the time.
+        let mut successes: BTreeSet<(OperationId, TabletId, u32)> = BTreeSet::new();
+        let mut before = CoordinatorDurable::default();
+        let mut generation_before = 0;
+        let mut input: Option<&CoordinatorInput> = None;
+        for step in 0..=inputs.len() {
+            let context = |out: &[CoordinatorOutput]| format!("step {step}, {input:?}, outputs {out:?}");
+            for output in &out {
+                match output {
+                    Output::Persist { state, .. } => last_persisted = state.clone(),
+                    Output::SetTimer { at_ms, timer } => timers.push((*at_ms, timer.clone())),
+                    Output::Send { to, msg: Message::Apply(request) } => {
+                        prop_assert_eq!(*to, NodeAddr::Shard(request.tablet), "{}", context(&out));
+                        prop_assert_eq!(request.generation, coordinator.generation(), "{}", context(&out));
+                        prop_assert_eq!(
+                            running_increment(&last_persisted, request.op),
+                            Some(request.increment),
+                            "asked for an increment not durably reached: {}",
+                            context(&out)
+                        );
+                        sent.push(request.clone());
+                    }
+                    Output::Send { to, msg: Message::ClientReply(reply) } => {
+                        prop_assert_eq!(*to, NodeAddr::Client, "{}", context(&out));
+                        if let ClientAnswer::Started { op } = reply.answer {
+                            prop_assert!(last_persisted.operations.contains_key(&op), "{}", context(&out));
+                        }
+                    }
+                    Output::Send { .. } => return Err(TestCaseError::fail(format!("odd send: {}", context(&out)))),
+                    Output::Download(_) | Output::Report(_) => {}
+                }
+            }
+            let after = coordinator.durable();
+            prop_assert_eq!(after, &last_persisted, "durable state changed without a persist: {}", context(&out));
+            let rebooted = matches!(input, Some(CoordinatorInput::Reboot));
+            let expected_generation = generation_before + u64::from(rebooted || step == 0);
+            prop_assert_eq!(coordinator.generation(), expected_generation, "{}", context(&out));
+            for (op, was) in before.operations.iter() {
+                let Some(now) = after.operations.get(op) else {
+                    prop_assert!(!matches!(was.status, OperationStatus::Running(_)), "a running op forgotten");
+                    continue;
+                };
+                let reached = match (&was.status, &now.status) {
+                    (OperationStatus::Running(was), OperationStatus::Running(now)) => {
+                        prop_assert!(now.increment >= was.increment, "went back: {}", context(&out));
+                        if now.increment == was.increment {
+                            prop_assert!(was.done.is_subset(&now.done), "lost a result: {}", context(&out));
+                        }
+                        was.increment..now.increment
+                    }
+                    (OperationStatus::Running(was), OperationStatus::Done { increments, .. }) => {
+                        was.increment..*increments
+                    }
+                    (OperationStatus::Running(_), OperationStatus::Failed { .. }) => 0..0,
+                    (ended, now) => {
+                        prop_assert_eq!(ended, now, "an ended operation changed: {}", context(&out));
+                        0..0
+                    }
+                };
+                for increment in reached {
+                    for tablet in now.tablets() {
+                        prop_assert!(
+                            successes.contains(&(*op, tablet, increment)),
+                            "{op} passed increment {increment} without a success from {tablet}: {}",
+                            context(&out)
+                        );
+                    }
+                }
+            }
+            let Some((delay_ms, next)) = inputs.get(step) else { break };
+            input = Some(next);
+            before = after.clone();
+            generation_before = coordinator.generation();
+            now_ms += delay_ms;
+            out = match next.clone() {
+                CoordinatorInput::Answer { pick, outcome, tamper } => {
+                    if sent.is_empty() {
+                        Vec::new()
+                    } else {
+                        // Mostly one of the newest requests; now and then a much older one.
+                        let back = if pick % 8 == 0 { pick / 8 % sent.len() } else { pick % sent.len().min(4) };
+                        let mut reply = sent[sent.len() - 1 - back].reply(outcome);
+                        let mut from = NodeAddr::Shard(reply.tablet);
+                        match tamper {
+                            Tamper::None => {}
+                            Tamper::Op => reply.op += 1,
+                            Tamper::Generation => reply.generation = reply.generation.saturating_sub(1),
+                            Tamper::Attempt => reply.attempt += 1,
+                            Tamper::Increment => reply.increment += 1,
+                            Tamper::Tablet => {
+                                reply.tablet = tablet((reply.tablet.shard.0 + 1) % 3);
+                                from = NodeAddr::Shard(reply.tablet);
+                            }
+                            Tamper::Sender(node) => from = node,
+                        }
+                        deliver(&mut coordinator, &mut successes, now_ms, from, reply)
+                    }
+                }
+                CoordinatorInput::Forged(from, reply) => deliver(&mut coordinator, &mut successes, now_ms, from, reply),
+                CoordinatorInput::Stray(from, msg) => coordinator.handle_message(now_ms, from, msg),
+                CoordinatorInput::Client(from, call) => {
+                    coordinator.handle_message(now_ms, from, Message::Client(ClientRequest { call_id: 1, call }))
+                }
+                CoordinatorInput::Timer(pick) => {
+                    // Mostly a timer due within seconds; now and then any, a deadline an hour off included.
+                    let soon: Vec<&(u64, CoordinatorTimer)> =
+                        timers.iter().filter(|(at_ms, _)| pick % 16 == 0 || *at_ms <= now_ms + 5_000).collect();
+                    match soon.get(pick % soon.len().max(1)).map(|timer| (*timer).clone()) {
+                        Some((at_ms, timer)) => {
+                            now_ms = now_ms.max(at_ms);
+                            coordinator.handle_timer(now_ms, timer)
+                        }
+                        None => Vec::new(),
+                    }
+                }
+                CoordinatorInput::ForgedTimer(timer) => coordinator.handle_timer(now_ms, timer),
+                CoordinatorInput::Reboot => {
+                    let (rebooted, out) = Coordinator::boot(config.clone(), Some(last_persisted.clone()), SEED, now_ms);
+                    coordinator = rebooted;
+                    out
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Hands `reply` to the coordinator from `from`, noting a success the coordinator may count.
+    fn deliver(
+        coordinator: &mut Coordinator,
+        successes: &mut BTreeSet<(OperationId, TabletId, u32)>,
+        now_ms: u64,
+        from: NodeAddr,
+        reply: ApplyReply,
+    ) -> Vec<CoordinatorOutput> {
+        let success = matches!(reply.outcome, ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied);
+        if success && from == NodeAddr::Shard(reply.tablet) && reply.generation == coordinator.generation() {
+            successes.insert((reply.op, reply.tablet, reply.increment));
+        }
+        coordinator.handle_message(now_ms, from, Message::Reply(reply))
+    }
+
+    /// Deadlines long enough for most runs to end by their answers; a long pause still reaches them now and then.
+    fn hostile_coordinator_config() -> CoordinatorConfig {
+        CoordinatorConfig { deadline_ms: 600_000, increment_deadline_ms: 300_000, ..coordinator_config() }
+    }
+
+    fn coordinator_inputs() -> impl Strategy<Value = Vec<(u64, CoordinatorInput)>> {
+        let delay = prop_oneof![30 => 0u64..2_000, 1 => 0u64..100_000];
+        prop::collection::vec((delay, any_coordinator_input()), 1..2 * MAX_STEPS)
+    }
+
+    proptest! {
+        #[test]
+        fn a_coordinator_survives_any_replies_calls_timers_and_reboots(inputs in coordinator_inputs()) {
+            run_coordinator(hostile_coordinator_config(), &inputs)?;
+        }
+    }
+
+    #[test]
+    fn the_coordinator_property_fails_for_a_coordinator_that_advances_too_soon() {
+        for bug in [CoordinatorBug::AdvanceOnFirstReport, CoordinatorBug::LostReportIsSuccess] {
+            let config = CoordinatorConfig { bug: Some(bug), ..hostile_coordinator_config() };
+            let result = runner().run(&coordinator_inputs(), |inputs| run_coordinator(config.clone(), &inputs));
+            assert_fails_with(result, "without a success from", bug);
+        }
+    }
+
+    // -- frames ---------------------------------------------------------------------------------------------
+
+    /// Frames of every kind a node reads: messages off the network, and the durable states it loads at boot.
+    fn sample_frames() -> Vec<Vec<u8>> {
+        let (coordinator, requests) = started(coordinator_config(), 3, 3, 0);
+        let request = requests[0].clone();
+        let mut shard = fresh_shard(shard_config());
+        let applied = apply_with(&mut shard, &apply_request(1, 0, 0), full_changes());
+        let start = ClientRequest { call_id: 9, call: ClientCall::Start(restore_request(OP, 2, 3)) };
+        let status = ClientReply { call_id: 9, answer: ClientAnswer::Status(coordinator.status(OP)) };
+        vec![
+            encode_frame(&Message::Apply(request.clone())),
+            encode_frame(&Message::Reply(request.reply(transient()))),
+            encode_frame(&Message::Client(start)),
+            encode_frame(&Message::ClientReply(Box::new(status))),
+            encode_frame(coordinator.durable()),
+            encode_frame(&persisted_then_applied(&applied, &apply_request(1, 0, 0))),
+        ]
+    }
+
+    /// `bytes` decodes as a `T` that encodes and decodes to itself, or is an error; never a panic.
+    fn decodes_stably<T>(bytes: &[u8]) -> Result<(), TestCaseError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        if let Ok(value) = decode_frame::<T>(bytes) {
+            prop_assert_eq!(decode_frame::<T>(&encode_frame(&value)).ok(), Some(value));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// A frame damaged on the wire or on disk (bytes changed, its end cut) decodes to an error or to a value,
+        /// as any of the types a node reads: never a panic, never a value that does not survive its own round trip.
+        #[test]
+        fn a_damaged_frame_is_an_error_or_a_value_never_a_panic(
+            pick in any::<usize>(),
+            flips in prop::collection::vec((any::<usize>(), 1u8..), 0..4),
+            keep in any::<usize>(),
+        ) {
+            let frames = sample_frames();
+            let mut bytes = frames[pick % frames.len()].clone();
+            for (at, mask) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= mask;
+            }
+            bytes.truncate(keep % (bytes.len() + 1));
+            decodes_stably::<Message>(&bytes)?;
+            decodes_stably::<CoordinatorDurable>(&bytes)?;
+            decodes_stably::<ShardDurable>(&bytes)?;
+        }
     }
 }
