@@ -358,9 +358,9 @@ mod tests {
             // Half the time a real payload with bytes changed and its end cut, which gets further into the decoder.
             let payload = if bundle_bytes {
                 let mut real = sample().encode()[HEADER_LEN..].to_vec();
-                for (at, byte) in payload.iter().enumerate().take(3) {
-                    let at = usize::from(*byte) * 7 % real.len();
-                    real[at] ^= (at as u8) | 1;
+                for (i, byte) in payload.iter().enumerate().take(3) {
+                    let at = (usize::from(*byte) * 7 + i) % real.len();
+                    real[at] ^= byte | 1;
                 }
                 real.truncate(real.len() + 1 - payload.len().min(real.len()));
                 real
