@@ -1305,4 +1305,84 @@ at_ms = 1000
         assert_eq!(line_and_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
     }
+
+    /// Every scenario file of the repository (regressions included), as text.
+    fn repository_scenarios() -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let files =
+            scenario_files(&root).unwrap().into_iter().chain(scenario_files(&root.join("regressions")).unwrap());
+        files.map(|path| std::fs::read_to_string(path).unwrap()).collect()
+    }
+
+    /// Numbers and words a hand edit may leave where another was.
+    const NUMBERS: [&str; 7] = ["0", "1", "-1", "3", "4294967296", "18446744073709551615", "99999999999999999999"];
+    const WORDS: [&str; 7] = ["", "orders/9", "x", "full", "incremental", "coordinator", "table0/by_value/7"];
+
+    /// `text` with one edit: a line dropped or repeated, a number or a quoted word on it replaced, or the text cut.
+    fn edited(text: &str, at: usize, kind: u8, with: usize) -> String {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.is_empty() {
+            return text.to_string();
+        }
+        let line = at % lines.len();
+        match kind {
+            0 => {
+                lines.remove(line);
+            }
+            1 => lines.insert(line, lines[line].clone()),
+            2 => {
+                let old = &lines[line];
+                if let Some(start) = old.find(|c: char| c.is_ascii_digit()) {
+                    let end = old[start..].find(|c: char| !c.is_ascii_digit()).map_or(old.len(), |e| start + e);
+                    lines[line] = format!("{}{}{}", &old[..start], NUMBERS[with % NUMBERS.len()], &old[end..]);
+                }
+            }
+            3 => {
+                let old = &lines[line];
+                if let Some(start) = old.find('"')
+                    && let Some(len) = old[start + 1..].find('"')
+                {
+                    let end = start + 1 + len;
+                    lines[line] = format!("{}{}{}", &old[..=start], WORDS[with % WORDS.len()], &old[end..]);
+                }
+            }
+            _ => {
+                let joined = lines.join("\n");
+                let mut cut = with % (joined.len() + 1);
+                while !joined.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                return joined[..cut].to_string();
+            }
+        }
+        lines.join("\n")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 300, ..Default::default() })]
+
+        /// A scenario file edited wrongly is refused naming the file, or loads and builds its world for a seed;
+        /// it never panics.
+        #[test]
+        fn an_edited_scenario_is_refused_naming_the_file_or_builds_its_world(
+            pick in proptest::prelude::any::<usize>(),
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), 0u8..5, proptest::prelude::any::<usize>()),
+                1..4,
+            ),
+        ) {
+            let scenarios = repository_scenarios();
+            let mut text = scenarios[pick % scenarios.len()].clone();
+            for (at, kind, with) in edits {
+                text = edited(&text, at, kind, with);
+            }
+            match Scenario::parse("edited", "edited.toml", &text) {
+                Ok(scenario) => {
+                    let seed = scenario.seeds.first().copied().unwrap_or(0);
+                    proptest::prop_assert_eq!(scenario.world(seed).seed, seed);
+                }
+                Err(error) => proptest::prop_assert!(error.to_string().starts_with("edited.toml"), "{error}"),
+            }
+        }
+    }
 }
