@@ -109,8 +109,16 @@ mod bench {
 
     fn sweep(seeds: u64, jobs: usize) -> lockstep_sim::sweep::SweepSummary {
         let source = WorldSource::Generated(WorldParams::sweep_default());
-        let config =
-            SweepConfig { start: 0, seeds, pinned: None, first: Vec::new(), jobs, source, determinism_every: 0 };
+        let config = SweepConfig {
+            start: 0,
+            seeds,
+            pinned: None,
+            first: Vec::new(),
+            jobs,
+            source,
+            determinism_every: 0,
+            stop: Default::default(),
+        };
         let summary = run_sweep(&config, &|_| {});
         assert!(summary.failures.is_empty(), "the sweep passes");
         summary

@@ -13,7 +13,16 @@ use lockstep_sim::world::{Bugs, World, WorldParams};
 
 fn sweep(start: u64, seeds: u64, params: WorldParams) -> lockstep_sim::sweep::SweepSummary {
     let source = WorldSource::Generated(params);
-    let config = SweepConfig { start, seeds, pinned: None, first: Vec::new(), jobs: 2, source, determinism_every: 10 };
+    let config = SweepConfig {
+        start,
+        seeds,
+        pinned: None,
+        first: Vec::new(),
+        jobs: 2,
+        source,
+        determinism_every: 10,
+        stop: Default::default(),
+    };
     run_sweep(&config, &|_| {})
 }
 
@@ -229,4 +238,23 @@ fn a_sweep_over_worker_processes_prints_what_one_job_prints() {
         assert_eq!(one_code, Some(if bug.is_some() { 1 } else { 0 }), "{one}");
         assert!(one.contains("determinism      4 seed(s) rerun, 0 mismatch(es)"), "{one}");
     }
+}
+
+#[test]
+fn a_sweep_stops_early_at_its_first_failure_or_its_time_limit_and_says_so() {
+    let (code, out) = cli_sweep(&["--seeds", "2000", "--fail-fast", "--bug", "skip-checksum", "--jobs", "2"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("stopped early    at the first failure (--fail-fast)"), "{out}");
+    assert!(out.contains("reproduce: cargo sim repro --seed "), "{out}");
+    let run: u64 = out
+        .lines()
+        .find_map(|line| line.strip_prefix("seeds run        "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .expect("a seeds-run line");
+    assert!(run < 100, "stopped soon after the first failure: {run} seeds run");
+
+    let (code, out) = cli_sweep(&["--time-limit", "1s", "--jobs", "2"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("stopped early    at the time limit of 1s"), "{out}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
 }

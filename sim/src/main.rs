@@ -27,12 +27,14 @@ mod cli {
     use lockstep_sim::faults::FaultKind;
     use lockstep_sim::runner::{Keep, run_seed};
     use lockstep_sim::scenario::Scenario;
-    use lockstep_sim::sweep::{SeedFailure, SweepConfig, SweepSummary, WorldSource, run_sweep};
+    use lockstep_sim::sweep::{SeedFailure, StopWhen, SweepConfig, SweepSummary, WorldSource, run_sweep};
     use lockstep_sim::world::{Bugs, WorldParams};
     use std::sync::Arc;
 
     /// The committed file of regression seeds, at the top of the workspace.
     const DEFAULT_REGRESSIONS: &str = "regression-seeds.txt";
+    /// Seeds a time-limited sweep without `--seeds` plans: about 17 years at 2,000 seeds a second.
+    const UNTIL_THE_TIME_LIMIT: u64 = 1 << 40;
 
     #[derive(Parser)]
     #[command(name = "cargo sim", about = "Deterministic simulation of lockstep's sharded incremental restore")]
@@ -141,9 +143,16 @@ mod cli {
 
     #[derive(Args)]
     struct RunArgs {
-        /// Number of seeds to run [default: 1000, or a scenario's pinned seeds].
+        /// Number of seeds to run [default: 1000, or a scenario's pinned seeds; with --time-limit, as many as
+        /// the time allows].
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: Option<u64>,
+        /// Stop at the first failing seed (seeds already running finish and are counted).
+        #[arg(long)]
+        fail_fast: bool,
+        /// Start no seed after this much wall-clock time, e.g. `90s`, `10m`, `2h`: a CI job of fixed length.
+        #[arg(long, value_parser = lockstep_sim::sweep::parse_duration)]
+        time_limit: Option<std::time::Duration>,
         /// First seed.
         #[arg(long, default_value_t = 0)]
         start: u64,
@@ -453,7 +462,10 @@ mod cli {
         };
         // A scenario runs its pinned seeds unless --seeds asks for a range.
         let pinned = if args.seeds.is_some() { None } else { pinned };
-        let mut seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(1000), |p| p.len() as u64);
+        // Without --seeds, a time-limited sweep plans more seeds than any run gets through.
+        let default_seeds =
+            if args.time_limit.is_some() { UNTIL_THE_TIME_LIMIT.min(u64::MAX - args.start) } else { 1000 };
+        let mut seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(default_seeds), |p| p.len() as u64);
         let mut start = args.start;
         let pinned = match (args.shard, pinned) {
             // Part K of N: the K-th of N contiguous slices of the range (or of the pinned seeds).
@@ -496,6 +508,7 @@ mod cli {
             jobs,
             source,
             determinism_every: args.determinism_every,
+            stop: StopWhen { first_failure: args.fail_fast, time_limit: args.time_limit },
         };
         let Some(end) = start.checked_add(seeds) else {
             eprintln!("error: --start {start} plus --seeds {seeds} runs past the last seed ({})", u64::MAX);
@@ -511,20 +524,35 @@ mod cli {
                 }
             };
         }
+        let flags = args.world.as_flags();
         match &pinned {
-            Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){}", args.world.as_flags()),
-            None => {
-                println!("lockstep sweep: seeds {start}..{end} ({seeds} seeds), {jobs} job(s){}", args.world.as_flags())
-            }
+            Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){flags}"),
+            None if args.seeds.is_none() && args.time_limit.is_some() => println!(
+                "lockstep sweep: seeds from {start} until the time limit of {}, {jobs} job(s){flags}",
+                lockstep_sim::sweep::duration_text(args.time_limit.expect("checked above"))
+            ),
+            None => println!("lockstep sweep: seeds {start}..{end} ({seeds} seeds), {jobs} job(s){flags}"),
         }
         if !config.first.is_empty() {
             println!("regression seeds from {} first: {:?}", args.regressions.display(), config.first);
         }
-        let bar = ProgressBar::new(config.total_seeds());
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
-                .expect("the template is valid"),
-        );
+        let bar = match args.time_limit {
+            Some(limit) => {
+                let template =
+                    format!("{{pos}} seeds  {{per_sec}}  {{elapsed}} of {}", lockstep_sim::sweep::duration_text(limit));
+                let bar = ProgressBar::no_length();
+                bar.set_style(ProgressStyle::with_template(&template).expect("the template is valid"));
+                bar
+            }
+            None => {
+                let bar = ProgressBar::new(config.total_seeds());
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
+                        .expect("the template is valid"),
+                );
+                bar
+            }
+        };
         let summary = match worker_command() {
             Some(command) if jobs > 1 => {
                 match lockstep_sim::sweep::run_sweep_in_processes(&config, &command, &|done| bar.set_position(done)) {
@@ -561,6 +589,9 @@ mod cli {
         let count = |class: &str| summary.failures.iter().filter(|f| f.class.name() == class).count();
         println!();
         println!("seeds run        {} ({} regression seed(s) first)", summary.seeds_run, summary.regression_seeds);
+        if let Some(why) = summary.stopped {
+            println!("stopped early    {why}, with seeds of the range left to run");
+        }
         println!(
             "failed seeds     {failed} (safety {}, liveness {}, crash {}, determinism {})",
             count("safety"),

@@ -73,6 +73,81 @@ pub struct SweepConfig {
     pub source: WorldSource,
     /// Every this-many seeds one is run twice and the two event-log hashes compared; 0 turns the check off.
     pub determinism_every: u64,
+    /// When to stop before every seed has run.
+    pub stop: StopWhen,
+}
+
+/// Conditions that end a sweep before its last seed; seeds already running finish and are counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StopWhen {
+    /// At the first failing seed.
+    pub first_failure: bool,
+    /// Once this much wall-clock time has passed since the sweep began: no seed starts after it.
+    pub time_limit: Option<Duration>,
+}
+
+/// Why a sweep stopped before its last seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stopped {
+    FirstFailure,
+    TimeLimit(Duration),
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::FirstFailure => f.write_str("at the first failure (--fail-fast)"),
+            Stopped::TimeLimit(limit) => write!(f, "at the time limit of {}", duration_text(*limit)),
+        }
+    }
+}
+
+/// `90s`, `10m`, `2h`: whole hours or minutes where the duration is one, seconds otherwise.
+pub fn duration_text(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    if duration.subsec_nanos() != 0 {
+        format!("{:.3}s", duration.as_secs_f64())
+    } else if seconds > 0 && seconds.is_multiple_of(3600) {
+        format!("{}h", seconds / 3600)
+    } else if seconds > 0 && seconds.is_multiple_of(60) {
+        format!("{}m", seconds / 60)
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+/// Parses a duration as [`duration_text`] writes it, whole units only: `90s`, `10m`, `2h`, or a bare number of
+/// seconds. It must be more than zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let (number, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed, "s"),
+    };
+    let per_unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("`{text}` is not a duration: write a whole number and s, m or h, e.g. 90s, 10m, 2h")),
+    };
+    let seconds =
+        number.parse::<u64>().ok().and_then(|n| n.checked_mul(per_unit)).ok_or_else(|| {
+            format!("`{text}` is not a duration: write a whole number and s, m or h, e.g. 90s, 10m, 2h")
+        })?;
+    if seconds == 0 {
+        return Err(format!("`{text}`: a time limit must be more than zero"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+impl StopWhen {
+    /// Why the sweep begun at `began` should stop now that `summary` holds what it has run, if it should.
+    fn reason(&self, began: Instant, summary: &SweepSummary) -> Option<Stopped> {
+        if self.first_failure && !summary.failures.is_empty() {
+            return Some(Stopped::FirstFailure);
+        }
+        self.time_limit.filter(|limit| began.elapsed() >= *limit).map(Stopped::TimeLimit)
+    }
 }
 
 impl SweepConfig {
@@ -206,6 +281,8 @@ pub struct SweepSummary {
     pub probes: BTreeMap<Probe, u64>,
     /// Regression seeds replayed before the sweep (counted in `seeds_run` too).
     pub regression_seeds: u64,
+    /// Set when the sweep stopped before its last seed ([`StopWhen`]).
+    pub stopped: Option<Stopped>,
 }
 
 impl SweepSummary {
@@ -321,6 +398,16 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some((seed, first)) = config.seed_at(index) else { return };
+                    {
+                        // A seed is left: the sweep stops here if a condition says so.
+                        let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
+                        if summary.stopped.is_none() {
+                            summary.stopped = config.stop.reason(began, &summary);
+                        }
+                        if summary.stopped.is_some() {
+                            return;
+                        }
+                    }
                     let (world, outcome, mismatch) = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
                     summary.add_seed(config, seed, first, &world, &outcome, mismatch);
@@ -349,6 +436,13 @@ impl Part {
     /// Positions in the run order of the seeds of this part, skipped ones left out.
     fn positions(self, config: &SweepConfig) -> impl Iterator<Item = u64> {
         (self.part..config.total_seeds()).step_by(self.parts.max(1) as usize).skip(self.skip as usize)
+    }
+
+    /// How many positions [`Part::positions`] gives, without walking them (a time-limited sweep may plan
+    /// billions).
+    fn len(self, config: &SweepConfig) -> u64 {
+        let all = config.total_seeds().saturating_sub(self.part).div_ceil(self.parts.max(1));
+        all.saturating_sub(self.skip)
     }
 }
 
@@ -406,21 +500,38 @@ pub fn run_sweep_in_processes(
     let (tx, rx) = mpsc::channel();
     let mut summary = SweepSummary::default();
     let mut broken = None;
+    let workers: Vec<Worker> = (0..parts).map(|_| Worker::default()).collect();
     std::thread::scope(|scope| {
-        for part in 0..parts {
+        for (part, worker) in (0..parts).zip(&workers) {
             let tx = tx.clone();
-            scope.spawn(move || run_part(config, command, part, parts, &tx));
+            scope.spawn(move || run_part(config, command, part, parts, worker, &tx));
         }
         drop(tx);
         let mut done = 0;
-        for report in rx {
+        loop {
+            // Woken by a report, or at the time limit.
+            let wait = config.stop.time_limit.filter(|_| summary.stopped.is_none());
+            let wait = wait.map(|limit| limit.saturating_sub(began.elapsed()));
+            let report = match wait {
+                Some(wait) => rx.recv_timeout(wait).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected),
+                None => rx.recv().map_err(|_| true),
+            };
             match report {
-                Report::Seed(seed) => {
+                Ok(Report::Seed(seed)) => {
                     summary.merge(*seed);
                     done += 1;
                     progress(done);
                 }
-                Report::Broken(why) => broken = Some(why),
+                Ok(Report::Broken(why)) => broken = Some(why),
+                // Every worker is done.
+                Err(true) => break,
+                Err(false) => {}
+            }
+            if summary.stopped.is_none() && done < config.total_seeds() {
+                summary.stopped = config.stop.reason(began, &summary);
+                if summary.stopped.is_some() {
+                    workers.iter().for_each(Worker::stop);
+                }
             }
         }
     });
@@ -432,11 +543,44 @@ pub fn run_sweep_in_processes(
     Ok(summary)
 }
 
-/// Runs part `part` of `parts` in a worker process, and in a new one after the seed a worker died on.
-fn run_part(config: &SweepConfig, command: &WorkerCommand, part: u64, parts: u64, tx: &mpsc::Sender<Report>) {
-    let total = Part { part, parts, skip: 0 }.positions(config).count() as u64;
+/// The worker process running one part, for stopping it from the thread that reads every part's reports.
+#[derive(Default)]
+struct Worker {
+    /// Set once the sweep stops: no new process starts, and the one running is killed.
+    stopped: std::sync::atomic::AtomicBool,
+    child: Mutex<Option<std::process::Child>>,
+}
+
+impl Worker {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = child.kill();
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs part `part` of `parts` in a worker process, and in a new one after the seed a worker died on, until the
+/// part is done or `worker` is stopped.
+fn run_part(
+    config: &SweepConfig,
+    command: &WorkerCommand,
+    part: u64,
+    parts: u64,
+    worker: &Worker,
+    tx: &mpsc::Sender<Report>,
+) {
+    let total = Part { part, parts, skip: 0 }.len(config);
     let mut skip = 0;
     while skip < total {
+        let mut slot = worker.child.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_stopped() {
+            return;
+        }
         let spawned = Command::new(&command.program)
             .args(&command.args)
             .arg("--worker")
@@ -456,15 +600,20 @@ fn run_part(config: &SweepConfig, command: &WorkerCommand, part: u64, parts: u64
             }
         };
         let stdout = child.stdout.take().expect("the worker's output is piped");
+        *slot = Some(child);
+        drop(slot);
         let (reported, trouble) = read_reports(stdout, tx);
+        let mut slot = worker.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut child = slot.take().expect("the child stays in its slot while its output is read");
+        drop(slot);
         if trouble.is_some() {
             // It may be blocked writing more of what could not be read.
             let _ = child.kill();
         }
         let status = child.wait();
         skip += reported;
-        if skip >= total {
-            // Every seed of the part was reported.
+        if skip >= total || worker.is_stopped() {
+            // Every seed of the part was reported, or the sweep stopped (and killed the worker).
             return;
         }
         // The worker stopped before the end of its part: the seed it was running is lost, and counts as a crash.
@@ -619,7 +768,11 @@ pub fn junit_xml(summary: &SweepSummary, flags: &str) -> String {
         probes.iter().filter(|(_, hit)| !hit).count(),
         summary.wall.as_secs_f64()
     );
-    let _ = writeln!(xml, r#"  <properties><property name="seeds" value="{}"/></properties>"#, summary.seeds_run);
+    let stopped = summary
+        .stopped
+        .map_or(String::new(), |why| format!(r#"<property name="stopped" value="{}"/>"#, escape(&why.to_string())));
+    let _ =
+        writeln!(xml, r#"  <properties><property name="seeds" value="{}"/>{stopped}</properties>"#, summary.seeds_run);
     for (name, failure) in cases {
         match failure {
             None => {
@@ -670,6 +823,7 @@ mod tests {
             jobs: 1,
             source: WorldSource::Generated(WorldParams::default()),
             determinism_every: 0,
+            stop: StopWhen::default(),
         };
         let order: Vec<_> = (0..5).map(|i| config.seed_at(i)).collect();
         assert_eq!(order, vec![Some((7, true)), Some((3, true)), Some((100, false)), Some((101, false)), None]);
@@ -688,6 +842,7 @@ mod tests {
             jobs,
             source: WorldSource::Generated(WorldParams::default()),
             determinism_every: 0,
+            stop: StopWhen::default(),
         }
     }
 
@@ -783,5 +938,91 @@ mod tests {
         let command = WorkerCommand { program: "/nonexistent/lockstep-sim".into(), args: Vec::new() };
         let error = run_sweep_in_processes(&config(3, 2), &command, &|_| {}).expect_err("no worker");
         assert!(error.starts_with("cannot start a sweep worker (/nonexistent/lockstep-sim): "), "{error}");
+    }
+
+    /// A sweep of seeds 0..300 of the default world with the skip-checksum bug (seed 3 is its first failure).
+    fn buggy(jobs: usize, stop: StopWhen) -> SweepConfig {
+        let bugs = crate::catalog::parse(&["skip-checksum"]).expect("a catalogued bug");
+        let source = WorldSource::Generated(WorldParams { bugs, ..WorldParams::sweep_default() });
+        SweepConfig { start: 0, seeds: 300, pinned: None, first: Vec::new(), jobs, source, determinism_every: 0, stop }
+    }
+
+    #[test]
+    fn a_sweep_over_threads_stops_at_its_first_failure_when_asked() {
+        let stop = StopWhen { first_failure: true, time_limit: None };
+        let summary = run_sweep(&buggy(2, stop), &|_| {});
+        assert_eq!(summary.stopped, Some(Stopped::FirstFailure));
+        assert!(summary.failures.iter().any(|f| f.seed == 3), "{:?}", summary.failures);
+        assert!(summary.seeds_run < 20, "stopped soon after seed 3: {} seeds run", summary.seeds_run);
+        let xml = junit_xml(&summary, "");
+        assert!(xml.contains(r#"<property name="stopped" value="at the first failure (--fail-fast)"/>"#), "{xml}");
+        let whole = run_sweep(&buggy(2, StopWhen::default()), &|_| {});
+        assert_eq!((whole.stopped, whole.seeds_run), (None, 300), "without the flag every seed runs");
+    }
+
+    #[test]
+    fn a_sweep_over_threads_starts_no_seed_after_its_time_limit() {
+        let stop = StopWhen { first_failure: false, time_limit: Some(Duration::from_nanos(1)) };
+        let summary = run_sweep(&config(50, 2), &|_| {}).seeds_run;
+        assert_eq!(summary, 51, "no limit, every seed");
+        let summary = run_sweep(&SweepConfig { stop, ..config(50, 2) }, &|_| {});
+        assert_eq!(summary.stopped, Some(Stopped::TimeLimit(Duration::from_nanos(1))));
+        assert_eq!(summary.seeds_run, 0, "the limit had passed before the first seed");
+    }
+
+    /// A worker that writes `reports` (the bytes of seed reports) and then sleeps for a minute.
+    fn slow_worker(reports: &[u8], dir: &tempfile::TempDir) -> WorkerCommand {
+        let file = dir.path().join("reports");
+        std::fs::write(&file, reports).expect("a temporary file");
+        // `exec`: the kill must reach the process holding the output open, not a shell waiting on it.
+        let script = format!("cat '{}'; exec sleep 60", file.display());
+        WorkerCommand { program: "sh".into(), args: vec!["-c".into(), script.into(), "worker".into()] }
+    }
+
+    #[test]
+    fn a_sweep_over_processes_stops_at_its_time_limit_or_first_failure_and_kills_its_workers() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut failing = Vec::new();
+        let seed_3 = SweepConfig { start: 3, seeds: 1, ..buggy(1, StopWhen::default()) };
+        serve_part(&seed_3, Part { part: 0, parts: 1, skip: 0 }, &mut failing).expect("writes to memory");
+        let time_limit = Some(Duration::from_millis(300));
+        let cases = [
+            (StopWhen { first_failure: false, time_limit }, Vec::new(), Stopped::TimeLimit(Duration::from_millis(300))),
+            (StopWhen { first_failure: true, time_limit: None }, failing, Stopped::FirstFailure),
+        ];
+        for (stop, reports, stopped) in cases {
+            let began = Instant::now();
+            let summary =
+                run_sweep_in_processes(&buggy(2, stop), &slow_worker(&reports, &dir), &|_| {}).expect("workers start");
+            assert!(began.elapsed() < Duration::from_secs(30), "the sleeping workers were killed, not waited for");
+            assert_eq!(summary.stopped, Some(stopped));
+            // Each of the two workers wrote the reports it was given; a killed worker is not a crash.
+            let seeds: Vec<(u64, FailureClass)> = summary.failures.iter().map(|f| (f.seed, f.class)).collect();
+            let expected = if reports.is_empty() { vec![] } else { vec![(3, FailureClass::Safety); 2] };
+            assert_eq!(seeds, expected);
+            assert_eq!(summary.seeds_run, if reports.is_empty() { 0 } else { 2 });
+        }
+    }
+
+    #[test]
+    fn durations_are_whole_seconds_minutes_or_hours_and_read_back_as_written() {
+        for (text, seconds) in [("90s", 90), ("10m", 600), ("2h", 7200), ("45", 45), (" 3m ", 180)] {
+            let duration = parse_duration(text).expect(text);
+            assert_eq!(duration, Duration::from_secs(seconds), "{text}");
+            assert_eq!(parse_duration(&duration_text(duration)), Ok(duration), "{text}");
+        }
+        assert_eq!(duration_text(Duration::from_secs(90)), "90s");
+        for (text, problem) in [
+            ("0", "must be more than zero"),
+            ("0h", "must be more than zero"),
+            ("1.5m", "is not a duration"),
+            ("m", "is not a duration"),
+            ("-1s", "is not a duration"),
+            ("10 minutes", "is not a duration"),
+            ("99999999999999999999s", "is not a duration"),
+        ] {
+            let error = parse_duration(text).expect_err(text);
+            assert!(error.contains(problem) && error.contains(&format!("`{text}`")), "{text}: {error}");
+        }
     }
 }
