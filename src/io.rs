@@ -1,5 +1,5 @@
 //! The IO interfaces the hosts carry out outputs with, the durable state file format on top of a [`Disk`], and
-//! the real adapters (files with fsync, a directory as an object store).
+//! the real adapters (files with fsync, a directory or any `object_store` store as an object store).
 
 use std::future::Future;
 use std::io;
@@ -239,6 +239,99 @@ impl RemoteStore for DirStore {
     }
 }
 
+/// Any store the `object_store` crate reaches (S3, GCS, Azure with their features; local files; memory) as a
+/// [`RemoteStore`]: object names are its paths, a ranged read is one ranged GET, and a listing keeps the names
+/// that start with the prefix (the crate lists by whole path segments).
+#[cfg(not(madsim))]
+pub struct ObjectStoreRemote {
+    inner: std::sync::Arc<dyn object_store::ObjectStore>,
+}
+
+#[cfg(not(madsim))]
+impl ObjectStoreRemote {
+    pub fn new(inner: std::sync::Arc<dyn object_store::ObjectStore>) -> Self {
+        Self { inner }
+    }
+
+    /// The store's path for `object`; a name no object can have (empty, `..`, an empty segment) is not found.
+    fn path_of(object: &str) -> Result<object_store::path::Path, StoreError> {
+        object_store::path::Path::parse(object)
+            .ok()
+            .filter(|path| !object.is_empty() && path.as_ref() == object)
+            .ok_or_else(|| StoreError::NotFound { object: object.to_string() })
+    }
+
+    /// The length of `object`, from a HEAD request.
+    async fn len_of(&self, object: &str, path: &object_store::path::Path) -> Result<u64, StoreError> {
+        let head = object_store::GetOptions { head: true, ..Default::default() };
+        let result = self.inner.get_opts(path, head).await.map_err(|e| store_error(object, e))?;
+        Ok(result.meta.size)
+    }
+}
+
+/// A missing object is [`StoreError::NotFound`]; anything else the store says is transient.
+#[cfg(not(madsim))]
+fn store_error(object: &str, error: object_store::Error) -> StoreError {
+    match error {
+        object_store::Error::NotFound { .. } => StoreError::NotFound { object: object.to_string() },
+        other => StoreError::Unavailable { detail: other.to_string() },
+    }
+}
+
+#[cfg(not(madsim))]
+impl RemoteStore for ObjectStoreRemote {
+    async fn put(&self, object: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let path = Self::path_of(object)?;
+        let payload = object_store::PutPayload::from(bytes);
+        self.inner.put_opts(&path, payload, Default::default()).await.map_err(|e| store_error(object, e))?;
+        Ok(())
+    }
+
+    async fn get_range(&self, object: &str, offset: u64, len: u64) -> Result<RangeRead, StoreError> {
+        let path = Self::path_of(object)?;
+        if len > 0 {
+            let range = object_store::GetRange::Bounded(offset..offset.saturating_add(len));
+            let options = object_store::GetOptions { range: Some(range), ..Default::default() };
+            match self.inner.get_opts(&path, options).await {
+                Ok(result) => {
+                    let total_len = result.meta.size;
+                    let bytes = result.bytes().await.map_err(|e| store_error(object, e))?;
+                    return Ok(RangeRead { bytes: bytes.to_vec(), total_len });
+                }
+                Err(error @ object_store::Error::NotFound { .. }) => return Err(store_error(object, error)),
+                // Stores refuse a range that starts at the end or past it: the length below tells which.
+                Err(_) => {}
+            }
+        }
+        let total_len = self.len_of(object, &path).await?;
+        if offset > total_len {
+            return Err(StoreError::BadRange { object: object.to_string(), offset, len: total_len });
+        }
+        if offset < total_len && len > 0 {
+            let detail = format!("the store refused bytes {offset}.. of {object} ({total_len} bytes)");
+            return Err(StoreError::Unavailable { detail });
+        }
+        Ok(RangeRead { bytes: Vec::new(), total_len })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures_util::TryStreamExt;
+        let dir = prefix.rsplit_once('/').map(|(dir, _)| dir).filter(|dir| !dir.is_empty());
+        let dir = match dir.map(object_store::path::Path::parse) {
+            None => None,
+            Some(Ok(dir)) => Some(dir),
+            // No object's name starts with a prefix that is not a path.
+            Some(Err(_)) => return Ok(Vec::new()),
+        };
+        let listed: Vec<object_store::ObjectMeta> =
+            self.inner.list(dir.as_ref()).try_collect().await.map_err(|e| store_error(prefix, e))?;
+        let mut names: Vec<String> =
+            listed.into_iter().map(|meta| meta.location.to_string()).filter(|name| name.starts_with(prefix)).collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
 /// The ranged read of `object` = `bytes` that a well-behaved store returns.
 pub fn range_of(object: &str, bytes: &[u8], offset: u64, len: u64) -> Result<RangeRead, StoreError> {
     let total_len = bytes.len() as u64;
@@ -302,12 +395,46 @@ mod tests {
         );
         assert!(block_on(store.get_range("../escape", 0, 1)).is_err());
         assert!(matches!(block_on(store.get_range("backups/1/a", 12, 1)), Err(StoreError::BadRange { .. })));
-        // Reading only the range gives what a well-behaved store gives, for every offset and length.
+        block_on(reads_like_a_well_behaved_store(&store));
+    }
+
+    /// Ranged reads of `backups/1/a` (`hello world`, put by the caller) give what [`range_of`] gives, for every
+    /// offset and length.
+    async fn reads_like_a_well_behaved_store(store: &impl RemoteStore) {
         for offset in 0..=12 {
             for len in [0, 1, 5, 11, 100, u64::MAX] {
                 let expected = range_of("backups/1/a", b"hello world", offset, len);
-                assert_eq!(block_on(store.get_range("backups/1/a", offset, len)), expected, "@{offset}+{len}");
+                assert_eq!(store.get_range("backups/1/a", offset, len).await, expected, "@{offset}+{len}");
             }
+        }
+    }
+
+    /// The object store adapter over memory and over local files: ranged reads as a well-behaved store, string
+    /// prefixes in listings, and a missing or impossible name as not found.
+    #[cfg(not(madsim))]
+    #[test]
+    fn an_object_store_serves_ranges_lists_and_names_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let stores: [std::sync::Arc<dyn object_store::ObjectStore>; 2] =
+            [std::sync::Arc::new(object_store::memory::InMemory::new()), std::sync::Arc::new(local)];
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for inner in stores {
+            let store = ObjectStoreRemote::new(inner);
+            runtime.block_on(async {
+                for object in ["backups/1/a", "backups/10/b", "backups/2/c", "other/d"] {
+                    store.put(object, b"hello world".to_vec()).await.unwrap();
+                }
+                assert_eq!(store.list("backups/1").await.unwrap(), ["backups/1/a", "backups/10/b"]);
+                assert_eq!(store.list("backups/1/").await.unwrap(), ["backups/1/a"]);
+                assert_eq!(store.list("").await.unwrap().len(), 4);
+                assert_eq!(store.list("none/").await.unwrap(), Vec::<String>::new());
+                for missing in ["backups/1/z", "../escape", "", "a//b"] {
+                    let error = store.get_range(missing, 0, 1).await;
+                    assert_eq!(error, Err(StoreError::NotFound { object: missing.into() }), "{missing:?}");
+                }
+                reads_like_a_well_behaved_store(&store).await;
+            });
         }
     }
 }
