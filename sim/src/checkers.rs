@@ -78,6 +78,23 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// The line a trace shows under the first offending event of `invariants` (event `index` of the log).
+pub fn offending_mark(index: usize, invariants: &[Invariant]) -> String {
+    let names: Vec<&str> = invariants.iter().map(|invariant| invariant.name()).collect();
+    format!("          ^^^ event #{index}: first offending event of {}", names.join(", "))
+}
+
+/// The events to mark in a trace: each first offending event, with the invariants it broke.
+pub fn offending_events(violations: &[Violation]) -> BTreeMap<usize, Vec<Invariant>> {
+    let mut marks: BTreeMap<usize, Vec<Invariant>> = BTreeMap::new();
+    for violation in violations {
+        if let Some(index) = violation.event_index {
+            marks.entry(index).or_default().push(violation.invariant);
+        }
+    }
+    marks
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invariant {} violated: {}", self.invariant, self.detail)?;

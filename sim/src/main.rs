@@ -728,8 +728,13 @@ mod cli {
         let world = source.world(args.seed);
         print!("{}", world.describe());
         let outcome = run_seed(&world, Keep::Log);
-        for event in outcome.log.iter().flatten() {
-            emit(event);
+        let marks = lockstep_sim::checkers::offending_events(&outcome.violations);
+        for (index, event) in outcome.log.iter().flatten().enumerate() {
+            emit(event, &event);
+            if let Some(invariants) = marks.get(&index) {
+                // Under the same target as the event: a filter that shows the event shows its mark.
+                emit(event, &lockstep_sim::checkers::offending_mark(index, invariants));
+            }
         }
         match outcome.log_hash {
             Some(hash) => println!("event log: {} events, hash {hash:016x}", outcome.events),
@@ -771,20 +776,21 @@ mod cli {
 
     /// Sends one trace line through tracing, under a target per kind of event so `RUST_LOG` can filter:
     /// `lockstep::fault`, `lockstep::apply`, `lockstep::state`, `lockstep::net`, `lockstep::store`.
-    fn emit(event: &Event) {
+    /// `line` is the event's own text or a line about it.
+    fn emit(event: &Event, line: &dyn std::fmt::Display) {
         use lockstep::host::HostEvent;
         match &event.kind {
             EventKind::Fault { .. } | EventKind::Killed { .. } | EventKind::Restarted | EventKind::Healed => {
-                tracing::warn!(target: "lockstep::fault", "{event}")
+                tracing::warn!(target: "lockstep::fault", "{line}")
             }
             EventKind::Host(HostEvent::Persisted(lockstep::protocol::PersistNote::ShardApplied { .. })) => {
-                tracing::info!(target: "lockstep::apply", "{event}")
+                tracing::info!(target: "lockstep::apply", "{line}")
             }
             EventKind::Host(HostEvent::Sent { .. } | HostEvent::Received { .. } | HostEvent::BadFrame { .. }) => {
-                tracing::debug!(target: "lockstep::net", "{event}")
+                tracing::debug!(target: "lockstep::net", "{line}")
             }
-            EventKind::Host(HostEvent::Download { .. }) => tracing::debug!(target: "lockstep::store", "{event}"),
-            EventKind::Host(_) => tracing::info!(target: "lockstep::state", "{event}"),
+            EventKind::Host(HostEvent::Download { .. }) => tracing::debug!(target: "lockstep::store", "{line}"),
+            EventKind::Host(_) => tracing::info!(target: "lockstep::state", "{line}"),
         }
     }
 }

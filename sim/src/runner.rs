@@ -688,8 +688,12 @@ impl Supervisor {
 pub fn transcript(world: &World, outcome: &SeedOutcome) -> String {
     use std::fmt::Write;
     let mut text = world.describe();
-    for event in outcome.log.iter().flatten() {
+    let marks = crate::checkers::offending_events(&outcome.violations);
+    for (index, event) in outcome.log.iter().flatten().enumerate() {
         writeln!(text, "{event}").expect("writing to a String cannot fail");
+        if let Some(invariants) = marks.get(&index) {
+            writeln!(text, "{}", crate::checkers::offending_mark(index, invariants)).expect("cannot fail");
+        }
     }
     for (op, end) in &outcome.ends {
         writeln!(text, "operation {op}: {end}").expect("writing to a String cannot fail");
