@@ -144,4 +144,114 @@ mod tests {
         let left = disk.read_durable("b").unwrap();
         assert!(left.len() < 10 && b"0123456789".starts_with(&left));
     }
+
+    /// A node's disk for the state file alone: this disk model, without madsim.
+    struct ModelDisk(std::cell::RefCell<DiskState>);
+
+    impl Disk for ModelDisk {
+        fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+            Ok(self.0.borrow().read(name))
+        }
+
+        async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+            self.0.borrow_mut().write(name, bytes);
+            Ok(())
+        }
+
+        async fn sync(&self) -> io::Result<()> {
+            self.0.borrow_mut().sync();
+            Ok(())
+        }
+    }
+
+    /// Polls a future of the model disk, which never waits, to its end.
+    fn ready<T>(future: impl Future<Output = T>) -> T {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(future).poll(&mut cx) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("the model disk never waits"),
+        }
+    }
+
+    /// How a node keeps its state on disk, for the property below.
+    trait Persistence {
+        fn load(disk: &ModelDisk) -> (Self, Option<Vec<u8>>)
+        where
+            Self: Sized;
+        fn write(&mut self, disk: &ModelDisk, state: &[u8]);
+    }
+
+    impl Persistence for lockstep::io::StateFile {
+        fn load(disk: &ModelDisk) -> (Self, Option<Vec<u8>>) {
+            lockstep::io::StateFile::load(disk, "node.state").unwrap()
+        }
+
+        fn write(&mut self, disk: &ModelDisk, state: &[u8]) {
+            ready(lockstep::io::StateFile::write(self, disk, state)).unwrap();
+        }
+    }
+
+    /// The state written over the one file in place: what the state file's two checksummed slots are for.
+    struct InPlace;
+
+    impl Persistence for InPlace {
+        fn load(disk: &ModelDisk) -> (Self, Option<Vec<u8>>) {
+            (InPlace, disk.read("node.state").unwrap())
+        }
+
+        fn write(&mut self, disk: &ModelDisk, state: &[u8]) {
+            ready(disk.write("node.state", state)).unwrap();
+        }
+    }
+
+    type Steps = Vec<(Vec<u8>, u8, u64)>;
+
+    fn steps() -> impl proptest::strategy::Strategy<Value = Steps> {
+        use proptest::prelude::any;
+        proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..40), 0u8..4, any::<u64>()), 1..40)
+    }
+
+    /// A node persists as the hosts do (writes its state, then syncs it, unless it crashes first) and crashes at
+    /// any moment, a crash losing or tearing the write in progress: the state it loads after every crash must be
+    /// the last one it synced, never an older one, a newer one, a damaged one or none.
+    fn loads_the_last_synced_state<P: Persistence>(steps: Steps) -> Result<(), proptest::test_runner::TestCaseError> {
+        let disk = ModelDisk(std::cell::RefCell::new(DiskState::default()));
+        let (mut file, loaded) = P::load(&disk);
+        proptest::prop_assert_eq!(loaded, None);
+        let mut synced: Option<Vec<u8>> = None;
+        for (state, fate, seed) in steps {
+            file.write(&disk, &state);
+            // 0: synced; 1: synced, then a crash; 2: a crash before the sync; 3: a torn crash before it.
+            if fate <= 1 {
+                ready(disk.sync()).unwrap();
+                synced = Some(state);
+            }
+            if fate >= 1 {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                disk.0.borrow_mut().crash(&mut rng, fate == 3);
+                let (reloaded, loaded) = P::load(&disk);
+                proptest::prop_assert_eq!(&loaded, &synced);
+                file = reloaded;
+            }
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_state_file_loads_the_last_synced_state_after_any_crash(steps in steps()) {
+            loads_the_last_synced_state::<lockstep::io::StateFile>(steps)?;
+        }
+    }
+
+    #[test]
+    fn a_state_written_in_place_fails_the_property_a_torn_write_breaks_it() {
+        let config = proptest::test_runner::Config { failure_persistence: None, ..Default::default() };
+        let result =
+            proptest::test_runner::TestRunner::new(config).run(&steps(), loads_the_last_synced_state::<InPlace>);
+        let Err(proptest::test_runner::TestError::Fail(_, steps)) = result else {
+            panic!("writing in place survived every crash: {result:?}")
+        };
+        assert!(steps.iter().any(|(_, fate, _)| *fate == 3), "only a torn write breaks it: {steps:?}");
+    }
 }
