@@ -9,6 +9,9 @@
 //! second of two threads. A child process runs part K of N of the run order (every N-th seed from the K-th) and
 //! reports each seed's result on its standard output as soon as it has it ([`serve_part`]), so a worker that
 //! dies loses nothing but the seed it was running, which is reported as a crash; a new worker takes the rest.
+//!
+//! A sweep may stop before its last seed ([`StopWhen`]): at its first failure, or once a time limit has passed.
+//! Seeds already running finish and count; worker processes are killed, which is not a crash.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
