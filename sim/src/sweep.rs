@@ -11,7 +11,8 @@
 //! dies loses nothing but the seed it was running, which is reported as a crash; a new worker takes the rest.
 //!
 //! A sweep may stop before its last seed ([`StopWhen`]): at its first failure, or once a time limit has passed.
-//! Seeds already running finish and count; worker processes are killed, which is not a crash.
+//! Over threads, seeds already running finish and count; worker processes are killed, their seeds in progress
+//! are not counted, and a killed worker is not a crash.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -80,7 +81,8 @@ pub struct SweepConfig {
     pub stop: StopWhen,
 }
 
-/// Conditions that end a sweep before its last seed; seeds already running finish and are counted.
+/// Conditions that end a sweep before its last seed (see the module's documentation for what happens to the
+/// seeds in progress).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StopWhen {
     /// At the first failing seed.
