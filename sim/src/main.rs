@@ -147,7 +147,8 @@ mod cli {
         /// the time allows].
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: Option<u64>,
-        /// Stop at the first failing seed (worker processes are stopped at once; their seeds in progress are not counted).
+        /// Stop at the first failing seed (worker processes are stopped at once; their seeds in progress are
+        /// not counted).
         #[arg(long)]
         fail_fast: bool,
         /// Start no seed after this much wall-clock time, e.g. `90s`, `10m`, `2h`: a CI job of fixed length.
