@@ -1001,11 +1001,15 @@ mod tests {
                 run_sweep_in_processes(&buggy(2, stop), &slow_worker(&reports, &dir), &|_| {}).expect("workers start");
             assert!(began.elapsed() < Duration::from_secs(30), "the sleeping workers were killed, not waited for");
             assert_eq!(summary.stopped, Some(stopped));
-            // Each of the two workers wrote the reports it was given; a killed worker is not a crash.
+            // Each worker writes the reports it was given, unless the first report stopped the sweep before the
+            // other wrote it; a killed worker is not a crash.
             let seeds: Vec<(u64, FailureClass)> = summary.failures.iter().map(|f| (f.seed, f.class)).collect();
-            let expected = if reports.is_empty() { vec![] } else { vec![(3, FailureClass::Safety); 2] };
-            assert_eq!(seeds, expected);
-            assert_eq!(summary.seeds_run, if reports.is_empty() { 0 } else { 2 });
+            if reports.is_empty() {
+                assert_eq!((seeds, summary.seeds_run), (vec![], 0));
+            } else {
+                assert!(seeds == [(3, FailureClass::Safety)] || seeds == [(3, FailureClass::Safety); 2], "{seeds:?}");
+                assert_eq!(summary.seeds_run, seeds.len() as u64);
+            }
         }
     }
 
