@@ -337,6 +337,11 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0xb0_0d1e),
+            ..Default::default()
+        })]
+
         /// Whatever a store hands back, decoding gives a typed error or a bundle that is exactly those bytes:
         /// never a panic, never rows read out of a damaged or foreign object.
         #[test]
