@@ -1602,6 +1602,43 @@ mod hostile {
         ]
     }
 
+    /// Two tables restored together: `orders` (table 0) over 2 shards and `lines` (table 1) over 1, backup 1 full
+    /// and backups 2 and 3 incremental.
+    fn two_table_request(op: OperationId) -> RestoreRequest {
+        let specs = [(0, "orders", 2), (1, "lines", 1)];
+        let tables = specs
+            .iter()
+            .map(|&(id, name, shard_count)| TableSpec {
+                id: TableId(id),
+                name: name.into(),
+                shard_count,
+                index_of: None,
+            })
+            .collect();
+        let catalog = (1..=3u64)
+            .map(|backup_id| BackupManifest {
+                backup_id,
+                kind: if backup_id == 1 { BackupKind::Full } else { BackupKind::Incremental },
+                taken_at_ms: backup_id * 10,
+                tables: specs
+                    .iter()
+                    .map(|&(id, _, shards)| {
+                        let objects = (0..shards)
+                            .map(|shard| BackupManifest::object_name(backup_id, TabletId::new(id, shard)))
+                            .collect();
+                        (TableId(id), objects)
+                    })
+                    .collect(),
+            })
+            .collect();
+        RestoreRequest { op, collection: "backups".to_string(), tables, catalog }
+    }
+
+    /// A tablet of the restore above, or one beside it.
+    fn any_op_tablet() -> impl Strategy<Value = TabletId> {
+        (0u32..3, 0u32..3).prop_map(|(table, shard)| TabletId::new(table, shard))
+    }
+
     fn any_coordinator_input() -> impl Strategy<Value = CoordinatorInput> {
         let ops = OP - 1..OP + 2;
         let tamper = prop_oneof![
@@ -1625,13 +1662,13 @@ mod hostile {
             outcome,
             tamper,
         });
-        let reply = (ops.clone(), 0u64..4, 0u32..4, 0u32..4, 0u32..4, any_outcome()).prop_map(
-            |(op, generation, attempt, increment, shard, outcome)| ApplyReply {
+        let reply = (ops.clone(), 0u64..4, 0u32..4, 0u32..4, any_op_tablet(), any_outcome()).prop_map(
+            |(op, generation, attempt, increment, tablet, outcome)| ApplyReply {
                 op,
                 generation,
                 attempt,
                 increment,
-                tablet: tablet(shard),
+                tablet,
                 outcome,
             },
         );
@@ -1648,8 +1685,8 @@ mod hostile {
         let caller = prop_oneof![9 => Just(NodeAddr::Client), 1 => any_node()];
         let client = (caller, call).prop_map(|(from, call)| CoordinatorInput::Client(from, call));
         let timer = prop_oneof![
-            (ops.clone(), 0u32..4, 0u32..4, 0u32..4).prop_map(|(op, shard, increment, attempt)| {
-                CoordinatorTimer::RequestTimeout { op, tablet: tablet(shard), increment, attempt }
+            (ops.clone(), any_op_tablet(), 0u32..4, 0u32..4).prop_map(|(op, tablet, increment, attempt)| {
+                CoordinatorTimer::RequestTimeout { op, tablet, increment, attempt }
             }),
             Just(CoordinatorTimer::RetryDue),
             ops.clone().prop_map(|op| CoordinatorTimer::Deadline { op }),
@@ -1673,7 +1710,7 @@ mod hostile {
         }
     }
 
-    /// Drives a coordinator that has started `OP` (3 shards, 3 increments) through `inputs`, `delays[i]` ms
+    /// Drives a coordinator that has started `OP` ([`two_table_request`]) through `inputs`, `delays[i]` ms
     /// apart, and checks every step:
     /// - an operation moves past increment k only once every tablet of it has answered k with success, from
     ///   itself and in the current generation, and never moves back; an ended operation stays as it ended;
@@ -1682,7 +1719,7 @@ mod hostile {
     /// - nothing changes the durable state without a persist of it; a reboot bumps the generation, nothing else.
     fn run_coordinator(config: CoordinatorConfig, inputs: &[(u64, CoordinatorInput)]) -> Result<(), TestCaseError> {
         let (mut coordinator, mut out) = Coordinator::boot(config.clone(), None, SEED, 0);
-        out.extend(coordinator.start(0, restore_request(OP, 3, 3)).expect("the start succeeds"));
+        out.extend(coordinator.start(0, two_table_request(OP)).expect("the start succeeds"));
         let mut now_ms = 0u64;
         let mut sent: Vec<ApplyRequest> = Vec::new();
         let mut timers: Vec<(u64, CoordinatorTimer)> = Vec::new();
@@ -1777,7 +1814,10 @@ mod hostile {
                             Tamper::Attempt => reply.attempt += 1,
                             Tamper::Increment => reply.increment += 1,
                             Tamper::Tablet => {
-                                reply.tablet = tablet((reply.tablet.shard.0 + 1) % 3);
+                                // The next tablet of the operation: orders/0, orders/1, lines/0, round again.
+                                let tablets = [TabletId::new(0, 0), TabletId::new(0, 1), TabletId::new(1, 0)];
+                                let at = tablets.iter().position(|t| *t == reply.tablet).unwrap_or(0);
+                                reply.tablet = tablets[(at + 1) % tablets.len()];
                                 from = NodeAddr::Shard(reply.tablet);
                             }
                             Tamper::Sender(node) => from = node,
@@ -1848,11 +1888,15 @@ mod hostile {
     }
 
     #[test]
-    fn the_coordinator_property_fails_for_a_coordinator_that_advances_too_soon() {
-        for bug in [CoordinatorBug::AdvanceOnFirstReport, CoordinatorBug::LostReportIsSuccess] {
+    fn the_coordinator_property_fails_for_a_coordinator_that_advances_too_soon_or_lets_a_table_run_ahead() {
+        for (bug, broken) in [
+            (CoordinatorBug::AdvanceOnFirstReport, "without a success from"),
+            (CoordinatorBug::LostReportIsSuccess, "without a success from"),
+            (CoordinatorBug::TablesRunAhead, "asked for an increment not durably reached"),
+        ] {
             let config = CoordinatorConfig { bug: Some(bug), ..hostile_coordinator_config() };
             let result = runner().run(&coordinator_inputs(), |inputs| run_coordinator(config.clone(), &inputs));
-            assert_fails_with(result, "without a success from", bug);
+            assert_fails_with(result, broken, bug);
         }
     }
 
