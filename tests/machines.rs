@@ -1605,29 +1605,17 @@ mod hostile {
     /// Two tables restored together: `orders` (table 0) over 2 shards and `lines` (table 1) over 1, backup 1 full
     /// and backups 2 and 3 incremental.
     fn two_table_request(op: OperationId) -> RestoreRequest {
-        let specs = [(0, "orders", 2), (1, "lines", 1)];
-        let tables = specs
-            .iter()
-            .map(|&(id, name, shard_count)| TableSpec {
-                id: TableId(id),
-                name: name.into(),
-                shard_count,
-                index_of: None,
-            })
-            .collect();
+        let table =
+            |id, name: &str, shard_count| TableSpec { id: TableId(id), name: name.into(), shard_count, index_of: None };
+        let tables = vec![table(0, "orders", 2), table(1, "lines", 1)];
         let catalog = (1..=3u64)
             .map(|backup_id| BackupManifest {
                 backup_id,
                 kind: if backup_id == 1 { BackupKind::Full } else { BackupKind::Incremental },
                 taken_at_ms: backup_id * 10,
-                tables: specs
+                tables: tables
                     .iter()
-                    .map(|&(id, _, shards)| {
-                        let objects = (0..shards)
-                            .map(|shard| BackupManifest::object_name(backup_id, TabletId::new(id, shard)))
-                            .collect();
-                        (TableId(id), objects)
-                    })
+                    .map(|t| (t.id, t.tablets().map(|tablet| BackupManifest::object_name(backup_id, tablet)).collect()))
                     .collect(),
             })
             .collect();
