@@ -259,3 +259,28 @@ fn a_sweep_stops_early_at_its_first_failure_or_its_time_limit_and_says_so() {
     assert!(out.contains("stopped early    at the time limit of 1s"), "{out}");
     assert!(out.contains(" passed, 0 failed"), "{out}");
 }
+
+#[test]
+fn a_sweep_written_to_a_log_prints_a_progress_line_every_interval() {
+    // Standard error is a pipe here, as in a CI job: no bar, plain lines.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+        .args(["run", "--time-limit", "2s", "--progress-every", "1s", "--jobs", "2"])
+        .output()
+        .expect("the simulator runs");
+    assert_eq!(output.status.code(), Some(0));
+    let lines = String::from_utf8(output.stderr).expect("utf-8 output");
+    // Seeds finish after the first second, since they start until the second.
+    assert!(!lines.is_empty(), "no progress line");
+    for line in lines.lines() {
+        assert!(line.starts_with("progress: ") && line.contains(" seeds, 0 failed, "), "{line}");
+        assert!(line.contains(" elapsed of 2s, ") && line.ends_with(" seeds/s"), "{line}");
+    }
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+        .args(["run", "--seeds", "5", "--progress-every", "0s"])
+        .output()
+        .expect("the simulator runs");
+    assert_eq!(refused.status.code(), Some(2));
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("'--progress-every <PROGRESS_EVERY>': `0s`: a duration must be more than zero"), "{error}");
+    assert!(refused.stdout.is_empty(), "no seed runs");
+}

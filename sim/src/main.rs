@@ -29,6 +29,7 @@ mod cli {
     use lockstep_sim::scenario::Scenario;
     use lockstep_sim::sweep::{SeedFailure, StopWhen, SweepConfig, SweepSummary, WorldSource, run_sweep};
     use lockstep_sim::world::{Bugs, WorldParams};
+    use std::io::IsTerminal;
     use std::sync::Arc;
 
     /// The committed file of regression seeds, at the top of the workspace.
@@ -157,6 +158,10 @@ mod cli {
         /// First seed.
         #[arg(long, default_value_t = 0)]
         start: u64,
+        /// When standard error is not a terminal (a CI log), print a progress line this often, e.g. `30s`,
+        /// `5m` (a terminal gets a progress bar instead).
+        #[arg(long, default_value = "30s", value_parser = lockstep_sim::sweep::parse_duration)]
+        progress_every: std::time::Duration,
         /// Parallel workers (default: one per core): worker processes, each running every N-th seed.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
         jobs: Option<u64>,
@@ -554,9 +559,20 @@ mod cli {
                 bar
             }
         };
+        // A terminal shows the bar; a log gets a plain line now and then.
+        let lines = (!std::io::stderr().is_terminal()).then(|| {
+            let total = (args.seeds.is_some() || args.time_limit.is_none()).then(|| config.total_seeds());
+            lockstep_sim::sweep::ProgressLines::new(args.progress_every, total, args.time_limit)
+        });
+        let progress = |progress: lockstep_sim::sweep::Progress| {
+            bar.set_position(progress.done);
+            if let Some(line) = lines.as_ref().and_then(|lines| lines.due(progress)) {
+                eprintln!("{line}");
+            }
+        };
         let summary = match worker_command() {
             Some(command) if jobs > 1 => {
-                match lockstep_sim::sweep::run_sweep_in_processes(&config, &command, &|done| bar.set_position(done)) {
+                match lockstep_sim::sweep::run_sweep_in_processes(&config, &command, &progress) {
                     Ok(summary) => summary,
                     Err(error) => {
                         bar.finish_and_clear();
@@ -565,7 +581,7 @@ mod cli {
                     }
                 }
             }
-            _ => run_sweep(&config, &|done| bar.set_position(done)),
+            _ => run_sweep(&config, &progress),
         };
         bar.finish_and_clear();
         print_summary(&summary, &args);

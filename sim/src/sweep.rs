@@ -91,6 +91,15 @@ pub struct StopWhen {
     pub time_limit: Option<Duration>,
 }
 
+/// How far a sweep has come, told to its progress callback after every seed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Seeds finished.
+    pub done: u64,
+    /// Of those, seeds that failed.
+    pub failed: u64,
+}
+
 /// Why a sweep stopped before its last seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stopped {
@@ -140,9 +149,77 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             format!("`{text}` is not a duration: write a whole number and s, m or h, e.g. 90s, 10m, 2h")
         })?;
     if seconds == 0 {
-        return Err(format!("`{text}`: a time limit must be more than zero"));
+        return Err(format!("`{text}`: a duration must be more than zero"));
     }
     Ok(Duration::from_secs(seconds))
+}
+
+/// Progress as plain lines, for a log rather than a terminal (a CI job's output): at most one line per `every`.
+pub struct ProgressLines {
+    every: Duration,
+    /// Seeds the sweep runs, when it has a fixed number of them.
+    total: Option<u64>,
+    limit: Option<Duration>,
+    began: Instant,
+    /// Time since `began` at which the next line is due.
+    next: Mutex<Duration>,
+}
+
+impl ProgressLines {
+    /// Lines every `every` for a sweep of `total` seeds (`None`: until `limit`), timed from now.
+    pub fn new(every: Duration, total: Option<u64>, limit: Option<Duration>) -> Self {
+        let every = every.max(Duration::from_millis(1));
+        Self { every, total, limit, began: Instant::now(), next: Mutex::new(every) }
+    }
+
+    /// The line to print now that the sweep has come this far, if one is due.
+    pub fn due(&self, progress: Progress) -> Option<String> {
+        self.due_at(self.began.elapsed(), progress)
+    }
+
+    fn due_at(&self, elapsed: Duration, progress: Progress) -> Option<String> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        if elapsed < *next {
+            return None;
+        }
+        // One line however long the seed that kept it waiting took.
+        while *next <= elapsed {
+            *next += self.every;
+        }
+        Some(progress_line(progress, elapsed, self.total, self.limit))
+    }
+}
+
+/// `progress: 1200 of 10000 seeds (12%), 0 failed, 1m05s elapsed, 1706 seeds/s, about 5s left`; with a time
+/// limit and no fixed number of seeds, `progress: 1200 seeds, 0 failed, 1m05s elapsed of 10m, 1706 seeds/s`.
+pub fn progress_line(progress: Progress, elapsed: Duration, total: Option<u64>, limit: Option<Duration>) -> String {
+    let rate = progress.done as f64 / elapsed.as_secs_f64().max(1e-9);
+    let mut line = format!("progress: {} ", progress.done);
+    match total {
+        Some(total) => line.push_str(&format!("of {total} seeds ({}%)", progress.done * 100 / total.max(1))),
+        None => line.push_str("seeds"),
+    }
+    line.push_str(&format!(", {} failed, {} elapsed", progress.failed, clock_text(elapsed)));
+    if let Some(limit) = limit {
+        line.push_str(&format!(" of {}", duration_text(limit)));
+    }
+    line.push_str(&format!(", {rate:.0} seeds/s"));
+    let left =
+        total.filter(|total| progress.done < *total && rate > 0.0).map(|total| (total - progress.done) as f64 / rate);
+    if let Some(left) = left.and_then(|left| Duration::try_from_secs_f64(left.ceil()).ok()) {
+        line.push_str(&format!(", about {} left", clock_text(left)));
+    }
+    line
+}
+
+/// `7s`, `1m05s`, `2h03m`: a time of a sweep, to the second.
+fn clock_text(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        3600.. => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+        60.. => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{seconds}s"),
+    }
 }
 
 impl StopWhen {
@@ -390,11 +467,11 @@ impl SweepSummary {
     }
 }
 
-/// Runs the sweep; `progress` is called after every seed with the number done so far.
-pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> SweepSummary {
+/// Runs the sweep; `progress` is called after every seed with the seeds done and failed so far.
+pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(Progress) + Sync)) -> SweepSummary {
     let began = Instant::now();
     let next = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
+    let counts = Mutex::new(Progress::default());
     let summary = Mutex::new(SweepSummary::default());
     let jobs = config.jobs.max(1);
     std::thread::scope(|scope| {
@@ -415,9 +492,14 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(u64) + Sync)) -> Sweep
                     }
                     let (world, outcome, mismatch) = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
+                    let failures = summary.failures.len();
                     summary.add_seed(config, seed, first, &world, &outcome, mismatch);
+                    let failed = summary.failures.len() > failures;
                     drop(summary);
-                    progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+                    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                    counts.done += 1;
+                    counts.failed += u64::from(failed);
+                    progress(*counts);
                 }
             });
         }
@@ -493,12 +575,12 @@ enum Report {
 }
 
 /// Runs the sweep in `config.jobs` worker processes started with `command`, each running one part of the seeds
-/// ([`serve_part`]); `progress` is called after every seed with the number done so far. The summary is the one
+/// ([`serve_part`]); `progress` is called after every seed with the seeds done and failed so far. The summary is the one
 /// [`run_sweep`] gives for the same seeds. Errs only when a worker cannot be started at all.
 pub fn run_sweep_in_processes(
     config: &SweepConfig,
     command: &WorkerCommand,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<SweepSummary, String> {
     let began = Instant::now();
     let parts = (config.jobs.max(1) as u64).min(config.total_seeds()).max(1);
@@ -512,7 +594,7 @@ pub fn run_sweep_in_processes(
             scope.spawn(move || run_part(config, command, part, parts, worker, &tx));
         }
         drop(tx);
-        let mut done = 0;
+        let mut counts = Progress::default();
         loop {
             // Woken by a report, or at the time limit.
             let wait = config.stop.time_limit.filter(|_| summary.stopped.is_none());
@@ -523,16 +605,18 @@ pub fn run_sweep_in_processes(
             };
             match report {
                 Ok(Report::Seed(seed)) => {
+                    // A report holds one seed.
+                    counts.failed += u64::from(!seed.failures.is_empty());
+                    counts.done += 1;
                     summary.merge(*seed);
-                    done += 1;
-                    progress(done);
+                    progress(counts);
                 }
                 Ok(Report::Broken(why)) => broken = Some(why),
                 // Every worker is done.
                 Err(true) => break,
                 Err(false) => {}
             }
-            if summary.stopped.is_none() && done < config.total_seeds() {
+            if summary.stopped.is_none() && counts.done < config.total_seeds() {
                 summary.stopped = config.stop.reason(began, &summary);
                 if summary.stopped.is_some() {
                     workers.iter().for_each(Worker::stop);
@@ -932,12 +1016,15 @@ mod tests {
         let writes_nonsense = "; it wrote \"nonsense\" where a seed report was due";
         for (output, ending) in [("", "exit status: 3"), ("nonsense", writes_nonsense)] {
             let ticks = AtomicU64::new(0);
-            let summary = run_sweep_in_processes(&config, &failing_worker(output), &|done| {
-                ticks.store(done, Ordering::Relaxed);
+            let failed = AtomicU64::new(0);
+            let summary = run_sweep_in_processes(&config, &failing_worker(output), &|progress| {
+                ticks.store(progress.done, Ordering::Relaxed);
+                failed.store(progress.failed, Ordering::Relaxed);
             })
             .expect("workers start");
             assert_eq!((summary.seeds_run, summary.regression_seeds, summary.ended_unfinished), (4, 1, 4));
             assert_eq!(ticks.load(Ordering::Relaxed), 4);
+            assert_eq!(failed.load(Ordering::Relaxed), 4, "every seed a crash");
             let seeds: Vec<u64> = summary.failures.iter().map(|f| f.seed).collect();
             assert_eq!(seeds, vec![7, 100, 101, 102]);
             for failure in &summary.failures {
@@ -969,6 +1056,33 @@ mod tests {
             let found = found.expect("trouble");
             assert!(found.starts_with(trouble), "{found}");
         }
+    }
+
+    #[test]
+    fn progress_lines_come_once_per_interval_and_say_how_far_the_sweep_is() {
+        let lines = ProgressLines::new(Duration::from_secs(30), Some(10_000), None);
+        let at = |seconds: u64, done: u64, failed: u64| {
+            lines.due_at(Duration::from_secs(seconds), Progress { done, failed })
+        };
+        assert_eq!(at(29, 100, 0), None, "not yet due");
+        assert_eq!(
+            at(30, 3_000, 1).as_deref(),
+            Some("progress: 3000 of 10000 seeds (30%), 1 failed, 30s elapsed, 100 seeds/s, about 1m10s left")
+        );
+        assert_eq!(at(31, 3_100, 1), None, "one line per interval");
+        // A long seed kept the sweep from telling: one line, and the next is due at the next whole interval.
+        assert!(at(95, 9_500, 1).is_some());
+        assert_eq!(at(119, 9_900, 1), None);
+        assert!(at(120, 9_999, 1).is_some());
+        let limited = progress_line(
+            Progress { done: 5_469, failed: 0 },
+            Duration::from_secs(3_725),
+            None,
+            Some(Duration::from_secs(7_200)),
+        );
+        assert_eq!(limited, "progress: 5469 seeds, 0 failed, 1h02m elapsed of 2h, 1 seeds/s");
+        let done = progress_line(Progress { done: 10, failed: 10 }, Duration::from_secs(65), Some(10), None);
+        assert_eq!(done, "progress: 10 of 10 seeds (100%), 10 failed, 1m05s elapsed, 0 seeds/s");
     }
 
     #[test]
@@ -1011,8 +1125,11 @@ mod tests {
     #[test]
     fn a_sweep_over_threads_stops_at_its_first_failure_when_asked() {
         let stop = StopWhen { first_failure: true, time_limit: None };
-        let summary = run_sweep(&buggy(2, stop), &|_| {});
+        let last = Mutex::new(Progress::default());
+        let summary = run_sweep(&buggy(2, stop), &|progress| *last.lock().unwrap() = progress);
         assert_eq!(summary.stopped, Some(Stopped::FirstFailure));
+        let failed = summary.failures.iter().map(|f| f.seed).collect::<std::collections::BTreeSet<_>>().len() as u64;
+        assert_eq!(*last.lock().unwrap(), Progress { done: summary.seeds_run, failed }, "the last progress told");
         assert!(summary.failures.iter().any(|f| f.seed == 3), "{:?}", summary.failures);
         assert!(summary.seeds_run < 20, "stopped soon after seed 3: {} seeds run", summary.seeds_run);
         let xml = junit_xml(&summary, "");
