@@ -284,3 +284,28 @@ fn a_sweep_written_to_a_log_prints_a_progress_line_every_interval() {
     assert!(error.contains("'--progress-every <PROGRESS_EVERY>': `0s`: a duration must be more than zero"), "{error}");
     assert!(refused.stdout.is_empty(), "no seed runs");
 }
+
+#[cfg(unix)]
+#[test]
+fn output_read_only_in_part_ends_the_program_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    // Each writes well after the first line: the trace (every event, more than a pipe holds) and the summary
+    // (after a second of seeds).
+    for args in [&["repro", "--seed", "3"][..], &["run", "--seeds", "1000"]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the simulator runs");
+        // As `head -1` does: read a line, then close the pipe.
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first).expect("a first line");
+        let output = child.wait_with_output().expect("the simulator ends");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{args:?}: {}", output.status);
+    }
+}

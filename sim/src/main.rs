@@ -11,7 +11,20 @@ fn main() {
 
 #[cfg(madsim)]
 fn main() {
+    end_quietly_on_a_closed_pipe();
     std::process::exit(cli::main());
+}
+
+/// Output piped into `head`, `grep -m1` or a pager that is closed before the end ends the program quietly, as it
+/// ends `cat`. Rust programs ignore SIGPIPE, so each print after the reader went away would panic (and tracing
+/// would complain about every event of a trace).
+#[cfg(madsim)]
+fn end_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Seeds allocate heavily and in parallel; mimalloc is faster than the system allocator at both.
