@@ -309,3 +309,25 @@ fn output_read_only_in_part_ends_the_program_quietly() {
         assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{args:?}: {}", output.status);
     }
 }
+
+#[test]
+fn a_junit_file_goes_where_asked_and_a_path_that_cannot_be_written_is_refused_before_any_seed_runs() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let report = dir.path().join("reports/sim/junit.xml");
+    let (code, out) = cli_sweep(&["--seeds", "5", "--junit", report.to_str().expect("a utf-8 path")]);
+    assert_eq!(code, Some(0), "{out}");
+    let xml = std::fs::read_to_string(&report).expect("the report, in directories made for it");
+    assert!(xml.contains("<testsuite ") && xml.contains("failures=\"0\""), "{xml}");
+
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, "not a directory").expect("writes");
+    let under_a_file = blocked.join("junit.xml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+        .args(["run", "--seeds", "5", "--junit", under_a_file.to_str().expect("a utf-8 path")])
+        .output()
+        .expect("the simulator runs");
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.starts_with(&format!("error: cannot write {}: ", under_a_file.display())), "{error}");
+    assert!(output.stdout.is_empty(), "no seed runs: {}", String::from_utf8_lossy(&output.stdout));
+}

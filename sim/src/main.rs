@@ -470,6 +470,13 @@ mod cli {
     }
 
     fn run(args: RunArgs) -> i32 {
+        // A JUnit file that cannot be written is found now, not after the sweep (its workers leave it alone).
+        if let Some(path) = args.junit.as_ref().filter(|_| args.worker.is_none())
+            && let Err(error) = create_with_parents(path)
+        {
+            eprintln!("error: cannot write {}: {error}", path.display());
+            return 2;
+        }
         let jobs =
             args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
         let (source, pinned) = match args.world.source() {
@@ -606,6 +613,14 @@ mod cli {
             }
         }
         summary.worst_class().map_or(0, |class| class.exit_code())
+    }
+
+    /// Creates (or empties) the file at `path`, and the directories it is in.
+    fn create_with_parents(path: &std::path::Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::File::create(path).map(drop)
     }
 
     fn print_summary(summary: &SweepSummary, args: &RunArgs) {
