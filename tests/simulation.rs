@@ -331,3 +331,41 @@ fn a_junit_file_goes_where_asked_and_a_path_that_cannot_be_written_is_refused_be
     assert!(error.starts_with(&format!("error: cannot write {}: ", under_a_file.display())), "{error}");
     assert!(output.stdout.is_empty(), "no seed runs: {}", String::from_utf8_lossy(&output.stdout));
 }
+
+#[cfg(unix)]
+#[test]
+fn an_interrupted_sweep_stops_its_workers_and_prints_the_summary_of_what_it_ran() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (jobs, signal) in [("2", libc::SIGINT), ("2", libc::SIGTERM), ("1", libc::SIGINT)] {
+        let junit = dir.path().join(format!("sweep-{jobs}-{signal}.xml"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep-sim"))
+            .args(["run", "--seeds", "1000000", "--jobs", jobs, "--junit", junit.to_str().expect("a utf-8 path")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the simulator runs");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        // Past any note, to the line that says the sweep began.
+        let mut first = String::new();
+        while !first.starts_with("lockstep sweep: ") {
+            first.clear();
+            assert_ne!(stdout.read_line(&mut first).expect("the sweep's first lines"), 0, "no sweep began");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let pid = i32::try_from(child.id()).expect("a pid");
+        // SAFETY: signals the child started above, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).expect("the summary");
+        let output = child.wait_with_output().expect("the sweep ends");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "jobs {jobs}, signal {signal}: {rest}{stderr}");
+        assert!(stderr.contains("interrupted: stopping the sweep"), "{stderr}");
+        assert!(rest.contains("stopped early    interrupted (Ctrl-C or a termination signal)"), "{rest}");
+        // Workers stopped by the sweep are not crashes, and their seeds in progress are not counted.
+        assert!(rest.contains("failed seeds     0 (safety 0, liveness 0, crash 0, determinism 0)"), "{rest}");
+        let xml = std::fs::read_to_string(&junit).expect("the JUnit file, written after the interruption");
+        assert!(xml.contains(r#"<property name="stopped" value="interrupted"#), "{xml}");
+    }
+}

@@ -1,7 +1,7 @@
 //! `cargo sim …`: the simulator's command line.
 //!
 //! Exit codes: 0 all seeds passed; 1 a safety invariant broke; 3 liveness; 4 the simulation crashed;
-//! 5 determinism mismatch; 2 bad command line.
+//! 5 determinism mismatch; 2 bad command line; 130 interrupted before any seed failed.
 
 #[cfg(not(madsim))]
 fn main() {
@@ -541,6 +541,8 @@ mod cli {
             return 2;
         };
         if let Some((k, n)) = args.worker {
+            // Ctrl-C reaches every process of the terminal's group: the sweep that started this worker stops it.
+            ignore_interruptions();
             let part = lockstep_sim::sweep::Part { part: k - 1, parts: n, skip: args.skip };
             return match lockstep_sim::sweep::serve_part(&config, part, &mut std::io::stdout().lock()) {
                 Ok(()) => 0,
@@ -550,6 +552,7 @@ mod cli {
                 }
             };
         }
+        stop_on_interruption();
         let flags = args.world.as_flags();
         match &pinned {
             Some(pinned) => println!("lockstep sweep: pinned seeds {pinned:?}, {jobs} job(s){flags}"),
@@ -612,7 +615,38 @@ mod cli {
                 return 2;
             }
         }
-        summary.worst_class().map_or(0, |class| class.exit_code())
+        let interrupted = summary.stopped == Some(lockstep_sim::sweep::Stopped::Interrupted);
+        summary.worst_class().map_or(if interrupted { EXIT_INTERRUPTED } else { 0 }, |class| class.exit_code())
+    }
+
+    /// Exit code of a sweep interrupted before it found anything (128 + SIGINT, as shells report it).
+    const EXIT_INTERRUPTED: i32 = 130;
+
+    /// On Ctrl-C or a termination signal the sweep stops starting seeds and stops its workers, then prints the
+    /// summary of what it ran (and writes its JUnit file); a second one ends the program at once.
+    fn stop_on_interruption() {
+        static SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let installed = ctrlc::set_handler(|| {
+            if SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                eprintln!("interrupted: stopping the sweep (again to quit at once)");
+                lockstep_sim::sweep::interrupt();
+            } else {
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+        });
+        if let Err(error) = installed {
+            eprintln!("note: Ctrl-C will end the sweep without a summary ({error})");
+        }
+    }
+
+    /// A worker process leaves interruptions to the sweep that started it, which kills it.
+    fn ignore_interruptions() {
+        #[cfg(unix)]
+        // SAFETY: before this process starts any thread; SIG_IGN is a valid disposition for both signals.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
     }
 
     /// Creates (or empties) the file at `path`, and the directories it is in.

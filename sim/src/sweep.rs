@@ -10,9 +10,10 @@
 //! reports each seed's result on its standard output as soon as it has it ([`serve_part`]), so a worker that
 //! dies loses nothing but the seed it was running, which is reported as a crash; a new worker takes the rest.
 //!
-//! A sweep may stop before its last seed ([`StopWhen`]): at its first failure, or once a time limit has passed.
-//! Over threads, seeds already running finish and count; worker processes are killed, their seeds in progress
-//! are not counted, and a killed worker is not a crash.
+//! A sweep may stop before its last seed ([`StopWhen`]): at its first failure, once a time limit has passed, or
+//! when interrupted ([`interrupt`], which the command line calls on Ctrl-C or a termination signal). Over
+//! threads, seeds already running finish and count; worker processes are killed, their seeds in progress are not
+//! counted, and a killed worker is not a crash.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -105,6 +106,20 @@ pub struct Progress {
 pub enum Stopped {
     FirstFailure,
     TimeLimit(Duration),
+    Interrupted,
+}
+
+/// Set once the sweep is asked to stop from outside.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops the sweeps of this process as soon as they can: no seed starts after this, and worker processes are
+/// killed. Safe to call from any thread, any number of times.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 impl std::fmt::Display for Stopped {
@@ -112,6 +127,7 @@ impl std::fmt::Display for Stopped {
         match self {
             Stopped::FirstFailure => f.write_str("at the first failure (--fail-fast)"),
             Stopped::TimeLimit(limit) => write!(f, "at the time limit of {}", duration_text(*limit)),
+            Stopped::Interrupted => f.write_str("interrupted (Ctrl-C or a termination signal)"),
         }
     }
 }
@@ -225,6 +241,9 @@ fn clock_text(duration: Duration) -> String {
 impl StopWhen {
     /// Why the sweep begun at `began` should stop now that `summary` holds what it has run, if it should.
     fn reason(&self, began: Instant, summary: &SweepSummary) -> Option<Stopped> {
+        if interrupted() {
+            return Some(Stopped::Interrupted);
+        }
         if self.first_failure && !summary.failures.is_empty() {
             return Some(Stopped::FirstFailure);
         }
@@ -596,13 +615,10 @@ pub fn run_sweep_in_processes(
         drop(tx);
         let mut counts = Progress::default();
         loop {
-            // Woken by a report, or at the time limit.
-            let wait = config.stop.time_limit.filter(|_| summary.stopped.is_none());
-            let wait = wait.map(|limit| limit.saturating_sub(began.elapsed()));
-            let report = match wait {
-                Some(wait) => rx.recv_timeout(wait).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected),
-                None => rx.recv().map_err(|_| true),
-            };
+            // Woken by a report, at the time limit, or soon after an interruption.
+            let limit = config.stop.time_limit.map(|limit| limit.saturating_sub(began.elapsed()));
+            let wait = limit.map_or(INTERRUPT_POLL, |limit| limit.min(INTERRUPT_POLL));
+            let report = rx.recv_timeout(wait).map_err(|e| e == mpsc::RecvTimeoutError::Disconnected);
             match report {
                 Ok(Report::Seed(seed)) => {
                     // A report holds one seed.
@@ -631,6 +647,9 @@ pub fn run_sweep_in_processes(
     summary.wall = began.elapsed();
     Ok(summary)
 }
+
+/// How often a sweep over processes looks for an interruption while no report comes.
+const INTERRUPT_POLL: Duration = Duration::from_millis(50);
 
 /// The worker process running one part, for stopping it from the thread that reads every part's reports.
 #[derive(Default)]
