@@ -567,8 +567,10 @@ mod cli {
         }
         let bar = match args.time_limit {
             Some(limit) => {
-                let template =
-                    format!("{{pos}} seeds  {{per_sec}}  {{elapsed}} of {}", lockstep_sim::sweep::duration_text(limit));
+                let template = format!(
+                    "{{pos}} seeds  {{msg}}  {{per_sec}}  {{elapsed}} of {}",
+                    lockstep_sim::sweep::duration_text(limit)
+                );
                 let bar = ProgressBar::no_length();
                 bar.set_style(ProgressStyle::with_template(&template).expect("the template is valid"));
                 bar
@@ -576,7 +578,7 @@ mod cli {
             None => {
                 let bar = ProgressBar::new(config.total_seeds());
                 bar.set_style(
-                    ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {msg}  {per_sec}  eta {eta}")
                         .expect("the template is valid"),
                 );
                 bar
@@ -587,7 +589,11 @@ mod cli {
             let total = (args.seeds.is_some() || args.time_limit.is_none()).then(|| config.total_seeds());
             lockstep_sim::sweep::ProgressLines::new(args.progress_every, total, args.time_limit)
         });
+        bar.set_message("0 failed");
         let progress = |progress: lockstep_sim::sweep::Progress| {
+            if progress.failed > 0 {
+                bar.set_message(format!("{} failed", progress.failed));
+            }
             bar.set_position(progress.done);
             if let Some(line) = lines.as_ref().and_then(|lines| lines.due(progress)) {
                 eprintln!("{line}");
