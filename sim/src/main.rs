@@ -470,13 +470,6 @@ mod cli {
     }
 
     fn run(args: RunArgs) -> i32 {
-        // A JUnit file that cannot be written is found now, not after the sweep (its workers leave it alone).
-        if let Some(path) = args.junit.as_ref().filter(|_| args.worker.is_none())
-            && let Err(error) = create_with_parents(path)
-        {
-            eprintln!("error: cannot write {}: {error}", path.display());
-            return 2;
-        }
         let jobs =
             args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
         let (source, pinned) = match args.world.source() {
@@ -551,6 +544,13 @@ mod cli {
                     2
                 }
             };
+        }
+        // A JUnit file that cannot be written is found now, once every argument is known good, not after the sweep.
+        if let Some(path) = &args.junit
+            && let Err(error) = open_with_parents(path)
+        {
+            eprintln!("error: cannot write {}: {error}", path.display());
+            return 2;
         }
         stop_on_interruption();
         let flags = args.world.as_flags();
@@ -655,12 +655,13 @@ mod cli {
         }
     }
 
-    /// Creates (or empties) the file at `path`, and the directories it is in.
-    fn create_with_parents(path: &std::path::Path) -> std::io::Result<()> {
+    /// Opens the file at `path` for writing, creating it and the directories it is in if need be; what it holds
+    /// stays until the sweep writes it over.
+    fn open_with_parents(path: &std::path::Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::File::create(path).map(drop)
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path).map(drop)
     }
 
     fn print_summary(summary: &SweepSummary, args: &RunArgs) {
