@@ -333,7 +333,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         if self.observer.crash_point(node, CrashPoint::BeforeSync) {
             return false;
         }
-        if let Err(error) = self.disk.sync().await {
+        if let Err(error) = file.sync(&*self.disk).await {
             self.observer.record(node, HostEvent::Fatal(format!("syncing state: {error}")));
             return false;
         }

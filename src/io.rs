@@ -35,14 +35,20 @@ pub trait Transport {
 const STATE_MAGIC: &[u8; 4] = b"LSST";
 const STATE_HEADER_LEN: usize = 20;
 
-/// Durable state kept in two slots, written alternately, each with a sequence number and a checksum. A crash
-/// that tears the write in progress damages only the slot being written; the other still holds the last synced
-/// state, so a torn write never loses state that was acknowledged as durable.
+/// Durable state kept in two slots, each with a sequence number and a checksum. A write goes to the slot that does
+/// not hold the newest synced state, and [`StateFile::sync`] makes it the newest synced state: a crash that tears
+/// the write in progress damages only the slot being written, so a torn write never loses state that was
+/// acknowledged as durable, however many writes came between two syncs.
 #[derive(Clone, Debug)]
 pub struct StateFile {
     name: String,
     /// Sequence number of the last state written or loaded.
     seq: u64,
+    /// The slot holding the newest state known to be durable (loaded, or written and then synced through
+    /// [`StateFile::sync`]); `None` before any.
+    synced_slot: Option<u64>,
+    /// The slot the last write went to, durable once synced.
+    written_slot: Option<u64>,
     /// The slot last written, kept to encode the next one in place without allocating.
     slot: Vec<u8>,
 }
@@ -56,21 +62,33 @@ pub enum StateError {
 impl StateFile {
     /// Loads the newest intact slot of state `name`; `None` when nothing intact was ever synced.
     pub fn load<D: Disk>(disk: &D, name: &str) -> Result<(Self, Option<Vec<u8>>), StateError> {
-        let mut best: Option<(u64, Vec<u8>)> = None;
+        let mut best: Option<(u64, u64, Vec<u8>)> = None;
         for slot in 0..2 {
             let path = slot_name(name, slot);
             let bytes = disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })?;
             if let Some((seq, payload)) = bytes.as_deref().and_then(parse_slot)
-                && best.as_ref().is_none_or(|(best_seq, _)| seq > *best_seq)
+                && best.as_ref().is_none_or(|(best_seq, _, _)| seq > *best_seq)
             {
-                best = Some((seq, payload.to_vec()));
+                best = Some((seq, slot, payload.to_vec()));
             }
         }
-        let seq = best.as_ref().map_or(0, |(seq, _)| *seq);
-        Ok((Self { name: name.to_string(), seq, slot: Vec::new() }, best.map(|(_, payload)| payload)))
+        let seq = best.as_ref().map_or(0, |(seq, _, _)| *seq);
+        let synced_slot = best.as_ref().map(|(_, slot, _)| *slot);
+        let file = Self { name: name.to_string(), seq, synced_slot, written_slot: None, slot: Vec::new() };
+        Ok((file, best.map(|(_, _, payload)| payload)))
     }
 
-    /// Writes `payload` into the slot not holding the newest state. The caller syncs.
+    /// Syncs `disk` and with it the last write, which becomes the newest synced state: the next write goes to the
+    /// other slot. Syncing the disk some other way leaves this file writing where it did.
+    pub async fn sync<D: Disk>(&mut self, disk: &D) -> io::Result<()> {
+        disk.sync().await?;
+        if let Some(slot) = self.written_slot.take() {
+            self.synced_slot = Some(slot);
+        }
+        Ok(())
+    }
+
+    /// Writes `payload` into the slot not holding the newest synced state. Durable after [`StateFile::sync`].
     pub async fn write<D: Disk>(&mut self, disk: &D, payload: &[u8]) -> io::Result<()> {
         let mut slot = std::mem::take(&mut self.slot);
         slot.clear();
@@ -79,8 +97,8 @@ impl StateFile {
         self.write_slot(disk, slot).await
     }
 
-    /// Encodes `state` as a frame ([`crate::protocol::encode_frame`]) straight into the slot not holding the newest state and
-    /// writes it. The caller syncs.
+    /// Encodes `state` as a frame ([`crate::protocol::encode_frame`]) straight into the slot not holding the
+    /// newest synced state and writes it. Durable after [`StateFile::sync`].
     pub async fn write_state<D: Disk, T: Serialize>(&mut self, disk: &D, state: &T) -> io::Result<()> {
         let mut slot = std::mem::take(&mut self.slot);
         slot.clear();
@@ -98,7 +116,9 @@ impl StateFile {
         slot[4..12].copy_from_slice(&self.seq.to_le_bytes());
         slot[12..16].copy_from_slice(&len.to_le_bytes());
         slot[16..20].copy_from_slice(&crc.to_le_bytes());
-        let written = disk.write(&slot_name(&self.name, self.seq % 2), &slot).await;
+        let target = self.synced_slot.map_or(1, |synced| 1 - synced);
+        let written = disk.write(&slot_name(&self.name, target), &slot).await;
+        self.written_slot = Some(target);
         self.slot = slot;
         written
     }
@@ -364,9 +384,9 @@ mod tests {
         let (mut file, loaded) = StateFile::load(&disk, "state").unwrap();
         assert_eq!(loaded, None);
         block_on(file.write(&disk, b"first")).unwrap();
-        block_on(disk.sync()).unwrap();
+        block_on(file.sync(&disk)).unwrap();
         block_on(file.write(&disk, b"second")).unwrap();
-        block_on(disk.sync()).unwrap();
+        block_on(file.sync(&disk)).unwrap();
         let (_, loaded) = StateFile::load(&disk, "state").unwrap();
         assert_eq!(loaded.as_deref(), Some(&b"second"[..]));
         // Tear the newest slot: keep half of it.
@@ -379,6 +399,30 @@ mod tests {
         block_on(file.write(&disk, b"third")).unwrap();
         let (_, loaded) = StateFile::load(&disk, "state").unwrap();
         assert_eq!(loaded.as_deref(), Some(&b"third"[..]));
+    }
+
+    #[test]
+    fn writes_without_a_sync_between_them_never_touch_the_slot_of_the_synced_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FileDisk::open(dir.path()).unwrap();
+        let (mut file, _) = StateFile::load(&disk, "state").unwrap();
+        block_on(file.write(&disk, b"synced")).unwrap();
+        block_on(file.sync(&disk)).unwrap();
+        let synced_slot = std::fs::read(dir.path().join("state.1")).unwrap();
+        for text in [&b"second"[..], b"third", b"fourth"] {
+            block_on(file.write(&disk, text)).unwrap();
+            assert_eq!(std::fs::read(dir.path().join("state.1")).unwrap(), synced_slot);
+        }
+        assert_eq!(StateFile::load(&disk, "state").unwrap().1.as_deref(), Some(&b"fourth"[..]));
+        // A crash that tears the write in progress leaves the synced state.
+        std::fs::write(dir.path().join("state.0"), b"LSST").unwrap();
+        assert_eq!(StateFile::load(&disk, "state").unwrap().1.as_deref(), Some(&b"synced"[..]));
+        // Once synced, the next write goes to the other slot.
+        block_on(file.write(&disk, b"fifth")).unwrap();
+        block_on(file.sync(&disk)).unwrap();
+        block_on(file.write(&disk, b"sixth")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("state.1")).unwrap()[20..], b"sixth"[..]);
+        assert_eq!(std::fs::read(dir.path().join("state.0")).unwrap()[20..], b"fifth"[..]);
     }
 
     #[test]

@@ -179,6 +179,9 @@ mod tests {
         where
             Self: Sized;
         fn write(&mut self, disk: &ModelDisk, state: &[u8]);
+        fn sync(&mut self, disk: &ModelDisk) {
+            ready(disk.sync()).unwrap();
+        }
     }
 
     impl Persistence for lockstep::io::StateFile {
@@ -188,6 +191,24 @@ mod tests {
 
         fn write(&mut self, disk: &ModelDisk, state: &[u8]) {
             ready(lockstep::io::StateFile::write(self, disk, state)).unwrap();
+        }
+
+        fn sync(&mut self, disk: &ModelDisk) {
+            ready(lockstep::io::StateFile::sync(self, disk)).unwrap();
+        }
+    }
+
+    /// A state file whose syncs go around it: it never learns which slot holds the synced state.
+    struct SyncedBehindItsBack(lockstep::io::StateFile);
+
+    impl Persistence for SyncedBehindItsBack {
+        fn load(disk: &ModelDisk) -> (Self, Option<Vec<u8>>) {
+            let (file, loaded) = lockstep::io::StateFile::load(disk, "node.state").unwrap();
+            (SyncedBehindItsBack(file), loaded)
+        }
+
+        fn write(&mut self, disk: &ModelDisk, state: &[u8]) {
+            ready(self.0.write(disk, state)).unwrap();
         }
     }
 
@@ -208,12 +229,13 @@ mod tests {
 
     fn steps() -> impl proptest::strategy::Strategy<Value = Steps> {
         use proptest::prelude::any;
-        proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..40), 0u8..4, any::<u64>()), 1..40)
+        proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..40), 0u8..5, any::<u64>()), 1..40)
     }
 
-    /// A node persists as the hosts do (writes its state, then syncs it, unless it crashes first) and crashes at
-    /// any moment, a crash losing or tearing the write in progress: the state it loads after every crash must be
-    /// the last one it synced, never an older one, a newer one, a damaged one or none.
+    /// A node persists as the hosts do (writes its state, then syncs it, unless it crashes first), or writes
+    /// again before a sync, and crashes at any moment, a crash losing every unsynced write and perhaps tearing the
+    /// last: the state it loads after every crash must be the last one it synced, never an older one, a newer
+    /// one, a damaged one or none.
     fn loads_the_last_synced_state<P: Persistence>(steps: Steps) -> Result<(), proptest::test_runner::TestCaseError> {
         let disk = ModelDisk(std::cell::RefCell::new(DiskState::default()));
         let (mut file, loaded) = P::load(&disk);
@@ -221,12 +243,13 @@ mod tests {
         let mut synced: Option<Vec<u8>> = None;
         for (state, fate, seed) in steps {
             file.write(&disk, &state);
-            // 0: synced; 1: synced, then a crash; 2: a crash before the sync; 3: a torn crash before it.
+            // 0: synced; 1: synced, then a crash; 2: a crash before the sync; 3: a torn crash before it; 4: neither
+            // a sync nor a crash (the next write comes first).
             if fate <= 1 {
-                ready(disk.sync()).unwrap();
+                file.sync(&disk);
                 synced = Some(state);
             }
-            if fate >= 1 {
+            if (1..=3).contains(&fate) {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
                 disk.0.borrow_mut().crash(&mut rng, fate == 3);
                 let (reloaded, loaded) = P::load(&disk);
@@ -261,6 +284,17 @@ mod tests {
             proptest::test_runner::TestRunner::new(config).run(&steps(), loads_the_last_synced_state::<InPlace>);
         let Err(proptest::test_runner::TestError::Fail(_, steps)) = result else {
             panic!("writing in place survived every crash: {result:?}")
+        };
+        assert!(steps.iter().any(|(_, fate, _)| *fate == 3), "only a torn write breaks it: {steps:?}");
+    }
+
+    #[test]
+    fn a_state_file_not_told_of_its_syncs_fails_the_property_it_overwrites_the_synced_slot() {
+        let config = proptest::test_runner::Config { failure_persistence: None, ..fixed() };
+        let result = proptest::test_runner::TestRunner::new(config)
+            .run(&steps(), loads_the_last_synced_state::<SyncedBehindItsBack>);
+        let Err(proptest::test_runner::TestError::Fail(_, steps)) = result else {
+            panic!("a state file not told of its syncs survived every crash: {result:?}")
         };
         assert!(steps.iter().any(|(_, fate, _)| *fate == 3), "only a torn write breaks it: {steps:?}");
     }
