@@ -11,6 +11,9 @@ use crate::protocol::{NodeAddr, RangeRead, StoreError, encode_frame_after};
 
 /// A node's local disk: named files, writes that are durable only after `sync`.
 pub trait Disk {
+    /// The file's content, `None` if there is no such file. A node boots from what it reads and takes it as
+    /// durable: where a read can return writes not yet synced (a page cache surviving the node's crash), the
+    /// read makes them durable first.
     fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
     /// Replaces the file's content. Not durable until [`Disk::sync`] returns.
     fn write(&self, name: &str, bytes: &[u8]) -> impl Future<Output = io::Result<()>>;
@@ -142,7 +145,8 @@ fn parse_slot(bytes: &[u8]) -> Option<(u64, &[u8])> {
     (payload.len() == len && crc32fast::hash(payload) == crc).then_some((seq, payload))
 }
 
-/// A real disk: one directory, files written in place and made durable with fsync (files and directory).
+/// A real disk: one directory, files written in place and made durable with fsync (files and directory), on
+/// sync and on read.
 pub struct FileDisk {
     dir: PathBuf,
     unsynced: std::cell::RefCell<Vec<PathBuf>>,
@@ -157,12 +161,21 @@ impl FileDisk {
 }
 
 impl Disk for FileDisk {
+    /// Reads a file and makes what it read durable (fsync of the file and the directory) before returning it.
+    /// A node that crashed (the process, not the machine) may have left a write unsynced in the page cache; its
+    /// state file treats what it loads at boot as synced and writes over the other slot next, so what was loaded
+    /// must not be lost to a power cut after that.
     fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        match std::fs::read(self.dir.join(name)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error),
-        }
+        let mut file = match std::fs::File::open(self.dir.join(name)) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes)?;
+        file.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(Some(bytes))
     }
 
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
