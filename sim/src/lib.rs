@@ -1,10 +1,11 @@
 //! lockstep-sim: the deterministic simulation test bed.
 //!
-//! One seed builds one [`world::World`]; [`runner`] runs it under madsim with faulty fakes of the disk
-//! ([`disk`]), the object store ([`store`]) and the network ([`net`]); [`checkers`] judge the event log and the
-//! final durable state; [`sweep`] runs many seeds in parallel and summarises them.
+//! One seed builds one [`world::World`]; `runner` runs it under madsim with faulty fakes of the disk
+//! ([`disk`]), the object store (`store`) and the network (`net`); [`checkers`] judge the event log and the
+//! final durable state; `sweep` runs many seeds in parallel and summarises them.
 //!
-//! Everything that needs the simulator is compiled only with `--cfg madsim` (the `cargo sim` aliases set it).
+//! Everything that needs the simulator (`runner`, `store`, `net`, `sweep` and the modules they use) is compiled
+//! only with `--cfg madsim` (the `cargo sim` aliases set it; `cargo sim-doc` documents that build).
 
 pub mod alloc;
 pub mod catalog;

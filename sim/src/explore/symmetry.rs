@@ -53,6 +53,9 @@
 //! 64-bit collision, as for plain fingerprints) mean states related by a renaming, hence with equal futures.
 //! Renamings that fail a check are dropped; the kept ones need not form a group for this to hold, but they do
 //! whenever the data are symmetric, and then every orbit collapses to one key.
+//!
+//! [`Coordinator::parts`]: lockstep::coordinator::Coordinator::parts
+//! [`Shard::parts`]: lockstep::shard::Shard::parts
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
