@@ -68,7 +68,8 @@ impl Transport for SimTransport {
             }
             let copies = if state.fault(now, node, FaultKind::MessageDuplicate, detail) { 2 } else { 1 };
             let delay = state.fault(now, node, FaultKind::MessageDelay, detail).then(|| state.rng.gen_range(50..3_000));
-            state.messages += copies;
+            // Counted as they go out: a held-back copy counts once its delay is over and it is sent.
+            state.messages += copies - u64::from(delay.is_some());
             (copies, delay)
         };
         let mut frame = Some(frame);
@@ -78,8 +79,10 @@ impl Transport for SimTransport {
             match delay {
                 Some(delay_ms) if copy == 0 => {
                     let endpoint = self.endpoint.clone();
+                    let state = self.state.clone();
                     tokio::task::spawn_local(async move {
                         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        state.lock().messages += 1;
                         let _ = endpoint.send_to_raw(dst, PROTOCOL_TAG, payload).await;
                     });
                 }

@@ -31,8 +31,8 @@ pub struct SimState {
     pub healed: bool,
     pub counts: FaultCounts,
     pub disks: BTreeMap<NodeAddr, DiskState>,
-    /// Messages put on the simulated network: protocol frames (each copy of a duplicate counts), store
-    /// requests and store answers.
+    /// Messages put on the simulated network, counted as each is sent: protocol frames (each copy of a
+    /// duplicate counts; a held-back one once its delay is over), store requests and store answers.
     pub messages: u64,
     /// Simulated time of the last event.
     pub now_ms: u64,

@@ -68,16 +68,20 @@ pub async fn serve(state: Shared, clock: SimClock, objects: Arc<BTreeMap<String,
         let reader = crate::runner::node_at_ip(from.ip());
         let (response, delay) = server.answer(request, reader);
         let reply = Box::new(response);
+        // Answers are counted as messages as they go out (requests are counted by the client that sends them).
         match delay {
             // A slow answer waits in its own task, so later requests overtake it.
             Some(delay) => {
                 let endpoint = endpoint.clone();
+                let state = server.state.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(delay).await;
+                    state.lock().messages += 1;
                     let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
                 });
             }
             None => {
+                server.state.lock().messages += 1;
                 let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
             }
         }
@@ -103,8 +107,6 @@ impl StoreServer {
 
     /// Answers `reader`'s request (a node the simulated network knows; faults are its chances).
     fn answer(&self, request: StoreRequest, reader: Option<NodeAddr>) -> (StoreResponse, Option<Duration>) {
-        // The request that arrived and the answer about to go back.
-        self.state.lock().messages += 2;
         match request {
             StoreRequest::Put { object, bytes } => {
                 self.written.borrow_mut().insert(object, bytes);
@@ -247,6 +249,7 @@ impl SimStoreClient {
         let reply_tag = {
             let mut state = self.state.lock();
             state.next_store_tag += 1;
+            state.messages += 1;
             FIRST_REPLY_TAG + state.next_store_tag
         };
         let envelope = Envelope { reply_tag, request };
