@@ -87,6 +87,14 @@ pub enum CoordinatorBug {
     /// Draws retry jitter from state shared by the whole process instead of its seeded generator, so a seed
     /// does not replay the same: no invariant breaks, only the simulator's determinism check can see it.
     AmbientJitter,
+    /// Declares the operation Done when the first tablet reports the last increment, not the last tablet.
+    DoneOnFirstFinalReport,
+    /// After a reboot, starts every running operation's chain over from the full backup instead of resuming at
+    /// the increment it had durably reached. The shards answer what they already applied without applying it
+    /// again, so the rows come out right; only the coordinator's progress goes backwards.
+    RestartChainOnReboot,
+    /// Waits for a reply forever: a request whose reply never comes is neither timed out nor retried.
+    LostRequestWaitsForever,
 }
 
 /// Whether `bug` is configured and the catalog of bugs is compiled in.
@@ -414,6 +422,15 @@ impl Coordinator {
         assert!(config.max_in_flight_tables > 0, "at least one table must be allowed in flight");
         let mut durable = loaded.unwrap_or_default();
         durable.generation += 1;
+        if has(&config, CoordinatorBug::RestartChainOnReboot) {
+            for operation in Arc::make_mut(&mut durable.operations).values_mut() {
+                if let OperationStatus::Running(running) = &mut operation.status {
+                    running.increment = 0;
+                    running.done.clear();
+                    running.retries.clear();
+                }
+            }
+        }
         let rng = SplitMix64::new(seed ^ durable.generation.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut machine =
             Self { config, durable, in_flight: BTreeMap::new(), next_attempt: 0, ran_ahead: BTreeSet::new(), rng };
@@ -647,6 +664,9 @@ impl Coordinator {
                 let current = self.running(op).map(|r| r.increment);
                 let pending = self.in_flight.get(&tablet).is_some_and(|f| f.op == op && f.attempt == attempt);
                 if current == Some(increment) && pending {
+                    if has(&self.config, CoordinatorBug::LostRequestWaitsForever) {
+                        return out;
+                    }
                     self.in_flight.remove(&tablet);
                     if has(&self.config, CoordinatorBug::LostReportIsSuccess) {
                         self.on_tablet_done(now_ms, op, tablet, &mut out);
@@ -733,10 +753,13 @@ impl Coordinator {
 
     fn on_tablet_done(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
         let advance_on_first = has(&self.config, CoordinatorBug::AdvanceOnFirstReport);
+        let done_on_first = has(&self.config, CoordinatorBug::DoneOnFirstFinalReport);
         let operation = self.operations_mut().get_mut(&op).expect("replies need an operation");
         let tablet_count = operation.tablet_count();
-        let all = advance_on_first.then(|| operation.tablets());
+        let tablets = (advance_on_first || done_on_first).then(|| operation.tablets());
         let OperationStatus::Running(running) = &mut operation.status else { panic!("only a running operation") };
+        let final_increment = running.increment == running.chain.last_index();
+        let all = tablets.filter(|_| advance_on_first || final_increment);
         running.done.insert(tablet);
         running.retries.remove(&tablet);
         if let Some(all) = all {

@@ -64,7 +64,10 @@ fn without_faults_a_restore_has_one_way_to_end_and_no_sometimes() {
 
 fn bug_world(bugs: Bugs) -> ExploreConfig {
     let tables = if bugs.coordinator == Some(CoordinatorBug::TablesRunAhead) { 2 } else { 1 };
-    let shards = if tables == 2 { 1 } else { 2 };
+    // One request lost for good shows with one shard; with two, the liveness check that finds it walks 40 times
+    // the states.
+    let one_shard = tables == 2 || bugs.coordinator == Some(CoordinatorBug::LostRequestWaitsForever);
+    let shards = if one_shard { 1 } else { 2 };
     ExploreConfig { tables, shards, bugs, ..ExploreConfig::default() }
 }
 
@@ -102,13 +105,18 @@ fn the_emitted_scenario_makes_the_simulation_break_the_same_invariant() {
         let text = counterexample_scenario(&world, &cex);
         let scenario =
             Scenario::parse("counterexample", "counterexample.toml", &text).expect("the emitted scenario loads");
-        // A lost path to Done shows in the simulation as an operation that ends otherwise than planned.
-        let expected = if cex.broken.invariant == "liveness" { "expected-outcome" } else { cex.broken.invariant };
+        // A lost path to Done shows in the simulation as an operation that ends otherwise than planned, or that
+        // has not ended when the run does.
+        let expected: &[&str] = if cex.broken.invariant == "liveness" {
+            &["expected-outcome", "liveness"]
+        } else {
+            &[cex.broken.invariant]
+        };
         let reproduced = scenario.seeds.iter().any(|seed| {
             let outcome = run_seed(&scenario.world(*seed), Keep::Verdict);
-            outcome.violations.iter().any(|v| v.invariant.name() == expected)
+            outcome.violations.iter().any(|v| expected.contains(&v.invariant.name()))
         });
-        assert!(reproduced, "{}: no seed of the emitted scenario breaks {expected}\n{text}", known.name);
+        assert!(reproduced, "{}: no seed of the emitted scenario breaks {expected:?}\n{text}", known.name);
     }
 }
 

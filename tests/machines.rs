@@ -1876,10 +1876,12 @@ mod hostile {
     }
 
     #[test]
-    fn the_coordinator_property_fails_for_a_coordinator_that_advances_too_soon_or_lets_a_table_run_ahead() {
+    fn the_coordinator_property_fails_for_a_coordinator_that_advances_too_soon_goes_back_or_lets_a_table_run_ahead() {
         for (bug, broken) in [
             (CoordinatorBug::AdvanceOnFirstReport, "without a success from"),
             (CoordinatorBug::LostReportIsSuccess, "without a success from"),
+            (CoordinatorBug::DoneOnFirstFinalReport, "without a success from"),
+            (CoordinatorBug::RestartChainOnReboot, "lost a result"),
             (CoordinatorBug::TablesRunAhead, "asked for an increment not durably reached"),
         ] {
             let config = CoordinatorConfig { bug: Some(bug), ..hostile_coordinator_config() };

@@ -27,7 +27,7 @@ const fn shard(bug: ShardBug) -> Bugs {
     Bugs { coordinator: None, shard: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 8] = [
+pub const CATALOG: [KnownBug; 11] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -56,6 +56,24 @@ pub const CATALOG: [KnownBug; 8] = [
         name: "incrementals-before-newest-full",
         summary: "the chain starts at the oldest full backup and applies incrementals the newest full replaced",
         bugs: coordinator(CoordinatorBug::IncrementalsBeforeNewestFull),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "done-on-first-final-report",
+        summary: "the coordinator declares the restore Done when the first tablet reports the last increment",
+        bugs: coordinator(CoordinatorBug::DoneOnFirstFinalReport),
+        budget_seeds: 50,
+    },
+    KnownBug {
+        name: "restart-chain-on-reboot",
+        summary: "after a reboot the coordinator starts the chain over from the full backup instead of resuming",
+        bugs: coordinator(CoordinatorBug::RestartChainOnReboot),
+        budget_seeds: 100,
+    },
+    KnownBug {
+        name: "lost-request-waits-forever",
+        summary: "a request whose reply never comes is waited for forever, neither timed out nor retried",
+        bugs: coordinator(CoordinatorBug::LostRequestWaitsForever),
         budget_seeds: 50,
     },
     KnownBug {
