@@ -54,6 +54,9 @@ pub enum ShardBug {
     ReplyBeforePersist,
     /// Writes the applied-increment marker and the rows in two separate syncs, the marker first.
     MarkerBeforeRows,
+    /// Applies a request for an increment it already applied again (a late or duplicated request), instead of
+    /// answering it from the applied marker.
+    ReapplyOldIncrements,
 }
 
 fn has(config: &ShardConfig, bug: ShardBug) -> bool {
@@ -182,11 +185,13 @@ impl Shard {
             return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
         }
         let applied = if self.durable.op == Some(request.op) { self.durable.applied_through } else { None };
-        if applied.is_some_and(|through| request.increment <= through) {
+        let old = applied.is_some_and(|through| request.increment <= through);
+        let reapply = old && has(&self.config, ShardBug::ReapplyOldIncrements);
+        if old && !reapply {
             return vec![reply(&request, ApplyOutcome::AlreadyApplied)];
         }
         let expected = applied.map_or(0, |through| through + 1);
-        if request.increment != expected {
+        if request.increment != expected && !reapply {
             let cause = ShardFailure::OutOfOrder { expected, requested: request.increment };
             return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
         }

@@ -27,7 +27,7 @@ const fn shard(bug: ShardBug) -> Bugs {
     Bugs { coordinator: None, shard: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 11] = [
+pub const CATALOG: [KnownBug; 12] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -92,6 +92,12 @@ pub const CATALOG: [KnownBug; 11] = [
         name: "marker-before-rows",
         summary: "a shard makes the applied marker and the rows durable in two syncs, the marker first",
         bugs: shard(ShardBug::MarkerBeforeRows),
+        budget_seeds: 300,
+    },
+    KnownBug {
+        name: "reapply-old-increments",
+        summary: "a shard applies a late or duplicated request for an increment it already applied, again",
+        bugs: shard(ShardBug::ReapplyOldIncrements),
         budget_seeds: 300,
     },
 ];
