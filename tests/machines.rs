@@ -1330,6 +1330,8 @@ mod hostile {
         /// A read result made up from scratch: any download id, offset, bytes, length or error.
         Forged(DownloadResult),
         Timer(ShardTimer),
+        /// One of the requests delivered so far, again (picked by index): a duplicate or a late copy.
+        Resend(usize),
     }
 
     fn any_tablet() -> impl Strategy<Value = TabletId> {
@@ -1424,6 +1426,7 @@ mod hostile {
             8 => damage.prop_map(ShardInput::Serve),
             1 => forged.prop_map(ShardInput::Forged),
             1 => (0u64..4).prop_map(|download_id| ShardInput::Timer(ShardTimer::DownloadRetry { download_id })),
+            2 => any::<usize>().prop_map(ShardInput::Resend),
         ]
     }
 
@@ -1431,6 +1434,7 @@ mod hostile {
     /// - a persist applies exactly the intact bundle of its backup, to the rows of the increment before it (or
     ///   replaces them for increment 0), and moves "applied through" one increment on;
     /// - an Applied reply comes after the persist that makes it true;
+    /// - a request for an increment already applied is answered AlreadyApplied, with nothing else done;
     /// - nothing changes the durable state without a persist of it, and no timer is set in the past.
     fn run_shard(config: ShardConfig, inputs: &[(u64, ShardInput)]) -> Result<(), TestCaseError> {
         let library = library();
@@ -1444,11 +1448,19 @@ mod hostile {
         let mut shard = Shard::boot(SHARD, config, None);
         let mut now_ms = 0u64;
         let mut last_read: Option<DownloadRequest> = None;
+        let mut delivered: Vec<(NodeAddr, Message)> = Vec::new();
         for (step, (delay_ms, input)) in inputs.iter().enumerate() {
             now_ms += delay_ms;
             let before = shard.durable().clone();
             let out = match input.clone() {
-                ShardInput::Message(from, msg) => shard.handle_message(now_ms, from, msg),
+                ShardInput::Message(from, msg) => {
+                    delivered.push((from, msg.clone()));
+                    shard.handle_message(now_ms, from, msg)
+                }
+                ShardInput::Resend(pick) => {
+                    let Some((from, msg)) = delivered.get(pick % delivered.len().max(1)).cloned() else { continue };
+                    shard.handle_message(now_ms, from, msg)
+                }
                 ShardInput::Serve(damage) => {
                     let Some(read) = &last_read else { continue };
                     let outcome = match (library.get(&read.object), damage) {
@@ -1483,6 +1495,29 @@ mod hostile {
                 ShardInput::Timer(timer) => shard.handle_timer(now_ms, timer),
             };
             let context = || format!("step {step}, {input:?}, outputs {out:?}");
+            // A request for an increment already applied is answered from the marker, with nothing else done.
+            let request = match input {
+                ShardInput::Message(_, Message::Apply(request)) => Some(request),
+                ShardInput::Resend(pick) => match delivered.get(pick % delivered.len().max(1)) {
+                    Some((_, Message::Apply(request))) => Some(request),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(request) = request
+                && request.tablet == SHARD
+                && before.op == Some(request.op)
+                && before.applied_through.is_some_and(|through| request.increment <= through)
+            {
+                let answered = matches!(
+                    out.as_slice(),
+                    [Output::Send {
+                        msg: Message::Reply(ApplyReply { outcome: ApplyOutcome::AlreadyApplied, .. }),
+                        ..
+                    }]
+                );
+                prop_assert!(answered, "an increment already applied not answered from the marker: {}", context());
+            }
             let mut durable = before.clone();
             let mut persisted = false;
             for output in &out {
@@ -1550,6 +1585,7 @@ mod hostile {
             (ShardBug::SkipChecksum, "a damaged bundle"),
             (ShardBug::ReplyBeforePersist, "Applied before the persist"),
             (ShardBug::MarkerBeforeRows, "rows other than the bundle's"),
+            (ShardBug::ReapplyOldIncrements, "not answered from the marker"),
         ] {
             let config = ShardConfig { bug: Some(bug), ..shard_config() };
             let result = runner().run(&shard_inputs(), |inputs| run_shard(config.clone(), &inputs));
