@@ -1497,9 +1497,9 @@ mod hostile {
             let context = || format!("step {step}, {input:?}, outputs {out:?}");
             // A request for an increment already applied is answered from the marker, with nothing else done.
             let request = match input {
-                ShardInput::Message(_, Message::Apply(request)) => Some(request),
+                ShardInput::Message(NodeAddr::Coordinator, Message::Apply(request)) => Some(request),
                 ShardInput::Resend(pick) => match delivered.get(pick % delivered.len().max(1)) {
-                    Some((_, Message::Apply(request))) => Some(request),
+                    Some((NodeAddr::Coordinator, Message::Apply(request))) => Some(request),
                     _ => None,
                 },
                 _ => None,
