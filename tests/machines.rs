@@ -1452,13 +1452,19 @@ mod hostile {
         for (step, (delay_ms, input)) in inputs.iter().enumerate() {
             now_ms += delay_ms;
             let before = shard.durable().clone();
+            // The message this step delivers: a new one, or one delivered before, again.
+            let message = match input {
+                ShardInput::Message(from, msg) => Some((*from, msg.clone())),
+                ShardInput::Resend(pick) => delivered.get(pick % delivered.len().max(1)).cloned(),
+                _ => None,
+            };
             let out = match input.clone() {
                 ShardInput::Message(from, msg) => {
                     delivered.push((from, msg.clone()));
                     shard.handle_message(now_ms, from, msg)
                 }
-                ShardInput::Resend(pick) => {
-                    let Some((from, msg)) = delivered.get(pick % delivered.len().max(1)).cloned() else { continue };
+                ShardInput::Resend(_) => {
+                    let Some((from, msg)) = message.clone() else { continue };
                     shard.handle_message(now_ms, from, msg)
                 }
                 ShardInput::Serve(damage) => {
@@ -1496,12 +1502,8 @@ mod hostile {
             };
             let context = || format!("step {step}, {input:?}, outputs {out:?}");
             // A request for an increment already applied is answered from the marker, with nothing else done.
-            let request = match input {
-                ShardInput::Message(NodeAddr::Coordinator, Message::Apply(request)) => Some(request),
-                ShardInput::Resend(pick) => match delivered.get(pick % delivered.len().max(1)) {
-                    Some((NodeAddr::Coordinator, Message::Apply(request))) => Some(request),
-                    _ => None,
-                },
+            let request = match &message {
+                Some((NodeAddr::Coordinator, Message::Apply(request))) => Some(request),
                 _ => None,
             };
             if let Some(request) = request
