@@ -169,6 +169,27 @@ fn with_a_single_table_running_ahead_cannot_happen_and_nothing_is_caught() {
 }
 
 #[test]
+fn worlds_at_the_limits_of_the_cli_restore_under_faults() {
+    // Sixteen tables with their indexes are 32 tables: the store's address once sat in the subnet of the ninth,
+    // and every such seed crashed. The largest world (over 1,000 tablets, 51 increments) needs more than the
+    // base liveness bound: its bound grows with its work.
+    let many_tables = WorldParams { tables: Some(16), indexes: Some(true), ..WorldParams::sweep_default() };
+    let summary = sweep(0, 20, many_tables);
+    assert!(summary.failures.is_empty(), "{}", describe(&summary));
+    let largest = WorldParams {
+        tables: Some(16),
+        indexes: Some(true),
+        shard_count: Some(64),
+        incrementals: Some(50),
+        ..WorldParams::sweep_default()
+    };
+    assert!(World::generate(0, &largest).liveness_bound_ms > lockstep_sim::world::BASE_LIVENESS_BOUND_MS);
+    let summary = sweep(0, 2, largest);
+    assert!(summary.failures.is_empty(), "{}", describe(&summary));
+    assert!(FaultKind::ALL.iter().any(|kind| summary.faults.get(*kind) > 0), "no fault fired in the largest world");
+}
+
+#[test]
 fn a_sweep_without_faults_finishes_every_restore() {
     let params = WorldParams { faults: Some(FaultPlan::none()), ..WorldParams::default() };
     for seed in 0..30 {

@@ -33,7 +33,11 @@ use crate::store::SimStoreClient;
 use crate::tape::{Reboot, Tape};
 use crate::world::World;
 
-pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 9, 1)), 9000);
+/// The store's address, in the subnet of the coordinator and the client (`10.0.0.x`); table `t`'s shards live in
+/// `10.0.(t + 1).x`, so no table's subnet can reach it.
+pub const STORE_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)), 9000);
+// Every table's subnet and every shard's address fit in an octet, with room for the offset of one.
+const _: () = assert!(crate::world::MAX_TABLES < 255 && crate::world::MAX_SHARDS_PER_TABLE < 255);
 const PROTOCOL_PORT: u16 = 7000;
 /// How long the client waits for an answer before it sends a call again.
 const CLIENT_RETRY_MS: u64 = 1_000;
@@ -315,8 +319,8 @@ fn node_ip(node: NodeAddr) -> IpAddr {
         NodeAddr::Coordinator => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         NodeAddr::Client => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
         NodeAddr::Shard(tablet) => {
-            let table = u8::try_from(tablet.table.0).expect("fewer than 255 tables");
-            let shard = u8::try_from(tablet.shard.0).expect("fewer than 255 shards");
+            let table = u8::try_from(tablet.table.0).expect("a world holds at most MAX_TABLES tables");
+            let shard = u8::try_from(tablet.shard.0).expect("a table has at most MAX_SHARDS_PER_TABLE shards");
             IpAddr::V4(Ipv4Addr::new(10, 0, table + 1, shard + 1))
         }
     }

@@ -32,7 +32,9 @@ use crate::plan::{
     ScheduledFault,
 };
 use crate::tape::{Chance, Decision, Reboot, Tape};
-use crate::world::{Bugs, COLLECTION, LostObject, World, WorldParams, WorldTable, index_rows};
+use crate::world::{
+    Bugs, COLLECTION, LostObject, MAX_SHARDS_PER_TABLE, MAX_TABLES, World, WorldParams, WorldTable, index_rows,
+};
 
 /// A scenario file that did not load: where, and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -373,7 +375,7 @@ impl Scenario {
                 let g = generate.get_ref();
                 for (name, value, range) in [
                     ("tables", g.tables, 1..=16),
-                    ("shards", g.shards, 1..=64),
+                    ("shards", g.shards, 1..=MAX_SHARDS_PER_TABLE),
                     ("incrementals", g.incrementals, 1..=50),
                     ("initial_rows", g.initial_rows, 1..=100_000),
                 ] {
@@ -499,6 +501,7 @@ impl Scenario {
                 world.chain_backup_ids = explicit.chain_backup_ids.clone();
                 world.chain_len = u32::try_from(explicit.chain_backup_ids.len()).expect("short chain");
                 world.lost_objects.clear();
+                world.liveness_bound_ms = world.work_liveness_bound_ms();
                 world
             }
         };
@@ -901,11 +904,24 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
             shard_map,
         ));
         base_of.insert(id, base);
+        if tables.len() + t.indexes.len() > MAX_TABLES {
+            let message = format!(
+                "at most {MAX_TABLES} tables are allowed, index tables included; with `{}` there are {}",
+                t.name.get_ref(),
+                tables.len() + t.indexes.len()
+            );
+            return Err(problem(table.span(), message));
+        }
         for index in &t.indexes {
             let index_id = TableId(u32::try_from(tables.len()).expect("few tables"));
             let name = format!("{}/{}", t.name.get_ref(), index.name);
-            if index.shards == 0 || !names.insert(name.clone()) {
-                return Err(problem(table.span(), format!("index `{name}` is declared twice or has no shards")));
+            if !names.insert(name.clone()) {
+                return Err(problem(table.span(), format!("index `{name}` is declared twice")));
+            }
+            if index.shards == 0 || index.shards > MAX_SHARDS_PER_TABLE {
+                let message =
+                    format!("index `{name}` has {} shards; 1 to {MAX_SHARDS_PER_TABLE} are allowed", index.shards);
+                return Err(problem(table.span(), message));
             }
             let spec = TableSpec { id: index_id, name, shard_count: index.shards, index_of: Some(id) };
             tables.push((spec, ShardMap::even(index.shards, Key::MAX)));
@@ -1050,16 +1066,29 @@ fn shard_map_of(table: &Spanned<TableDecl>) -> Result<ShardMap, Problem> {
     let t = table.get_ref();
     match (&t.shards, &t.ranges) {
         (Some(shards), None) => {
-            if *shards == 0 || *shards > 64 {
+            if *shards == 0 || *shards > MAX_SHARDS_PER_TABLE {
                 return Err(problem(
                     table.span(),
-                    format!("table `{}` has {shards} shards; 1 to 64 are allowed", t.name.get_ref()),
+                    format!(
+                        "table `{}` has {shards} shards; 1 to {MAX_SHARDS_PER_TABLE} are allowed",
+                        t.name.get_ref()
+                    ),
                 ));
             }
             Ok(ShardMap::even(*shards, t.key_space.unwrap_or(1_000)))
         }
         (None, Some(ranges)) => {
             let starts = ranges.get_ref();
+            if starts.len() > MAX_SHARDS_PER_TABLE as usize {
+                return Err(problem(
+                    ranges.span(),
+                    format!(
+                        "table `{}` has {} key ranges, one per shard; 1 to {MAX_SHARDS_PER_TABLE} are allowed",
+                        t.name.get_ref(),
+                        starts.len()
+                    ),
+                ));
+            }
             if starts.first() != Some(&0) {
                 return Err(problem(ranges.span(), "key ranges must start at key 0, so every key has a shard"));
             }
@@ -1203,6 +1232,36 @@ at_ms = 1000
         assert!(error.message.contains("overlap"), "{error}");
         let error = error_of(&MINIMAL.replace("shards = 2", "ranges = [10, 500]"));
         assert!(error.message.contains("start at key 0"), "{error}");
+    }
+
+    #[test]
+    fn more_shards_or_tables_than_the_simulated_network_has_addresses_for_are_refused() {
+        let too_many = MAX_SHARDS_PER_TABLE + 1;
+        let error = error_of(&MINIMAL.replace("shards = 2", &format!("shards = {too_many}")));
+        assert!(error.message.contains(&format!("has {too_many} shards; 1 to 64 are allowed")), "{error}");
+        let starts: Vec<String> = (0..too_many).map(|shard| (shard * 10).to_string()).collect();
+        let error = error_of(&MINIMAL.replace("shards = 2", &format!("ranges = [{}]", starts.join(", "))));
+        assert!(error.message.contains(&format!("has {too_many} key ranges")), "{error}");
+        let index = format!("shards = 2\nindexes = [{{ name = \"by_value\", shards = {too_many} }}]");
+        let error = error_of(&MINIMAL.replace("shards = 2", &index));
+        assert!(error.message.contains(&format!("index `orders/by_value` has {too_many} shards")), "{error}");
+
+        let backup = "[[backup]]\nid = 1\nkind = \"full\"\nat_ms = 1000\n";
+        let tables = |count: usize, indexed: bool| {
+            let index = if indexed { "[[table.indexes]]\nname = \"ix\"\n" } else { "" };
+            let tables: String =
+                (0..count).map(|t| format!("[[table]]\nname = \"t{t}\"\nshards = 1\n{index}")).collect();
+            format!("description = \"x\"\n{tables}{backup}")
+        };
+        assert!(parse(&tables(MAX_TABLES, false)).is_ok());
+        assert!(parse(&tables(MAX_TABLES / 2, true)).is_ok());
+        let error = error_of(&tables(MAX_TABLES + 1, false));
+        assert!(
+            error.message.contains("at most 64 tables are allowed, index tables included; with `t64` there are 65"),
+            "{error}"
+        );
+        let error = error_of(&tables(MAX_TABLES / 2 + 1, true));
+        assert!(error.message.contains("with `t32` there are 66"), "{error}");
     }
 
     #[test]
