@@ -1424,8 +1424,8 @@ at_ms = 1000
             ..Default::default()
         })]
 
-        /// A scenario file edited wrongly is refused naming the file, or loads and builds its world for a seed;
-        /// it never panics.
+        /// A scenario file edited wrongly is refused naming the file, or loads and builds its world for a seed
+        /// (and in the madsim build runs it); it never panics.
         #[test]
         fn an_edited_scenario_is_refused_naming_the_file_or_builds_its_world(
             pick in proptest::prelude::any::<usize>(),
@@ -1442,7 +1442,15 @@ at_ms = 1000
             match Scenario::parse("edited", "edited.toml", &text) {
                 Ok(scenario) => {
                     let seed = scenario.seeds.first().copied().unwrap_or(0);
-                    proptest::prop_assert_eq!(scenario.world(seed).seed, seed);
+                    let world = scenario.world(seed);
+                    proptest::prop_assert_eq!(world.seed, seed);
+                    // A file that loads must also run: its world may break an invariant (the edit may make it
+                    // wrong on purpose), but the simulator must not crash on it.
+                    #[cfg(madsim)]
+                    {
+                        let outcome = crate::runner::run_seed(&world, crate::runner::Keep::Verdict);
+                        proptest::prop_assert!(outcome.panic.is_none(), "{:?}\n{text}", outcome.panic);
+                    }
                 }
                 Err(error) => proptest::prop_assert!(error.to_string().starts_with("edited.toml"), "{error}"),
             }
