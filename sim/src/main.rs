@@ -131,8 +131,8 @@ mod cli {
         /// Downloads that come back truncated, corrupted or failed.
         #[arg(long, default_value_t = 1)]
         download_faults: u32,
-        /// Longest path explored.
-        #[arg(long, default_value_t = 200)]
+        /// Longest path explored (at least 1: a search of depth 0 explores nothing).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
         depth: u32,
         /// Stop after this many unique states (0: no limit).
         #[arg(long, default_value_t = 0)]
