@@ -1,6 +1,6 @@
 //! The production hosts outside the simulator: a coordinator and three shards on a real tokio runtime, with
-//! state on real files (fsync), bundles in a directory store or an object store, and messages over TCP on
-//! loopback. Shows that nothing in the hosts depends on madsim, and that a restore ends with the right rows on
+//! state on real files (fsync), bundles in a directory store or an object store (local files, or S3 over HTTP
+//! from a local S3 server), and messages over TCP on loopback. Shows that nothing in the hosts depends on madsim, and that a restore ends with the right rows on
 //! disk.
 #![cfg(not(madsim))]
 
@@ -22,6 +22,9 @@ use lockstep::shard::{ShardConfig, ShardDurable};
 use lockstep::tcp::TcpTransport;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+
+#[path = "support/s3.rs"]
+mod s3;
 
 /// Keeps what the hosts report and signals when the operation ends.
 struct Recorder {
@@ -92,6 +95,13 @@ fn real_hosts_restore_every_increment_from_an_object_store() {
         let local = object_store::local::LocalFileSystem::new_with_prefix(dir).expect("a local object store");
         ObjectStoreRemote::new(std::sync::Arc::new(local))
     });
+}
+
+/// The same restore with its bundles in S3: a local S3 server (s3s) reached over HTTP by `object_store`'s S3
+/// client, as a restore from AWS would be.
+#[test]
+fn real_hosts_restore_every_increment_from_s3() {
+    restore_onto_files(|dir| ObjectStoreRemote::new(std::sync::Arc::new(s3::client(&s3::serve(dir)))));
 }
 
 /// Restores a full backup and two incrementals with the bundles in the store `open_store` opens on a directory.
