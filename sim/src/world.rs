@@ -205,6 +205,11 @@ impl World {
                 WorldTable { spec, shard_map, expected_rows: Arc::new(rows) }
             })
             .collect();
+        assert!(tables.len() <= MAX_TABLES, "{} tables, index tables included, past MAX_TABLES", tables.len());
+        assert!(
+            tables.iter().all(|t| t.spec.shard_count <= MAX_SHARDS_PER_TABLE),
+            "a table with more than MAX_SHARDS_PER_TABLE shards"
+        );
         let tablets: Vec<TabletId> = tables.iter().flat_map(|t| t.spec.tablets()).collect();
         let lost_object: Option<LostObject> = rng.gen_bool(params.lost_object_probability).then(|| {
             let increment = rng.gen_range(0..chain_len);
