@@ -19,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockstep::bundle::Bundle;
@@ -234,28 +235,24 @@ impl ExploreWorld {
             .tables
             .iter()
             .flat_map(TableSpec::tablets)
-            .map(|tablet| ShardNode {
-                machine: Shard::boot(tablet, self.shard_config.clone(), None),
-                durable: None,
-                outbox: Vec::new(),
-                timers: Vec::new(),
-                downloads: Vec::new(),
+            .map(|tablet| {
+                Arc::new(ShardNode {
+                    machine: Shard::boot(tablet, self.shard_config.clone(), None),
+                    durable: None,
+                    outbox: Vec::new(),
+                    timers: Vec::new(),
+                    downloads: Vec::new(),
+                })
             })
             .collect();
         let mut state = State {
             now_ms: 0,
-            coordinator: CoordinatorNode {
-                machine: coordinator,
-                durable: None,
-                outbox: Vec::new(),
-                timers: Vec::new(),
-            },
+            coordinator: Arc::new(CoordinatorNode { machine: coordinator, durable: None, outbox, timers: Vec::new() }),
             shards,
             network: Vec::new(),
             used: Budget::default(),
             ghost: Ghost::default(),
         };
-        state.coordinator.outbox = outbox;
         let mut sink = Vec::new();
         state.flush_coordinator(self, &mut sink);
         assert!(sink.is_empty(), "booting breaks no invariant");
@@ -272,8 +269,10 @@ fn index_of(config: &ExploreConfig, tablet: TabletId) -> usize {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct State {
     now_ms: u64,
-    coordinator: CoordinatorNode,
-    shards: Vec<ShardNode>,
+    /// Shared with the states it was copied from until a step changes it: a step changes one node or two, so
+    /// the states of a search share most of their nodes (a breadth-first frontier holds far fewer copies).
+    coordinator: Arc<CoordinatorNode>,
+    shards: Vec<Arc<ShardNode>>,
     /// Messages in flight, kept sorted by (sender, receiver, fingerprint): the order they were sent in does not
     /// matter, so two states that differ only in it are one.
     network: Vec<InFlight>,
@@ -409,6 +408,16 @@ fn rank(marks: &[ProgressMark]) -> (u8, u32) {
 }
 
 impl State {
+    /// The coordinator, to change: copied first if another state shares it.
+    fn coordinator_mut(&mut self) -> &mut CoordinatorNode {
+        Arc::make_mut(&mut self.coordinator)
+    }
+
+    /// Shard `s`, to change: copied first if another state shares it.
+    fn shard_mut(&mut self, s: usize) -> &mut ShardNode {
+        Arc::make_mut(&mut self.shards[s])
+    }
+
     /// Every step possible from here.
     pub fn steps(&self, world: &ExploreWorld) -> Vec<Step> {
         let config = &world.config;
@@ -507,24 +516,30 @@ impl State {
             Step::Flush(None) => next.flush_coordinator(world, broken),
             Step::Flush(Some(s)) => next.flush_shard(world, s, broken),
             Step::FireCoordinatorTimer(i) => {
-                let (at, timer) = next.coordinator.timers.remove(i);
-                next.now_ms = next.now_ms.max(at);
-                let out = next.coordinator.machine.handle_timer(next.now_ms, timer);
-                next.coordinator.outbox.extend(out);
+                let now_ms = next.now_ms;
+                let coordinator = next.coordinator_mut();
+                let (at, timer) = coordinator.timers.remove(i);
+                let now_ms = now_ms.max(at);
+                let out = coordinator.machine.handle_timer(now_ms, timer);
+                coordinator.outbox.extend(out);
+                next.now_ms = now_ms;
                 next.flush_coordinator(world, broken);
             }
             Step::FireShardTimer(s, i) => {
-                let (at, timer) = next.shards[s].timers.remove(i);
-                next.now_ms = next.now_ms.max(at);
-                let out = next.shards[s].machine.handle_timer(next.now_ms, timer);
-                next.shards[s].outbox.extend(out);
+                let now_ms = next.now_ms;
+                let shard = next.shard_mut(s);
+                let (at, timer) = shard.timers.remove(i);
+                let now_ms = now_ms.max(at);
+                let out = shard.machine.handle_timer(now_ms, timer);
+                shard.outbox.extend(out);
+                next.now_ms = now_ms;
                 next.flush_shard(world, s, broken);
             }
             Step::Download(s, i, fate) => {
                 if fate != Fate::Whole {
                     next.used.download_faults += 1;
                 }
-                let request = next.shards[s].downloads.remove(i);
+                let request = next.shard_mut(s).downloads.remove(i);
                 let outcome = world.read(&request, fate);
                 let result = DownloadResult {
                     download_id: request.download_id,
@@ -532,8 +547,10 @@ impl State {
                     offset: request.offset,
                     outcome,
                 };
-                let out = next.shards[s].machine.handle_download(next.now_ms, result);
-                next.shards[s].outbox.extend(out);
+                let now_ms = next.now_ms;
+                let shard = next.shard_mut(s);
+                let out = shard.machine.handle_download(now_ms, result);
+                shard.outbox.extend(out);
                 next.flush_shard(world, s, broken);
             }
             Step::Crash(node) => {
@@ -546,16 +563,18 @@ impl State {
                             1,
                             next.now_ms,
                         );
-                        next.coordinator = CoordinatorNode {
+                        next.coordinator = Arc::new(CoordinatorNode {
                             machine,
                             durable: next.coordinator.durable.clone(),
                             outbox: out,
                             timers: Vec::new(),
-                        };
+                        });
                         // The client retries its start until it is answered: if the crash came before the start
                         // was durable, the start comes again (and is a no-op if it was).
-                        let started = next.coordinator.machine.start(next.now_ms, world.request());
-                        next.coordinator.outbox.extend(started.expect("the explored restore starts"));
+                        let now_ms = next.now_ms;
+                        let coordinator = next.coordinator_mut();
+                        let started = coordinator.machine.start(now_ms, world.request());
+                        coordinator.outbox.extend(started.expect("the explored restore starts"));
                         next.flush_coordinator(world, broken);
                     }
                     Some(s) => {
@@ -564,13 +583,13 @@ impl State {
                         }
                         let tablet = next.shards[s].machine.id();
                         let durable = next.shards[s].durable.clone();
-                        next.shards[s] = ShardNode {
+                        next.shards[s] = Arc::new(ShardNode {
                             machine: Shard::boot(tablet, world.shard_config.clone(), durable.clone()),
                             durable,
                             outbox: Vec::new(),
                             timers: Vec::new(),
                             downloads: Vec::new(),
-                        };
+                        });
                     }
                 }
             }
@@ -594,19 +613,22 @@ impl State {
                 {
                     seen.push(Sometimes::StaleGenerationIgnored);
                 }
-                let out = self.coordinator.machine.handle_message(self.now_ms, from, msg);
-                self.coordinator.outbox.extend(out);
+                let now_ms = self.now_ms;
+                let coordinator = self.coordinator_mut();
+                let out = coordinator.machine.handle_message(now_ms, from, msg);
+                coordinator.outbox.extend(out);
                 self.flush_coordinator(world, broken);
             }
             NodeAddr::Shard(tablet) => {
                 let s = index_of(&world.config, tablet);
-                let out = self.shards[s].machine.handle_message(self.now_ms, from, msg);
+                let now_ms = self.now_ms;
+                let out = self.shard_mut(s).machine.handle_message(now_ms, from, msg);
                 if out.iter().any(|o| {
                     matches!(o, Output::Send { msg: Message::Reply(r), .. } if r.outcome == ApplyOutcome::AlreadyApplied)
                 }) {
                     seen.push(Sometimes::DuplicateAnsweredFromMarker);
                 }
-                self.shards[s].outbox.extend(out);
+                self.shard_mut(s).outbox.extend(out);
                 self.flush_shard(world, s, broken);
             }
             NodeAddr::Client => {}
@@ -628,10 +650,10 @@ impl State {
                 return;
             }
             first = false;
-            let output = self.coordinator.outbox.remove(0);
+            let output = self.coordinator_mut().outbox.remove(0);
             match output {
                 Output::Persist { state, note } => {
-                    self.coordinator.durable = Some(state);
+                    self.coordinator_mut().durable = Some(state);
                     if let PersistNote::Coordinator(marks) = &note {
                         self.check_progress(world, marks, broken);
                     }
@@ -642,8 +664,9 @@ impl State {
                     if !matches!(timer, CoordinatorTimer::Deadline { .. } | CoordinatorTimer::IncrementDeadline { .. })
                         && !self.coordinator.timers.contains(&(at_ms, timer.clone()))
                     {
-                        self.coordinator.timers.push((at_ms, timer));
-                        self.coordinator.timers.sort();
+                        let timers = &mut self.coordinator_mut().timers;
+                        timers.push((at_ms, timer));
+                        timers.sort();
                     }
                 }
                 Output::Download(_) | Output::Report(_) => {}
@@ -659,24 +682,25 @@ impl State {
                 return;
             }
             first = false;
-            let output = self.shards[s].outbox.remove(0);
+            let output = self.shard_mut(s).outbox.remove(0);
             let tablet = self.shards[s].machine.id();
             match output {
                 Output::Persist { state, note } => {
                     if let PersistNote::ShardApplied { increment, bundle_crc32, .. } = note {
                         self.check_apply(world, tablet, &state, increment, bundle_crc32, broken);
                     }
-                    self.shards[s].durable = Some(state);
+                    self.shard_mut(s).durable = Some(state);
                     return;
                 }
                 Output::Send { to, msg } => self.send(InFlight::new(NodeAddr::Shard(tablet), to, msg)),
                 Output::SetTimer { at_ms, timer } => {
                     if !self.shards[s].timers.contains(&(at_ms, timer.clone())) {
-                        self.shards[s].timers.push((at_ms, timer));
-                        self.shards[s].timers.sort();
+                        let timers = &mut self.shard_mut(s).timers;
+                        timers.push((at_ms, timer));
+                        timers.sort();
                     }
                 }
-                Output::Download(request) => self.shards[s].downloads.push(request),
+                Output::Download(request) => self.shard_mut(s).downloads.push(request),
                 Output::Report(_) => {}
             }
         }
