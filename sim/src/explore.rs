@@ -841,12 +841,11 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     // With symmetry reduction, the plain fingerprints already met: a state met again needs no canonical form.
     let mut met: HashMap<u64, u32, BuildFingerprint> = HashMap::default();
     let mut parents: Vec<(u32, Option<Step>)> = Vec::new();
-    let mut fault_free: Vec<Vec<u32>> = Vec::new();
+    let mut fault_free = FaultFree::default();
     let mut good_end: Vec<bool> = Vec::new();
     let mut frontier: VecDeque<(State, u32, u32)> = VecDeque::new();
     ids.insert(world.dedup_key(&initial), 0);
     parents.push((0, None));
-    fault_free.push(Vec::new());
     good_end.push(false);
     frontier.push_back((initial, 0, 0));
     let mut report = Report {
@@ -876,6 +875,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
             report.truncated |= !steps.is_empty();
             continue;
         }
+        fault_free.begin(id);
         for step in steps {
             broken.clear();
             let next = state.next(world, &step, &mut broken, &mut seen);
@@ -889,7 +889,6 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
                     let next_id = u32::try_from(parents.len()).expect("fewer than 2^32 states");
                     ids.insert(fingerprint, next_id);
                     parents.push((id, Some(step.clone())));
-                    fault_free.push(Vec::new());
                     good_end.push(false);
                     report.unique_states += 1;
                     if let Some(first) = broken.first()
@@ -906,7 +905,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
                 met.insert(plain, next_id);
             }
             if !State::is_fault(&step) {
-                fault_free[id as usize].push(next_id);
+                fault_free.edges.push(next_id);
             }
         }
         if report.counterexample.is_some() && world.config.order == SearchOrder::BreadthFirst {
@@ -937,22 +936,57 @@ fn is_good_end(state: &State) -> bool {
     matches!(state.outcome(), Some(OperationStatus::Done { .. }))
 }
 
-/// A reachable state from which no fault-free path leads to a good end, if there is one.
-fn liveness(parents: &[(u32, Option<Step>)], fault_free: &[Vec<u32>], good_end: &[bool]) -> Option<Counterexample> {
-    let count = parents.len();
-    let mut reverse: Vec<Vec<u32>> = vec![Vec::new(); count];
-    for (from, targets) in fault_free.iter().enumerate() {
-        for to in targets {
-            reverse[*to as usize].push(from as u32);
-        }
+/// The fault-free transitions of a search, flat: a state's are pushed while it is expanded, each state is
+/// expanded once, so they lie side by side (a list per state cost a header and an allocation per state).
+#[derive(Default)]
+struct FaultFree {
+    /// Targets of every state's fault-free transitions, state after state.
+    edges: Vec<u32>,
+    /// Per expanded state: where its targets start in `edges` (they end where the next expanded state's start).
+    starts: Vec<(u32, usize)>,
+}
+
+impl FaultFree {
+    /// State `id` is expanded next: the transitions pushed from now on are its.
+    fn begin(&mut self, id: u32) {
+        self.starts.push((id, self.edges.len()));
     }
+
+    /// Every transition `(from, to)`.
+    fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.starts.iter().enumerate().flat_map(move |(i, &(from, start))| {
+            let end = self.starts.get(i + 1).map_or(self.edges.len(), |next| next.1);
+            self.edges[start..end].iter().map(move |&to| (from, to))
+        })
+    }
+}
+
+/// A reachable state from which no fault-free path leads to a good end, if there is one.
+fn liveness(parents: &[(u32, Option<Step>)], fault_free: &FaultFree, good_end: &[bool]) -> Option<Counterexample> {
+    let count = parents.len();
+    // The transitions reversed, flat as well: the sources of the transitions into state `to` are
+    // `sources[into[to]..into[to + 1]]`.
+    let mut into = vec![0usize; count + 1];
+    for (_, to) in fault_free.iter() {
+        into[to as usize + 1] += 1;
+    }
+    for i in 0..count {
+        into[i + 1] += into[i];
+    }
+    let mut filled = into.clone();
+    let mut sources = vec![0u32; fault_free.edges.len()];
+    for (from, to) in fault_free.iter() {
+        sources[filled[to as usize]] = from;
+        filled[to as usize] += 1;
+    }
+    drop(filled);
     let mut can_end = vec![false; count];
     let mut queue: VecDeque<u32> = (0..count as u32).filter(|i| good_end[*i as usize]).collect();
     for i in &queue {
         can_end[*i as usize] = true;
     }
     while let Some(i) = queue.pop_front() {
-        for from in &reverse[i as usize] {
+        for from in &sources[into[i as usize]..into[i as usize + 1]] {
             if !can_end[*from as usize] {
                 can_end[*from as usize] = true;
                 queue.push_back(*from);
