@@ -252,7 +252,8 @@ impl StopWhen {
 }
 
 impl SweepConfig {
-    /// The seed at position `index` of the run order, and whether it is a regression seed.
+    /// The seed at position `index` of the run order, and whether it is a regression seed. A regression seed that
+    /// also lies in the range (or the pinned list) runs once, first, and its place in the range is skipped.
     fn seed_at(&self, index: u64) -> Option<(u64, bool)> {
         let first = self.first.len() as u64;
         if index < first {
@@ -260,15 +261,47 @@ impl SweepConfig {
         }
         let index = index - first;
         match &self.pinned {
-            Some(pinned) => pinned.get(index as usize).map(|seed| (*seed, false)),
-            None if index >= self.seeds => None,
-            None => Some((self.start + index, false)),
+            Some(pinned) if self.first.is_empty() => pinned.get(index as usize).map(|seed| (*seed, false)),
+            Some(pinned) => {
+                pinned.iter().filter(|seed| !self.first.contains(seed)).nth(index as usize).map(|seed| (*seed, false))
+            }
+            None => {
+                let run_first = self.regression_seeds_in_range();
+                if index >= self.seeds - run_first.len() as u64 {
+                    return None;
+                }
+                // The index-th seed of the range that was not run first: step over each one that was, in order.
+                let mut seed = self.start + index;
+                for skipped in run_first {
+                    if skipped <= seed {
+                        seed += 1;
+                    }
+                }
+                Some((seed, false))
+            }
         }
     }
 
-    /// Seeds this sweep runs, regression seeds included.
+    /// The regression seeds that lie in `start..start + seeds`, in ascending order, each once.
+    fn regression_seeds_in_range(&self) -> Vec<u64> {
+        let mut seeds: Vec<u64> = self
+            .first
+            .iter()
+            .copied()
+            .filter(|seed| (self.start..self.start.saturating_add(self.seeds)).contains(seed))
+            .collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        seeds
+    }
+
+    /// Seeds this sweep runs, regression seeds included (each seed once).
     pub fn total_seeds(&self) -> u64 {
-        self.first.len() as u64 + self.pinned.as_ref().map_or(self.seeds, |p| p.len() as u64)
+        let first = self.first.len() as u64;
+        match &self.pinned {
+            Some(pinned) => first + pinned.iter().filter(|seed| !self.first.contains(seed)).count() as u64,
+            None => first + self.seeds - self.regression_seeds_in_range().len() as u64,
+        }
     }
 }
 
@@ -282,7 +315,10 @@ pub fn parse_regression_seeds(file: &str, text: &str) -> Result<Vec<u64>, String
         }
         let seed =
             line.parse().map_err(|_| format!("{file}:{}: `{line}` is not a seed (a whole number)", number + 1))?;
-        seeds.push(seed);
+        // A seed listed twice is run once.
+        if !seeds.contains(&seed) {
+            seeds.push(seed);
+        }
     }
     Ok(seeds)
 }
@@ -972,6 +1008,37 @@ mod tests {
         let summary = run_sweep(&config, &|_| {});
         assert_eq!((summary.seeds_run, summary.regression_seeds), (4, 2));
         assert!(summary.failures.is_empty());
+    }
+
+    #[test]
+    fn a_regression_seed_in_the_range_runs_once_first_and_the_range_steps_over_it() {
+        let config = SweepConfig {
+            start: 100,
+            seeds: 5,
+            pinned: None,
+            first: vec![103, 7, 100],
+            jobs: 1,
+            source: WorldSource::Generated(WorldParams::default()),
+            determinism_every: 0,
+            stop: StopWhen::default(),
+        };
+        let order: Vec<_> = (0..7).map(|i| config.seed_at(i)).collect();
+        let expected = [(103, true), (7, true), (100, true), (101, false), (102, false), (104, false)];
+        assert_eq!(order, expected.iter().copied().map(Some).chain([None]).collect::<Vec<_>>());
+        assert_eq!(config.total_seeds(), 6, "5 seeds of the range, one regression seed outside it");
+        let summary = run_sweep(&config, &|_| {});
+        assert_eq!((summary.seeds_run, summary.regression_seeds), (6, 3));
+        // A pinned list steps over its regression seeds the same way.
+        let pinned = SweepConfig { pinned: Some(vec![100, 5, 103, 6]), ..config };
+        let order: Vec<_> = (0..6).map(|i| pinned.seed_at(i)).collect();
+        let expected = [(103, true), (7, true), (100, true), (5, false), (6, false)];
+        assert_eq!(order, expected.iter().copied().map(Some).chain([None]).collect::<Vec<_>>());
+        assert_eq!(pinned.total_seeds(), 5);
+    }
+
+    #[test]
+    fn a_seed_listed_twice_in_the_regression_file_runs_once() {
+        assert_eq!(parse_regression_seeds("r.txt", "4\n9\n4 # again\n"), Ok(vec![4, 9]));
     }
 
     fn config(seeds: u64, jobs: usize) -> SweepConfig {
