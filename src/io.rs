@@ -60,20 +60,38 @@ pub struct StateFile {
 pub enum StateError {
     #[error("reading state file {name}: {source}")]
     Io { name: String, source: io::Error },
+    /// Every copy on disk fails its check, which no crash does (a crash tears only the write in progress, and the
+    /// first write goes to slot 1): the state was damaged from outside. Booting empty would forget it.
+    #[error(
+        "state file {name}: no intact copy ({slots} present, each failing its checksum or header); the node will not \
+         boot from nothing over state it once had: restore the files or remove them deliberately"
+    )]
+    Damaged { name: String, slots: String },
 }
 
 impl StateFile {
     /// Loads the newest intact slot of state `name`; `None` when nothing intact was ever synced.
     pub fn load<D: Disk>(disk: &D, name: &str) -> Result<(Self, Option<Vec<u8>>), StateError> {
         let mut best: Option<(u64, u64, Vec<u8>)> = None;
+        let mut damaged = Vec::new();
+        let mut present = [false; 2];
         for slot in 0..2 {
             let path = slot_name(name, slot);
             let bytes = disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })?;
-            if let Some((seq, payload)) = bytes.as_deref().and_then(parse_slot)
-                && best.as_ref().is_none_or(|(best_seq, _, _)| seq > *best_seq)
-            {
-                best = Some((seq, slot, payload.to_vec()));
+            present[slot as usize] = bytes.is_some();
+            match bytes.as_deref().map(parse_slot) {
+                Some(Some((seq, payload))) if best.as_ref().is_none_or(|(best_seq, _, _)| seq > *best_seq) => {
+                    best = Some((seq, slot, payload.to_vec()));
+                }
+                Some(None) => damaged.push(path),
+                Some(Some(_)) | None => {}
             }
+        }
+        // Nothing intact, yet something on disk. The one way a crash leaves that is the very first write torn:
+        // slot 1 damaged and slot 0 never written. That state was never synced, so booting empty is right.
+        let first_write_torn = present == [false, true];
+        if best.is_none() && !damaged.is_empty() && !first_write_torn {
+            return Err(StateError::Damaged { name: name.to_string(), slots: damaged.join(" and ") });
         }
         let seq = best.as_ref().map_or(0, |(seq, _, _)| *seq);
         let synced_slot = best.as_ref().map(|(_, slot, _)| *slot);
@@ -426,6 +444,40 @@ mod tests {
         block_on(file.write(&disk, b"third")).unwrap();
         let (_, loaded) = StateFile::load(&disk, "state").unwrap();
         assert_eq!(loaded.as_deref(), Some(&b"third"[..]));
+    }
+
+    #[test]
+    fn state_file_damaged_in_every_copy_is_refused_but_a_torn_first_write_boots_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FileDisk::open(dir.path()).unwrap();
+        let (mut file, _) = StateFile::load(&disk, "state").unwrap();
+        block_on(file.write(&disk, b"first")).unwrap();
+        // The first write torn by a crash, never synced: nothing was durable, the node boots empty.
+        let slot1 = dir.path().join("state.1");
+        let whole = std::fs::read(&slot1).unwrap();
+        std::fs::write(&slot1, &whole[..7]).unwrap();
+        assert_eq!(StateFile::load(&disk, "state").unwrap().1, None);
+        std::fs::write(&slot1, b"").unwrap();
+        assert_eq!(StateFile::load(&disk, "state").unwrap().1, None, "a tear may leave an empty file");
+        // Both copies present and both damaged: no crash does that. Refused, naming the file and its copies.
+        std::fs::write(&slot1, &whole).unwrap();
+        let (mut file, _) = StateFile::load(&disk, "state").unwrap();
+        block_on(file.write(&disk, b"second")).unwrap();
+        block_on(file.sync(&disk)).unwrap();
+        for slot in ["state.0", "state.1"] {
+            let path = dir.path().join(slot);
+            let mut bytes = std::fs::read(&path).unwrap();
+            *bytes.last_mut().unwrap() ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let error = StateFile::load(&disk, "state").expect_err("no intact copy");
+        assert!(matches!(error, StateError::Damaged { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(text.contains("state.0 and state.1"), "{text}");
+        // Slot 0 alone, damaged: the first write never goes there, so this too is outside damage.
+        std::fs::remove_file(&slot1).unwrap();
+        let error = StateFile::load(&disk, "state").expect_err("no intact copy");
+        assert!(error.to_string().contains("(state.0 present"), "{error}");
     }
 
     #[test]

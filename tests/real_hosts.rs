@@ -184,3 +184,52 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         .count();
     assert_eq!(applied, 3 * SHARDS as usize, "each shard applies each increment exactly once");
 }
+
+/// A shard whose state file is damaged in both copies (no crash does that) refuses to boot, says why, and leaves
+/// the files as they were: booting empty would restore over a table as if it had never held anything.
+#[test]
+fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let local = tokio::task::LocalSet::new();
+    let shard = TabletId { table: TABLE, shard: lockstep::model::ShardId(0) };
+    let node = NodeAddr::Shard(shard);
+    let disk = FileDisk::open(dir.path()).expect("node directory");
+    let (mut file, _) = StateFile::load(&disk, STATE_FILE).expect("an empty directory loads");
+    local.block_on(&runtime, async {
+        for text in [&b"older"[..], b"newer"] {
+            file.write(&disk, text).await.expect("written");
+            file.sync(&disk).await.expect("synced");
+        }
+    });
+    let slots = [0, 1].map(|slot| dir.path().join(format!("{STATE_FILE}.{slot}")));
+    for path in &slots {
+        let mut bytes = std::fs::read(path).expect("a slot");
+        *bytes.last_mut().expect("a payload") ^= 0x01;
+        std::fs::write(path, bytes).expect("damaged");
+    }
+    let damaged = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
+
+    let (finished, _) = mpsc::unbounded_channel();
+    let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
+    local.block_on(&runtime, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let io = HostIo {
+            disk: Rc::new(disk),
+            store: Rc::new(DirStore::open(dir.path().join("store")).expect("a store")),
+            transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
+            observer: recorder.clone(),
+            epoch: tokio::time::Instant::now(),
+            download_timeout_ms: 1_000,
+        };
+        tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))
+            .await
+            .expect("the host stops at once");
+    });
+    let events = recorder.events.borrow();
+    let [(who, HostEvent::Fatal(why))] = events.as_slice() else { panic!("one fatal event, got {events:?}") };
+    assert_eq!(*who, node);
+    assert!(why.contains("node.state: no intact copy (node.state.0 and node.state.1 present"), "{why}");
+    let after = slots.map(|path| std::fs::read(path).expect("a slot"));
+    assert_eq!(after, damaged, "the damaged files are left as they were");
+}
