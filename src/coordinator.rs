@@ -126,6 +126,11 @@ pub struct RestoreRequest {
 pub enum StartError {
     #[error("operation id {op} is already taken by another restore")]
     OperationIdTaken { op: OperationId },
+    #[error(
+        "operation id {op} is not new: operation {newest} was started before, and a new operation needs a higher id \
+         (ids are never used again, not even those of forgotten operations)"
+    )]
+    OperationIdNotNew { op: OperationId, newest: OperationId },
     #[error("collection {collection} is already being restored by operation {running}")]
     CollectionBusy { collection: String, running: OperationId },
     #[error("table {table} is already being restored by operation {running}")]
@@ -164,6 +169,10 @@ pub struct CoordinatorDurable {
     pub tables: BTreeMap<TableId, TableState>,
     /// Backup collections whose objects a running operation reads.
     pub sources_in_use: BTreeMap<String, OperationId>,
+    /// The highest operation id ever started. A new operation needs a higher one, so an id is never used twice
+    /// (not even a forgotten operation's, which a late duplicate of its start would otherwise start again), and
+    /// ids order operations: a shard refuses the requests of an operation older than the one it holds rows of.
+    pub newest_op: Option<OperationId>,
 }
 
 /// A target table's state as restores leave it.
@@ -462,6 +471,11 @@ impl Coordinator {
                 });
             return if same { Ok(Vec::new()) } else { Err(StartError::OperationIdTaken { op: request.op }) };
         }
+        if let Some(newest) = self.durable.newest_op
+            && request.op <= newest
+        {
+            return Err(StartError::OperationIdNotNew { op: request.op, newest });
+        }
         self.check_start(&request)?;
         let mut chain = RestoreChain::plan(&request.catalog, &request.tables)?;
         if has(&self.config, CoordinatorBug::IncrementalsBeforeNewestFull) {
@@ -474,6 +488,7 @@ impl Coordinator {
             self.durable.tables.insert(table.id, TableState::Restoring { op });
         }
         self.durable.sources_in_use.insert(request.collection.clone(), op);
+        self.durable.newest_op = Some(op);
         self.operations_mut().insert(
             op,
             Operation {

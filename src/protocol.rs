@@ -146,6 +146,10 @@ pub enum ShardFailure {
     OutOfOrder { expected: IncrementIndex, requested: IncrementIndex },
     #[error("request addressed to {requested} reached {actual}")]
     WrongShard { requested: TabletId, actual: TabletId },
+    /// A request of an operation older than the one the shard holds rows of (or is applying): a late or
+    /// duplicated request of an operation that ended, which must not overwrite a newer restore.
+    #[error("request of operation {requested}, older than operation {held} whose rows this shard holds")]
+    Superseded { requested: OperationId, held: OperationId },
 }
 
 /// A byte range of an object, requested from the remote store.

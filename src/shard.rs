@@ -184,6 +184,16 @@ impl Shard {
             let cause = ShardFailure::WrongShard { requested: request.tablet, actual: self.id };
             return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
         }
+        // Operation ids increase (the coordinator starts none below one it started before): a request of an older
+        // operation than the one held is a late or duplicated one of an operation that ended, and applying it would
+        // overwrite the newer restore's rows.
+        let held = self.durable.op.max(self.work.as_ref().map(|work| work.request.op));
+        if let Some(held) = held
+            && request.op < held
+        {
+            let cause = ShardFailure::Superseded { requested: request.op, held };
+            return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];
+        }
         let applied = if self.durable.op == Some(request.op) { self.durable.applied_through } else { None };
         let old = applied.is_some_and(|through| request.increment <= through);
         let reapply = old && has(&self.config, ShardBug::ReapplyOldIncrements);
@@ -199,8 +209,12 @@ impl Shard {
             && work.request.op == request.op
             && work.request.increment == request.increment
         {
-            // A retry of the download in progress: answer the newest request when done, download nothing new.
-            work.request = request;
+            // A retry of the download in progress: download nothing new, and answer the newest request when done
+            // (the coordinator takes only a reply to its current generation and attempt). A late duplicate of an
+            // older attempt does not displace a newer one.
+            if (request.generation, request.attempt) > (work.request.generation, work.request.attempt) {
+                work.request = request;
+            }
             return Vec::new();
         }
         self.next_download_id += 1;

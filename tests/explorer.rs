@@ -45,7 +45,7 @@ fn the_pinned_world_has_a_known_number_of_states_and_no_violation() {
 }
 
 /// Unique states of [`pinned`]; changes only when the protocol or the explorer's model of faults changes.
-const PINNED_STATES: u64 = 22_150;
+const PINNED_STATES: u64 = 14_957;
 
 #[test]
 fn depth_first_search_finds_the_same_states() {
@@ -140,10 +140,10 @@ fn symmetry_reduction_merges_mirrored_states_of_the_pinned_world() {
 }
 
 /// Unique states of [`pinned`] up to swapping its two shards.
-const PINNED_SYMMETRIC_STATES: u64 = 11_230;
+const PINNED_SYMMETRIC_STATES: u64 = 7_578;
 
 /// Unique states of [`pinned`] up to attempt numbering alone (the identity renaming's encoding).
-const PINNED_IDENTITY_CLASSES: u64 = 22_070;
+const PINNED_IDENTITY_CLASSES: u64 = 14_941;
 
 #[test]
 fn with_symmetry_reduction_every_catalogued_bug_is_caught_by_a_path_as_short() {

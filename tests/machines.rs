@@ -987,6 +987,61 @@ fn shard_refuses_a_request_that_skips_an_increment() {
 }
 
 #[test]
+fn shard_refuses_a_late_request_of_an_older_operation_and_keeps_the_newer_rows() {
+    // Operation 3 ended (failed, say) while its request for increment 0 was held up in the network; operation 4
+    // restored the table since. The late request must not put operation 3's full backup over the restored rows.
+    let mut shard = fresh_shard(shard_config());
+    apply_with(&mut shard, &apply_request(4, 0, 0), full_changes());
+    apply_with(&mut shard, &apply_request(4, 1, 1), vec![Change::Delete { key: 10 }]);
+    let before = shard.durable().clone();
+    let late = ApplyRequest { generation: 1, ..apply_request(3, 0, 0) };
+    let reply = only_reply(&send_apply(&mut shard, &late));
+    let cause = ShardFailure::Superseded { requested: 3, held: 4 };
+    assert_eq!(reply, answer(&late, ApplyOutcome::Failed { permanent: true, cause: cause.clone() }));
+    assert_eq!(shard.durable(), &before, "no download, no persist");
+    assert!(cause.to_string().contains("operation 3, older than operation 4"), "{cause}");
+
+    // The same while operation 4's first increment is still downloading: the download goes on, and ends in its
+    // own reply.
+    let mut shard = fresh_shard(shard_config());
+    let newer = apply_request(4, 0, 0);
+    let first_read = only_download(&send_apply(&mut shard, &newer));
+    let reply = only_reply(&send_apply(&mut shard, &late));
+    assert_eq!(
+        reply.outcome,
+        ApplyOutcome::Failed { permanent: true, cause: ShardFailure::Superseded { requested: 3, held: 4 } }
+    );
+    let bytes = bundle_for(&newer, full_changes());
+    let next = shard.handle_download(0, served(&first_read, &bytes));
+    let (_, out) = download_all(&mut shard, next, &bytes);
+    assert_eq!(only_reply(&out[1..]), answer(&newer, ApplyOutcome::Applied));
+    assert_eq!(shard.durable().op, Some(4));
+
+    // A newer operation is taken as a new restore from its full backup.
+    let newest = apply_request(5, 0, 0);
+    let out = apply_with(&mut shard, &newest, vec![Change::Upsert { key: 1, value: 1 }]);
+    assert_eq!(only_reply(&out[1..]), answer(&newest, ApplyOutcome::Applied));
+    assert_eq!(shard.durable().rows, rows(&[(1, 1)]));
+}
+
+#[test]
+fn shard_answers_the_newest_attempt_when_an_older_duplicate_arrives_during_the_download() {
+    let mut shard = fresh_shard(shard_config());
+    let first = apply_request(1, 0, 0);
+    let first_read = only_download(&send_apply(&mut shard, &first));
+    // The coordinator rebooted (generation 2) and asked again; then a duplicate of the first request arrives late.
+    let newer = ApplyRequest { generation: 2, attempt: 0, ..first.clone() };
+    assert!(send_apply(&mut shard, &newer).is_empty(), "merged into the download in progress");
+    assert!(send_apply(&mut shard, &first).is_empty(), "merged, and does not displace the newer request");
+    let retry = ApplyRequest { attempt: 5, ..first.clone() };
+    assert!(send_apply(&mut shard, &retry).is_empty(), "a later attempt of the older generation is older still");
+    let bytes = bundle_for(&first, full_changes());
+    let next = shard.handle_download(0, served(&first_read, &bytes));
+    let (_, out) = download_all(&mut shard, next, &bytes);
+    assert_eq!(only_reply(&out[1..]), answer(&newer, ApplyOutcome::Applied), "the coordinator takes only this");
+}
+
+#[test]
 fn shard_rejects_a_corrupted_bundle_as_transient_without_persisting() {
     let mut shard = fresh_shard(shard_config());
     let request = apply_request(1, 0, 0);
@@ -1537,6 +1592,11 @@ mod hostile {
                         };
                         let intact = &library[&BackupManifest::object_name(*backup_id, SHARD)];
                         prop_assert_eq!(*bundle_crc32, crc32fast::hash(intact), "a damaged bundle: {}", context());
+                        prop_assert!(
+                            durable.op.is_none_or(|held| held <= *op),
+                            "applied an operation older than the one held, over its rows: {}",
+                            context()
+                        );
                         let rows = if *increment == 0 {
                             SortedRows::from_changes(&bundle.changes)
                         } else {

@@ -305,6 +305,34 @@ fn reusing_an_operation_id_for_another_request_is_refused() {
     assert!(other_collection.to_string().contains("operation id 1"), "{other_collection}");
 }
 
+#[test]
+fn an_operation_id_is_never_used_again_not_even_after_its_operation_is_forgotten() {
+    let mut coordinator = boot(config());
+    let first = request(7, COLLECTION, vec![table(1, 1)], 1);
+    let sent = start(&mut coordinator, 10, first.clone());
+    let missing = ShardFailure::ObjectMissing { object: sent[0].object.clone() };
+    reply(&mut coordinator, 20, &sent[0], ApplyOutcome::Failed { permanent: true, cause: missing });
+    assert_eq!(state(&coordinator, 7), OperationState::Failed);
+    coordinator.forget(7).expect("a failed operation can be forgotten");
+    assert_eq!(coordinator.durable().newest_op, Some(7), "the newest id outlives the forgotten operation");
+
+    // A late duplicate of the first start, or a new restore under the same id: either would start over a table
+    // whose shards still hold rows of operation 7, and they would answer its increments as applied.
+    assert_eq!(refused(&mut coordinator, first), StartError::OperationIdNotNew { op: 7, newest: 7 });
+    let lower = refused(&mut coordinator, request(3, COLLECTION, vec![table(1, 1)], 2));
+    assert_eq!(lower, StartError::OperationIdNotNew { op: 3, newest: 7 });
+    assert!(lower.to_string().contains("operation id 3 is not new: operation 7 was started before"), "{lower}");
+    start(&mut coordinator, 30, request(8, COLLECTION, vec![table(1, 1)], 2));
+    assert_eq!(coordinator.durable().newest_op, Some(8));
+    // The rule survives a reboot.
+    let durable = coordinator.durable().clone();
+    let (mut rebooted, _) = Coordinator::boot(config(), Some(durable), SEED, 40);
+    let error = rebooted.start(50, request(8, "other", vec![table(2, 1)], 1)).expect_err("taken");
+    assert_eq!(error, StartError::OperationIdTaken { op: 8 });
+    let error = rebooted.start(50, request(4, "other", vec![table(2, 1)], 1)).expect_err("not new");
+    assert_eq!(error, StartError::OperationIdNotNew { op: 4, newest: 8 });
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Refusals
 // ---------------------------------------------------------------------------------------------------------------

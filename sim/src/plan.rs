@@ -58,8 +58,9 @@ impl fmt::Display for CallExpect {
 }
 
 /// The names scenario files use for start refusals.
-pub const REFUSAL_NAMES: [&str; 9] = [
+pub const REFUSAL_NAMES: [&str; 10] = [
     "operation-id-taken",
+    "operation-id-not-new",
     "collection-busy",
     "target-busy",
     "target-not-empty",
@@ -73,6 +74,7 @@ pub const REFUSAL_NAMES: [&str; 9] = [
 pub fn refusal_name(error: &StartError) -> &'static str {
     match error {
         StartError::OperationIdTaken { .. } => "operation-id-taken",
+        StartError::OperationIdNotNew { .. } => "operation-id-not-new",
         StartError::CollectionBusy { .. } => "collection-busy",
         StartError::TargetBusy { .. } => "target-busy",
         StartError::TargetNotEmpty { .. } => "target-not-empty",

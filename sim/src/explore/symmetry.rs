@@ -507,8 +507,9 @@ impl<'a> Encoder<'a> {
     }
 
     fn coordinator_durable(&mut self, durable: &CoordinatorDurable) {
-        let CoordinatorDurable { generation, operations, tables, sources_in_use } = durable;
+        let CoordinatorDurable { generation, operations, tables, sources_in_use, newest_op } = durable;
         self.word(*generation);
+        self.raw(newest_op);
         self.word(operations.len() as u64);
         for (op, operation) in operations.iter() {
             self.word(*op);
@@ -609,6 +610,10 @@ impl<'a> Encoder<'a> {
                 self.word(5);
                 self.tablet(*requested);
                 self.tablet(*actual);
+            }
+            ShardFailure::Superseded { requested, held } => {
+                self.word(6);
+                self.raw(&(requested, held));
             }
         }
     }
