@@ -41,7 +41,7 @@ mod cli {
     use lockstep_sim::runner::{Keep, run_seed};
     use lockstep_sim::scenario::Scenario;
     use lockstep_sim::sweep::{SeedFailure, StopWhen, SweepConfig, SweepSummary, WorldSource, run_sweep};
-    use lockstep_sim::world::{Bugs, WorldParams};
+    use lockstep_sim::world::WorldParams;
     use std::io::IsTerminal;
     use std::sync::Arc;
 
@@ -252,21 +252,19 @@ mod cli {
     }
 
     impl WorldArgs {
-        fn params(&self) -> WorldParams {
+        /// The world parameters of these flags; two bugs of the same machine (which would leave only one of them
+        /// running) are refused.
+        fn params(&self) -> Result<WorldParams, String> {
             let names: Vec<&str> = self.bugs.iter().map(String::as_str).collect();
-            // Each name was checked on its own; a clash (two coordinator bugs) keeps the last of each kind.
-            let bugs = names.iter().fold(Bugs::default(), |bugs, name| {
-                let one = lockstep_sim::catalog::parse(&[name]).expect("checked by the argument parser");
-                Bugs { coordinator: one.coordinator.or(bugs.coordinator), shard: one.shard.or(bugs.shard) }
-            });
-            WorldParams {
+            let bugs = lockstep_sim::catalog::parse(&names).map_err(|e| format!("--bug: {e}"))?;
+            Ok(WorldParams {
                 tables: self.tables,
                 shard_count: self.shards,
                 indexes: self.indexes,
                 incrementals: self.incrementals,
                 bugs,
                 ..WorldParams::sweep_default()
-            }
+            })
         }
 
         fn as_flags(&self) -> String {
@@ -297,11 +295,25 @@ mod cli {
         /// The worlds to run, and the scenario's pinned seeds if there is one; a scenario that does not load is
         /// an error message.
         fn source(&self) -> Result<(WorldSource, Option<Vec<u64>>), String> {
-            let params = self.params();
+            let params = self.params()?;
             match &self.scenario {
                 None => Ok((WorldSource::Generated(params), None)),
                 Some(path) => {
                     let scenario = Scenario::load(path).map_err(|e| e.to_string())?;
+                    // A bug on the command line of the same machine as the scenario's kept bug would replace it.
+                    let kept = scenario.bugs();
+                    let flags = params.bugs;
+                    let coordinator_clash = flags.coordinator.zip(kept.coordinator).is_some_and(|(f, k)| f != k);
+                    let shard_clash = flags.shard.zip(kept.shard).is_some_and(|(f, k)| f != k);
+                    if coordinator_clash || shard_clash {
+                        let names = |bugs| lockstep_sim::catalog::names_of(bugs).join(", ");
+                        return Err(format!(
+                            "--bug {} would replace the bug {} keeps ({}); run one bug of a machine at a time",
+                            names(flags),
+                            path.display(),
+                            names(kept)
+                        ));
+                    }
                     let seeds = scenario.seeds.clone();
                     Ok((WorldSource::Scenario(Arc::new(scenario), params.bugs), Some(seeds)))
                 }
@@ -360,7 +372,13 @@ mod cli {
         use lockstep_sim::explore::{
             ExploreConfig, ExploreWorld, SearchOrder, Sometimes, counterexample_scenario, explore, replay,
         };
-        let bugs = WorldArgs { bugs: args.bugs.clone(), ..WorldArgs::default() }.params().bugs;
+        let bugs = match (WorldArgs { bugs: args.bugs.clone(), ..WorldArgs::default() }).params() {
+            Ok(params) => params.bugs,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
+            }
+        };
         let config = ExploreConfig {
             tables: args.tables,
             shards: args.shards,
@@ -533,6 +551,10 @@ mod cli {
             eprintln!("error: --start {start} plus --seeds {seeds} runs past the last seed ({})", u64::MAX);
             return 2;
         };
+        if let Err(error) = check_scenario_seeds(&config) {
+            eprintln!("error: {error}");
+            return 2;
+        }
         if let Some((k, n)) = args.worker {
             // Ctrl-C reaches every process of the terminal's group: the sweep that started this worker stops it.
             ignore_interruptions();
@@ -544,6 +566,21 @@ mod cli {
                     2
                 }
             };
+        }
+        // The JUnit file must not be one of the sweep's inputs, which writing it would destroy.
+        if let Some(junit) = &args.junit {
+            let same = |input: &std::path::Path| {
+                input.exists() && std::fs::canonicalize(input).ok() == std::fs::canonicalize(junit).ok()
+            };
+            let inputs = [Some(args.regressions.as_path()), args.world.scenario.as_deref()];
+            if let Some(input) = inputs.into_iter().flatten().find(|input| same(input)) {
+                eprintln!(
+                    "error: --junit {} is an input of this sweep ({}); pick another file",
+                    junit.display(),
+                    input.display()
+                );
+                return 2;
+            }
         }
         // A JUnit file that cannot be written is found now, once every argument is known good, not after the sweep.
         if let Some(path) = &args.junit
@@ -737,6 +774,19 @@ mod cli {
         Some(lockstep_sim::sweep::WorkerCommand { program, args: std::env::args_os().skip(1).collect() })
     }
 
+    /// Seeds of a scenario sweep checked before it starts, at most: a `[generate]` scenario's world takes its
+    /// shape from the seed, and a seed that lacks a tablet the scenario names is an error in the file, not a crash.
+    const SCENARIO_SEEDS_CHECKED: u64 = 100_000;
+
+    fn check_scenario_seeds(config: &lockstep_sim::sweep::SweepConfig) -> Result<(), String> {
+        let WorldSource::Scenario(scenario, _) = &config.source else { return Ok(()) };
+        let seeds: Box<dyn Iterator<Item = u64>> = match &config.pinned {
+            Some(pinned) => Box::new(pinned.iter().copied()),
+            None => Box::new(config.start..config.start.saturating_add(config.seeds)),
+        };
+        seeds.take(SCENARIO_SEEDS_CHECKED as usize).try_for_each(|seed| scenario.check_seed(seed))
+    }
+
     /// The regression seeds to replay first: from the file for generated worlds, on part 1 of a split sweep.
     fn regression_seeds(args: &RunArgs, source: &WorldSource) -> Result<Vec<u64>, String> {
         let generated = matches!(source, WorldSource::Generated(_));
@@ -763,7 +813,29 @@ mod cli {
             eprintln!("error: shrink works on generated worlds; a scenario is already written down (drop --scenario)");
             return 2;
         }
-        let world = lockstep_sim::world::World::generate(args.seed, &args.world.params());
+        let params = match args.world.params() {
+            Ok(params) => params,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
+            }
+        };
+        // What would stop the file being written is found now, not after the shrink.
+        if args.out.exists() && !args.out.is_dir() {
+            eprintln!("error: --out {} is not a directory", args.out.display());
+            return 2;
+        }
+        let kept = |stem: &str| args.out.join(format!("{stem}-seed-{}.toml", args.seed));
+        if let Some(path) = args.world.bugs.first().map(|bug| kept(bug))
+            && path.exists()
+        {
+            eprintln!(
+                "error: {} exists; remove it or pick another --out (a kept case is not replaced)",
+                path.display()
+            );
+            return 2;
+        }
+        let world = lockstep_sim::world::World::generate(args.seed, &params);
         let command = format!("cargo sim run --start {} --seeds 1{}", args.seed, args.world.as_flags());
         println!("shrinking seed {}{} ...", args.seed, args.world.as_flags());
         let progress = Box::new(|runs: usize, size: lockstep_sim::shrink::Size| {
@@ -781,9 +853,18 @@ mod cli {
         println!("before: {}", shrunk.before);
         println!("after:  {}", shrunk.after);
         let stem = args.world.bugs.first().map_or_else(|| shrunk.invariant.name().to_string(), Clone::clone);
-        let path = args.out.join(format!("{stem}-seed-{}.toml", args.seed));
-        if let Err(error) = std::fs::create_dir_all(&args.out).and_then(|()| std::fs::write(&path, &shrunk.scenario)) {
-            eprintln!("error: cannot write {}: {error}", path.display());
+        let path = kept(&stem);
+        let written = std::fs::create_dir_all(&args.out).and_then(|()| {
+            use std::io::Write;
+            std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?.write_all(shrunk.scenario.as_bytes())
+        });
+        if let Err(error) = written {
+            let why = if error.kind() == std::io::ErrorKind::AlreadyExists {
+                "it exists, and a kept case is not replaced; remove it or pick another --out".to_string()
+            } else {
+                error.to_string()
+            };
+            eprintln!("error: cannot write {}: {why}", path.display());
             return 2;
         }
         println!("written to {}; it runs as a test from there, and by hand:", path.display());
@@ -810,6 +891,12 @@ mod cli {
                 return 2;
             }
         };
+        if let WorldSource::Scenario(scenario, _) = &source
+            && let Err(error) = scenario.check_seed(args.seed)
+        {
+            eprintln!("error: {error}");
+            return 2;
+        }
         init_tracing();
         let world = source.world(args.seed);
         print!("{}", world.describe());

@@ -331,6 +331,12 @@ struct Problem {
     message: String,
 }
 
+/// The latest a scenario's faults may heal: faults for longer than this (at a rate of 1.0, say) only fill memory
+/// with retries.
+pub const MAX_HEAL_AT_MS: u64 = 3_600_000;
+/// The longest liveness bound a scenario may set.
+pub const MAX_LIVENESS_BOUND_MS: u64 = 86_400_000;
+
 fn problem(span: Range<usize>, message: impl Into<String>) -> Problem {
     Problem { span, message: message.into() }
 }
@@ -442,6 +448,30 @@ impl Scenario {
                 "a scenario with [[decision]] rolls no dice: faults fire only where decisions say, so leave out [faults] rates",
             ));
         }
+        if let Some(decision) = decl.decisions.first()
+            && decl.faults.as_ref().is_none_or(|faults| faults.heal_at_ms == 0)
+        {
+            return Err(problem(
+                decision.span(),
+                "[[decision]] faults fire only before the world heals: set [faults] heal_at_ms past the decisions",
+            ));
+        }
+        if let Some(faults) = &decl.faults
+            && faults.heal_at_ms > MAX_HEAL_AT_MS
+        {
+            return Err(problem(
+                0..0,
+                format!("[faults] heal_at_ms {} is more than the most, {MAX_HEAL_AT_MS} (one hour)", faults.heal_at_ms),
+            ));
+        }
+        if let Some(bound) = decl.liveness_bound_ms
+            && bound > MAX_LIVENESS_BOUND_MS
+        {
+            return Err(problem(
+                0..0,
+                format!("liveness_bound_ms {bound} is more than the most, {MAX_LIVENESS_BOUND_MS} (one day)"),
+            ));
+        }
         let expect_violation = match &decl.expect_violation {
             None => None,
             Some(name) => Some(Invariant::ALL.into_iter().find(|i| i.name() == name.get_ref()).ok_or_else(|| {
@@ -470,13 +500,27 @@ impl Scenario {
             source,
             plan,
         };
-        // Resolve the plan once now, so a bad reference fails at load and not at run time.
-        scenario.try_world(scenario.seeds[0])?;
+        // Resolve the plan for every pinned seed now, so a bad reference fails at load and not at run time (a
+        // `[generate]` world draws its shape from the seed, so a tablet one seed has another may lack).
+        for seed in &scenario.seeds {
+            scenario.try_world(*seed).map_err(|p| problem(p.span, format!("with seed {seed}: {}", p.message)))?;
+        }
         Ok(scenario)
+    }
+
+    /// Whether this scenario builds a world for `seed`, which need not be one it pins (`cargo sim run --scenario F
+    /// --seeds N`); the error names what the seed's world lacks.
+    pub fn check_seed(&self, seed: u64) -> Result<(), String> {
+        self.try_world(seed).map(drop).map_err(|p| format!("scenario {}: with seed {seed}: {}", self.name, p.message))
     }
 
     /// The same scenario with its deliberate bugs taken out and no violation expected: what a kept bug's
     /// world must do under the production protocol.
+    /// The deliberate bugs this scenario runs (a kept bug's).
+    pub fn bugs(&self) -> Bugs {
+        self.plan.bugs
+    }
+
     pub fn without_bugs(&self) -> Scenario {
         let mut scenario = self.clone();
         scenario.plan.bugs = Bugs::default();
@@ -1314,7 +1358,7 @@ at_ms = 1000
     #[test]
     fn decisions_pin_faults_and_replace_the_dice() {
         let text = format!(
-            "{MINIMAL}[[decision]]\nfault = \"download-corrupt\"\nnode = \"orders/1\"\nnth = 2\n\
+            "{MINIMAL}[faults]\nheal_at_ms = 10000\n[[decision]]\nfault = \"download-corrupt\"\nnode = \"orders/1\"\nnth = 2\n\
              [[decision]]\nfault = \"coordinator-reboot\"\nnode = \"coordinator\"\nat_ms = 40\n"
         );
         let world = parse(&text).unwrap().world(0);
@@ -1327,7 +1371,7 @@ at_ms = 1000
 
     #[test]
     fn bad_decisions_are_refused_naming_what_is_wrong() {
-        let decision = |body: &str| error_of(&format!("{MINIMAL}[[decision]]\n{body}\n"));
+        let decision = |body: &str| error_of(&format!("{MINIMAL}[faults]\nheal_at_ms = 10000\n[[decision]]\n{body}\n"));
         let cases = [
             ("fault = \"message-lost\"\nnode = \"coordinator\"\nnth = 0", "unknown fault `message-lost`"),
             ("fault = \"message-drop\"\nnode = \"orders/7\"\nnth = 0", "no shard 7"),
@@ -1339,12 +1383,45 @@ at_ms = 1000
         for (body, message) in cases {
             let error = decision(body);
             assert!(error.message.contains(message), "{body}: {error}");
-            assert!((11..=14).contains(&error.line), "the decision's lines: {body}: {error}");
+            assert!((13..=16).contains(&error.line), "the decision's lines: {body}: {error}");
         }
         let with_rates = format!(
             "{MINIMAL}[faults]\nrates = {{ message-drop = 0.1 }}\n[[decision]]\nfault = \"message-drop\"\nnode = \"coordinator\"\nnth = 0\n"
         );
         assert!(error_of(&with_rates).message.contains("rolls no dice"), "{}", error_of(&with_rates));
+        // Without a heal time the world is healed from the start, and no decision would ever fire.
+        let never_fires = format!("{MINIMAL}[[decision]]\nfault = \"message-drop\"\nnode = \"coordinator\"\nnth = 0\n");
+        let error = error_of(&never_fires);
+        assert!(error.message.contains("set [faults] heal_at_ms past the decisions"), "{error}");
+    }
+
+    #[test]
+    fn heal_times_and_liveness_bounds_past_their_limits_are_refused() {
+        let heal = |ms: u64| format!("{MINIMAL}[faults]\nheal_at_ms = {ms}\nrates = {{ message-drop = 1.0 }}\n");
+        assert!(parse(&heal(MAX_HEAL_AT_MS)).is_ok());
+        let error = error_of(&heal(MAX_HEAL_AT_MS + 1));
+        assert!(error.message.contains("heal_at_ms 3600001 is more than the most"), "{error}");
+        let bound = |ms: u64| MINIMAL.replace("[[table]]", &format!("liveness_bound_ms = {ms}\n[[table]]"));
+        assert!(parse(&bound(MAX_LIVENESS_BOUND_MS)).is_ok());
+        let error = error_of(&bound(u64::MAX));
+        assert!(error.message.contains("liveness_bound_ms 18446744073709551615 is more than the most"), "{error}");
+    }
+
+    #[test]
+    fn every_pinned_seed_must_build_its_world_and_any_other_seed_is_checked_on_request() {
+        // A generated world draws its index table's shards from the seed: seed 3 has one, so no `by_value/1`.
+        let text = |seeds: &str| {
+            format!(
+                "description = \"x\"\nseeds = {seeds}\n[generate]\ntables = 1\nshards = 2\nindexes = true\n\
+                 [[fault]]\ndo = \"reboot-shard\"\ntablet = \"table0/by_value/1\"\n"
+            )
+        };
+        let scenario = parse(&text("[0]")).expect("seed 0 has the tablet");
+        let error = error_of(&text("[0, 3]"));
+        assert!(error.message.contains("with seed 3: table `table0/by_value` has 1 shard(s), no shard 1"), "{error}");
+        assert_eq!(scenario.check_seed(0), Ok(()));
+        let error = scenario.check_seed(3).expect_err("seed 3 lacks the tablet");
+        assert!(error.starts_with("scenario t: with seed 3: table `table0/by_value`"), "{error}");
     }
 
     #[test]
