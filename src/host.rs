@@ -125,8 +125,13 @@ pub struct HostIo<D, S, T, O> {
     pub store: Rc<S>,
     pub transport: Rc<T>,
     pub observer: Rc<O>,
-    /// Time zero of the `now_ms` the machines see.
+    /// An instant of this process's clock, at which the machines' time is `epoch_ms`.
     pub epoch: Instant,
+    /// The machines' time (`now_ms`) at `epoch`. The machines persist times (deadlines, when to retry), so their
+    /// clock must not start over when a node does: the simulator keeps one epoch for the whole run and passes 0;
+    /// a real host passes the wall clock (see [`wall_clock_epoch`]), so a restarted process goes on from where the
+    /// persisted times expect.
+    pub epoch_ms: u64,
     /// How long a ranged read may take before it counts as failed.
     pub download_timeout_ms: u64,
 }
@@ -139,9 +144,23 @@ impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
             transport: self.transport.clone(),
             observer: self.observer.clone(),
             epoch: self.epoch,
+            epoch_ms: self.epoch_ms,
             download_timeout_ms: self.download_timeout_ms,
         }
     }
+}
+
+/// `epoch` and `epoch_ms` for a real host: now, and the wall clock's milliseconds since 1970 now. A node that
+/// restarts goes on with the time its persisted deadlines were set in (as long as the wall clock is not set back).
+pub fn wall_clock_epoch() -> (Instant, u64) {
+    let since_1970 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (Instant::now(), u64::try_from(since_1970.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The instant machine time `at_ms` falls on, given that `epoch` is machine time `epoch_ms`: at once for a time
+/// already past, `None` for one beyond what this platform's clock can hold.
+fn timer_deadline(epoch: Instant, epoch_ms: u64, at_ms: u64) -> Option<Instant> {
+    epoch.checked_add(Duration::from_millis(at_ms.saturating_sub(epoch_ms)))
 }
 
 /// Name of the durable state file of every node.
@@ -179,7 +198,8 @@ enum Input<T> {
 
 impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Observer + 'static> HostIo<D, S, T, O> {
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).expect("time fits in u64 ms")
+        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.epoch_ms.saturating_add(elapsed)
     }
 
     fn load<Dur: DeserializeOwned>(&self, node: NodeAddr) -> Option<(StateFile, Option<Dur>)> {
@@ -311,7 +331,12 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 self.observer.record(node, HostEvent::Sent { to, msg });
                 self.transport.send(to, frame).await;
             }
-            Output::SetTimer { at_ms, timer } => timers.set(self.epoch + Duration::from_millis(at_ms), timer),
+            Output::SetTimer { at_ms, timer } => {
+                // A time past what the clock can hold never comes: no timer.
+                if let Some(deadline) = timer_deadline(self.epoch, self.epoch_ms, at_ms) {
+                    timers.set(deadline, timer);
+                }
+            }
             Output::Download(request) => return Step::Download(request),
             Output::Report(text) => self.observer.record(node, HostEvent::Report(text)),
         }
@@ -502,6 +527,20 @@ impl<T> Timers<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn machine_times_map_onto_the_clock_from_the_epoch_and_the_unreachable_never_fires() {
+        let epoch = Instant::now();
+        let day_ms = 86_400_000;
+        // A real host restarted a day into the machines' time: a deadline persisted an hour ahead is an hour away.
+        assert_eq!(timer_deadline(epoch, day_ms, day_ms + 3_600_000), Some(epoch + Duration::from_secs(3_600)));
+        assert_eq!(timer_deadline(epoch, day_ms, day_ms - 5), Some(epoch), "a time already past fires at once");
+        // A deadline of u64::MAX ms is no timer, or one half a billion years away: it does not panic either way.
+        let far = timer_deadline(epoch, 0, u64::MAX);
+        assert!(far.is_none_or(|at| at > epoch + Duration::from_secs(1 << 40)), "{far:?}");
+        let (_, wall_ms) = wall_clock_epoch();
+        assert!(wall_ms > 1_700_000_000_000, "milliseconds since 1970: {wall_ms}");
+    }
+
     use super::*;
     use std::cell::{Cell, RefCell};
     use std::sync::atomic::AtomicUsize;

@@ -125,7 +125,7 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         }
         let peers: BTreeMap<NodeAddr, SocketAddr> =
             listeners.iter().map(|(node, l)| (*node, l.local_addr().expect("bound"))).collect();
-        let epoch = tokio::time::Instant::now();
+        let (epoch, epoch_ms) = lockstep::host::wall_clock_epoch();
         for node in nodes {
             let listener = listeners.remove(&node).expect("one listener per node");
             let transport = TcpTransport::start(node, listener, peers.clone());
@@ -135,6 +135,7 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                 transport: Rc::new(transport),
                 observer: recorder.clone(),
                 epoch,
+                epoch_ms,
                 download_timeout_ms: 1_000,
             };
             match node {
@@ -220,6 +221,7 @@ fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
             transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
             observer: recorder.clone(),
             epoch: tokio::time::Instant::now(),
+            epoch_ms: 0,
             download_timeout_ms: 1_000,
         };
         tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))

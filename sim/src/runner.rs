@@ -350,6 +350,8 @@ impl NodeEnv {
             transport: Rc::new(transport),
             observer: Rc::new(observer),
             epoch: self.clock.epoch,
+            // One epoch for the whole run, across every reboot: the machines' time is the simulated time.
+            epoch_ms: 0,
             download_timeout_ms: self.world.download_timeout_ms,
         })
     }
