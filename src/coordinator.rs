@@ -98,6 +98,23 @@ pub enum CoordinatorBug {
 }
 
 /// Whether `bug` is configured and the catalog of bugs is compiled in.
+/// Whether `reply` may count as the word of the tablet it names. It must come from that tablet; the one exception
+/// is a shard's refusal of a request addressed to another tablet, which comes from the shard the request reached
+/// and names both. Such a request was misrouted (the address book sends one tablet's requests to another's node),
+/// and retrying it would reach the same wrong node until a deadline: the refusal ends the operation at once,
+/// naming both tablets. A refusal that names the tablet it came from as the wrong one is no refusal and is ignored.
+fn speaks_for_its_tablet(from: NodeAddr, reply: &ApplyReply) -> bool {
+    if from == NodeAddr::Shard(reply.tablet) {
+        return true;
+    }
+    match &reply.outcome {
+        ApplyOutcome::Failed { permanent: true, cause: ShardFailure::WrongShard { requested, actual } } => {
+            *requested == reply.tablet && *actual != reply.tablet && from == NodeAddr::Shard(*actual)
+        }
+        _ => false,
+    }
+}
+
 fn has(config: &CoordinatorConfig, bug: CoordinatorBug) -> bool {
     cfg!(feature = "mutants") && config.bug == Some(bug)
 }
@@ -271,6 +288,9 @@ pub struct RunningState {
     pub increment: IncrementIndex,
     /// When the current increment must be done by.
     pub increment_deadline_at_ms: u64,
+    /// How long the current increment was given when it began (the configured limit then, which a reboot with
+    /// another configuration does not change): what a failure at its deadline reports.
+    pub increment_limit_ms: u64,
     /// Tablets that reported the current increment durably applied.
     pub done: BTreeSet<TabletId>,
     /// Tablets whose last attempt failed: how many attempts failed and when the next may start.
@@ -288,10 +308,46 @@ pub struct Retry {
 pub enum RestoreError {
     #[error("increment {increment} (backup {backup_id}) on {tablet}: {cause}")]
     Shard { increment: IncrementIndex, backup_id: u64, tablet: TabletId, cause: ShardFailure },
-    #[error("timeout: the operation deadline passed at increment {increment} with {pending} tablet(s) not done")]
-    DeadlineExceeded { increment: IncrementIndex, pending: u32 },
-    #[error("timeout: increment {increment} took longer than {limit_ms} ms with {pending} tablet(s) not done")]
-    IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, pending: u32 },
+    #[error(
+        "timeout: the operation deadline passed at increment {increment} with {pending} tablet(s) not done: {}",
+        NotDone(not_done)
+    )]
+    DeadlineExceeded { increment: IncrementIndex, pending: u32, not_done: Vec<TabletNotDone> },
+    #[error(
+        "timeout: increment {increment} took longer than {limit_ms} ms with {pending} tablet(s) not done: {}",
+        NotDone(not_done)
+    )]
+    IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, pending: u32, not_done: Vec<TabletNotDone> },
+}
+
+/// A tablet that had not reported the current increment done when a deadline passed, and how many of its
+/// attempts at it had failed (a failed attempt is a transient failure reported or a request that timed out): the
+/// tablet an operator looks at first, and whether it was failing or only slow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TabletNotDone {
+    pub tablet: TabletId,
+    pub failed_attempts: u32,
+}
+
+/// The tablets of a deadline failure, as its message lists them: the first few, then how many more.
+struct NotDone<'a>(&'a [TabletNotDone]);
+
+impl fmt::Display for NotDone<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 4;
+        for (at, TabletNotDone { tablet, failed_attempts }) in self.0.iter().take(SHOWN).enumerate() {
+            let separator = if at == 0 { "" } else { ", " };
+            match failed_attempts {
+                0 => write!(f, "{separator}{tablet} (no failed attempt)")?,
+                1 => write!(f, "{separator}{tablet} (1 failed attempt)")?,
+                n => write!(f, "{separator}{tablet} ({n} failed attempts)")?,
+            }
+        }
+        if self.0.len() > SHOWN {
+            write!(f, " and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
+    }
 }
 
 /// A compact summary of one operation's progress, written to the event log with every persist.
@@ -483,7 +539,8 @@ impl Coordinator {
         }
         let op = request.op;
         let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
-        let increment_deadline_at_ms = now_ms.saturating_add(self.config.increment_deadline_ms);
+        let increment_limit_ms = self.config.increment_deadline_ms;
+        let increment_deadline_at_ms = now_ms.saturating_add(increment_limit_ms);
         for table in &request.tables {
             self.durable.tables.insert(table.id, TableState::Restoring { op });
         }
@@ -502,6 +559,7 @@ impl Coordinator {
                     chain: Arc::new(chain),
                     increment: 0,
                     increment_deadline_at_ms,
+                    increment_limit_ms,
                     done: BTreeSet::new(),
                     retries: BTreeMap::new(),
                 }),
@@ -631,7 +689,7 @@ impl Coordinator {
     pub fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<CoordinatorOutput> {
         let mut out = Vec::new();
         match msg {
-            Message::Reply(reply) if from == NodeAddr::Shard(reply.tablet) => self.on_reply(now_ms, reply, &mut out),
+            Message::Reply(reply) if speaks_for_its_tablet(from, &reply) => self.on_reply(now_ms, reply, &mut out),
             Message::Client(request) if from == NodeAddr::Client => {
                 let answer = self.on_client_call(now_ms, request.call, &mut out);
                 // After the outputs of the call: a start or forget is answered once its state is durable.
@@ -639,7 +697,7 @@ impl Coordinator {
                 out.push(Output::Send { to: NodeAddr::Client, msg: Message::ClientReply(Box::new(reply)) });
             }
             // Apply requests and client answers are not for the coordinator, and a reply must come from the
-            // tablet it speaks for.
+            // tablet it speaks for (or be the refusal of a misrouted request, see `speaks_for_its_tablet`).
             Message::Reply(_) | Message::Apply(_) | Message::Client(_) | Message::ClientReply(_) => {}
         }
         out
@@ -829,6 +887,7 @@ impl Coordinator {
         let OperationStatus::Running(running) = &mut operation.status else { return };
         running.increment += 1;
         running.increment_deadline_at_ms = now_ms.saturating_add(increment_deadline_ms);
+        running.increment_limit_ms = increment_deadline_ms;
         running.done.clear();
         running.retries.clear();
         let increment = running.increment;
@@ -947,10 +1006,21 @@ impl Coordinator {
         out.push(Output::SetTimer { at_ms: not_before_ms, timer: CoordinatorTimer::RetryDue });
     }
 
-    fn pending(&self, op: OperationId) -> u32 {
-        let Some(operation) = self.durable.operations.get(&op) else { return 0 };
-        let done = self.running(op).map_or(0, |r| r.done.len());
-        u32::try_from(operation.tablet_count() - done).expect("fits")
+    /// The tablets of running `op` not done with the current increment, in the operation's order, with their
+    /// failed attempts at it.
+    fn not_done(&self, op: OperationId) -> Vec<TabletNotDone> {
+        let (Some(operation), Some(running)) = (self.durable.operations.get(&op), self.running(op)) else {
+            return Vec::new();
+        };
+        operation
+            .tablets()
+            .into_iter()
+            .filter(|tablet| !running.done.contains(tablet))
+            .map(|tablet| TabletNotDone {
+                tablet,
+                failed_attempts: running.retries.get(&tablet).map_or(0, |retry| retry.failed_attempts),
+            })
+            .collect()
     }
 
     fn on_deadline(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
@@ -959,7 +1029,9 @@ impl Coordinator {
             return;
         }
         let Some(running) = self.running(op) else { return };
-        let error = RestoreError::DeadlineExceeded { increment: running.increment, pending: self.pending(op) };
+        let not_done = self.not_done(op);
+        let pending = u32::try_from(not_done.len()).expect("tablets fit in u32");
+        let error = RestoreError::DeadlineExceeded { increment: running.increment, pending, not_done };
         self.fail(now_ms, op, error, out);
     }
 
@@ -974,8 +1046,10 @@ impl Coordinator {
         if running.increment != increment || now_ms < running.increment_deadline_at_ms {
             return;
         }
-        let limit_ms = self.config.increment_deadline_ms;
-        let error = RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending: self.pending(op) };
+        let limit_ms = running.increment_limit_ms;
+        let not_done = self.not_done(op);
+        let pending = u32::try_from(not_done.len()).expect("tablets fit in u32");
+        let error = RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending, not_done };
         self.fail(now_ms, op, error, out);
     }
 

@@ -140,8 +140,8 @@ pub enum ShardFailure {
     DownloadFailed { object: String, attempts: u32, detail: String },
     #[error("bundle rejected: {detail}")]
     BadBundle { detail: String },
-    #[error("bundle {object} holds backup {found_backup} of {found_tablet}, not the one requested")]
-    WrongBundle { object: String, found_backup: u64, found_tablet: TabletId },
+    #[error("bundle {object} holds the {found}, not the {expected} requested")]
+    WrongBundle { object: String, expected: BundleOf, found: BundleOf },
     #[error("asked for increment {requested} but the next increment to apply is {expected}")]
     OutOfOrder { expected: IncrementIndex, requested: IncrementIndex },
     #[error("request addressed to {requested} reached {actual}")]
@@ -150,6 +150,20 @@ pub enum ShardFailure {
     /// duplicated request of an operation that ended, which must not overwrite a newer restore.
     #[error("request of operation {requested}, older than operation {held} whose rows this shard holds")]
     Superseded { requested: OperationId, held: OperationId },
+}
+
+/// Whose bundle a bundle is: the backup, its kind and the tablet, as its header says or a request expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BundleOf {
+    pub backup_id: u64,
+    pub kind: BackupKind,
+    pub tablet: TabletId,
+}
+
+impl fmt::Display for BundleOf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} backup {} of {}", self.kind, self.backup_id, self.tablet)
+    }
 }
 
 /// A byte range of an object, requested from the remote store.

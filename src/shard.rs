@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Bundle;
 use crate::model::{BackupKind, IncrementIndex, SortedRows, TabletId};
 use crate::protocol::{
-    ApplyOutcome, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output, PersistNote,
-    ShardFailure, StoreError,
+    ApplyOutcome, ApplyRequest, BundleOf, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
+    PersistNote, ShardFailure, StoreError,
 };
 
 /// Tunables of a shard.
@@ -269,12 +269,10 @@ impl Shard {
             }
         };
         let expected_kind = if request.increment == 0 { BackupKind::Full } else { BackupKind::Incremental };
-        if bundle.backup_id != request.backup_id || bundle.tablet != self.id || bundle.kind != expected_kind {
-            let cause = ShardFailure::WrongBundle {
-                object: request.object.clone(),
-                found_backup: bundle.backup_id,
-                found_tablet: bundle.tablet,
-            };
+        let expected = BundleOf { backup_id: request.backup_id, kind: expected_kind, tablet: self.id };
+        let found = BundleOf { backup_id: bundle.backup_id, kind: bundle.kind, tablet: bundle.tablet };
+        if found != expected {
+            let cause = ShardFailure::WrongBundle { object: request.object.clone(), expected, found };
             return self.finish_with(ApplyOutcome::Failed { permanent: true, cause });
         }
         let note = PersistNote::ShardApplied {

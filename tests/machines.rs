@@ -7,13 +7,14 @@ use std::sync::Arc;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer,
-    OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, backoff_ms,
+    OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, TabletNotDone,
+    backoff_ms,
 };
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, SortedRows, TableId, TableSpec, TabletId};
 use lockstep::protocol::{
-    ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId, Output,
-    PersistNote, RangeRead, ShardFailure, StoreError,
+    ApplyOutcome, ApplyReply, ApplyRequest, BundleOf, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId,
+    Output, PersistNote, RangeRead, ShardFailure, StoreError,
 };
 use lockstep::shard::{Shard, ShardBug, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
 
@@ -487,10 +488,14 @@ fn coordinator_fails_with_deadline_exceeded_when_the_deadline_passes() {
     assert!(matches!(coordinator.operation(OP).unwrap().status, OperationStatus::Running(_)));
 
     let out = coordinator.handle_timer(61_000, CoordinatorTimer::Deadline { op: OP });
-    let failed = OperationStatus::Failed {
-        error: RestoreError::DeadlineExceeded { increment: 0, pending: 2 },
-        failed_at_ms: 61_000,
-    };
+    let not_done = vec![
+        TabletNotDone { tablet: tablet(0), failed_attempts: 0 },
+        TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
+    ];
+    let error = RestoreError::DeadlineExceeded { increment: 0, pending: 2, not_done };
+    let text = error.to_string();
+    assert!(text.ends_with("not done: t0/shard-0 (no failed attempt), t0/shard-1 (no failed attempt)"), "{text}");
+    let failed = OperationStatus::Failed { error, failed_at_ms: 61_000 };
     assert_eq!(last_persisted(&out).operations[&OP].status, failed);
     assert!(apply_requests(&out).is_empty());
     assert!(reply(&mut coordinator, 61_001, &requests[0], ApplyOutcome::Applied).is_empty());
@@ -550,6 +555,64 @@ fn coordinator_ignores_replies_with_a_wrong_attempt_increment_op_or_sender() {
 
     let out = reply(&mut coordinator, 20, request, ApplyOutcome::Applied);
     assert_eq!(running_of(&last_persisted(&out)).done, done_set(&[0]), "the genuine reply still counts");
+}
+
+#[test]
+fn coordinator_fails_at_once_when_a_shard_refuses_a_request_meant_for_another_tablet() {
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 2, 0);
+    let request = &requests[0];
+    // The address book sends tablet 0's requests to tablet 1's node, which refuses them. Retrying would reach the
+    // same node again until a deadline; the refusal, from the node it reached, ends the operation at once.
+    let wrong_node = NodeAddr::Shard(tablet(1));
+    let cause = ShardFailure::WrongShard { requested: tablet(0), actual: tablet(1) };
+    let refusal = answer(request, ApplyOutcome::Failed { permanent: true, cause: cause.clone() });
+
+    let before = coordinator.durable().clone();
+    let claims_success = Message::Reply(answer(request, ApplyOutcome::Applied));
+    assert!(coordinator.handle_message(10, wrong_node, claims_success).is_empty(), "only the refusal counts");
+    let misnamed = ShardFailure::WrongShard { requested: tablet(0), actual: tablet(0) };
+    let no_refusal = answer(request, ApplyOutcome::Failed { permanent: true, cause: misnamed });
+    assert!(coordinator.handle_message(10, wrong_node, Message::Reply(no_refusal)).is_empty());
+    let third = NodeAddr::Shard(tablet(5));
+    assert!(coordinator.handle_message(10, third, Message::Reply(refusal.clone())).is_empty(), "not from tablet 1");
+    assert_eq!(coordinator.durable(), &before, "none of those replies changed anything");
+
+    let out = coordinator.handle_message(20, wrong_node, Message::Reply(refusal));
+    let error = RestoreError::Shard { increment: 0, backup_id: 1, tablet: tablet(0), cause };
+    let failed = OperationStatus::Failed { error: error.clone(), failed_at_ms: 20 };
+    assert_eq!(last_persisted(&out).operations[&OP].status, failed, "the failure is persisted");
+    let text = error.to_string();
+    assert!(text.contains("addressed to t0/shard-0 reached t0/shard-1"), "{text}");
+}
+
+#[test]
+fn coordinator_deadline_failures_name_the_tablets_not_done_and_the_limit_they_were_given() {
+    let config = CoordinatorConfig { increment_deadline_ms: 5_000, ..coordinator_config() };
+    let (mut coordinator, requests) = started(config.clone(), 3, 2, 0);
+    reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    reply(&mut coordinator, 20, &requests[2], transient());
+    // A reboot with a longer limit: the increment under way keeps the deadline, and the limit, it began with.
+    let longer = CoordinatorConfig { increment_deadline_ms: 9_000, ..config };
+    let (mut rebooted, _) = Coordinator::boot(longer, Some(coordinator.durable().clone()), SEED, 100);
+    assert!(rebooted.handle_timer(4_999, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 }).is_empty());
+    let out = rebooted.handle_timer(5_000, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 });
+    let not_done = vec![
+        TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
+        TabletNotDone { tablet: tablet(2), failed_attempts: 1 },
+    ];
+    let error = RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: 5_000, pending: 2, not_done };
+    let failed = OperationStatus::Failed { error: error.clone(), failed_at_ms: 5_000 };
+    assert_eq!(last_persisted(&out).operations[&OP].status, failed);
+    assert_eq!(
+        error.to_string(),
+        "timeout: increment 0 took longer than 5000 ms with 2 tablet(s) not done: \
+         t0/shard-1 (no failed attempt), t0/shard-2 (1 failed attempt)"
+    );
+
+    // Past four tablets the message says how many more there are.
+    let many: Vec<TabletNotDone> = (0..6).map(|s| TabletNotDone { tablet: tablet(s), failed_attempts: 3 }).collect();
+    let text = RestoreError::DeadlineExceeded { increment: 1, pending: 6, not_done: many }.to_string();
+    assert!(text.ends_with("t0/shard-3 (3 failed attempts) and 2 more"), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1092,8 +1155,30 @@ fn shard_rejects_a_bundle_of_another_backup_as_permanent() {
     let request = apply_request(1, 0, 0);
     let wrong = Bundle { backup_id: 77, tablet: SHARD, kind: BackupKind::Full, changes: full_changes() }.encode();
     let (_, out) = serve_request(&mut shard, &request, &wrong);
-    let cause = ShardFailure::WrongBundle { object: request.object.clone(), found_backup: 77, found_tablet: SHARD };
+    let expected = BundleOf { backup_id: request.backup_id, kind: BackupKind::Full, tablet: SHARD };
+    let found = BundleOf { backup_id: 77, ..expected };
+    let cause = ShardFailure::WrongBundle { object: request.object.clone(), expected, found };
     assert_eq!(only_reply(&out), answer(&request, ApplyOutcome::Failed { permanent: true, cause }));
+    assert_eq!(shard.durable(), &ShardDurable::default());
+}
+
+#[test]
+fn shard_rejects_a_bundle_of_the_wrong_kind_and_says_so() {
+    let mut shard = fresh_shard(shard_config());
+    let request = apply_request(1, 0, 0);
+    // The right backup and tablet, but an incremental where the first increment must be a full backup.
+    let incremental =
+        Bundle { backup_id: request.backup_id, tablet: SHARD, kind: BackupKind::Incremental, changes: full_changes() };
+    let (_, out) = serve_request(&mut shard, &request, &incremental.encode());
+    let ApplyOutcome::Failed { permanent: true, cause } = only_reply(&out).outcome else {
+        panic!("a bundle of the wrong kind is a permanent failure")
+    };
+    let text = cause.to_string();
+    let backup = request.backup_id;
+    assert!(
+        text.contains(&format!("holds the incremental backup {backup} of {SHARD}, not the full backup {backup}")),
+        "the message names the kind found and the kind requested: {text}"
+    );
     assert_eq!(shard.durable(), &ShardDurable::default());
 }
 

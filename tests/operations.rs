@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, VecDeque};
 use lockstep::coordinator::{
     Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer,
     LifecycleError, OperationState, OperationSummary, RestoreError, RestoreRequest, StartError, TableState,
-    TabletProgress,
+    TabletNotDone, TabletProgress,
 };
 use lockstep::model::{BackupKind, BackupManifest, ChainError, IncrementIndex, TableId, TableSpec, TabletId};
 use lockstep::protocol::{ApplyOutcome, ApplyRequest, Message, NodeAddr, OperationId, Output, ShardFailure};
@@ -468,7 +468,12 @@ fn an_operation_past_its_deadline_fails_with_a_timeout_and_releases_its_tables()
 
     let out = coordinator.handle_timer(deadline_at, CoordinatorTimer::Deadline { op: 1 });
     let error = error_of(&coordinator, 1);
-    assert_eq!(error, RestoreError::DeadlineExceeded { increment: 0, pending: 2 });
+    let not_done: Vec<TabletNotDone> = [TabletId::new(1, 0), TabletId::new(1, 1), TabletId::new(2, 0)]
+        .into_iter()
+        .filter(|tablet| *tablet != sent[0].tablet)
+        .map(|tablet| TabletNotDone { tablet, failed_attempts: 0 })
+        .collect();
+    assert_eq!(error, RestoreError::DeadlineExceeded { increment: 0, pending: 2, not_done });
     assert!(error.to_string().starts_with("timeout"), "{error}");
     assert_eq!(last_persisted(&out).as_ref(), Some(coordinator.durable()), "the failure is persisted");
     assert!(reports(&out).iter().any(|r| r.contains("failed") && r.contains("timeout")), "{:?}", reports(&out));
@@ -503,7 +508,14 @@ fn an_increment_that_takes_too_long_fails_the_operation() {
     let error = error_of(&coordinator, 1);
     assert_eq!(
         error,
-        RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: INCREMENT_DEADLINE_MS, pending: 2 }
+        RestoreError::IncrementDeadlineExceeded {
+            increment: 0,
+            limit_ms: INCREMENT_DEADLINE_MS,
+            pending: 2,
+            not_done: (0..2)
+                .map(|shard| TabletNotDone { tablet: TabletId::new(1, shard), failed_attempts: 0 })
+                .collect(),
+        }
     );
     assert!(error.to_string().starts_with("timeout"), "{error}");
     assert_eq!(table_state(&coordinator, 1), Some(TableState::RestoreFailed { op: 1 }));
@@ -564,7 +576,10 @@ fn transient_failures_are_retried_until_the_deadline_without_failing_the_operati
 
     // The deadline still ends it.
     coordinator.handle_timer(DEADLINE_MS, CoordinatorTimer::Deadline { op: 1 });
-    assert_eq!(error_of(&coordinator, 1), RestoreError::DeadlineExceeded { increment: 0, pending: 1 });
+    let not_done = vec![TabletNotDone { tablet: TabletId::new(1, 0), failed_attempts: 30 }];
+    let error = error_of(&coordinator, 1);
+    assert_eq!(error, RestoreError::DeadlineExceeded { increment: 0, pending: 1, not_done });
+    assert!(error.to_string().ends_with("1 tablet(s) not done: t1/shard-0 (30 failed attempts)"), "{error}");
 }
 
 #[test]

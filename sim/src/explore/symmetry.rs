@@ -64,11 +64,12 @@ use std::sync::Arc;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     CoordinatorDurable, CoordinatorOutput, CoordinatorParts, CoordinatorTimer, Operation, OperationStatus,
-    RestoreError, RunningState,
+    RestoreError, RunningState, TabletNotDone,
 };
 use lockstep::model::{BackupManifest, Change, RestoreChain, Rows, TableSpec, TabletId};
 use lockstep::protocol::{
-    ApplyOutcome, ApplyReply, ApplyRequest, DownloadRequest, Message, NodeAddr, Output, PersistNote, ShardFailure,
+    ApplyOutcome, ApplyReply, ApplyRequest, BundleOf, DownloadRequest, Message, NodeAddr, Output, PersistNote,
+    ShardFailure,
 };
 use lockstep::shard::{ShardDurable, ShardOutput, ShardParts};
 
@@ -534,13 +535,15 @@ impl<'a> Encoder<'a> {
         match status {
             OperationStatus::Running(running) => {
                 self.word(0);
-                let RunningState { chain, increment, increment_deadline_at_ms, done, retries } = running;
+                let RunningState { chain, increment, increment_deadline_at_ms, increment_limit_ms, done, retries } =
+                    running;
                 assert!(
                     Arc::ptr_eq(chain, self.chain) || chain == self.chain,
                     "the explored restore plans one chain, which every kept renaming maps onto itself"
                 );
                 self.word(u64::from(*increment));
                 self.word(*increment_deadline_at_ms);
+                self.word(*increment_limit_ms);
                 self.multiset(done, |e, tablet| e.tablet(*tablet));
                 self.multiset(retries, |e, (tablet, retry)| {
                     e.tablet(*tablet);
@@ -569,15 +572,26 @@ impl<'a> Encoder<'a> {
                 self.tablet(*tablet);
                 self.shard_failure(cause);
             }
-            RestoreError::DeadlineExceeded { increment, pending } => {
+            RestoreError::DeadlineExceeded { increment, pending, not_done } => {
                 self.word(1);
                 self.raw(&(increment, pending));
+                self.not_done(not_done);
             }
-            RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending } => {
+            RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending, not_done } => {
                 self.word(2);
                 self.raw(&(increment, limit_ms, pending));
+                self.not_done(not_done);
             }
         }
+    }
+
+    /// The tablets of a deadline failure: listed in the operation's order, which a renaming of tablets changes,
+    /// so as a multiset (the renamed operation lists the renamed tablets in its own order).
+    fn not_done(&mut self, not_done: &[TabletNotDone]) {
+        self.multiset(not_done, |e, TabletNotDone { tablet, failed_attempts }| {
+            e.tablet(*tablet);
+            e.word(u64::from(*failed_attempts));
+        });
     }
 
     fn shard_failure(&mut self, failure: &ShardFailure) {
@@ -596,11 +610,14 @@ impl<'a> Encoder<'a> {
                 self.word(2);
                 self.string(detail);
             }
-            ShardFailure::WrongBundle { object, found_backup, found_tablet } => {
+            ShardFailure::WrongBundle { object, expected, found } => {
                 self.word(3);
                 self.string(object);
-                self.word(*found_backup);
-                self.tablet(*found_tablet);
+                for BundleOf { backup_id, kind, tablet } in [expected, found] {
+                    self.word(*backup_id);
+                    self.raw(kind);
+                    self.tablet(*tablet);
+                }
             }
             ShardFailure::OutOfOrder { expected, requested } => {
                 self.word(4);
