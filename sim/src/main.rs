@@ -40,7 +40,9 @@ mod cli {
     use lockstep_sim::faults::FaultKind;
     use lockstep_sim::runner::{Keep, run_seed};
     use lockstep_sim::scenario::Scenario;
-    use lockstep_sim::sweep::{SeedFailure, StopWhen, SweepConfig, SweepSummary, WorldSource, run_sweep};
+    use lockstep_sim::sweep::{
+        SeedFailure, StopWhen, SweepConfig, SweepSummary, WorldSource, last_seed, run_sweep, shell_quote,
+    };
     use lockstep_sim::world::WorldParams;
     use std::io::IsTerminal;
     use std::sync::Arc;
@@ -168,9 +170,10 @@ mod cli {
         /// Start no seed after this much wall-clock time, e.g. `90s`, `10m`, `2h`: a CI job of fixed length.
         #[arg(long, value_parser = lockstep_sim::sweep::parse_duration)]
         time_limit: Option<std::time::Duration>,
-        /// First seed.
-        #[arg(long, default_value_t = 0)]
-        start: u64,
+        /// First seed [default: 0]. With --scenario only together with --seeds (a scenario runs its pinned seeds
+        /// otherwise).
+        #[arg(long)]
+        start: Option<u64>,
         /// When standard error is not a terminal (a CI log), print a progress line this often, e.g. `30s`,
         /// `5m` (a terminal gets a progress bar instead).
         #[arg(long, default_value = "30s", value_parser = lockstep_sim::sweep::parse_duration)]
@@ -270,7 +273,7 @@ mod cli {
         fn as_flags(&self) -> String {
             let mut flags = String::new();
             if let Some(path) = &self.scenario {
-                flags.push_str(&format!(" --scenario {}", path.display()));
+                flags.push_str(&format!(" --scenario {}", shell_quote(&path.display().to_string())));
             }
             for bug in &self.bugs {
                 flags.push_str(&format!(" --bug {bug}"));
@@ -437,7 +440,7 @@ mod cli {
             println!("sometimes        {property:?}: {}", if reached { "reached" } else { "NOT reached" });
         }
         if report.truncated {
-            println!("search stopped at a bound (--depth / --max-states): the world was not fully explored");
+            println!("search stopped at {}: the world was not fully explored", bounds_reached(&report, &args));
         }
         if args.compare {
             let other_world = ExploreWorld::new(other);
@@ -463,7 +466,7 @@ mod cli {
             (Some(cex), _) => (cex, 1),
             (None, Some(stuck)) => (stuck, 3),
             (None, None) => {
-                println!("no violation");
+                println!("{}", no_violation(&report, &args));
                 return 0;
             }
         };
@@ -473,18 +476,53 @@ mod cli {
             println!("{line}");
         }
         let scenario = counterexample_scenario(&world, cex);
-        if let Some(dir) = args.emit.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
+        // Directories that are missing are made (a parent that is a file is left for the write to name).
+        let written = match args.emit.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            Some(dir) => std::fs::create_dir_all(dir),
+            None => Ok(()),
+        };
+        match written.and_then(|()| std::fs::write(&args.emit, scenario)) {
+            Ok(()) => {
+                println!(
+                    "scenario written to {}; replay it: cargo sim run --scenario {}",
+                    args.emit.display(),
+                    shell_quote(&args.emit.display().to_string())
+                );
+                code
+            }
+            // A bad output path, as with `run --junit` and `shrink --out`: the violation is printed above.
+            Err(error) => {
+                eprintln!("error: cannot write {}: {error}", args.emit.display());
+                2
+            }
         }
-        match std::fs::write(&args.emit, scenario) {
-            Ok(()) => println!(
-                "scenario written to {}; replay it: cargo sim run --scenario {}",
-                args.emit.display(),
-                args.emit.display()
-            ),
-            Err(error) => eprintln!("error: cannot write {}: {error}", args.emit.display()),
+    }
+
+    /// The bounds a search that stopped early reached: `--max-states N`, `--depth N`, or both.
+    fn bounds_reached(report: &lockstep_sim::explore::Report, args: &CheckArgs) -> String {
+        let states = args.max_states > 0 && report.unique_states >= args.max_states;
+        let depth = report.max_depth >= args.depth;
+        let mut bounds = Vec::new();
+        if states {
+            bounds.push(format!("--max-states {}", args.max_states));
         }
-        code
+        if depth || !states {
+            bounds.push(format!("--depth {}", args.depth));
+        }
+        bounds.join(" and ")
+    }
+
+    /// The verdict of a search that found no violation: a full pass only when it explored every state. A search
+    /// cut short checked no liveness (that needs every state), so it says what it did and did not check.
+    fn no_violation(report: &lockstep_sim::explore::Report, args: &CheckArgs) -> String {
+        if !report.truncated {
+            return "no violation".to_string();
+        }
+        format!(
+            "no violation in the {} states explored; stopped at {}, the space is not exhausted (liveness not checked)",
+            report.unique_states,
+            bounds_reached(report, args)
+        )
     }
 
     fn run(args: RunArgs) -> i32 {
@@ -497,33 +535,13 @@ mod cli {
                 return 2;
             }
         };
-        // A scenario runs its pinned seeds unless --seeds asks for a range.
-        let pinned = if args.seeds.is_some() { None } else { pinned };
-        // Without --seeds, a time-limited sweep plans more seeds than any run gets through.
-        let default_seeds =
-            if args.time_limit.is_some() { UNTIL_THE_TIME_LIMIT.min(u64::MAX - args.start) } else { 1000 };
-        let mut seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(default_seeds), |p| p.len() as u64);
-        let mut start = args.start;
-        let pinned = match (args.shard, pinned) {
-            // Part K of N: the K-th of N contiguous slices of the range (or of the pinned seeds).
-            (Some((k, n)), pinned) => {
-                let chunk = seeds.div_ceil(n);
-                let from = ((k - 1) * chunk).min(seeds);
-                let to = (k * chunk).min(seeds);
-                match pinned {
-                    Some(pinned) => Some(pinned[from as usize..to as usize].to_vec()),
-                    None => {
-                        start += from;
-                        seeds = to - from;
-                        None
-                    }
-                }
+        let (start, seeds, pinned) = match plan_seeds(&args, pinned) {
+            Ok(planned) => planned,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return 2;
             }
-            (None, pinned) => pinned,
         };
-        if let Some(pinned) = &pinned {
-            seeds = pinned.len() as u64;
-        }
         if seeds == 0 {
             if args.worker.is_none() {
                 println!("lockstep sweep: this shard has no seeds");
@@ -547,10 +565,8 @@ mod cli {
             determinism_every: args.determinism_every,
             stop: StopWhen { first_failure: args.fail_fast, time_limit: args.time_limit },
         };
-        let Some(end) = start.checked_add(seeds) else {
-            eprintln!("error: --start {start} plus --seeds {seeds} runs past the last seed ({})", u64::MAX);
-            return 2;
-        };
+        // Past the last seed, `u64::MAX`, when the range ends there.
+        let end = u128::from(start) + u128::from(seeds);
         if let Err(error) = check_scenario_seeds(&config) {
             eprintln!("error: {error}");
             return 2;
@@ -660,6 +676,55 @@ mod cli {
         }
         let interrupted = summary.stopped == Some(lockstep_sim::sweep::Stopped::Interrupted);
         summary.worst_class().map_or(if interrupted { EXIT_INTERRUPTED } else { 0 }, |class| class.exit_code())
+    }
+
+    /// The seeds a sweep runs: `start` and `seeds` of its range, or the pinned seeds (a scenario's) with their
+    /// count; with `--shard`, only its part (no seeds at all for a part that gets none). A range past the last seed,
+    /// or a `--start` the pinned seeds would ignore, is an error.
+    fn plan_seeds(args: &RunArgs, pinned: Option<Vec<u64>>) -> Result<(u64, u64, Option<Vec<u64>>), String> {
+        // A scenario runs its pinned seeds unless --seeds asks for a range.
+        let pinned = if args.seeds.is_some() { None } else { pinned };
+        if let (Some(start), Some(pinned), Some(path)) = (args.start, &pinned, &args.world.scenario) {
+            return Err(format!(
+                "--start {start} does not apply to the pinned seeds of {} ({pinned:?}); add --seeds N to run seeds \
+                 {start}.. of the scenario, or drop --start",
+                path.display()
+            ));
+        }
+        let mut start = args.start.unwrap_or(0);
+        // Without --seeds, a time-limited sweep plans more seeds than any run gets through (and none past the last).
+        let default_seeds = match args.time_limit {
+            Some(_) => (u64::MAX - start).saturating_add(1).min(UNTIL_THE_TIME_LIMIT),
+            None => 1000,
+        };
+        let mut seeds = pinned.as_ref().map_or(args.seeds.unwrap_or(default_seeds), |p| p.len() as u64);
+        if pinned.is_none() {
+            last_seed(start, seeds)?;
+        }
+        let pinned = match (args.shard, pinned) {
+            // Part K of N: the K-th of N contiguous slices of the range (or of the pinned seeds).
+            (Some((k, n)), pinned) => {
+                let chunk = seeds.div_ceil(n);
+                let from = ((k - 1).saturating_mul(chunk)).min(seeds);
+                let to = k.saturating_mul(chunk).min(seeds);
+                match pinned {
+                    Some(pinned) => Some(pinned[from as usize..to as usize].to_vec()),
+                    None => {
+                        // A part with seeds starts within the range; one without keeps the start it had.
+                        if from < to {
+                            start += from;
+                        }
+                        seeds = to - from;
+                        None
+                    }
+                }
+            }
+            (None, pinned) => pinned,
+        };
+        if let Some(pinned) = &pinned {
+            seeds = pinned.len() as u64;
+        }
+        Ok((start, seeds, pinned))
     }
 
     /// Exit code of a sweep interrupted before it found anything (128 + SIGINT, as shells report it).
@@ -782,7 +847,7 @@ mod cli {
         let WorldSource::Scenario(scenario, _) = &config.source else { return Ok(()) };
         let seeds: Box<dyn Iterator<Item = u64>> = match &config.pinned {
             Some(pinned) => Box::new(pinned.iter().copied()),
-            None => Box::new(config.start..config.start.saturating_add(config.seeds)),
+            None => Box::new(config.range_seeds()),
         };
         seeds.take(SCENARIO_SEEDS_CHECKED as usize).try_for_each(|seed| scenario.check_seed(seed))
     }
@@ -868,7 +933,7 @@ mod cli {
             return 2;
         }
         println!("written to {}; it runs as a test from there, and by hand:", path.display());
-        println!("  cargo sim repro --scenario {} --seed {}", path.display(), args.seed);
+        println!("  cargo sim repro --scenario {} --seed {}", shell_quote(&path.display().to_string()), args.seed);
         0
     }
 
@@ -964,6 +1029,118 @@ mod cli {
             }
             EventKind::Host(HostEvent::Download { .. }) => tracing::debug!(target: "lockstep::store", "{line}"),
             EventKind::Host(_) => tracing::info!(target: "lockstep::state", "{line}"),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn command(args: &[&str]) -> Command {
+            let words = ["cargo sim"].iter().chain(args);
+            Cli::try_parse_from(words).unwrap_or_else(|e| panic!("{args:?} parses: {e}")).command
+        }
+
+        fn run_args(args: &[&str]) -> RunArgs {
+            match command(&[&["run"], args].concat()) {
+                Command::Run(args) => args,
+                _ => panic!("a run command"),
+            }
+        }
+
+        fn check_args(args: &[&str]) -> CheckArgs {
+            match command(&[&["check"], args].concat()) {
+                Command::Check(args) => args,
+                _ => panic!("a check command"),
+            }
+        }
+
+        const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/second-restore-refused.toml");
+
+        #[test]
+        fn a_start_the_pinned_seeds_of_a_scenario_would_ignore_is_refused() {
+            let pinned = Some(vec![1, 2, 3]);
+            let error = plan_seeds(&run_args(&["--scenario", SCENARIO, "--start", "5"]), pinned.clone())
+                .expect_err("--start is refused beside pinned seeds");
+            assert!(
+                error.starts_with("--start 5 does not apply to the pinned seeds of ")
+                    && error.contains("second-restore-refused.toml ([1, 2, 3]); add --seeds N to run seeds 5.."),
+                "{error}"
+            );
+            // With --seeds the scenario runs a range, and --start is where it begins.
+            let args = run_args(&["--scenario", SCENARIO, "--start", "5", "--seeds", "3"]);
+            assert_eq!(plan_seeds(&args, pinned.clone()), Ok((5, 3, None)));
+            assert_eq!(plan_seeds(&run_args(&["--scenario", SCENARIO]), pinned.clone()), Ok((0, 3, pinned)));
+        }
+
+        #[test]
+        fn a_range_ending_at_the_last_seed_is_run_and_only_one_past_it_is_refused() {
+            let max = u64::MAX.to_string();
+            let below = (u64::MAX - 1).to_string();
+            assert_eq!(plan_seeds(&run_args(&["--start", &max, "--seeds", "1"]), None), Ok((u64::MAX, 1, None)));
+            let error = plan_seeds(&run_args(&["--start", &max, "--seeds", "2"]), None).expect_err("past the end");
+            assert!(error.contains("runs past the last seed, 18446744073709551615"), "{error}");
+            let error = plan_seeds(&run_args(&["--start", "2", "--seeds", &max]), None).expect_err("past the end");
+            assert!(error.contains("--start 2 plus --seeds 18446744073709551615 runs past"), "{error}");
+            // A time-limited sweep plans the seeds there are; parts of a range at its end start within it.
+            let args = run_args(&["--start", &max, "--time-limit", "1s"]);
+            assert_eq!(plan_seeds(&args, None), Ok((u64::MAX, 1, None)));
+            let args = run_args(&["--start", &below, "--seeds", "2", "--shard", "2/2"]);
+            assert_eq!(plan_seeds(&args, None), Ok((u64::MAX, 1, None)));
+            let args = run_args(&["--start", &max, "--seeds", "1", "--shard", "2/2"]);
+            assert_eq!(plan_seeds(&args, None), Ok((u64::MAX, 0, None)), "part 2 of one seed has none");
+        }
+
+        #[test]
+        fn a_search_cut_short_by_its_state_limit_does_not_say_it_found_no_violation_outright() {
+            use lockstep_sim::explore::{ExploreConfig, ExploreWorld, explore};
+            let args = check_args(&["--max-states", "1"]);
+            let world = ExploreWorld::new(ExploreConfig { max_states: 1, ..ExploreConfig::default() });
+            let report = explore(&world, &mut |_| {});
+            assert!(report.truncated && report.counterexample.is_none());
+            assert_eq!(
+                no_violation(&report, &args),
+                format!(
+                    "no violation in the {} states explored; stopped at --max-states 1, the space is not exhausted \
+                     (liveness not checked)",
+                    report.unique_states
+                )
+            );
+            let args = check_args(&["--depth", "2"]);
+            let world = ExploreWorld::new(ExploreConfig { max_depth: 2, ..ExploreConfig::default() });
+            let report = explore(&world, &mut |_| {});
+            assert!(no_violation(&report, &args).contains("; stopped at --depth 2, the space is not exhausted"));
+            // Nothing found is still exit code 0: the output says how far the search went.
+            assert_eq!(check(check_args(&["--max-states", "1"])), 0);
+        }
+
+        #[test]
+        fn a_counterexample_that_cannot_be_written_is_a_bad_output_path() {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let blocked = dir.path().join("a-file");
+            std::fs::write(&blocked, "not a directory").expect("writes");
+            let under_a_file = blocked.join("counterexample.toml");
+            let emit = under_a_file.to_str().expect("a utf-8 path");
+            assert_eq!(check(check_args(&["--bug", "advance-on-first-report", "--emit", emit])), 2);
+            let written = dir.path().join("cex.toml");
+            let emit = written.to_str().expect("a utf-8 path");
+            assert_eq!(check(check_args(&["--bug", "advance-on-first-report", "--emit", emit])), 1);
+            assert!(written.exists());
+        }
+
+        #[test]
+        fn a_reproduce_line_quotes_a_scenario_path_a_shell_would_split_or_expand() {
+            let flags = |path: &str| {
+                let world = WorldArgs {
+                    scenario: Some(path.into()),
+                    bugs: vec!["skip-checksum".to_string()],
+                    ..WorldArgs::default()
+                };
+                world.as_flags()
+            };
+            assert_eq!(flags("scenarios/a.toml"), " --scenario scenarios/a.toml --bug skip-checksum");
+            assert_eq!(flags("my dir/it's.toml"), r" --scenario 'my dir/it'\''s.toml' --bug skip-checksum");
+            assert_eq!(flags("x;$(reboot).toml"), " --scenario 'x;$(reboot).toml' --bug skip-checksum");
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum CallExpect {
     Forgotten,
     /// Forget refused, with the error of this name (see [`lifecycle_error_name`]).
     ForgetRefused(String),
+    /// Status refused, with the error of this name (see [`lifecycle_error_name`]).
+    StatusRefused(String),
 }
 
 impl CallExpect {
@@ -40,6 +42,7 @@ impl CallExpect {
             (CallExpect::ForgetRefused(name), ClientAnswer::ForgetRefused(error)) => {
                 lifecycle_error_name(error) == name
             }
+            (CallExpect::StatusRefused(name), ClientAnswer::Status(Err(error))) => lifecycle_error_name(error) == name,
             _ => false,
         }
     }
@@ -53,6 +56,7 @@ impl fmt::Display for CallExpect {
             CallExpect::StartRefused(name) => write!(f, "start refused ({name})"),
             CallExpect::Forgotten => f.write_str("forgotten"),
             CallExpect::ForgetRefused(name) => write!(f, "forget refused ({name})"),
+            CallExpect::StatusRefused(name) => write!(f, "status refused ({name})"),
         }
     }
 }

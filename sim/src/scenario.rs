@@ -296,8 +296,8 @@ struct FaultDecl {
     action: Spanned<String>,
     tablet: Option<Spanned<String>>,
     increment: Option<u32>,
-    #[serde(default = "one")]
-    times: u32,
+    /// For truncate-download and corrupt-download: how many downloads (default 1).
+    times: Option<u32>,
 }
 
 /// A fault pinned at a chance of a node (see [`crate::tape`]), or a reboot pinned at a time.
@@ -324,10 +324,11 @@ struct AfterDecl {
 // Loading
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Errors before the file name and line are known: a message and the byte range it is about.
+/// Errors before the file name and line are known: a message and the byte range it is about (`None` when the
+/// problem has no one place in the file, as a missing section or a limit over the whole world).
 #[derive(Debug)]
 struct Problem {
-    span: Range<usize>,
+    span: Option<Range<usize>>,
     message: String,
 }
 
@@ -336,9 +337,17 @@ struct Problem {
 pub const MAX_HEAL_AT_MS: u64 = 3_600_000;
 /// The longest liveness bound a scenario may set.
 pub const MAX_LIVENESS_BOUND_MS: u64 = 86_400_000;
+/// The highest reboot rate a scenario may set, per second: one a millisecond, the closest two random reboots of
+/// one kind come (a higher rate would reboot no more often).
+pub const MAX_REBOOT_RATE_PER_S: f64 = 1000.0;
 
 fn problem(span: Range<usize>, message: impl Into<String>) -> Problem {
-    Problem { span, message: message.into() }
+    Problem { span: Some(span), message: message.into() }
+}
+
+/// A problem with no one place in the file: reported as `file: message`, with no line or column.
+fn unplaced(message: impl Into<String>) -> Problem {
+    Problem { span: None, message: message.into() }
 }
 
 impl Scenario {
@@ -358,17 +367,20 @@ impl Scenario {
     /// Checks a scenario given as text; `file` names it in errors.
     pub fn parse(name: &str, file: &str, text: &str) -> Result<Self, ScenarioError> {
         let locate = |p: Problem| {
-            let (line, column) = line_and_column(text, p.span.start);
+            let (line, column) = p.span.map_or((0, 0), |span| line_and_column(text, span.start));
             ScenarioError { file: file.to_string(), line, column, message: p.message }
         };
         let decl: FileDecl = toml::from_str(text)
-            .map_err(|e| locate(problem(e.span().unwrap_or(0..0), e.message().trim_end().replace('\n', " "))))?;
+            .map_err(|e| locate(Problem { span: e.span(), message: e.message().trim_end().replace('\n', " ") }))?;
         Self::check(name, decl).map_err(locate)
     }
 
     fn check(name: &str, decl: FileDecl) -> Result<Self, Problem> {
         if decl.seeds.is_empty() {
-            return Err(problem(0..0, "`seeds` must list at least one seed"));
+            return Err(unplaced("`seeds` must list at least one seed"));
+        }
+        for fault in &decl.scheduled {
+            check_fault_keys(fault)?;
         }
         let source = match &decl.generate {
             Some(generate) => {
@@ -459,18 +471,17 @@ impl Scenario {
         if let Some(faults) = &decl.faults
             && faults.heal_at_ms > MAX_HEAL_AT_MS
         {
-            return Err(problem(
-                0..0,
-                format!("[faults] heal_at_ms {} is more than the most, {MAX_HEAL_AT_MS} (one hour)", faults.heal_at_ms),
-            ));
+            return Err(unplaced(format!(
+                "[faults] heal_at_ms {} is more than the most, {MAX_HEAL_AT_MS} (one hour)",
+                faults.heal_at_ms
+            )));
         }
         if let Some(bound) = decl.liveness_bound_ms
             && bound > MAX_LIVENESS_BOUND_MS
         {
-            return Err(problem(
-                0..0,
-                format!("liveness_bound_ms {bound} is more than the most, {MAX_LIVENESS_BOUND_MS} (one day)"),
-            ));
+            return Err(unplaced(format!(
+                "liveness_bound_ms {bound} is more than the most, {MAX_LIVENESS_BOUND_MS} (one day)"
+            )));
         }
         let expect_violation = match &decl.expect_violation {
             None => None,
@@ -503,7 +514,9 @@ impl Scenario {
         // Resolve the plan for every pinned seed now, so a bad reference fails at load and not at run time (a
         // `[generate]` world draws its shape from the seed, so a tablet one seed has another may lack).
         for seed in &scenario.seeds {
-            scenario.try_world(*seed).map_err(|p| problem(p.span, format!("with seed {seed}: {}", p.message)))?;
+            scenario
+                .try_world(*seed)
+                .map_err(|p| Problem { span: p.span, message: format!("with seed {seed}: {}", p.message) })?;
         }
         Ok(scenario)
     }
@@ -553,7 +566,7 @@ impl Scenario {
         world.shard = ShardConfig { bug: self.plan.bugs.shard, ..ShardConfig::default() };
         if let Some(bytes) = self.plan.shard.download_chunk_bytes {
             if bytes == 0 {
-                return Err(problem(0..0, "[shard] download_chunk_bytes must be at least 1"));
+                return Err(unplaced("[shard] download_chunk_bytes must be at least 1"));
             }
             world.shard.download_chunk_bytes = bytes;
         }
@@ -575,6 +588,22 @@ impl Scenario {
             world.decisions = Some(Arc::new(Tape::from_decisions(decisions?)));
         }
         self.add_calls(&mut world)?;
+        // A fault after the start of an operation no call starts would never fire.
+        for fault in &self.plan.scheduled {
+            if let Some(op) = fault.get_ref().after.as_ref().and_then(|after| after.started)
+                && !world.expected_ops.contains_key(&op)
+            {
+                let started: Vec<String> = world.expected_ops.keys().map(u64::to_string).collect();
+                let started = if started.is_empty() { "none".to_string() } else { started.join(", ") };
+                return Err(problem(
+                    fault.span(),
+                    format!(
+                        "`after = {{ started = {op} }}`, but no restore of this scenario starts operation {op} \
+                         (started: {started}); the fault would never fire"
+                    ),
+                ));
+            }
+        }
         Ok(world)
     }
 
@@ -597,7 +626,7 @@ impl Scenario {
             bug: None,
         };
         if config.max_in_flight_shards == 0 || config.max_in_flight_tables == 0 {
-            return Err(problem(0..0, "[coordinator] caps on requests and tables in flight must be at least 1"));
+            return Err(unplaced("[coordinator] caps on requests and tables in flight must be at least 1"));
         }
         Ok(config)
     }
@@ -611,14 +640,16 @@ impl Scenario {
                 let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
                 problem(name.span(), format!("unknown fault kind `{}`; known: {}", name.get_ref(), known.join(", ")))
             })?;
-            if !(0.0..=1.0).contains(rate) && !matches!(kind, FaultKind::CoordinatorReboot | FaultKind::ShardReboot) {
-                return Err(problem(
-                    name.span(),
-                    format!("rate {rate} of `{}` is not a probability in [0, 1]", kind.name()),
-                ));
-            }
-            if *rate < 0.0 {
-                return Err(problem(name.span(), format!("rate {rate} of `{}` is negative", kind.name())));
+            // Reboots come at a rate per second of simulated time, every other kind with a chance per opportunity.
+            let (valid, what) = match kind {
+                FaultKind::CoordinatorReboot | FaultKind::ShardReboot => {
+                    (0.0..=MAX_REBOOT_RATE_PER_S, "reboots per second from 0 to 1000")
+                }
+                _ => (0.0..=1.0, "a probability in [0, 1]"),
+            };
+            // NaN is in no range, and the ranges hold no infinity.
+            if !valid.contains(rate) {
+                return Err(problem(name.span(), format!("rate {rate} of `{}` is not {what}", kind.name())));
             }
             plan.set_rate(*kind, *rate);
         }
@@ -647,16 +678,13 @@ impl Scenario {
             }
             Ok(increment)
         };
+        let times = decl.times.unwrap_or(1);
         let action = match decl.action.get_ref().as_str() {
             "reboot-coordinator" => Action::RebootCoordinator,
             "reboot-shard" => Action::RebootShard(tablet()?),
             "drop-reports" => Action::DropReports(tablet()?),
-            "truncate-download" => {
-                Action::TruncateDownload { tablet: tablet()?, increment: increment()?, times: decl.times }
-            }
-            "corrupt-download" => {
-                Action::CorruptDownload { tablet: tablet()?, increment: increment()?, times: decl.times }
-            }
+            "truncate-download" => Action::TruncateDownload { tablet: tablet()?, increment: increment()?, times },
+            "corrupt-download" => Action::CorruptDownload { tablet: tablet()?, increment: increment()?, times },
             "lose-object" => {
                 if decl.after.is_some() {
                     return Err(problem(
@@ -669,15 +697,7 @@ impl Scenario {
                 world.lost_objects.push(LostObject { increment, tablet, object });
                 return Ok(());
             }
-            other => {
-                return Err(problem(
-                    decl.action.span(),
-                    format!(
-                        "unknown action `{other}`; known: reboot-coordinator, reboot-shard, drop-reports, \
-                         truncate-download, corrupt-download, lose-object"
-                    ),
-                ));
-            }
+            other => return Err(unknown_action(&decl.action, other)),
         };
         let moment = match &decl.after {
             None => Moment::AtMs(0),
@@ -748,10 +768,10 @@ impl Scenario {
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
-            let (client_call, success) = match (decl.status, decl.forget, decl.list) {
-                (Some(op), None, false) => (ClientCall::Status { op }, CallExpect::Answered),
-                (None, Some(op), false) => (ClientCall::Forget { op }, CallExpect::Forgotten),
-                (None, None, true) => (ClientCall::List, CallExpect::Answered),
+            let client_call = match (decl.status, decl.forget, decl.list) {
+                (Some(op), None, false) => ClientCall::Status { op },
+                (None, Some(op), false) => ClientCall::Forget { op },
+                (None, None, true) => ClientCall::List,
                 _ => {
                     return Err(problem(
                         call.span(),
@@ -759,10 +779,28 @@ impl Scenario {
                     ));
                 }
             };
-            let expect = match decl.expect.get_ref().as_str() {
-                "answered" => CallExpect::Answered,
-                _ => {
-                    call_expect(&decl.expect, "forgotten", &LIFECYCLE_ERROR_NAMES, success, CallExpect::ForgetRefused)?
+            let expect = match (&client_call, decl.expect.get_ref().as_str()) {
+                (_, "answered") => CallExpect::Answered,
+                (ClientCall::Forget { .. }, _) => call_expect(
+                    &decl.expect,
+                    "forgotten",
+                    &LIFECYCLE_ERROR_NAMES,
+                    CallExpect::Forgotten,
+                    CallExpect::ForgetRefused,
+                )?,
+                // A status is refused only for an operation it does not know.
+                (ClientCall::Status { .. }, _) => call_expect(
+                    &decl.expect,
+                    "answered",
+                    &["not-found"],
+                    CallExpect::Answered,
+                    CallExpect::StatusRefused,
+                )?,
+                (_, other) => {
+                    return Err(problem(
+                        decl.expect.span(),
+                        format!("a `list` call is always answered: expected `answered`, found `{other}`"),
+                    ));
                 }
             };
             calls.push(PlannedCall { at_ms: decl.at_ms, call: client_call, expect });
@@ -773,6 +811,45 @@ impl Scenario {
         world.expected_ops = expected_ops;
         Ok(())
     }
+}
+
+/// The actions a `[[fault]]` may take.
+const ACTIONS: &str =
+    "reboot-coordinator, reboot-shard, drop-reports, truncate-download, corrupt-download, lose-object";
+
+fn unknown_action(action: &Spanned<String>, name: &str) -> Problem {
+    problem(action.span(), format!("unknown action `{name}`; known: {ACTIONS}"))
+}
+
+/// Refuses a `[[fault]]` key its action does not use (it would be ignored) and a fault that could never fire.
+fn check_fault_keys(fault: &Spanned<FaultDecl>) -> Result<(), Problem> {
+    let decl = fault.get_ref();
+    let action = decl.action.get_ref().as_str();
+    // Which of `tablet`, `increment`, `times` the action takes.
+    let (tablet, increment, times) = match action {
+        "reboot-coordinator" => (false, false, false),
+        "reboot-shard" | "drop-reports" => (true, false, false),
+        "truncate-download" | "corrupt-download" => (true, true, true),
+        "lose-object" => (true, true, false),
+        other => return Err(unknown_action(&decl.action, other)),
+    };
+    let not_taken = |key: &str| format!("`{action}` takes no `{key}`; remove it (it would be ignored)");
+    if let Some(name) = decl.tablet.as_ref().filter(|_| !tablet) {
+        return Err(problem(name.span(), not_taken("tablet")));
+    }
+    if decl.increment.is_some() && !increment {
+        return Err(problem(fault.span(), not_taken("increment")));
+    }
+    if decl.times.is_some() && !times {
+        return Err(problem(fault.span(), not_taken("times")));
+    }
+    if decl.times == Some(0) {
+        return Err(problem(
+            fault.span(),
+            format!("`times = 0`: this `{action}` would never fire; give how many downloads it hits, 1 or more"),
+        ));
+    }
+    Ok(())
 }
 
 /// The kinds of fault a decision may pin, with what they need.
@@ -820,6 +897,13 @@ fn decision_of(world: &World, decl: &Spanned<DecisionDecl>) -> Result<Decision, 
     }
     let reboot = matches!(kind, FaultKind::CoordinatorReboot | FaultKind::ShardReboot);
     match (reboot, d.nth, d.at_ms) {
+        (true, None, Some(at_ms)) if at_ms >= world.faults.heal_at_ms => Err(problem(
+            span,
+            format!(
+                "a `{kind}` decision at {at_ms} ms would never fire: the world heals at {} ms ([faults] heal_at_ms)",
+                world.faults.heal_at_ms
+            ),
+        )),
         (true, None, Some(at_ms)) => Ok(Decision::Reboot(Reboot { at_ms, node })),
         (false, Some(nth), None) => Ok(Decision::Chance(Chance { node, kind, nth })),
         (true, _, _) => Err(problem(span, format!("a `{kind}` decision gives `at_ms` (when), and no `nth`"))),
@@ -882,8 +966,23 @@ fn moment_of(world: &World, after: &AfterDecl, span: Range<usize>) -> Result<Mom
         let tablet = tablet_named(world, name)?;
         let increment =
             after.increment.ok_or_else(|| problem(span.clone(), "`after` names a tablet but no `increment`"))?;
+        if increment >= world.chain_len {
+            return Err(problem(
+                span.clone(),
+                format!(
+                    "`after` names increment {increment}, past the chain of {} increments: the fault would never fire",
+                    world.chain_len
+                ),
+            ));
+        }
         Ok((tablet, increment))
     };
+    if after.increment.is_some() && after.applied.is_none() && after.reported.is_none() {
+        return Err(problem(
+            span,
+            "`after` takes `increment` only with `applied` or `reported`; remove it (it would be ignored)",
+        ));
+    }
     match (after.at_ms, after.started, &after.applied, &after.reported) {
         (Some(at), None, None, None) => Ok(Moment::AtMs(at)),
         (None, Some(op), None, None) => Ok(Moment::Started { op }),
@@ -930,7 +1029,7 @@ fn tablet_named(world: &World, name: &Spanned<String>) -> Result<TabletId, Probl
 /// Builds the tables, the backups and their bundles of a scenario that spells them out.
 fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
     if decl.tables.is_empty() {
-        return Err(problem(0..0, "a scenario declares at least one [[table]] (or a [generate] section)"));
+        return Err(unplaced("a scenario declares at least one [[table]] (or a [generate] section)"));
     }
     // Tables, each followed by its index tables.
     let mut tables: Vec<(TableSpec, ShardMap)> = Vec::new();
@@ -991,7 +1090,7 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
         sources.push(rows);
     }
     if decl.backups.is_empty() {
-        return Err(problem(0..0, "a scenario declares at least one [[backup]]"));
+        return Err(unplaced("a scenario declares at least one [[backup]]"));
     }
     let mut ids = BTreeSet::new();
     let mut last_at: Option<u64> = None;
@@ -1012,6 +1111,8 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
         last_at = Some(b.at_ms);
         // Changes per base table, in the order the file gives them.
         let mut changes: BTreeMap<usize, Vec<Change>> = BTreeMap::new();
+        // The keys each base table's changes name in this backup, and in which list.
+        let mut touched: BTreeMap<usize, BTreeMap<u64, &str>> = BTreeMap::new();
         for change in &b.changes {
             let c = change.get_ref();
             let position = tables.iter().position(|(spec, _)| spec.name == *c.table.get_ref()).ok_or_else(|| {
@@ -1028,12 +1129,25 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
                 ));
             }
             let base = base_of[&spec.id];
-            let deleted: BTreeSet<u64> = c.delete.iter().copied().collect();
-            if let Some((key, _)) = c.upsert.iter().find(|(key, _)| deleted.contains(key)) {
-                return Err(problem(
-                    change.span(),
-                    format!("backup {} both upserts and deletes key {key} of `{}`", b.id, spec.name),
-                ));
+            // Each key changes at most once per backup and table: a second change of it would silently win.
+            let touched = touched.entry(base).or_default();
+            let deletes = c.delete.iter().map(|&key| (key, "delete"));
+            for (key, field) in deletes.chain(c.upsert.iter().map(|&(key, _)| (key, "upsert"))) {
+                match touched.insert(key, field) {
+                    None => {}
+                    Some(before) if before == field => {
+                        return Err(problem(
+                            change.span(),
+                            format!("backup {} lists key {key} of `{}` twice in `{field}`", b.id, spec.name),
+                        ));
+                    }
+                    Some(_) => {
+                        return Err(problem(
+                            change.span(),
+                            format!("backup {} both upserts and deletes key {key} of `{}`", b.id, spec.name),
+                        ));
+                    }
+                }
             }
             let list = changes.entry(base).or_default();
             list.extend(c.delete.iter().map(|&key| Change::Delete { key }));
@@ -1092,7 +1206,15 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
         if spec.index_of.is_none()
             && let Some(expect) = &decl.tables[base].get_ref().expect_rows
         {
-            let declared: Rows = expect.get_ref().iter().copied().collect();
+            let mut declared = Rows::new();
+            for &(key, value) in expect.get_ref() {
+                if declared.insert(key, value).is_some() {
+                    return Err(problem(
+                        expect.span(),
+                        format!("`expect_rows` of `{}` lists key {key} twice", spec.name),
+                    ));
+                }
+            }
             if declared != rows {
                 let detail = first_mismatch(&declared, &rows);
                 return Err(problem(
@@ -1122,6 +1244,16 @@ fn shard_map_of(table: &Spanned<TableDecl>) -> Result<ShardMap, Problem> {
             Ok(ShardMap::even(*shards, t.key_space.unwrap_or(1_000)))
         }
         (None, Some(ranges)) => {
+            if t.key_space.is_some() {
+                return Err(problem(
+                    table.span(),
+                    format!(
+                        "table `{}` gives `ranges`, so `key_space` does not apply (the last range runs to the end \
+                         of the keys); remove it",
+                        t.name.get_ref()
+                    ),
+                ));
+            }
             let starts = ranges.get_ref();
             if starts.len() > MAX_SHARDS_PER_TABLE as usize {
                 return Err(problem(
@@ -1434,6 +1566,160 @@ at_ms = 1000
         assert!(error.message.contains("unknown invariant `in-order`"), "{error}");
         let error = error_of(&MINIMAL.replace("[[table]]", "[shard]\ndownload_chunk_bytes = 0\n[[table]]"));
         assert!(error.message.contains("download_chunk_bytes must be at least 1"), "{error}");
+    }
+
+    #[test]
+    fn faults_and_decisions_that_could_never_fire_are_refused() {
+        let fault = |body: &str| format!("{MINIMAL}[[fault]]\n{body}\n");
+        let error = error_of(&fault("do = \"corrupt-download\"\ntablet = \"orders/0\"\nincrement = 0\ntimes = 0"));
+        assert_eq!(error.line, 11, "{error}");
+        assert!(error.message.contains("`times = 0`: this `corrupt-download` would never fire"), "{error}");
+        assert!(parse(&fault("do = \"corrupt-download\"\ntablet = \"orders/0\"\nincrement = 0\ntimes = 2")).is_ok());
+        // No restore declared: operation 1 alone is started.
+        let error = error_of(&fault("after = { started = 7 }\ndo = \"reboot-coordinator\""));
+        assert_eq!(error.line, 11, "{error}");
+        assert!(
+            error
+                .message
+                .contains("no restore of this scenario starts operation 7 (started: 1); the fault would never"),
+            "{error}"
+        );
+        assert!(parse(&fault("after = { started = 1 }\ndo = \"reboot-coordinator\"")).is_ok());
+        // A restore that is refused starts nothing.
+        let refused = format!(
+            "{MINIMAL}[[restore]]\nop = 1\n[[restore]]\nop = 2\nexpect = \"refused:collection-busy\"\n\
+             [[fault]]\nafter = {{ started = 2 }}\ndo = \"reboot-coordinator\"\n"
+        );
+        assert!(error_of(&refused).message.contains("starts operation 2 (started: 1)"), "{}", error_of(&refused));
+        let error = error_of(&fault("after = { applied = \"orders/0\", increment = 1 }\ndo = \"reboot-coordinator\""));
+        assert!(error.message.contains("increment 1, past the chain of 1 increments"), "{error}");
+        let reboot = |at_ms: u64| {
+            format!(
+                "{MINIMAL}[faults]\nheal_at_ms = 5000\n[[decision]]\nfault = \"shard-reboot\"\nnode = \"orders/0\"\n\
+                 at_ms = {at_ms}\n"
+            )
+        };
+        assert!(parse(&reboot(4999)).is_ok());
+        let error = error_of(&reboot(5000));
+        assert_eq!(error.line, 13, "{error}");
+        assert!(error.message.contains("decision at 5000 ms would never fire: the world heals at 5000 ms"), "{error}");
+    }
+
+    #[test]
+    fn keys_a_fault_or_a_table_does_not_use_are_refused_not_ignored() {
+        let fault = |body: &str| error_of(&format!("{MINIMAL}[[fault]]\n{body}\n"));
+        let cases = [
+            ("do = \"reboot-coordinator\"\ntablet = \"orders/0\"", 13, "`reboot-coordinator` takes no `tablet`"),
+            ("do = \"reboot-shard\"\ntablet = \"orders/0\"\nincrement = 0", 11, "`reboot-shard` takes no `increment`"),
+            ("do = \"drop-reports\"\ntablet = \"orders/0\"\ntimes = 2", 11, "`drop-reports` takes no `times`"),
+            (
+                "do = \"lose-object\"\ntablet = \"orders/0\"\nincrement = 0\ntimes = 1",
+                11,
+                "`lose-object` takes no `times`",
+            ),
+            (
+                "after = { at_ms = 5, increment = 0 }\ndo = \"reboot-coordinator\"",
+                11,
+                "`after` takes `increment` only with `applied` or `reported`",
+            ),
+        ];
+        for (body, line, message) in cases {
+            let error = fault(body);
+            assert_eq!(error.line, line, "{body}: {error}");
+            assert!(error.message.contains(message), "{body}: {error}");
+        }
+        let error = error_of(&MINIMAL.replace("shards = 2", "ranges = [0, 500]\nkey_space = 600"));
+        assert_eq!(error.line, 3, "{error}");
+        assert!(error.message.contains("table `orders` gives `ranges`, so `key_space` does not apply"), "{error}");
+        assert!(parse(&MINIMAL.replace("shards = 2", "shards = 2\nkey_space = 600")).is_ok());
+    }
+
+    #[test]
+    fn rates_that_are_not_finite_or_out_of_their_range_are_refused_naming_the_key() {
+        let rates = |rates: &str| format!("{MINIMAL}[faults]\nheal_at_ms = 5000\nrates = {{ {rates} }}\n");
+        assert!(parse(&rates("shard-reboot = 1000.0, message-drop = 1.0, store-slow = 0.0")).is_ok());
+        let cases = [
+            ("shard-reboot = nan", "rate NaN of `shard-reboot` is not reboots per second from 0 to 1000"),
+            ("coordinator-reboot = inf", "rate inf of `coordinator-reboot` is not reboots per second"),
+            ("shard-reboot = -inf", "rate -inf of `shard-reboot` is not reboots per second"),
+            ("shard-reboot = -0.5", "rate -0.5 of `shard-reboot` is not reboots per second"),
+            ("shard-reboot = 1000.5", "rate 1000.5 of `shard-reboot` is not reboots per second"),
+            ("message-drop = nan", "rate NaN of `message-drop` is not a probability in [0, 1]"),
+            ("message-drop = inf", "rate inf of `message-drop` is not a probability in [0, 1]"),
+            ("message-drop = -0.1", "rate -0.1 of `message-drop` is not a probability in [0, 1]"),
+            ("message-drop = 1.5", "rate 1.5 of `message-drop` is not a probability in [0, 1]"),
+        ];
+        for (rate, message) in cases {
+            let error = error_of(&rates(rate));
+            assert_eq!((error.line, error.column), (13, 11), "{rate}: {error}");
+            assert!(error.message.contains(message), "{rate}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_key_listed_twice_in_expect_rows_or_in_one_backups_changes_is_refused() {
+        let error = error_of(&MINIMAL.replace("[[backup]]", "expect_rows = [[1, 10], [600, 60], [1, 10]]\n[[backup]]"));
+        assert_eq!(error.line, 7, "{error}");
+        assert!(error.message.contains("`expect_rows` of `orders` lists key 1 twice"), "{error}");
+        let change = |body: &str| {
+            format!(
+                "{MINIMAL}[[backup]]\nid = 2\nkind = \"incremental\"\nat_ms = 2000\n\
+                 [[backup.change]]\ntable = \"orders\"\n{body}\n"
+            )
+        };
+        assert!(parse(&change("upsert = [[5, 5], [6, 6]]\ndelete = [1]")).is_ok());
+        let cases = [
+            ("upsert = [[5, 5], [5, 6]]", "backup 2 lists key 5 of `orders` twice in `upsert`"),
+            ("delete = [1, 1]", "backup 2 lists key 1 of `orders` twice in `delete`"),
+            ("upsert = [[1, 5]]\ndelete = [1]", "backup 2 both upserts and deletes key 1 of `orders`"),
+            // Two changes of one table in one backup are one list.
+            (
+                "upsert = [[5, 5]]\n[[backup.change]]\ntable = \"orders\"\nupsert = [[5, 6]]",
+                "lists key 5 of `orders` twice",
+            ),
+        ];
+        for (body, message) in cases {
+            let error = error_of(&change(body));
+            assert!(error.message.contains(message), "{body}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_status_call_expects_a_status_refusal_and_says_so() {
+        use lockstep::coordinator::LifecycleError;
+        use lockstep::protocol::ClientAnswer;
+        let call =
+            |kind: &str, expect: &str| format!("{MINIMAL}[[call]]\nat_ms = 500\n{kind}\nexpect = \"{expect}\"\n");
+        let world = parse(&call("status = 9", "refused:not-found")).unwrap().world(0);
+        let planned = world.calls.iter().find(|c| c.call == ClientCall::Status { op: 9 }).expect("the status call");
+        assert_eq!(planned.expect.to_string(), "status refused (not-found)");
+        assert!(planned.expect.accepts(&ClientAnswer::Status(Err(LifecycleError::NotFound { op: 9 }))));
+        assert!(!planned.expect.accepts(&ClientAnswer::ForgetRefused(LifecycleError::NotFound { op: 9 })));
+        // What a status or a list call can never get is refused.
+        for (kind, expect, message) in [
+            ("status = 1", "forgotten", "expected `answered` or `refused:<not-found>`, found `forgotten`"),
+            ("status = 1", "refused:still-running", "found `refused:still-running`"),
+            ("list = true", "refused:not-found", "a `list` call is always answered"),
+        ] {
+            let error = error_of(&call(kind, expect));
+            assert_eq!(error.line, 14, "{kind}: {error}");
+            assert!(error.message.contains(message), "{kind} {expect}: {error}");
+        }
+        let forget = parse(&call("forget = 1", "refused:still-running")).unwrap().world(0);
+        let planned = forget.calls.iter().find(|c| c.call == ClientCall::Forget { op: 1 }).expect("the forget call");
+        assert_eq!(planned.expect.to_string(), "forget refused (still-running)");
+    }
+
+    #[test]
+    fn a_problem_with_no_place_in_the_file_names_the_file_alone() {
+        let error = error_of(&MINIMAL.replace("[[table]]", "[shard]\ndownload_chunk_bytes = 0\n[[table]]"));
+        assert_eq!((error.line, error.column), (0, 0), "{error}");
+        assert_eq!(error.to_string(), "t.toml: with seed 0: [shard] download_chunk_bytes must be at least 1");
+        let error = error_of("description = \"x\"\n[[backup]]\nid = 1\nkind = \"full\"\nat_ms = 1\n");
+        assert_eq!(error.to_string(), "t.toml: a scenario declares at least one [[table]] (or a [generate] section)");
+        // A problem at a place still names it.
+        let error = error_of(&MINIMAL.replace("at_ms = 1000", "at_ms = \"soon\""));
+        assert!(error.to_string().starts_with("t.toml:10:9: "), "{error}");
     }
 
     #[test]

@@ -282,14 +282,20 @@ impl SweepConfig {
         }
     }
 
+    /// Whether `seed` lies in the range `start..start + seeds` (which may end at `u64::MAX` itself).
+    fn in_range(&self, seed: u64) -> bool {
+        seed.checked_sub(self.start).is_some_and(|offset| offset < self.seeds)
+    }
+
+    /// The seeds of the range `start..start + seeds` in order, without overflow: a range that ends at the last
+    /// seed, `u64::MAX`, gives it, and nothing past it.
+    pub fn range_seeds(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.seeds).map_while(|offset| self.start.checked_add(offset))
+    }
+
     /// The regression seeds that lie in `start..start + seeds`, in ascending order, each once.
     fn regression_seeds_in_range(&self) -> Vec<u64> {
-        let mut seeds: Vec<u64> = self
-            .first
-            .iter()
-            .copied()
-            .filter(|seed| (self.start..self.start.saturating_add(self.seeds)).contains(seed))
-            .collect();
+        let mut seeds: Vec<u64> = self.first.iter().copied().filter(|seed| self.in_range(*seed)).collect();
         seeds.sort_unstable();
         seeds.dedup();
         seeds
@@ -302,6 +308,34 @@ impl SweepConfig {
             Some(pinned) => first + pinned.iter().filter(|seed| !self.first.contains(seed)).count() as u64,
             None => first + self.seeds - self.regression_seeds_in_range().len() as u64,
         }
+    }
+}
+
+/// The last of `seeds` seeds from `start`: any range whose last seed fits in a `u64` is a range, so `--start
+/// 18446744073709551615 --seeds 1` runs that seed; a range that would run past it is an error saying so.
+pub fn last_seed(start: u64, seeds: u64) -> Result<u64, String> {
+    let Some(after_first) = seeds.checked_sub(1) else {
+        return Err("--seeds 0: a sweep runs at least one seed".to_string());
+    };
+    start.checked_add(after_first).ok_or_else(|| {
+        // Only a start above 0 can overflow, so the count of seeds left from it fits.
+        let left = u64::MAX - start + 1;
+        format!(
+            "--start {start} plus --seeds {seeds} runs past the last seed, {}: {left} seed(s) are left from --start",
+            u64::MAX
+        )
+    })
+}
+
+/// `text` as one word of a POSIX shell command line: as it is when every character is one a shell takes
+/// literally, in single quotes otherwise (a `'` in it written `'\''`). A printed command line (a failing seed's
+/// `reproduce:` line) then runs as printed, whatever the path of its scenario file holds.
+pub fn shell_quote(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,:=@%+".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(format!("'{}'", text.replace('\'', "'\\''")))
     }
 }
 
@@ -1034,6 +1068,56 @@ mod tests {
         let expected = [(103, true), (7, true), (100, true), (5, false), (6, false)];
         assert_eq!(order, expected.iter().copied().map(Some).chain([None]).collect::<Vec<_>>());
         assert_eq!(pinned.total_seeds(), 5);
+    }
+
+    #[test]
+    fn a_range_ending_at_the_last_seed_runs_it_and_only_a_range_past_it_is_refused() {
+        assert_eq!(last_seed(u64::MAX, 1), Ok(u64::MAX));
+        assert_eq!(last_seed(u64::MAX - 9, 10), Ok(u64::MAX));
+        assert_eq!(last_seed(0, u64::MAX), Ok(u64::MAX - 1));
+        assert_eq!(last_seed(5, 3), Ok(7));
+        assert_eq!(
+            last_seed(u64::MAX, 2),
+            Err("--start 18446744073709551615 plus --seeds 2 runs past the last seed, 18446744073709551615: \
+                 1 seed(s) are left from --start"
+                .to_string())
+        );
+        assert_eq!(last_seed(1, u64::MAX), Ok(u64::MAX));
+        assert!(last_seed(2, u64::MAX).is_err());
+        assert!(last_seed(3, 0).is_err());
+        // The range, its regression seeds and the run order near the end of the seeds, without overflow.
+        let config = SweepConfig {
+            start: u64::MAX - 2,
+            seeds: 3,
+            pinned: None,
+            first: vec![u64::MAX, 7],
+            jobs: 1,
+            source: WorldSource::Generated(WorldParams::default()),
+            determinism_every: 0,
+            stop: StopWhen::default(),
+        };
+        assert_eq!(config.range_seeds().collect::<Vec<_>>(), vec![u64::MAX - 2, u64::MAX - 1, u64::MAX]);
+        assert_eq!(config.regression_seeds_in_range(), vec![u64::MAX], "the last seed is in the range");
+        assert_eq!(config.total_seeds(), 4, "the last seed runs once, first");
+        let order: Vec<_> = (0..5).map(|i| config.seed_at(i)).collect();
+        let expected = [(u64::MAX, true), (7, true), (u64::MAX - 2, false), (u64::MAX - 1, false)];
+        assert_eq!(order, expected.iter().copied().map(Some).chain([None]).collect::<Vec<_>>());
+        let last = SweepConfig { start: u64::MAX, seeds: 1, first: Vec::new(), ..config };
+        assert_eq!(last.range_seeds().collect::<Vec<_>>(), vec![u64::MAX]);
+        assert_eq!((last.seed_at(0), last.seed_at(1)), (Some((u64::MAX, false)), None));
+    }
+
+    #[test]
+    fn words_of_a_printed_command_line_are_quoted_for_a_shell_only_when_they_need_it() {
+        for plain in ["scenarios/second-restore-refused.toml", "/tmp/a_b-c.toml", "skip-checksum", "3", "x=y,z:1@%+"] {
+            assert_eq!(shell_quote(plain), plain);
+        }
+        assert_eq!(shell_quote("my scenarios/a b.toml"), "'my scenarios/a b.toml'");
+        assert_eq!(shell_quote("it's.toml"), r"'it'\''s.toml'");
+        assert_eq!(shell_quote("a;rm -rf x"), "'a;rm -rf x'");
+        assert_eq!(shell_quote("$HOME/*.toml"), "'$HOME/*.toml'");
+        assert_eq!(shell_quote("~/x.toml"), "'~/x.toml'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
