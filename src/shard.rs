@@ -57,6 +57,9 @@ pub enum ShardBug {
     /// Applies a request for an increment it already applied again (a late or duplicated request), instead of
     /// answering it from the applied marker.
     ReapplyOldIncrements,
+    /// Takes a late request of an older operation as the start of a restore, over the rows of the newer
+    /// operation it holds, instead of refusing it.
+    ApplyOlderOperations,
 }
 
 fn has(config: &ShardConfig, bug: ShardBug) -> bool {
@@ -190,6 +193,7 @@ impl Shard {
         let held = self.durable.op.max(self.work.as_ref().map(|work| work.request.op));
         if let Some(held) = held
             && request.op < held
+            && !has(&self.config, ShardBug::ApplyOlderOperations)
         {
             let cause = ShardFailure::Superseded { requested: request.op, held };
             return vec![reply(&request, ApplyOutcome::Failed { permanent: true, cause })];

@@ -1064,6 +1064,16 @@ fn shard_refuses_a_late_request_of_an_older_operation_and_keeps_the_newer_rows()
     assert_eq!(shard.durable(), &before, "no download, no persist");
     assert!(cause.to_string().contains("operation 3, older than operation 4"), "{cause}");
 
+    // The deliberate bug takes the late request as the start of a restore, and its full backup replaces the rows.
+    let mut buggy = fresh_shard(ShardConfig { bug: Some(ShardBug::ApplyOlderOperations), ..shard_config() });
+    apply_with(&mut buggy, &apply_request(4, 0, 0), full_changes());
+    apply_with(&mut buggy, &apply_request(4, 1, 1), vec![Change::Delete { key: 10 }]);
+    assert_eq!(buggy.durable(), &before);
+    let out = apply_with(&mut buggy, &late, full_changes());
+    assert_eq!(only_reply(&out[1..]), answer(&late, ApplyOutcome::Applied));
+    assert_eq!(buggy.durable().op, Some(3), "the older operation's rows are back");
+    assert_ne!(buggy.durable().rows, before.rows);
+
     // The same while operation 4's first increment is still downloading: the download goes on, and ends in its
     // own reply.
     let mut shard = fresh_shard(shard_config());

@@ -51,7 +51,8 @@ fn an_empty_tape_rolls_no_dice_and_injects_nothing() {
 fn a_deliberate_bug_found_by_a_sweep_shrinks_to_a_scenario_of_a_few_events() {
     for name in ["skip-checksum", "reply-before-persist", "tables-run-ahead"] {
         let known = catalog::by_name(name).expect("catalogued");
-        let (seed, invariants) = first_detection(known.bugs, known.budget_seeds, 2).expect("the sweep finds it");
+        let (seed, invariants) =
+            first_detection(known.bugs, known.budget_seeds().expect("a sweep budget"), 2).expect("the sweep finds it");
         let params = WorldParams { bugs: known.bugs, ..WorldParams::sweep_default() };
         let world = World::generate(seed, &params);
         let shrunk = shrink(&world, None, "test", 2_000, Box::new(|_, _| {})).expect("the seed shrinks");

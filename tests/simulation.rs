@@ -204,8 +204,10 @@ fn a_sweep_without_faults_finishes_every_restore() {
 fn every_catalogued_bug_is_caught_within_its_seed_budget() {
     let mut survivors = Vec::new();
     for known in &lockstep_sim::catalog::CATALOG {
-        if lockstep_sim::sweep::first_detection(known.bugs, known.budget_seeds, 2).is_none() {
-            survivors.push(known.name);
+        match lockstep_sim::sweep::catalogued_detection(known, 2) {
+            Ok(Some(_)) => {}
+            Ok(None) => survivors.push(known.name),
+            Err(error) => panic!("the scenario of {} does not load: {error}", known.name),
         }
     }
     assert!(survivors.is_empty(), "bugs that survived their budget: {survivors:?}");

@@ -1,6 +1,7 @@
 //! The catalog of known bugs: deliberately faulty variants of the production logic, each a class of bug that
-//! real restore systems have shipped. The simulator must catch every one within its seed budget
-//! (`cargo sim mutants`, and a test); the explorer finds each one it can reach with a shortest counterexample.
+//! real restore systems have shipped. The simulator must catch every one (`cargo sim mutants`, and a test): within
+//! its seed budget of the default sweep, or, for a bug only a world of its own can show, on every pinned seed of
+//! its scenario. The explorer finds each one its world can reach with a shortest counterexample.
 
 use lockstep::coordinator::CoordinatorBug;
 use lockstep::shard::ShardBug;
@@ -15,8 +16,32 @@ pub struct KnownBug {
     /// What goes wrong, in a line.
     pub summary: &'static str,
     pub bugs: Bugs,
-    /// Seeds of the default sweep within which the simulator must catch it.
-    pub budget_seeds: u64,
+    /// Where the simulator must catch it.
+    pub caught_in: CaughtIn,
+}
+
+/// Where the simulator must catch a catalogued bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaughtIn {
+    /// Within this many seeds of the default sweep.
+    Sweep { budget_seeds: u64 },
+    /// On every pinned seed of this scenario (its file name under `scenarios/`, and its text): for a bug the
+    /// default sweep's worlds cannot show, since each restores its tables once and none restores a table again.
+    Scenario { file: &'static str, text: &'static str },
+}
+
+impl KnownBug {
+    /// The seed budget of the default sweep, for a bug the sweep must catch.
+    pub fn budget_seeds(&self) -> Option<u64> {
+        match self.caught_in {
+            CaughtIn::Sweep { budget_seeds } => Some(budget_seeds),
+            CaughtIn::Scenario { .. } => None,
+        }
+    }
+}
+
+const fn sweep(budget_seeds: u64) -> CaughtIn {
+    CaughtIn::Sweep { budget_seeds }
 }
 
 const fn coordinator(bug: CoordinatorBug) -> Bugs {
@@ -27,78 +52,87 @@ const fn shard(bug: ShardBug) -> Bugs {
     Bugs { coordinator: None, shard: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 12] = [
+pub const CATALOG: [KnownBug; 13] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
         bugs: coordinator(CoordinatorBug::AdvanceOnFirstReport),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "tables-run-ahead",
         summary: "a table starts increment k+1 as soon as it is done with k, while other tables still apply k",
         bugs: coordinator(CoordinatorBug::TablesRunAhead),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "lost-report-is-success",
         summary: "a request whose report never came back is taken for success",
         bugs: coordinator(CoordinatorBug::LostReportIsSuccess),
-        budget_seeds: 300,
+        caught_in: sweep(300),
     },
     KnownBug {
         name: "transient-is-permanent",
         summary: "a transient failure ends the restore instead of being retried",
         bugs: coordinator(CoordinatorBug::TransientIsPermanent),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "incrementals-before-newest-full",
         summary: "the chain starts at the oldest full backup and applies incrementals the newest full replaced",
         bugs: coordinator(CoordinatorBug::IncrementalsBeforeNewestFull),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "done-on-first-final-report",
         summary: "the coordinator declares the restore Done when the first tablet reports the last increment",
         bugs: coordinator(CoordinatorBug::DoneOnFirstFinalReport),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "restart-chain-on-reboot",
         summary: "after a reboot the coordinator starts the chain over from the full backup instead of resuming",
         bugs: coordinator(CoordinatorBug::RestartChainOnReboot),
-        budget_seeds: 100,
+        caught_in: sweep(100),
     },
     KnownBug {
         name: "lost-request-waits-forever",
         summary: "a request whose reply never comes is waited for forever, neither timed out nor retried",
         bugs: coordinator(CoordinatorBug::LostRequestWaitsForever),
-        budget_seeds: 50,
+        caught_in: sweep(50),
     },
     KnownBug {
         name: "skip-checksum",
         summary: "a shard applies a downloaded bundle without verifying its checksum",
         bugs: shard(ShardBug::SkipChecksum),
-        budget_seeds: 100,
+        caught_in: sweep(100),
     },
     KnownBug {
         name: "reply-before-persist",
         summary: "a shard reports an increment applied before the write that makes it true is durable",
         bugs: shard(ShardBug::ReplyBeforePersist),
-        budget_seeds: 300,
+        caught_in: sweep(300),
     },
     KnownBug {
         name: "marker-before-rows",
         summary: "a shard makes the applied marker and the rows durable in two syncs, the marker first",
         bugs: shard(ShardBug::MarkerBeforeRows),
-        budget_seeds: 300,
+        caught_in: sweep(300),
     },
     KnownBug {
         name: "reapply-old-increments",
         summary: "a shard applies a late or duplicated request for an increment it already applied, again",
         bugs: shard(ShardBug::ReapplyOldIncrements),
-        budget_seeds: 300,
+        caught_in: sweep(300),
+    },
+    KnownBug {
+        name: "apply-older-operations",
+        summary: "a shard takes a late request of a restore that ended over the rows of a newer restore of the table",
+        bugs: shard(ShardBug::ApplyOlderOperations),
+        caught_in: CaughtIn::Scenario {
+            file: "late-request-of-a-failed-restore.toml",
+            text: include_str!("../../scenarios/late-request-of-a-failed-restore.toml"),
+        },
     },
 ];
 

@@ -527,13 +527,13 @@ impl Scenario {
         self.try_world(seed).map(drop).map_err(|p| format!("scenario {}: with seed {seed}: {}", self.name, p.message))
     }
 
-    /// The same scenario with its deliberate bugs taken out and no violation expected: what a kept bug's
-    /// world must do under the production protocol.
     /// The deliberate bugs this scenario runs (a kept bug's).
     pub fn bugs(&self) -> Bugs {
         self.plan.bugs
     }
 
+    /// The same scenario with its deliberate bugs taken out and no violation expected: what a kept bug's
+    /// world must do under the production protocol.
     pub fn without_bugs(&self) -> Scenario {
         let mut scenario = self.clone();
         scenario.plan.bugs = Bugs::default();

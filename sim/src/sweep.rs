@@ -917,6 +917,35 @@ fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<
     (world, outcome, mismatch)
 }
 
+/// Where the simulator catches the catalogued bug `known`, as its catalog entry asks: the first seed of the
+/// default sweep within its budget ([`first_detection`]), or, for a bug caught by its scenario, the first pinned
+/// seed of the scenario with the bug added, provided every pinned seed catches it. With the invariants broken
+/// there (none for a crash); `None` when the bug survived. A catalogued scenario that does not load is an error.
+pub fn catalogued_detection(
+    known: &crate::catalog::KnownBug,
+    jobs: usize,
+) -> Result<Option<(u64, Vec<Invariant>)>, String> {
+    use crate::catalog::CaughtIn;
+    let (file, text) = match known.caught_in {
+        CaughtIn::Sweep { budget_seeds } => return Ok(first_detection(known.bugs, budget_seeds, jobs)),
+        CaughtIn::Scenario { file, text } => (file, text),
+    };
+    let scenario = Scenario::parse(file.trim_end_matches(".toml"), file, text).map_err(|e| e.to_string())?;
+    let mut first = None;
+    for &seed in &scenario.seeds {
+        let mut world = scenario.world(seed);
+        world.coordinator.bug = known.bugs.coordinator.or(world.coordinator.bug);
+        world.shard.bug = known.bugs.shard.or(world.shard.bug);
+        let outcome = run_world(Arc::new(world), Keep::Verdict);
+        if outcome.violations.is_empty() && outcome.panic.is_none() {
+            return Ok(None);
+        }
+        let invariants = outcome.violations.iter().map(|v| v.invariant).collect();
+        first.get_or_insert((seed, invariants));
+    }
+    Ok(first)
+}
+
 /// The first seed of the default sweep, below `budget`, that catches `bugs`, with the invariants it broke.
 /// Seeds run `jobs` at a time, in order, so the answer does not depend on the number of jobs.
 pub fn first_detection(bugs: Bugs, budget: u64, jobs: usize) -> Option<(u64, Vec<Invariant>)> {
