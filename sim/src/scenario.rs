@@ -469,6 +469,21 @@ impl Scenario {
             ));
         }
         if let Some(faults) = &decl.faults
+            && faults.heal_at_ms == 0
+            && let Some((name, _)) = faults.rates.iter().find(|(name, rate)| {
+                // An unknown name is refused as such, later.
+                **rate != 0.0 && FaultKind::ALL.iter().any(|kind| kind.name() == name.get_ref())
+            })
+        {
+            return Err(problem(
+                name.span(),
+                format!(
+                    "rate of `{}` fires only before the world heals, and it heals at 0 ms: set [faults] heal_at_ms",
+                    name.get_ref()
+                ),
+            ));
+        }
+        if let Some(faults) = &decl.faults
             && faults.heal_at_ms > MAX_HEAL_AT_MS
         {
             return Err(unplaced(format!(
@@ -650,6 +665,16 @@ impl Scenario {
             // NaN is in no range, and the ranges hold no infinity.
             if !valid.contains(rate) {
                 return Err(problem(name.span(), format!("rate {rate} of `{}` is not {what}", kind.name())));
+            }
+            // Lost writes are not drawn: every crash loses what was not synced. Only 1 says what happens.
+            if *kind == FaultKind::DiskLostWrite && *rate != 1.0 {
+                return Err(problem(
+                    name.span(),
+                    format!(
+                        "rate {rate} of `disk-lost-write`: a crash always loses the writes not yet synced, so its \
+                         rate is 1 or left out (crash-before-sync, the reboots and disk-torn-write decide the rest)"
+                    ),
+                ));
             }
             plan.set_rate(*kind, *rate);
         }
@@ -1632,6 +1657,22 @@ at_ms = 1000
         assert_eq!(error.line, 3, "{error}");
         assert!(error.message.contains("table `orders` gives `ranges`, so `key_space` does not apply"), "{error}");
         assert!(parse(&MINIMAL.replace("shards = 2", "shards = 2\nkey_space = 600")).is_ok());
+    }
+
+    #[test]
+    fn rates_in_a_world_that_heals_at_once_are_refused() {
+        let error = error_of(&format!("{MINIMAL}[faults]\nrates = {{ message-drop = 0.2 }}\n"));
+        assert!(error.message.contains("rate of `message-drop` fires only before the world heals"), "{error}");
+        assert!(parse(&format!("{MINIMAL}[faults]\nrates = {{ message-drop = 0.0 }}\n")).is_ok());
+        assert!(parse(&format!("{MINIMAL}[faults]\nheal_at_ms = 1\nrates = {{ message-drop = 0.2 }}\n")).is_ok());
+    }
+
+    #[test]
+    fn a_rate_of_lost_writes_other_than_one_is_refused_since_every_crash_loses_them() {
+        let with_rates = |rates: &str| format!("{MINIMAL}[faults]\nheal_at_ms = 1000\nrates = {{ {rates} }}\n");
+        let error = error_of(&with_rates("disk-lost-write = 0.5"));
+        assert!(error.message.contains("rate 0.5 of `disk-lost-write`: a crash always loses"), "{error}");
+        assert!(parse(&with_rates("disk-lost-write = 1.0, shard-reboot = 0.2")).is_ok());
     }
 
     #[test]
