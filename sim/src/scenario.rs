@@ -603,6 +603,16 @@ impl Scenario {
             world.decisions = Some(Arc::new(Tape::from_decisions(decisions?)));
         }
         self.add_calls(&mut world)?;
+        // The run gives up at the liveness bound after healing: a call planned later would never be made, and the
+        // run would end as if the protocol had failed to answer it.
+        let gives_up_at = world.faults.heal_at_ms.saturating_add(world.liveness_bound_ms);
+        if let Some(late) = world.calls.iter().find(|call| call.at_ms >= gives_up_at) {
+            return Err(unplaced(format!(
+                "a client call at {} ms comes when the run has ended, at {gives_up_at} ms ([faults] heal_at_ms {} \
+                 plus liveness_bound_ms {}); call earlier or raise liveness_bound_ms",
+                late.at_ms, world.faults.heal_at_ms, world.liveness_bound_ms
+            )));
+        }
         // A fault after the start of an operation no call starts would never fire.
         for fault in &self.plan.scheduled {
             if let Some(op) = fault.get_ref().after.as_ref().and_then(|after| after.started)
@@ -1657,6 +1667,18 @@ at_ms = 1000
         assert_eq!(error.line, 3, "{error}");
         assert!(error.message.contains("table `orders` gives `ranges`, so `key_space` does not apply"), "{error}");
         assert!(parse(&MINIMAL.replace("shards = 2", "shards = 2\nkey_space = 600")).is_ok());
+    }
+
+    #[test]
+    fn a_call_planned_after_the_run_gives_up_is_refused() {
+        // No faults: the world heals at 0 ms, and the run gives up at the liveness bound.
+        let late = |at_ms: u64| {
+            let body = MINIMAL.replacen("description", "liveness_bound_ms = 5000\ndescription", 1);
+            format!("{body}[[call]]\nat_ms = {at_ms}\nlist = true\n")
+        };
+        let error = error_of(&late(5_000));
+        assert!(error.message.contains("a client call at 5000 ms comes when the run has ended, at 5000 ms"), "{error}");
+        assert!(parse(&late(4_999)).is_ok());
     }
 
     #[test]
