@@ -11,7 +11,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use lockstep::bundle::Bundle;
-use lockstep::coordinator::{CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreRequest};
+use lockstep::coordinator::{
+    CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, RestoreRequest,
+};
 use lockstep::host::{HostEvent, HostIo, Observer, STATE_FILE};
 use lockstep::io::{DirStore, FileDisk, ObjectStoreRemote, RemoteStore, StateFile};
 use lockstep::model::{
@@ -234,4 +236,85 @@ fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
     assert!(why.contains("node.state: no intact copy (node.state.0 and node.state.1 present"), "{why}");
     let after = slots.map(|path| std::fs::read(path).expect("a slot"));
     assert_eq!(after, damaged, "the damaged files are left as they were");
+}
+
+/// A coordinator restarted in the middle of an increment keeps the deadline it persisted: machine time is the wall
+/// clock's (`wall_clock_epoch`), so the increment fails when its deadline comes, counted from when it began in the
+/// first process. A host that started its machines' clock at 0 on every start (the second run below) moves every
+/// persisted deadline later by the time the first process ran. Time is tokio's paused clock, which the hosts'
+/// timers follow, so minutes of deadlines pass in an instant and to the millisecond; no shard runs, so the
+/// increment cannot finish.
+#[test]
+fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
+    const LIMIT_MS: u64 = 60_000;
+    const RESTART_AFTER_MS: u64 = 20_000;
+    /// The wall clock at the first start, in ms since 1970, as `wall_clock_epoch` would give it.
+    const WALL_AT_START_MS: u64 = 1_700_000_000_000;
+
+    /// Runs the coordinator, kills it after `RESTART_AFTER_MS`, starts it again on the same files, and returns
+    /// the time from the first start to the failure, and the failure. `epoch_ms(t)` is the machines' time a
+    /// process started `t` ms after the first one begins at.
+    fn run(epoch_ms: impl Fn(u64) -> u64) -> (Duration, RestoreError) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
+        let local = tokio::task::LocalSet::new();
+        let map = ShardMap::even(SHARDS, 30);
+        let node = NodeAddr::Coordinator;
+        local.block_on(&runtime, async {
+            let store = Rc::new(DirStore::open(dir.path().join("store")).expect("a store"));
+            let (catalog, _) = write_backups(&*store, &map).await;
+            let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
+            let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished: finished_tx });
+            let config = CoordinatorConfig { increment_deadline_ms: LIMIT_MS, ..CoordinatorConfig::default() };
+            let began = tokio::time::Instant::now();
+            let process = |started_after_ms: u64, listener: TcpListener| HostIo {
+                disk: Rc::new(FileDisk::open(dir.path().join(node_dir(node))).expect("node directory")),
+                store: store.clone(),
+                // No shard has an address: every request is lost, and the increment cannot finish.
+                transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
+                observer: recorder.clone(),
+                epoch: tokio::time::Instant::now(),
+                epoch_ms: epoch_ms(started_after_ms),
+                download_timeout_ms: 1_000,
+            };
+            let table = TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
+            let request = RestoreRequest { op: 7, collection: "nightly".to_string(), tables: vec![table], catalog };
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+            let first = process(0, listener).run_coordinator(config.clone(), 1, Some(request));
+            let killed = tokio::time::timeout(Duration::from_millis(RESTART_AFTER_MS), first).await;
+            assert!(killed.is_err(), "the first process runs until it is killed");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+            let second = process(RESTART_AFTER_MS, listener).run_coordinator(config, 1, None);
+            tokio::task::spawn_local(second);
+            tokio::time::timeout(Duration::from_secs(600), finished_rx.recv())
+                .await
+                .expect("the operation ends within ten minutes")
+                .expect("the recorder is alive");
+            let failed_after = began.elapsed();
+            let state = FileDisk::open(dir.path().join(node_dir(node))).expect("node directory");
+            let bytes = StateFile::load(&state, STATE_FILE).expect("readable state").1.expect("a state");
+            let durable: CoordinatorDurable = decode_frame(&bytes).expect("decodable");
+            let OperationStatus::Failed { error, .. } = &durable.operations[&7].status else {
+                panic!("the operation failed: {:?}", durable.operations[&7].status)
+            };
+            (failed_after, error.clone())
+        })
+    }
+
+    let (failed_after, error) = run(|started_after_ms| WALL_AT_START_MS + started_after_ms);
+    assert!(
+        matches!(error, RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: LIMIT_MS, .. }),
+        "{error}"
+    );
+    let deadline = Duration::from_millis(LIMIT_MS);
+    assert!(
+        failed_after >= deadline && failed_after < deadline + Duration::from_secs(1),
+        "the increment fails at its deadline, {deadline:?} after it began, not {failed_after:?}"
+    );
+
+    // A machine clock that starts over at 0 with each process waits the whole limit again from the restart.
+    let (failed_after, _) = run(|_| 0);
+    let late = Duration::from_millis(RESTART_AFTER_MS + LIMIT_MS);
+    assert!(failed_after >= late, "a clock that starts over fails late: {failed_after:?}");
 }
