@@ -52,14 +52,21 @@ impl WorldSource {
     }
 
     pub fn world(&self, seed: u64) -> World {
+        self.try_world(seed).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// The world of `seed`, or why a scenario cannot build it: a generated world's seed may lack a tablet the
+    /// scenario names (a sweep checks its first seeds up front, not every one of a long range).
+    pub fn try_world(&self, seed: u64) -> Result<World, String> {
         match self {
-            WorldSource::Generated(params) => World::generate(seed, params),
+            WorldSource::Generated(params) => Ok(World::generate(seed, params)),
             WorldSource::Scenario(scenario, bugs) => {
+                scenario.check_seed(seed)?;
                 // Bugs on the command line come on top of any the scenario names.
                 let mut world = scenario.world(seed);
                 world.coordinator.bug = bugs.coordinator.or(world.coordinator.bug);
                 world.shard.bug = bugs.shard.or(world.shard.bug);
-                world
+                Ok(world)
             }
         }
     }
@@ -524,7 +531,8 @@ impl SweepSummary {
         }
     }
 
-    /// Counts a seed whose worker process died running it: a crash, like a seed whose thread panicked.
+    /// Counts a seed whose worker process died running it, or whose world could not be built: a crash, like a
+    /// seed whose thread panicked.
     fn add_lost(&mut self, seed: u64, first: bool, why: String) {
         self.seeds_run += 1;
         self.regression_seeds += u64::from(first);
@@ -579,10 +587,15 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(Progress) + Sync)) -> 
                             return;
                         }
                     }
-                    let (world, outcome, mismatch) = run_one(seed, config);
+                    let run = run_one(seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
                     let failures = summary.failures.len();
-                    summary.add_seed(config, seed, first, &world, &outcome, mismatch);
+                    match run {
+                        Ok((world, outcome, mismatch)) => {
+                            summary.add_seed(config, seed, first, &world, &outcome, mismatch);
+                        }
+                        Err(why) => summary.add_lost(seed, first, why),
+                    }
                     let failed = summary.failures.len() > failures;
                     drop(summary);
                     let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -634,9 +647,11 @@ const MAX_REPORT_BYTES: u32 = 1 << 24;
 pub fn serve_part(config: &SweepConfig, part: Part, out: &mut impl Write) -> io::Result<()> {
     for index in part.positions(config) {
         let (seed, first) = config.seed_at(index).expect("positions stay within the run order");
-        let (world, outcome, mismatch) = run_one(seed, config);
         let mut summary = SweepSummary::default();
-        summary.add_seed(config, seed, first, &world, &outcome, mismatch);
+        match run_one(seed, config) {
+            Ok((world, outcome, mismatch)) => summary.add_seed(config, seed, first, &world, &outcome, mismatch),
+            Err(why) => summary.add_lost(seed, first, why),
+        }
         let bytes = postcard::to_stdvec(&summary).map_err(io::Error::other)?;
         let len = u32::try_from(bytes.len()).map_err(io::Error::other)?;
         out.write_all(&[SEED_REPORT])?;
@@ -882,11 +897,14 @@ impl<R: Read> Read for Paced<R> {
     }
 }
 
+/// What [`run_one`] gives back: the world, its outcome, and its determinism check.
+type SeedRun = (Arc<World>, SeedOutcome, Option<Option<Vec<String>>>);
+
 /// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
 /// checked, `Some(None)` when the two runs agreed, `Some(Some(lines))` when they did not: the two hashes and
-/// the first event where the logs part.
-fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<Option<Vec<String>>>) {
-    let world = Arc::new(config.source.world(seed));
+/// the first event where the logs part. A seed whose world the scenario cannot build is an error saying why.
+fn run_one(seed: u64, config: &SweepConfig) -> Result<SeedRun, String> {
+    let world = Arc::new(config.source.try_world(seed)?);
     let sampled = config.determinism_every > 0 && seed.is_multiple_of(config.determinism_every);
     // A sampled seed keeps its log until the second run is compared with it. A seed that must break a kept bug's
     // invariant fails when it holds, and its failure line names the hash.
@@ -914,7 +932,7 @@ fn run_one(seed: u64, config: &SweepConfig) -> (Arc<World>, SeedOutcome, Option<
             lines
         })
     });
-    (world, outcome, mismatch)
+    Ok((world, outcome, mismatch))
 }
 
 /// Where the simulator catches the catalogued bug `known`, as its catalog entry asks: the first seed of the
@@ -1147,6 +1165,31 @@ mod tests {
         assert_eq!(shell_quote("$HOME/*.toml"), "'$HOME/*.toml'");
         assert_eq!(shell_quote("~/x.toml"), "'~/x.toml'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn a_seed_whose_world_a_scenario_cannot_build_fails_with_the_reason_instead_of_a_panic() {
+        // The index table's shard count is drawn per seed: seeds 1 and 3 have one shard, 0 and 2 have two.
+        let text = "description = \"names an index tablet some seeds lack\"\nseeds = [0]\n\
+                    [generate]\ntables = 1\nshards = 2\nindexes = true\n\
+                    [[fault]]\ndo = \"reboot-shard\"\ntablet = \"table0/by_value/1\"\n";
+        let scenario = Scenario::parse("idx", "idx.toml", text).expect("seed 0 has the tablet");
+        let config = SweepConfig {
+            start: 0,
+            seeds: 4,
+            pinned: None,
+            first: Vec::new(),
+            jobs: 2,
+            source: WorldSource::Scenario(Arc::new(scenario), Bugs::default()),
+            determinism_every: 0,
+            stop: StopWhen::default(),
+        };
+        let summary = run_sweep(&config, &|_| {});
+        assert_eq!(summary.seeds_run, 4);
+        let failed: Vec<(u64, FailureClass)> = summary.failures.iter().map(|f| (f.seed, f.class)).collect();
+        assert_eq!(failed, vec![(1, FailureClass::Crash), (3, FailureClass::Crash)]);
+        let why = &summary.failures[0].lines[0];
+        assert!(why.contains("with seed 1: table `table0/by_value` has 1 shard(s), no shard 1"), "{why}");
     }
 
     #[test]
