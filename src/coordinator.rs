@@ -97,7 +97,6 @@ pub enum CoordinatorBug {
     LostRequestWaitsForever,
 }
 
-/// Whether `bug` is configured and the catalog of bugs is compiled in.
 /// Whether `reply` may count as the word of the tablet it names. It must come from that tablet; the one exception
 /// is a shard's refusal of a request addressed to another tablet, which comes from the shard the request reached
 /// and names both. Such a request was misrouted (the address book sends one tablet's requests to another's node),
@@ -115,6 +114,7 @@ fn speaks_for_its_tablet(from: NodeAddr, reply: &ApplyReply) -> bool {
     }
 }
 
+/// Whether `bug` is configured and the catalog of bugs is compiled in.
 fn has(config: &CoordinatorConfig, bug: CoordinatorBug) -> bool {
     cfg!(feature = "mutants") && config.bug == Some(bug)
 }
