@@ -504,6 +504,19 @@ pub struct BackupManifest {
 }
 
 impl BackupManifest {
+    /// This manifest with only the objects of `tables`: what a restore of them keeps of it. A running operation's
+    /// state holds its chain and is written at every step, so objects of tables it does not restore would be
+    /// written again and again for nothing.
+    pub fn of_tables(&self, tables: &[TableSpec]) -> BackupManifest {
+        let tables = self
+            .tables
+            .iter()
+            .filter(|(id, _)| tables.iter().any(|table| table.id == **id))
+            .map(|(id, objects)| (*id, objects.clone()))
+            .collect();
+        BackupManifest { backup_id: self.backup_id, kind: self.kind, taken_at_ms: self.taken_at_ms, tables }
+    }
+
     /// The conventional object name of a tablet's bundle in a backup.
     pub fn object_name(backup_id: u64, tablet: TabletId) -> String {
         // `backups/{backup_id:06}/{table}/{shard}.bundle`, built without the formatting machinery: the checkers
@@ -621,7 +634,7 @@ impl RestoreChain {
         let backups: Vec<BackupManifest> = sorted[newest_full..]
             .iter()
             .filter(|m| m.kind == BackupKind::Incremental || m.backup_id == sorted[newest_full].backup_id)
-            .map(|m| (*m).clone())
+            .map(|m| m.of_tables(tables))
             .collect();
         for manifest in &backups {
             for table in tables {
@@ -641,7 +654,6 @@ impl RestoreChain {
         Ok(Self::new(backups))
     }
 
-    /// Number of increments, the full backup included.
     /// The wrong plan of [`crate::coordinator::CoordinatorBug::IncrementalsBeforeNewestFull`]: from the oldest
     /// full backup, every backup after it, older incrementals and fulls included.
     pub fn plan_from_oldest_full(catalog: &[BackupManifest], tables: &[TableSpec]) -> Result<Self, ChainError> {
@@ -649,7 +661,7 @@ impl RestoreChain {
         let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
         let oldest_full = sorted.iter().position(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
-        let backups = sorted[oldest_full..].iter().map(|m| (*m).clone()).collect();
+        let backups = sorted[oldest_full..].iter().map(|m| m.of_tables(tables)).collect();
         Ok(if planned.backups.is_empty() { planned } else { Self::new(backups) })
     }
 
@@ -662,6 +674,7 @@ impl RestoreChain {
         &self.backups
     }
 
+    /// Number of increments, the full backup included.
     pub fn len(&self) -> u32 {
         u32::try_from(self.backups.len()).expect("chain length fits in u32")
     }
@@ -691,6 +704,33 @@ mod tests {
                 let tablet = TabletId::new(table, shard);
                 let expected = format!("backups/{backup_id:06}/{}/{}.bundle", tablet.table, tablet.shard);
                 assert_eq!(BackupManifest::object_name(backup_id, tablet), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn a_planned_chain_keeps_only_the_objects_of_the_tables_it_restores() {
+        let manifest = |backup_id: u64, kind: BackupKind| BackupManifest {
+            backup_id,
+            kind,
+            taken_at_ms: backup_id,
+            tables: (0..3)
+                .map(|table| (TableId(table), vec![BackupManifest::object_name(backup_id, TabletId::new(table, 0))]))
+                .collect(),
+        };
+        let catalog = [manifest(1, BackupKind::Full), manifest(2, BackupKind::Incremental)];
+        let restored = TableSpec { id: TableId(1), name: "orders".to_string(), shard_count: 1, index_of: None };
+        let tables = std::slice::from_ref(&restored);
+        for chain in [RestoreChain::plan(&catalog, tables), RestoreChain::plan_from_oldest_full(&catalog, tables)] {
+            let chain = chain.expect("a chain");
+            assert_eq!(chain.len(), 2);
+            for (planned, full) in chain.backups().iter().zip(&catalog) {
+                assert_eq!(planned.tables.keys().copied().collect::<Vec<_>>(), vec![TableId(1)]);
+                assert_eq!(planned.tables[&TableId(1)], full.tables[&TableId(1)]);
+                assert_eq!(
+                    (planned.backup_id, planned.kind, planned.taken_at_ms),
+                    (full.backup_id, full.kind, full.taken_at_ms)
+                );
             }
         }
     }
