@@ -313,7 +313,9 @@ impl SweepConfig {
         let first = self.first.len() as u64;
         match &self.pinned {
             Some(pinned) => first + pinned.iter().filter(|seed| !self.first.contains(seed)).count() as u64,
-            None => first + self.seeds - self.regression_seeds_in_range().len() as u64,
+            // Saturating: a range of every seed but a few, with regression seeds outside it, holds more runs than
+            // a u64 counts (and never ends either way).
+            None => (self.seeds - self.regression_seeds_in_range().len() as u64).saturating_add(first),
         }
     }
 }
@@ -1149,6 +1151,10 @@ mod tests {
         let order: Vec<_> = (0..5).map(|i| config.seed_at(i)).collect();
         let expected = [(u64::MAX, true), (7, true), (u64::MAX - 2, false), (u64::MAX - 1, false)];
         assert_eq!(order, expected.iter().copied().map(Some).chain([None]).collect::<Vec<_>>());
+        // Every seed from 1, after regression seed 0 outside the range: more runs than a u64 counts.
+        let nearly_all = SweepConfig { start: 1, seeds: u64::MAX, first: vec![0], ..config.clone() };
+        assert_eq!(nearly_all.total_seeds(), u64::MAX);
+        assert_eq!((nearly_all.seed_at(0), nearly_all.seed_at(1)), (Some((0, true)), Some((1, false))));
         let last = SweepConfig { start: u64::MAX, seeds: 1, first: Vec::new(), ..config };
         assert_eq!(last.range_seeds().collect::<Vec<_>>(), vec![u64::MAX]);
         assert_eq!((last.seed_at(0), last.seed_at(1)), (Some((u64::MAX, false)), None));
