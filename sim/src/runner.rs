@@ -549,7 +549,7 @@ impl Supervisor {
             ids,
             down: BTreeMap::new(),
             heal_at_ms,
-            give_up_at_ms: heal_at_ms.saturating_add(world.liveness_bound_ms),
+            give_up_at_ms: world.gives_up_at_ms(),
             next_coordinator_reboot_ms: None,
             next_shard_reboot_ms: None,
             replayed_reboots: Vec::new(),

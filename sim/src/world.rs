@@ -263,6 +263,14 @@ impl World {
         world
     }
 
+    /// When a run stops waiting: the liveness bound after healing, or after the client's last planned call when
+    /// that comes later (an operation a late call starts gets the whole bound too, and a call near the end is
+    /// answered rather than cut off).
+    pub fn gives_up_at_ms(&self) -> u64 {
+        let last_call = self.calls.iter().map(|call| call.at_ms).max().unwrap_or(0);
+        self.faults.heal_at_ms.max(last_call).saturating_add(self.liveness_bound_ms)
+    }
+
     /// The liveness bound this world's work needs: [`BASE_LIVENESS_BOUND_MS`], or [`LIVENESS_BOUND_PER_APPLY_MS`]
     /// for every apply of a restore of every table (every tablet, every increment of the chain) when that is more.
     pub fn work_liveness_bound_ms(&self) -> u64 {
