@@ -474,8 +474,13 @@ impl Scenario {
         if let Some(faults) = &decl.faults
             && faults.heal_at_ms == 0
             && let Some((name, _)) = faults.rates.iter().find(|(name, rate)| {
-                // An unknown name is refused as such, later.
-                **rate != 0.0 && FaultKind::ALL.iter().any(|kind| kind.name() == name.get_ref())
+                // An unknown name, or a rate out of range, is refused as such later. Lost writes are no draw: they
+                // follow every crash, healed or not.
+                **rate != 0.0
+                    && (0.0..=MAX_REBOOT_RATE_PER_S).contains(*rate)
+                    && FaultKind::ALL
+                        .iter()
+                        .any(|kind| kind.name() == name.get_ref() && *kind != FaultKind::DiskLostWrite)
             })
         {
             return Err(problem(
@@ -1694,6 +1699,11 @@ at_ms = 1000
         assert!(error.message.contains("rate of `message-drop` fires only before the world heals"), "{error}");
         assert!(parse(&format!("{MINIMAL}[faults]\nrates = {{ message-drop = 0.0 }}\n")).is_ok());
         assert!(parse(&format!("{MINIMAL}[faults]\nheal_at_ms = 1\nrates = {{ message-drop = 0.2 }}\n")).is_ok());
+        // Lost writes follow every crash, a scheduled reboot's too, healed or not.
+        let reboot = "[[fault]]\ndo = \"reboot-shard\"\ntablet = \"orders/0\"\n";
+        assert!(parse(&format!("{MINIMAL}[faults]\nrates = {{ disk-lost-write = 1.0 }}\n{reboot}")).is_ok());
+        let error = error_of(&format!("{MINIMAL}[faults]\nrates = {{ message-drop = nan }}\n"));
+        assert!(error.message.contains("rate NaN of `message-drop` is not a probability"), "{error}");
     }
 
     #[test]
