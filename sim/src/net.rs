@@ -3,7 +3,8 @@
 //! Fault model (rolled per message with the seed's rate, none after healing):
 //! - `message-drop`: the message is lost;
 //! - `message-duplicate`: the message is delivered twice (madsim never duplicates on its own);
-//! - `message-delay`: the message is held back 50-3000 ms, so later messages overtake it (reordering).
+//! - `message-delay`: the message is held back 50-3000 ms (or as long as a scenario's decision pins), so later
+//!   messages overtake it (reordering).
 //!
 //! On top of these madsim adds 1-10 ms of latency per message, and drops everything sent to a node that is
 //! down. A message is never altered: frames are checked by the codec anyway, and the protocol's concern here
@@ -67,7 +68,10 @@ impl Transport for SimTransport {
                 return;
             }
             let copies = if state.fault(now, node, FaultKind::MessageDuplicate, detail) { 2 } else { 1 };
-            let delay = state.fault(now, node, FaultKind::MessageDelay, detail).then(|| state.rng.gen_range(50..3_000));
+            let delay = state.fault(now, node, FaultKind::MessageDelay, detail).then(|| {
+                let pinned = state.pinned_delay(self.node, FaultKind::MessageDelay);
+                pinned.unwrap_or_else(|| state.rng.gen_range(50..3_000))
+            });
             // Counted as they go out: a held-back copy counts once its delay is over and it is sent.
             state.messages += copies - u64::from(delay.is_some());
             (copies, delay)

@@ -308,6 +308,8 @@ struct DecisionDecl {
     node: Spanned<String>,
     nth: Option<u32>,
     at_ms: Option<u64>,
+    /// For `message-delay`: how long the message is held (otherwise drawn from the seed).
+    delay_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -337,6 +339,9 @@ struct Problem {
 pub const MAX_HEAL_AT_MS: u64 = 3_600_000;
 /// The longest liveness bound a scenario may set.
 pub const MAX_LIVENESS_BOUND_MS: u64 = 86_400_000;
+
+/// The longest delay a `message-delay` decision may pin: ten minutes.
+pub const MAX_PINNED_DELAY_MS: u64 = 600_000;
 
 /// The latest a scenario's client may make a call: one day.
 pub const MAX_CALL_AT_MS: u64 = 86_400_000;
@@ -608,7 +613,29 @@ impl Scenario {
         if !self.plan.decisions.is_empty() {
             let decisions: Result<Vec<Decision>, Problem> =
                 self.plan.decisions.iter().map(|d| decision_of(&world, d)).collect();
-            world.decisions = Some(Arc::new(Tape::from_decisions(decisions?)));
+            let decisions = decisions?;
+            let mut tape = Tape::from_decisions(decisions.iter().copied());
+            for (decl, decision) in self.plan.decisions.iter().zip(&decisions) {
+                let Some(delay_ms) = decl.get_ref().delay_ms else { continue };
+                match decision {
+                    Decision::Chance(chance) if chance.kind == FaultKind::MessageDelay => {
+                        if !(1..=MAX_PINNED_DELAY_MS).contains(&delay_ms) {
+                            return Err(problem(
+                                decl.span(),
+                                format!("`delay_ms = {delay_ms}`: a delay is 1 to {MAX_PINNED_DELAY_MS} ms"),
+                            ));
+                        }
+                        tape.delays.insert(*chance, delay_ms);
+                    }
+                    _ => {
+                        return Err(problem(
+                            decl.span(),
+                            "`delay_ms` pins how long a `message-delay` holds its message; no other decision takes it",
+                        ));
+                    }
+                }
+            }
+            world.decisions = Some(Arc::new(tape));
         }
         self.add_calls(&mut world)?;
         // The run waits the liveness bound after the last call, so a call must come within a day, like the bound.
@@ -1551,6 +1578,8 @@ at_ms = 1000
             ("fault = \"shard-reboot\"\nnode = \"orders/0\"\nnth = 0", "gives `at_ms` (when), and no `nth`"),
             ("fault = \"message-drop\"\nnode = \"orders/0\"", "gives `nth` (which chance)"),
             ("fault = \"disk-lost-write\"\nnode = \"orders/0\"\nnth = 0", "follows from a crash"),
+            ("fault = \"message-drop\"\nnode = \"orders/0\"\nnth = 0\ndelay_ms = 10", "no other decision takes it"),
+            ("fault = \"message-delay\"\nnode = \"orders/0\"\nnth = 0\ndelay_ms = 0", "a delay is 1 to 600000 ms"),
         ];
         for (body, message) in cases {
             let error = decision(body);

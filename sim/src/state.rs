@@ -110,6 +110,14 @@ impl SimState {
         true
     }
 
+    /// The delay a replayed tape pins for the chance of `kind` at `node` just rolled, if it pins one.
+    pub fn pinned_delay(&self, node: NodeAddr, kind: FaultKind) -> Option<u64> {
+        let tape = self.replay.as_ref()?;
+        let (_, counters) = self.chances.iter().find(|(n, _)| *n == node)?;
+        let nth = counters[kind.index()].checked_sub(1)?;
+        tape.delays.get(&Chance { node, kind, nth }).copied()
+    }
+
     /// Decides the next chance of `kind` at `node`: from the tape when replaying, else with the dice at the
     /// seed's rate. Never a hit after healing. Hits are written to [`SimState::tape`].
     pub fn roll(&mut self, node: NodeAddr, kind: FaultKind) -> bool {

@@ -18,7 +18,7 @@
 //! how long a node stays down) still comes from the seed, from a stream apart from the dice, so a run replayed
 //! from its own tape is the same run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use lockstep::protocol::NodeAddr;
@@ -56,6 +56,9 @@ pub struct Tape {
     pub chances: BTreeSet<Chance>,
     /// In time order.
     pub reboots: Vec<Reboot>,
+    /// How long (ms) the message of a `message-delay` chance is held, where a scenario pins it; every other delay
+    /// comes from the seed.
+    pub delays: BTreeMap<Chance, u64>,
 }
 
 impl Tape {
