@@ -552,7 +552,12 @@ impl Scenario {
     /// Whether this scenario builds a world for `seed`, which need not be one it pins (`cargo sim run --scenario F
     /// --seeds N`); the error names what the seed's world lacks.
     pub fn check_seed(&self, seed: u64) -> Result<(), String> {
-        self.try_world(seed).map(drop).map_err(|p| format!("scenario {}: with seed {seed}: {}", self.name, p.message))
+        self.checked_world(seed).map(drop)
+    }
+
+    /// The world of this scenario for `seed`, or what the seed's world lacks, as [`Scenario::check_seed`] says it.
+    pub fn checked_world(&self, seed: u64) -> Result<World, String> {
+        self.try_world(seed).map_err(|p| format!("scenario {}: with seed {seed}: {}", self.name, p.message))
     }
 
     /// The deliberate bugs this scenario runs (a kept bug's).

@@ -61,9 +61,8 @@ impl WorldSource {
         match self {
             WorldSource::Generated(params) => Ok(World::generate(seed, params)),
             WorldSource::Scenario(scenario, bugs) => {
-                scenario.check_seed(seed)?;
                 // Bugs on the command line come on top of any the scenario names.
-                let mut world = scenario.world(seed);
+                let mut world = scenario.checked_world(seed)?;
                 world.coordinator.bug = bugs.coordinator.or(world.coordinator.bug);
                 world.shard.bug = bugs.shard.or(world.shard.bug);
                 Ok(world)
