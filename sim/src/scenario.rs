@@ -1719,6 +1719,7 @@ at_ms = 1000
         let scenario = parse(&late(4_999)).expect("a late call loads");
         let world = scenario.world(0);
         assert_eq!(world.gives_up_at_ms(), 4_999 + 5_000);
+        #[cfg(madsim)]
         for seed in 0..3 {
             let outcome = crate::runner::run_seed(&scenario.world(seed), crate::runner::Keep::Verdict);
             assert!(outcome.violations.is_empty(), "seed {seed}: {:?}", outcome.violations);
