@@ -650,6 +650,34 @@ impl Scenario {
                 late.at_ms
             )));
         }
+        // A fault that acts on a tablet's downloads or reports, or waits for one to apply or report, never fires
+        // on a tablet of a table no restore touches (a reboot of one does fire: its node runs all the same).
+        let touched: BTreeSet<TableId> = world
+            .calls
+            .iter()
+            .filter_map(|call| match &call.call {
+                ClientCall::Start(request) => Some(request.tables.iter().map(|table| table.id)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for fault in &self.plan.scheduled {
+            let decl = fault.get_ref();
+            let acts_on_a_restore = !matches!(decl.action.get_ref().as_str(), "reboot-coordinator" | "reboot-shard");
+            let acted_on = decl.tablet.iter().filter(|_| acts_on_a_restore);
+            let awaited = decl.after.iter().flat_map(|after| after.applied.iter().chain(after.reported.iter()));
+            for name in acted_on.chain(awaited) {
+                if !touched.contains(&tablet_named(&world, name)?.table) {
+                    return Err(problem(
+                        name.span(),
+                        format!(
+                            "`{}` is a tablet of a table no restore touches: the fault would never fire",
+                            name.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
         // A fault after the start of an operation no call starts would never fire.
         for fault in &self.plan.scheduled {
             if let Some(op) = fault.get_ref().after.as_ref().and_then(|after| after.started)
@@ -1726,6 +1754,24 @@ at_ms = 1000
         }
         let error = error_of(&late(MAX_CALL_AT_MS + 1));
         assert!(error.message.contains("a client call at 86400001 ms is later than the latest"), "{error}");
+    }
+
+    #[test]
+    fn a_fault_on_a_tablet_of_a_table_no_restore_touches_is_refused_unless_it_is_a_reboot() {
+        let two_tables = format!(
+            "{MINIMAL}[[table]]\nname = \"items\"\nshards = 1\nrows = [[5, 5]]\n\
+             [[restore]]\nop = 1\ntables = [\"orders\"]\n"
+        );
+        let error = error_of(&format!(
+            "{two_tables}[[fault]]\ndo = \"corrupt-download\"\ntablet = \"items/0\"\nincrement = 0\n"
+        ));
+        assert!(error.message.contains("`items/0` is a tablet of a table no restore touches"), "{error}");
+        let error = error_of(&format!(
+            "{two_tables}[[fault]]\nafter = {{ reported = \"items/0\", increment = 0 }}\ndo = \"reboot-coordinator\"\n"
+        ));
+        assert!(error.message.contains("`items/0` is a tablet of a table no restore touches"), "{error}");
+        assert!(parse(&format!("{two_tables}[[fault]]\ndo = \"reboot-shard\"\ntablet = \"items/0\"\n")).is_ok());
+        assert!(parse(&format!("{two_tables}[[fault]]\ndo = \"drop-reports\"\ntablet = \"orders/1\"\n")).is_ok());
     }
 
     #[test]
