@@ -309,15 +309,17 @@ pub enum RestoreError {
     #[error("increment {increment} (backup {backup_id}) on {tablet}: {cause}")]
     Shard { increment: IncrementIndex, backup_id: u64, tablet: TabletId, cause: ShardFailure },
     #[error(
-        "timeout: the operation deadline passed at increment {increment} with {pending} tablet(s) not done: {}",
+        "timeout: the operation deadline passed at increment {increment} with {} tablet(s) not done: {}",
+        not_done.len(),
         NotDone(not_done)
     )]
-    DeadlineExceeded { increment: IncrementIndex, pending: u32, not_done: Vec<TabletNotDone> },
+    DeadlineExceeded { increment: IncrementIndex, not_done: Vec<TabletNotDone> },
     #[error(
-        "timeout: increment {increment} took longer than {limit_ms} ms with {pending} tablet(s) not done: {}",
+        "timeout: increment {increment} took longer than {limit_ms} ms with {} tablet(s) not done: {}",
+        not_done.len(),
         NotDone(not_done)
     )]
-    IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, pending: u32, not_done: Vec<TabletNotDone> },
+    IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, not_done: Vec<TabletNotDone> },
 }
 
 /// A tablet that had not reported the current increment done when a deadline passed, and how many of its
@@ -1030,8 +1032,7 @@ impl Coordinator {
         }
         let Some(running) = self.running(op) else { return };
         let not_done = self.not_done(op);
-        let pending = u32::try_from(not_done.len()).expect("tablets fit in u32");
-        let error = RestoreError::DeadlineExceeded { increment: running.increment, pending, not_done };
+        let error = RestoreError::DeadlineExceeded { increment: running.increment, not_done };
         self.fail(now_ms, op, error, out);
     }
 
@@ -1048,8 +1049,7 @@ impl Coordinator {
         }
         let limit_ms = running.increment_limit_ms;
         let not_done = self.not_done(op);
-        let pending = u32::try_from(not_done.len()).expect("tablets fit in u32");
-        let error = RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending, not_done };
+        let error = RestoreError::IncrementDeadlineExceeded { increment, limit_ms, not_done };
         self.fail(now_ms, op, error, out);
     }
 

@@ -492,7 +492,7 @@ fn coordinator_fails_with_deadline_exceeded_when_the_deadline_passes() {
         TabletNotDone { tablet: tablet(0), failed_attempts: 0 },
         TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
     ];
-    let error = RestoreError::DeadlineExceeded { increment: 0, pending: 2, not_done };
+    let error = RestoreError::DeadlineExceeded { increment: 0, not_done };
     let text = error.to_string();
     assert!(text.ends_with("not done: t0/shard-0 (no failed attempt), t0/shard-1 (no failed attempt)"), "{text}");
     let failed = OperationStatus::Failed { error, failed_at_ms: 61_000 };
@@ -600,7 +600,7 @@ fn coordinator_deadline_failures_name_the_tablets_not_done_and_the_limit_they_we
         TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
         TabletNotDone { tablet: tablet(2), failed_attempts: 1 },
     ];
-    let error = RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: 5_000, pending: 2, not_done };
+    let error = RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: 5_000, not_done };
     let failed = OperationStatus::Failed { error: error.clone(), failed_at_ms: 5_000 };
     assert_eq!(last_persisted(&out).operations[&OP].status, failed);
     assert_eq!(
@@ -611,7 +611,7 @@ fn coordinator_deadline_failures_name_the_tablets_not_done_and_the_limit_they_we
 
     // Past four tablets the message says how many more there are.
     let many: Vec<TabletNotDone> = (0..6).map(|s| TabletNotDone { tablet: tablet(s), failed_attempts: 3 }).collect();
-    let text = RestoreError::DeadlineExceeded { increment: 1, pending: 6, not_done: many }.to_string();
+    let text = RestoreError::DeadlineExceeded { increment: 1, not_done: many }.to_string();
     assert!(text.ends_with("t0/shard-3 (3 failed attempts) and 2 more"), "{text}");
 }
 

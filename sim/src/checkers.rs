@@ -620,8 +620,7 @@ mod tests {
     fn a_failure_without_a_lost_object_or_done_despite_one_breaks_expected_outcome() {
         let mut world = world();
         let mut final_state = done_state(&world);
-        let error =
-            lockstep::coordinator::RestoreError::DeadlineExceeded { increment: 0, pending: 0, not_done: Vec::new() };
+        let error = lockstep::coordinator::RestoreError::DeadlineExceeded { increment: 0, not_done: Vec::new() };
         std::sync::Arc::make_mut(&mut final_state.coordinator.as_mut().unwrap().operations)
             .get_mut(&1)
             .unwrap()

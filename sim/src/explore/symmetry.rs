@@ -572,14 +572,14 @@ impl<'a> Encoder<'a> {
                 self.tablet(*tablet);
                 self.shard_failure(cause);
             }
-            RestoreError::DeadlineExceeded { increment, pending, not_done } => {
+            RestoreError::DeadlineExceeded { increment, not_done } => {
                 self.word(1);
-                self.raw(&(increment, pending));
+                self.raw(increment);
                 self.not_done(not_done);
             }
-            RestoreError::IncrementDeadlineExceeded { increment, limit_ms, pending, not_done } => {
+            RestoreError::IncrementDeadlineExceeded { increment, limit_ms, not_done } => {
                 self.word(2);
-                self.raw(&(increment, limit_ms, pending));
+                self.raw(&(increment, limit_ms));
                 self.not_done(not_done);
             }
         }
