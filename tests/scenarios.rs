@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use lockstep_sim::checkers::Invariant;
 use lockstep_sim::runner::{Keep, run_seed, transcript};
 use lockstep_sim::scenario::{Scenario, scenario_files};
 
@@ -86,4 +87,46 @@ fn a_malformed_scenario_file_is_refused_naming_file_line_and_problem() {
     assert_eq!(error.line, 6);
     assert!(error.message.contains("shard_cuont"), "{error}");
     assert!(error.to_string().starts_with(&format!("{}:6:", path.display())), "{error}");
+}
+
+#[test]
+fn a_pinned_decision_the_run_never_comes_to_fails_the_seed_naming_it() {
+    // The coordinator sends a handful of messages in this restore, and its first one leaves after healing at 1 ms.
+    let text = |decisions: &str| {
+        format!(
+            "description = \"x\"\nseeds = [0]\n[[table]]\nname = \"orders\"\nshards = 2\nrows = [[1, 10], [600, 60]]\n\
+             [[backup]]\nid = 1\nkind = \"full\"\nat_ms = 1000\n[faults]\nheal_at_ms = {{HEAL}}\n{decisions}"
+        )
+    };
+    let run = |heal_at_ms: u64, decisions: &str| {
+        let source = text(decisions).replace("{HEAL}", &heal_at_ms.to_string());
+        let scenario = Scenario::parse("unfired", "unfired.toml", &source).unwrap_or_else(|error| panic!("{error}"));
+        run_seed(&scenario.world(0), Keep::Verdict).violations
+    };
+    let drop = |nth: u32| format!("[[decision]]\nfault = \"message-drop\"\nnode = \"coordinator\"\nnth = {nth}\n");
+
+    // Fired: the coordinator's first message is dropped during the fault phase, and the restore still ends Done.
+    assert_eq!(run(60_000, &drop(0)), Vec::new());
+
+    let never = run(60_000, &drop(1_000));
+    assert_eq!(never.len(), 1, "{never:?}");
+    assert_eq!(never[0].invariant, Invariant::ExpectedOutcome);
+    assert!(never[0].of_the_scenario);
+    let detail = &never[0].detail;
+    assert!(
+        detail.starts_with(
+            "the scenario's decision(s) never fired: `message-drop` at chance 1000 of coordinator (coordinator had "
+        ),
+        "{detail}"
+    );
+
+    let late = run(1, &drop(0));
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert!(
+        late[0]
+            .detail
+            .ends_with("`message-drop` at chance 0 of coordinator (it came after healing, when no fault fires)"),
+        "{}",
+        late[0].detail
+    );
 }

@@ -13,6 +13,7 @@ use lockstep::shard::ShardDurable;
 
 use crate::events::{Event, EventKind, SimNode};
 use crate::plan::OpExpect;
+use crate::tape::Chance;
 use crate::world::World;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
@@ -76,6 +77,9 @@ pub struct Violation {
     pub event_index: Option<usize>,
     pub event_text: Option<String>,
     pub detail: String,
+    /// The run did not go as its scenario says (see [`unfired_decisions`]): a fault of the scenario's, not of the
+    /// protocol. The shrinker does not take it for the failure it keeps.
+    pub of_the_scenario: bool,
 }
 
 /// The line a trace shows under the first offending event of `invariants` (event `index` of the log).
@@ -163,7 +167,13 @@ impl<'a> Walker<'a> {
             return;
         }
         let event_text = Some(self.log[index].to_string());
-        self.violations.push(Violation { invariant, event_index: Some(index), event_text, detail });
+        self.violations.push(Violation {
+            invariant,
+            event_index: Some(index),
+            event_text,
+            detail,
+            of_the_scenario: false,
+        });
     }
 
     fn step(&mut self, index: usize, event: &Event) {
@@ -312,7 +322,37 @@ fn rank(mark: ProgressMark) -> (u8, u32) {
 }
 
 fn final_violation(invariant: Invariant, detail: String) -> Violation {
-    Violation { invariant, event_index: None, event_text: None, detail }
+    Violation { invariant, event_index: None, event_text: None, detail, of_the_scenario: false }
+}
+
+/// The decisions a world pins (a scenario's `[[decision]]`s) that its run never came to, each given with how many
+/// chances of its kind its node had in the whole run (`SimState::unfired_chances`). A pinned fault that never
+/// fired leaves a run that is not the one the scenario describes, whatever else it shows: an expected outcome
+/// reached without it proves nothing. One violation lists them all.
+pub fn unfired_decisions(world: &World, unfired: &[(Chance, u32)]) -> Option<Violation> {
+    if unfired.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = unfired
+        .iter()
+        .map(|(chance, had)| {
+            let node = world.node_name(chance.node);
+            let why = if chance.nth < *had {
+                "it came after healing, when no fault fires".to_string()
+            } else {
+                format!("{node} had {had} such chance(s) in the whole run, counted from 0")
+            };
+            format!("`{}` at chance {} of {node} ({why})", chance.kind, chance.nth)
+        })
+        .collect();
+    let detail = format!("the scenario's decision(s) never fired: {}", list.join("; "));
+    Some(Violation {
+        invariant: Invariant::ExpectedOutcome,
+        event_index: None,
+        event_text: None,
+        detail,
+        of_the_scenario: true,
+    })
 }
 
 fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, violations: &mut Vec<Violation>) {

@@ -171,7 +171,8 @@ pub fn run_world(world: Arc<World>, keep: Keep) -> SeedOutcome {
 /// The outcome of a run that ended: the checkers' verdict on its log and final state, and its figures.
 fn judge(world: &World, mut state: SimState, final_state: &FinalState, keep: Keep) -> SeedOutcome {
     let log = std::mem::take(&mut state.log);
-    let violations = check(world, &log, final_state);
+    let mut violations = check(world, &log, final_state);
+    violations.extend(crate::checkers::unfired_decisions(world, &state.unfired_chances()));
     let probes = crate::probes::probes_of(&log);
     let log_hash = (keep != Keep::Verdict || !violations.is_empty()).then(|| log_hash(&log));
     SeedOutcome {

@@ -228,7 +228,7 @@ impl Case {
         }
         let lost = match world.lost_objects.as_slice() {
             [] => None,
-            [lost] => Some((node_name(world, NodeAddr::Shard(lost.tablet)), lost.increment)),
+            [lost] => Some((world.node_name(NodeAddr::Shard(lost.tablet)), lost.increment)),
             _ => return Err(not_writable("more than one lost object")),
         };
         let case_decisions = Case::of_decisions(world, decisions);
@@ -692,7 +692,7 @@ fn run_case(case: &Case, invariant: Invariant) -> Option<(usize, Vec<CaseDecisio
     let scenario = Scenario::parse("candidate", "candidate", &text).ok()?;
     let world = scenario.world(case.seed);
     let outcome = run_seed(&world, Keep::Verdict);
-    if outcome.panic.is_some() || !outcome.violations.iter().any(|v| v.invariant == invariant) {
+    if outcome.panic.is_some() || !outcome.violations.iter().any(|v| v.invariant == invariant && !v.of_the_scenario) {
         return None;
     }
     let used = Case::of_decisions(&world, &outcome.decisions.decisions());
@@ -700,17 +700,9 @@ fn run_case(case: &Case, invariant: Invariant) -> Option<(usize, Vec<CaseDecisio
 }
 
 /// A node as scenario files name it.
-fn node_name(world: &World, node: NodeAddr) -> String {
-    match node {
-        NodeAddr::Coordinator => "coordinator".to_string(),
-        NodeAddr::Client => "client".to_string(),
-        NodeAddr::Shard(tablet) => format!("{}/{}", world.table(tablet.table).spec.name, tablet.shard.0),
-    }
-}
-
 impl Case {
     fn of_decisions(world: &World, decisions: &[Decision]) -> Vec<CaseDecision> {
-        let name = |node: NodeAddr| node_name(world, node);
+        let name = |node: NodeAddr| world.node_name(node);
         decisions
             .iter()
             .map(|d| match d {

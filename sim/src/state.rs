@@ -118,6 +118,19 @@ impl SimState {
         tape.delays.get(&Chance { node, kind, nth }).copied()
     }
 
+    /// The chances of the replayed tape that never fired, each with how many chances of its kind its node had in
+    /// the whole run (one below that count came after healing; one at or past it never came).
+    pub fn unfired_chances(&self) -> Vec<(Chance, u32)> {
+        let Some(replay) = &self.replay else { return Vec::new() };
+        let had = |chance: &Chance| {
+            self.chances
+                .iter()
+                .find(|(node, _)| *node == chance.node)
+                .map_or(0, |(_, counts)| counts[chance.kind.index()])
+        };
+        replay.chances.iter().filter(|chance| !self.tape.chances.contains(chance)).map(|c| (*c, had(c))).collect()
+    }
+
     /// Decides the next chance of `kind` at `node`: from the tape when replaying, else with the dice at the
     /// seed's rate. Never a hit after healing. Hits are written to [`SimState::tape`].
     pub fn roll(&mut self, node: NodeAddr, kind: FaultKind) -> bool {

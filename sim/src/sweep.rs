@@ -497,8 +497,10 @@ impl SweepSummary {
             RunEnd::Failed(_) => self.ended_failed += 1,
             RunEnd::StillRunning | RunEnd::NeverStarted => self.ended_unfinished += 1,
         }
-        for violation in &outcome.violations {
-            *self.by_invariant.entry(violation.invariant).or_default() += 1;
+        // Seeds per invariant: a seed may break one twice (a scenario not followed, and an outcome it expects).
+        let broken: std::collections::BTreeSet<Invariant> = outcome.violations.iter().map(|v| v.invariant).collect();
+        for invariant in broken {
+            *self.by_invariant.entry(invariant).or_default() += 1;
         }
         for probe in Probe::ALL {
             if outcome.probes.contains(probe) {

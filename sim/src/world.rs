@@ -17,7 +17,7 @@ use lockstep::shard::{ShardBug, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use lockstep::protocol::{ClientCall, OperationId};
+use lockstep::protocol::{ClientCall, NodeAddr, OperationId};
 
 use crate::faults::FaultPlan;
 use crate::plan::{CallExpect, FailureExpect, OpExpect, PlannedCall, ScheduledFault};
@@ -306,6 +306,15 @@ impl World {
 
     pub fn table(&self, id: TableId) -> &WorldTable {
         &self.tables[id.0 as usize]
+    }
+
+    /// `node` as scenario files name it: `coordinator`, `client`, or a table's name and a shard (`orders/1`).
+    pub fn node_name(&self, node: NodeAddr) -> String {
+        match node {
+            NodeAddr::Coordinator => "coordinator".to_string(),
+            NodeAddr::Client => "client".to_string(),
+            NodeAddr::Shard(tablet) => format!("{}/{}", self.table(tablet.table).spec.name, tablet.shard.0),
+        }
     }
 
     pub fn restore_request(&self) -> RestoreRequest {
