@@ -35,7 +35,17 @@ pub trait Transport {
     fn recv(&self) -> impl Future<Output = io::Result<(NodeAddr, Vec<u8>)>>;
 }
 
-const STATE_MAGIC: &[u8; 4] = b"LSST";
+/// The encoding of the durable states a state file holds (each machine's durable type, as a postcard frame).
+/// Raised whenever one of those types changes how it encodes: a node refuses to boot from a state file of
+/// another format, saying so, instead of failing to decode it or, worse, decoding it as something else. The
+/// tests pin the encoding of sample states (`durable_encodings_are_pinned_to_the_state_format`), so a change
+/// cannot land without raising it.
+pub const STATE_FORMAT: u8 = 2;
+/// A state file's header: `LSS`, the format (a byte; format 1 wrote `T` there), the sequence number, the
+/// payload's length and the payload's checksum.
+const STATE_MAGIC: &[u8; 3] = b"LSS";
+/// What format 1, which carried no number, wrote after the magic.
+const FORMAT_1_MARK: u8 = b'T';
 const STATE_HEADER_LEN: usize = 20;
 
 /// Durable state kept in two slots, each with a sequence number and a checksum. A write goes to the slot that does
@@ -67,12 +77,19 @@ pub enum StateError {
          boot from nothing over state it once had: restore the files or remove them deliberately"
     )]
     Damaged { name: String, slots: String },
+    /// The newest intact copy was written in another state format (by another build of lockstep).
+    #[error(
+        "state file {name} was written in state format {found} and this build reads format {expected}: boot the \
+         node with the build that wrote it (letting its operations finish), or remove the files deliberately"
+    )]
+    Format { name: String, found: u8, expected: u8 },
 }
 
 impl StateFile {
     /// Loads the newest intact slot of state `name`; `None` when nothing intact was ever synced.
     pub fn load<D: Disk>(disk: &D, name: &str) -> Result<(Self, Option<Vec<u8>>), StateError> {
-        let mut best: Option<(u64, u64, Vec<u8>)> = None;
+        // Sequence number, slot, format and payload of the newest intact copy.
+        let mut best: Option<(u64, u64, u8, Vec<u8>)> = None;
         let mut damaged = Vec::new();
         let mut present = [false; 2];
         for slot in 0..2 {
@@ -80,8 +97,10 @@ impl StateFile {
             let bytes = disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })?;
             present[slot as usize] = bytes.is_some();
             match bytes.as_deref().map(parse_slot) {
-                Some(Some((seq, payload))) if best.as_ref().is_none_or(|(best_seq, _, _)| seq > *best_seq) => {
-                    best = Some((seq, slot, payload.to_vec()));
+                Some(Some((seq, format, payload)))
+                    if best.as_ref().is_none_or(|(best_seq, _, _, _)| seq > *best_seq) =>
+                {
+                    best = Some((seq, slot, format, payload.to_vec()));
                 }
                 Some(None) => damaged.push(path),
                 Some(Some(_)) | None => {}
@@ -93,10 +112,16 @@ impl StateFile {
         if best.is_none() && !damaged.is_empty() && !first_write_torn {
             return Err(StateError::Damaged { name: name.to_string(), slots: damaged.join(" and ") });
         }
-        let seq = best.as_ref().map_or(0, |(seq, _, _)| *seq);
-        let synced_slot = best.as_ref().map(|(_, slot, _)| *slot);
+        if let Some((_, slot, found, _)) = &best
+            && *found != STATE_FORMAT
+        {
+            let name = slot_name(name, *slot);
+            return Err(StateError::Format { name, found: *found, expected: STATE_FORMAT });
+        }
+        let seq = best.as_ref().map_or(0, |(seq, _, _, _)| *seq);
+        let synced_slot = best.as_ref().map(|(_, slot, _, _)| *slot);
         let file = Self { name: name.to_string(), seq, synced_slot, written_slot: None, slot: Vec::new() };
-        Ok((file, best.map(|(_, _, payload)| payload)))
+        Ok((file, best.map(|(_, _, _, payload)| payload)))
     }
 
     /// Syncs `disk` and with it the last write, which becomes the newest synced state: the next write goes to the
@@ -133,7 +158,8 @@ impl StateFile {
         let payload = &slot[STATE_HEADER_LEN..];
         let len = u32::try_from(payload.len()).expect("state fits in u32");
         let crc = crc32fast::hash(payload);
-        slot[0..4].copy_from_slice(STATE_MAGIC);
+        slot[0..3].copy_from_slice(STATE_MAGIC);
+        slot[3] = STATE_FORMAT;
         slot[4..12].copy_from_slice(&self.seq.to_le_bytes());
         slot[12..16].copy_from_slice(&len.to_le_bytes());
         slot[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -152,15 +178,17 @@ fn slot_name(name: &str, slot: u64) -> String {
     path
 }
 
-fn parse_slot(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    if bytes.len() < STATE_HEADER_LEN || &bytes[0..4] != STATE_MAGIC {
+/// The sequence number, format and payload of an intact copy; `None` for a damaged one.
+fn parse_slot(bytes: &[u8]) -> Option<(u64, u8, &[u8])> {
+    if bytes.len() < STATE_HEADER_LEN || &bytes[0..3] != STATE_MAGIC {
         return None;
     }
+    let format = if bytes[3] == FORMAT_1_MARK { 1 } else { bytes[3] };
     let seq = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
     let len = u32::from_le_bytes(bytes[12..16].try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
     let payload = bytes.get(STATE_HEADER_LEN..)?;
-    (payload.len() == len && crc32fast::hash(payload) == crc).then_some((seq, payload))
+    (payload.len() == len && crc32fast::hash(payload) == crc).then_some((seq, format, payload))
 }
 
 /// A real disk: one directory, files written in place and made durable with fsync (files and directory), on
@@ -478,6 +506,41 @@ mod tests {
         std::fs::remove_file(&slot1).unwrap();
         let error = StateFile::load(&disk, "state").expect_err("no intact copy");
         assert!(error.to_string().contains("(state.0 present"), "{error}");
+    }
+
+    #[test]
+    fn a_state_file_of_another_format_is_refused_naming_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FileDisk::open(dir.path()).unwrap();
+        let (mut file, _) = StateFile::load(&disk, "state").unwrap();
+        block_on(file.write(&disk, b"current")).unwrap();
+        block_on(file.sync(&disk)).unwrap();
+        let path = dir.path().join("state.1");
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(&written[..4], &[b'L', b'S', b'S', STATE_FORMAT]);
+        // Format 1 wrote `LSST`; a later build may write a higher number. Either is intact, and neither is read.
+        for (mark, found) in [(b'T', 1), (STATE_FORMAT + 1, STATE_FORMAT + 1)] {
+            let mut other = written.clone();
+            other[3] = mark;
+            std::fs::write(&path, &other).unwrap();
+            let error = StateFile::load(&disk, "state").expect_err("another format");
+            assert!(
+                matches!(&error, StateError::Format { name, found: f, expected } if name == "state.1" && *f == found && *expected == STATE_FORMAT),
+                "{error:?}"
+            );
+            let text = error.to_string();
+            assert!(
+                text.contains(&format!("state format {found} and this build reads format {STATE_FORMAT}")),
+                "{text}"
+            );
+        }
+        // An older copy of another format beside a newer one of this format is no obstacle: the newest is read.
+        let mut older = written.clone();
+        older[3] = b'T';
+        older[4..12].copy_from_slice(&0u64.to_le_bytes());
+        std::fs::write(dir.path().join("state.0"), &older).unwrap();
+        std::fs::write(&path, &written).unwrap();
+        assert_eq!(StateFile::load(&disk, "state").unwrap().1.as_deref(), Some(&b"current"[..]));
     }
 
     #[test]

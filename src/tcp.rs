@@ -1,9 +1,11 @@
 //! The real transport: length-prefixed frames over TCP.
 //!
-//! Each connection carries frames one way. Its first frame is a hello naming the sender; every frame is
-//! `u32 little-endian length | payload`, written and flushed at once. Delivery is best effort, as the protocol
+//! Each connection carries frames one way. Its first frame is a hello: `LSHELLO`, the protocol version the
+//! sender speaks ([`PROTOCOL_VERSION`], u16 little-endian) and the sender's node name; every frame is
+//! `u32 little-endian length | payload`, written and flushed at once. A peer that speaks another version is
+//! refused (protocol version 1 had no version in its hello: the hello was the node name alone). Delivery is best effort, as the protocol
 //! expects: a send that fails drops the connection and the frame, and the next send reconnects. Bad input from
-//! the network (an unknown hello, an oversized or cut-off frame) closes that connection and is reported as a
+//! the network (an unknown hello, another protocol version, an oversized or cut-off frame) closes that connection and is reported as a
 //! [`FrameFault`]; it never panics. Not built under madsim, where the simulated network stands in.
 
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::io::Transport;
-use crate::protocol::{NodeAddr, decode_frame, encode_frame};
+use crate::protocol::{NodeAddr, PROTOCOL_VERSION, decode_frame, encode_frame};
 
 /// Largest frame accepted from the network; anything larger is a protocol violation, not an allocation.
 pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
@@ -25,6 +27,11 @@ pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
 pub enum FrameFault {
     #[error("connection from {peer}: first frame is not a hello naming a known node: {detail}")]
     BadHello { peer: SocketAddr, detail: String },
+    #[error(
+        "connection from {peer} ({node}): it speaks protocol version {found} and this node speaks version \
+         {expected}: run one build of lockstep on every node"
+    )]
+    Version { peer: SocketAddr, node: NodeAddr, found: u16, expected: u16 },
     #[error("connection from {peer}: frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
     Oversized { peer: SocketAddr, len: u32 },
     #[error("connection from {peer}: {source}")]
@@ -70,7 +77,7 @@ impl TcpTransport {
                 let addr = self.peers.get(&to).ok_or_else(|| io::Error::other(format!("no address for {to}")))?;
                 let mut stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                write_one(&mut stream, &encode_frame(&self.me)).await?;
+                write_one(&mut stream, &hello(self.me)).await?;
                 entry.insert(stream)
             }
         };
@@ -124,10 +131,13 @@ async fn read_connection(
     frames: &mpsc::UnboundedSender<Frame>,
 ) -> Result<(), FrameFault> {
     let Some(hello) = read_frame(&mut stream, peer).await? else { return Ok(()) };
-    let from = match decode_frame::<NodeAddr>(&hello) {
-        Ok(from) if known.contains(&from) => from,
-        Ok(from) => return Err(FrameFault::BadHello { peer, detail: format!("{from} is not a known node") }),
-        Err(error) => return Err(FrameFault::BadHello { peer, detail: error.to_string() }),
+    let from = match parse_hello(&hello) {
+        Ok((PROTOCOL_VERSION, from)) if known.contains(&from) => from,
+        Ok((PROTOCOL_VERSION, from)) => {
+            return Err(FrameFault::BadHello { peer, detail: format!("{from} is not a known node") });
+        }
+        Ok((found, node)) => return Err(FrameFault::Version { peer, node, found, expected: PROTOCOL_VERSION }),
+        Err(detail) => return Err(FrameFault::BadHello { peer, detail }),
     };
     while let Some(frame) = read_frame(&mut stream, peer).await? {
         if frames.send((from, frame)).is_err() {
@@ -135,6 +145,29 @@ async fn read_connection(
         }
     }
     Ok(())
+}
+
+/// What a hello starts with.
+const HELLO_MAGIC: &[u8; 7] = b"LSHELLO";
+
+/// The hello `me` opens a connection with.
+fn hello(me: NodeAddr) -> Vec<u8> {
+    let mut frame = HELLO_MAGIC.to_vec();
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&encode_frame(&me));
+    frame
+}
+
+/// The protocol version and node a hello names. A hello of protocol version 1 was the node name alone (whose
+/// frame never starts with the magic).
+fn parse_hello(frame: &[u8]) -> Result<(u16, NodeAddr), String> {
+    let Some(rest) = frame.strip_prefix(HELLO_MAGIC) else {
+        return decode_frame::<NodeAddr>(frame).map(|node| (1, node)).map_err(|error| error.to_string());
+    };
+    let (version, node) = rest.split_at_checked(2).ok_or("the hello ends inside its protocol version")?;
+    let version = u16::from_le_bytes([version[0], version[1]]);
+    let node = decode_frame::<NodeAddr>(node).map_err(|error| error.to_string())?;
+    Ok((version, node))
 }
 
 /// One frame, or `None` at a clean end of stream.
@@ -198,11 +231,40 @@ mod tests {
             assert!(matches!(b.next_fault().await, Some(FrameFault::BadHello { .. })));
 
             let mut rogue = TcpStream::connect(b_addr).await.expect("connect");
-            write_one(&mut rogue, &encode_frame(&NodeAddr::Coordinator)).await.expect("hello");
+            write_one(&mut rogue, &hello(NodeAddr::Coordinator)).await.expect("hello");
             rogue.write_all(&(MAX_FRAME_BYTES + 1).to_le_bytes()).await.expect("length");
             assert!(matches!(b.next_fault().await, Some(FrameFault::Oversized { .. })));
 
             // The node still takes frames from well-behaved peers.
+            a.send(NodeAddr::Shard(TabletId::new(0, 0)), vec![9]).await;
+            assert_eq!(b.recv().await.expect("a frame"), (NodeAddr::Coordinator, vec![9]));
+        });
+    }
+
+    #[test]
+    fn a_peer_of_another_protocol_version_is_refused_naming_both_versions() {
+        run_local(async {
+            let (a, b, b_addr) = pair().await;
+            let coordinator = encode_frame(&NodeAddr::Coordinator);
+            let newer = [&HELLO_MAGIC[..], &(PROTOCOL_VERSION + 1).to_le_bytes(), &coordinator].concat();
+            // Protocol version 1 said hello with the node name alone.
+            for (hello, found) in [(coordinator.clone(), 1), (newer, PROTOCOL_VERSION + 1)] {
+                let mut rogue = TcpStream::connect(b_addr).await.expect("connect");
+                write_one(&mut rogue, &hello).await.expect("hello");
+                let fault = b.next_fault().await.expect("a fault");
+                let FrameFault::Version { node, found: f, expected, .. } = &fault else { panic!("{fault:?}") };
+                assert_eq!((*node, *f, *expected), (NodeAddr::Coordinator, found, PROTOCOL_VERSION));
+                let text = fault.to_string();
+                let says =
+                    format!("it speaks protocol version {found} and this node speaks version {PROTOCOL_VERSION}");
+                assert!(text.contains(&says), "{text}");
+            }
+            let mut rogue = TcpStream::connect(b_addr).await.expect("connect");
+            write_one(&mut rogue, &HELLO_MAGIC[..]).await.expect("a cut-off hello");
+            let fault = b.next_fault().await.expect("a fault");
+            assert!(fault.to_string().contains("the hello ends inside its protocol version"), "{fault}");
+
+            // The node still takes frames from peers of its own version.
             a.send(NodeAddr::Shard(TabletId::new(0, 0)), vec![9]).await;
             assert_eq!(b.recv().await.expect("a frame"), (NodeAddr::Coordinator, vec![9]));
         });

@@ -2138,3 +2138,82 @@ mod hostile {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Persisted formats
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A state file holds a machine's durable state as a frame. A build that encodes durable states otherwise must
+/// raise `lockstep::io::STATE_FORMAT`, so that a node refuses the state files of another build with a message
+/// saying so instead of misreading them. These pins fail on any change of the encoding: raise the format, then
+/// update them.
+#[test]
+fn durable_encodings_are_pinned_to_the_state_format() {
+    use lockstep::io::STATE_FORMAT;
+    use lockstep::protocol::encode_frame;
+
+    let config = CoordinatorConfig { increment_deadline_ms: 5_000, ..coordinator_config() };
+    // Mid-restore: a tablet done, a tablet that failed once and waits for its retry, a tablet not yet answered.
+    let (mut coordinator, requests) = started(config, 3, 2, 0);
+    reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
+    reply(&mut coordinator, 20, &requests[2], transient());
+    let running = encode_frame(coordinator.durable());
+    // Then failed at the increment's deadline, the error listing the tablets not done.
+    let out = coordinator.handle_timer(5_000, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 });
+    let failed = encode_frame(&last_persisted(&out));
+    let rows = SortedRows::from_iter([(1, 10), (600, 60), (u64::MAX, 0)]);
+    let shard = encode_frame(&ShardDurable { op: Some(OP), applied_through: Some(1), rows: Arc::new(rows) });
+
+    let pin = |bytes: &[u8]| (bytes.len(), format!("{:08x}", crc32fast::hash(bytes)));
+    let found = [pin(&running), pin(&failed), pin(&shard)];
+    let pinned = [(273, "016f3c26".to_string()), (51, "db2c2723".to_string()), (53, "64db6c42".to_string())];
+    assert_eq!(
+        (STATE_FORMAT, found.clone()),
+        (2, pinned),
+        "the encoding of durable states changed (or STATE_FORMAT did): raise STATE_FORMAT in src/io.rs, then pin \
+         the new format and encodings here: {found:?}"
+    );
+}
+
+/// Frames between nodes are messages encoded. A build that encodes them otherwise must raise
+/// `lockstep::protocol::PROTOCOL_VERSION`, which the real transport says in every hello, so that nodes of two
+/// builds refuse each other by name instead of misreading each other's frames. These pins fail on any change of
+/// the encoding: raise the version, then update them.
+#[test]
+fn message_encodings_are_pinned_to_the_protocol_version() {
+    use lockstep::protocol::{ClientCall, ClientRequest, PROTOCOL_VERSION, encode_frame};
+
+    let (mut coordinator, requests) = started(coordinator_config(), 2, 3, 0);
+    let start = Message::Client(ClientRequest { call_id: 1, call: ClientCall::Start(restore_request(OP, 2, 3)) });
+    let apply = Message::Apply(requests[0].clone());
+    let applied = Message::Reply(answer(&requests[0], ApplyOutcome::Applied));
+    let expected = BundleOf { backup_id: 1, kind: BackupKind::Full, tablet: tablet(1) };
+    let found = BundleOf { backup_id: 2, kind: BackupKind::Incremental, tablet: tablet(0) };
+    let cause = ShardFailure::WrongBundle { object: requests[1].object.clone(), expected, found };
+    let refused = Message::Reply(answer(&requests[1], ApplyOutcome::Failed { permanent: true, cause }));
+    let status = Message::Client(ClientRequest { call_id: 2, call: ClientCall::Status { op: OP } });
+    let out = coordinator.handle_message(5, NodeAddr::Client, status.clone());
+    let [Output::Send { msg: view, .. }] = out.as_slice() else { panic!("one answer, got {out:?}") };
+
+    let pin = |bytes: &[u8]| (bytes.len(), format!("{:08x}", crc32fast::hash(bytes)));
+    let messages = [&start, &apply, &applied, &refused, &status, view];
+    let mut found: Vec<(usize, String)> = messages.iter().map(|m| pin(&encode_frame(*m))).collect();
+    found.push(pin(&encode_frame(&NodeAddr::Shard(tablet(1)))));
+    let pinned: Vec<(usize, String)> = [
+        (240, "db28e320"),
+        (42, "f38a77fb"),
+        (8, "a77332dc"),
+        (51, "c3ae460e"),
+        (4, "0fb6671b"),
+        (37, "3bd1ba8e"),
+        (3, "898483b3"),
+    ]
+    .map(|(len, crc)| (len, crc.to_string()))
+    .to_vec();
+    assert_eq!(
+        (PROTOCOL_VERSION, found.clone()),
+        (2, pinned),
+        "the encoding of messages changed (or PROTOCOL_VERSION did): raise PROTOCOL_VERSION in src/protocol.rs, then \
+         pin the new version and encodings here: {found:?}"
+    );
+}

@@ -188,38 +188,33 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
     assert_eq!(applied, 3 * SHARDS as usize, "each shard applies each increment exactly once");
 }
 
-/// A shard whose state file is damaged in both copies (no crash does that) refuses to boot, says why, and leaves
-/// the files as they were: booting empty would restore over a table as if it had never held anything.
-#[test]
-fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+/// Writes two synced states of a shard into `dir` and returns the paths of the two copies.
+fn two_synced_states(dir: &std::path::Path) -> [std::path::PathBuf; 2] {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    let local = tokio::task::LocalSet::new();
-    let shard = TabletId { table: TABLE, shard: lockstep::model::ShardId(0) };
-    let node = NodeAddr::Shard(shard);
-    let disk = FileDisk::open(dir.path()).expect("node directory");
+    let disk = FileDisk::open(dir).expect("node directory");
     let (mut file, _) = StateFile::load(&disk, STATE_FILE).expect("an empty directory loads");
-    local.block_on(&runtime, async {
+    runtime.block_on(async {
         for text in [&b"older"[..], b"newer"] {
             file.write(&disk, text).await.expect("written");
             file.sync(&disk).await.expect("synced");
         }
     });
-    let slots = [0, 1].map(|slot| dir.path().join(format!("{STATE_FILE}.{slot}")));
-    for path in &slots {
-        let mut bytes = std::fs::read(path).expect("a slot");
-        *bytes.last_mut().expect("a payload") ^= 0x01;
-        std::fs::write(path, bytes).expect("damaged");
-    }
-    let damaged = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
+    [0, 1].map(|slot| dir.join(format!("{STATE_FILE}.{slot}")))
+}
 
+/// Boots a shard on the node directory `dir`; it must stop at once with one fatal event, whose text is returned.
+fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let local = tokio::task::LocalSet::new();
+    let shard = TabletId { table: TABLE, shard: lockstep::model::ShardId(0) };
+    let node = NodeAddr::Shard(shard);
     let (finished, _) = mpsc::unbounded_channel();
     let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
     local.block_on(&runtime, async {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let io = HostIo {
-            disk: Rc::new(disk),
-            store: Rc::new(DirStore::open(dir.path().join("store")).expect("a store")),
+            disk: Rc::new(FileDisk::open(dir).expect("node directory")),
+            store: Rc::new(DirStore::open(dir.join("store")).expect("a store")),
             transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
             observer: recorder.clone(),
             epoch: tokio::time::Instant::now(),
@@ -233,9 +228,44 @@ fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
     let events = recorder.events.borrow();
     let [(who, HostEvent::Fatal(why))] = events.as_slice() else { panic!("one fatal event, got {events:?}") };
     assert_eq!(*who, node);
+    why.clone()
+}
+
+/// A shard whose state file is damaged in both copies (no crash does that) refuses to boot, says why, and leaves
+/// the files as they were: booting empty would restore over a table as if it had never held anything.
+#[test]
+fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let slots = two_synced_states(dir.path());
+    for path in &slots {
+        let mut bytes = std::fs::read(path).expect("a slot");
+        *bytes.last_mut().expect("a payload") ^= 0x01;
+        std::fs::write(path, bytes).expect("damaged");
+    }
+    let damaged = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
+    let why = fatal_of_a_shard_booting_from(dir.path());
     assert!(why.contains("node.state: no intact copy (node.state.0 and node.state.1 present"), "{why}");
     let after = slots.map(|path| std::fs::read(path).expect("a slot"));
     assert_eq!(after, damaged, "the damaged files are left as they were");
+}
+
+/// A shard whose state file another build wrote, in another state format, refuses to boot and names both formats,
+/// leaving the files for the build that can read them.
+#[test]
+fn a_host_refuses_to_boot_from_a_state_file_of_another_format() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let slots = two_synced_states(dir.path());
+    for path in &slots {
+        let mut bytes = std::fs::read(path).expect("a slot");
+        bytes[3] = b'T'; // what format 1 wrote there
+        std::fs::write(path, bytes).expect("rewritten");
+    }
+    let before = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
+    let why = fatal_of_a_shard_booting_from(dir.path());
+    let expected = format!("was written in state format 1 and this build reads format {}", lockstep::io::STATE_FORMAT);
+    assert!(why.contains(&expected), "{why}");
+    let after = slots.map(|path| std::fs::read(path).expect("a slot"));
+    assert_eq!(after, before, "the files are left as they were");
 }
 
 /// A coordinator restarted in the middle of an increment keeps the deadline it persisted: machine time is the wall
