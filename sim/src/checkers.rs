@@ -136,6 +136,9 @@ struct Walker<'a> {
     op_tablets: BTreeMap<OperationId, Vec<TabletId>>,
     /// Highest increment each tablet holds durably, of which operation, with the checksum of the bundle.
     applied: BTreeMap<TabletId, Option<(OperationId, IncrementIndex, u32)>>,
+    /// Highest increment of each operation each tablet has ever durably applied (a newer operation may have
+    /// restored over it since).
+    reached: BTreeMap<(OperationId, TabletId), IncrementIndex>,
     /// Last durable progress of each operation not forgotten.
     progress: BTreeMap<OperationId, ProgressMark>,
     /// Last durable progress of every operation ever seen, forgotten ones included.
@@ -154,6 +157,7 @@ impl<'a> Walker<'a> {
             log,
             op_tablets,
             applied,
+            reached: BTreeMap::new(),
             progress: BTreeMap::new(),
             last_seen: BTreeMap::new(),
             answers: BTreeMap::new(),
@@ -247,15 +251,10 @@ impl<'a> Walker<'a> {
         }
         if increment > 0 {
             let tablets = self.op_tablets.get(&op).cloned().unwrap_or_default();
+            // What the other tablets durably applied of this operation, even if a newer operation has since
+            // restored over it (after this one failed).
             let behind = tablets.iter().find(|other| {
-                **other != tablet
-                    && self
-                        .applied
-                        .get(other)
-                        .copied()
-                        .flatten()
-                        .filter(|(o, _, _)| *o == op)
-                        .is_none_or(|(_, k, _)| k < increment - 1)
+                **other != tablet && self.reached.get(&(op, **other)).is_none_or(|k| *k < increment - 1)
             });
             if let Some(first) = behind {
                 let detail = format!(
@@ -280,6 +279,8 @@ impl<'a> Walker<'a> {
             }
         }
         self.applied.insert(tablet, Some((op, increment, crc)));
+        let reached = self.reached.entry((op, tablet)).or_insert(increment);
+        *reached = (*reached).max(increment);
     }
 
     fn on_progress(&mut self, index: usize, mark: ProgressMark) {
@@ -669,7 +670,7 @@ mod tests {
 
         let tablet = TabletId::new(0, 0);
         let object = BackupManifest::object_name(world.chain_backup_ids[1], tablet);
-        world.lost_objects = vec![crate::world::LostObject { increment: 1, tablet, object }];
+        world.lost_objects = vec![crate::world::LostObject { increment: 1, tablet, object, until_end_of: None }];
         let missing = crate::plan::FailureExpect::ObjectMissing { increment: 1, tablet };
         world.expected_ops.insert(1, OpExpect::Failed(missing));
         assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![Invariant::ExpectedOutcome]);

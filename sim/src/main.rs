@@ -812,8 +812,13 @@ mod cli {
             count("determinism")
         );
         println!(
-            "outcomes         done {}, failed {}, unfinished {}; worlds that lost an object for good: {}",
-            summary.ended_done, summary.ended_failed, summary.ended_unfinished, summary.lost_object_worlds
+            "outcomes         done {}, failed {}, unfinished {}; worlds that lost an object: {}, of which {} got it \
+             back and restored again",
+            summary.ended_done,
+            summary.ended_failed,
+            summary.ended_unfinished,
+            summary.lost_object_worlds,
+            summary.restored_again_worlds
         );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
         let mut never = Vec::new();

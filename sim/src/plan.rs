@@ -11,7 +11,11 @@ use lockstep::protocol::{ClientAnswer, ClientCall, OperationId, ShardFailure};
 /// One call the client makes at `at_ms`, retried until answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedCall {
+    /// When the call is made: this long after the run began, or, with `after_end_of`, after that ended.
     pub at_ms: u64,
+    /// The call waits for this operation to end (durably, Done or Failed), as an operator's script that polls
+    /// its status would, and is made `at_ms` later.
+    pub after_end_of: Option<OperationId>,
     pub call: ClientCall,
     pub expect: CallExpect,
 }

@@ -31,10 +31,12 @@ pub enum Probe {
     CleanFailedReached,
     /// A shard reported an object missing for good.
     ObjectMissingReported,
+    /// A tablet applied a newer operation's rows over those of an older one (a restore again after a failure).
+    RestoredAgain,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 9] = [
+    pub const ALL: [Probe; 10] = [
         Probe::PartialDownloadResumed,
         Probe::RebootMidApply,
         Probe::DuplicateAnsweredFromMarker,
@@ -44,6 +46,7 @@ impl Probe {
         Probe::TornWriteSurvived,
         Probe::CleanFailedReached,
         Probe::ObjectMissingReported,
+        Probe::RestoredAgain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Probe {
             Probe::TornWriteSurvived => "torn-write-survived",
             Probe::CleanFailedReached => "clean-failed-reached",
             Probe::ObjectMissingReported => "object-missing-reported",
+            Probe::RestoredAgain => "restored-again",
         }
     }
 
@@ -87,6 +91,8 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
     let mut applying: BTreeMap<TabletId, bool> = BTreeMap::new();
     // (tablet, increment) pairs sent in the current generation.
     let mut sent: Vec<(TabletId, u32)> = Vec::new();
+    // Per tablet: the operation whose rows it last applied.
+    let mut held: BTreeMap<TabletId, lockstep::protocol::OperationId> = BTreeMap::new();
     // Nodes whose last crash tore a write.
     let mut torn: Vec<NodeAddr> = Vec::new();
     for event in log {
@@ -126,8 +132,11 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
                 (NodeAddr::Shard(tablet), HostEvent::Received { msg: Message::Apply(_), .. }) => {
                     applying.insert(tablet, true);
                 }
-                (NodeAddr::Shard(tablet), HostEvent::Persisted(PersistNote::ShardApplied { .. })) => {
+                (NodeAddr::Shard(tablet), HostEvent::Persisted(PersistNote::ShardApplied { op, .. })) => {
                     applying.insert(tablet, false);
+                    if held.insert(tablet, *op).is_some_and(|older| older < *op) {
+                        hit.insert(Probe::RestoredAgain);
+                    }
                 }
                 (NodeAddr::Shard(tablet), HostEvent::Sent { msg: Message::Reply(reply), .. }) => {
                     applying.insert(tablet, false);

@@ -2,7 +2,7 @@
 //! waits for the operation to end or the liveness bound to pass, then hands the event log and the final durable
 //! state to the checkers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,7 +13,9 @@ use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
 use lockstep::io::{StateFile, Transport};
 use lockstep::model::BackupManifest;
 use lockstep::model::TabletId;
-use lockstep::protocol::{ApplyOutcome, ClientRequest, Message, NodeAddr, PersistNote, decode_frame, encode_frame};
+use lockstep::protocol::{
+    ApplyOutcome, ClientRequest, Message, NodeAddr, OperationId, PersistNote, decode_frame, encode_frame,
+};
 use lockstep::shard::ShardDurable;
 use madsim::net::Endpoint;
 use madsim::runtime::Handle;
@@ -41,6 +43,8 @@ const _: () = assert!(crate::world::MAX_TABLES < 255 && crate::world::MAX_SHARDS
 const PROTOCOL_PORT: u16 = 7000;
 /// How long the client waits for an answer before it sends a call again.
 const CLIENT_RETRY_MS: u64 = 1_000;
+/// How often the client looks whether the operation a call waits for has ended.
+const ENDED_POLL_MS: u64 = 50;
 
 /// What one seed produced.
 #[derive(Clone, Debug)]
@@ -208,6 +212,8 @@ impl Observer for SimObserver {
         let mut state = self.state.lock();
         if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event {
             state.ops_running = marks.iter().any(|m| matches!(m, ProgressMark::Running { .. }));
+            let ended = marks.iter().filter(|m| !matches!(m, ProgressMark::Running { .. })).map(|m| m.op());
+            state.ended_ops.extend(ended);
         }
         state.record(now, SimNode::Protocol(node), EventKind::Host(event));
         if let Some(moment) = moment {
@@ -408,7 +414,17 @@ impl NodeEnv {
             }
         });
         for (index, planned) in self.world.calls.iter().enumerate() {
-            tokio::time::sleep_until(self.clock.epoch + Duration::from_millis(planned.at_ms)).await;
+            match planned.after_end_of {
+                None => tokio::time::sleep_until(self.clock.epoch + Duration::from_millis(planned.at_ms)).await,
+                Some(op) => {
+                    // As an operator's script polling the operation's status would; the harness reads the
+                    // coordinator's durable verdict instead of making calls the world did not plan.
+                    while !self.state.lock().ended_ops.contains(&op) {
+                        tokio::time::sleep(Duration::from_millis(ENDED_POLL_MS)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(planned.at_ms)).await;
+                }
+            }
             let call_id = index as u64 + 1;
             let msg = Message::Client(ClientRequest { call_id, call: planned.call.clone() });
             'answered: loop {
@@ -451,7 +467,8 @@ async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
         NodeEnv { state: state.clone(), clock: clock.clone(), directory, crash_tx, finished_tx, world: world.clone() };
     let handle = Handle::current();
 
-    let lost: BTreeSet<String> = world.lost_objects.iter().map(|l| l.object.clone()).collect();
+    let lost: BTreeMap<String, Option<OperationId>> =
+        world.lost_objects.iter().map(|l| (l.object.clone(), l.until_end_of)).collect();
     let store_state = state.clone();
     let store_clock = clock.clone();
     let objects = world.objects.clone();

@@ -794,7 +794,7 @@ impl Scenario {
                 }
                 let (tablet, increment) = (tablet()?, increment()?);
                 let object = BackupManifest::object_name(world.chain_backup_ids[increment as usize], tablet);
-                world.lost_objects.push(LostObject { increment, tablet, object });
+                world.lost_objects.push(LostObject { increment, tablet, object, until_end_of: None });
                 return Ok(());
             }
             other => return Err(unknown_action(&decl.action, other)),
@@ -821,7 +821,7 @@ impl Scenario {
                 None => OpExpect::Done,
             };
             expected_ops.insert(request.op, expect);
-            calls.push(PlannedCall { at_ms: 0, call: ClientCall::Start(request), expect: CallExpect::Started });
+            calls.push(PlannedCall { at_ms: 0, after_end_of: None, call: ClientCall::Start(request), expect: CallExpect::Started });
         }
         let mut ops = BTreeSet::new();
         for restore in restores {
@@ -864,7 +864,7 @@ impl Scenario {
                 }
                 expected_ops.insert(decl.op, outcome(world, &request, &decl.outcome)?);
             }
-            calls.push(PlannedCall { at_ms: decl.at_ms, call: ClientCall::Start(request), expect });
+            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of: None, call: ClientCall::Start(request), expect });
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
@@ -903,7 +903,7 @@ impl Scenario {
                     ));
                 }
             };
-            calls.push(PlannedCall { at_ms: decl.at_ms, call: client_call, expect });
+            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of: None, call: client_call, expect });
         }
         // In time order; the file's order breaks ties.
         calls.sort_by_key(|c| c.at_ms);

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lockstep::model::TabletId;
-use lockstep::protocol::NodeAddr;
+use lockstep::protocol::{NodeAddr, OperationId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -48,6 +48,8 @@ pub struct SimState {
     pub client_done: bool,
     /// The last persisted coordinator state has a running operation.
     pub ops_running: bool,
+    /// Operations the coordinator has durably ended (Done or Failed), forgotten ones included.
+    pub ended_ops: BTreeSet<OperationId>,
 }
 
 impl SimState {
@@ -72,6 +74,7 @@ impl SimState {
             pending_scheduled: BTreeSet::new(),
             client_done: false,
             ops_running: false,
+            ended_ops: BTreeSet::new(),
         }
     }
 

@@ -9,7 +9,8 @@
 //! - `download-truncated`: the object is reported to end where this read ends, as a cut-off transfer does;
 //! - `download-corrupt`: one byte of the answer is flipped.
 //!
-//! A lost object (only where the world says so) answers "not found" for good.
+//! A lost object (only where the world says so) answers "not found" for good, or until the operation the world
+//! names has ended (an operator putting the object back after the restore that met its loss failed).
 //!
 //! Fault atlas: the stored bytes are never changed, damage is done only to the copy sent, and after
 //! `MAX_DAMAGED_STREAK` faulty answers in a row for one object the next answer for it is intact. So at least one
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::io::{RemoteStore, range_of};
-use lockstep::protocol::{NodeAddr, RangeRead, StoreError};
+use lockstep::protocol::{NodeAddr, OperationId, RangeRead, StoreError};
 use madsim::net::Endpoint;
 use rand::Rng;
 
@@ -57,7 +58,12 @@ struct Envelope {
 }
 
 /// The store node's main loop. Never returns.
-pub async fn serve(state: Shared, clock: SimClock, objects: Arc<BTreeMap<String, Vec<u8>>>, lost: BTreeSet<String>) {
+pub async fn serve(
+    state: Shared,
+    clock: SimClock,
+    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    lost: BTreeMap<String, Option<OperationId>>,
+) {
     let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
     let server =
         Rc::new(StoreServer { state, clock, objects, written: Default::default(), lost, streaks: Default::default() });
@@ -95,7 +101,8 @@ struct StoreServer {
     objects: Arc<BTreeMap<String, Vec<u8>>>,
     /// Objects put during the run; they shadow `objects`.
     written: std::cell::RefCell<BTreeMap<String, Vec<u8>>>,
-    lost: BTreeSet<String>,
+    /// Lost objects, each with the operation whose end brings it back, if any.
+    lost: BTreeMap<String, Option<OperationId>>,
     /// Faulty answers in a row, per object.
     streaks: std::cell::RefCell<BTreeMap<String, u32>>,
 }
@@ -132,7 +139,8 @@ impl StoreServer {
         len: u64,
         reader: Option<NodeAddr>,
     ) -> (Result<RangeRead, StoreError>, Option<Duration>) {
-        if self.lost.contains(object) {
+        let back = |op: &OperationId| self.state.lock().ended_ops.contains(op);
+        if self.lost.get(object).is_some_and(|until| !until.as_ref().is_some_and(back)) {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         }
         let written = self.written.borrow();

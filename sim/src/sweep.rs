@@ -450,9 +450,11 @@ pub struct SweepSummary {
     pub messages: u64,
     pub events: u64,
     pub wall: Duration,
-    /// Worlds that lost an object for good (and so must end in a clean Failed).
+    /// Worlds that lost an object (and so their first restore must end in a clean Failed).
     pub lost_object_worlds: u64,
-    /// How the operations ended: Done, Failed, still running at the bound, never started.
+    /// Of those, worlds that got it back once that restore failed and restored again (which must end Done).
+    pub restored_again_worlds: u64,
+    /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
     pub ended_unfinished: u64,
@@ -491,6 +493,9 @@ impl SweepSummary {
         }
         if !world.lost_objects.is_empty() {
             self.lost_object_worlds += 1;
+        }
+        if world.lost_objects.iter().any(|lost| lost.until_end_of.is_some()) {
+            self.restored_again_worlds += 1;
         }
         match outcome.end {
             RunEnd::Done => self.ended_done += 1,
@@ -557,6 +562,7 @@ impl SweepSummary {
         self.messages += other.messages;
         self.events += other.events;
         self.lost_object_worlds += other.lost_object_worlds;
+        self.restored_again_worlds += other.restored_again_worlds;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
         self.ended_unfinished += other.ended_unfinished;

@@ -25,6 +25,8 @@ use crate::tape::Tape;
 
 /// The operation id every simulated restore uses.
 pub const OPERATION_ID: u64 = 1;
+/// The operation that restores the tables again after the first failed ([`World::restore_again`]).
+pub const RESTORED_AGAIN_ID: u64 = 2;
 /// The backup collection every simulated restore reads.
 pub const COLLECTION: &str = "main";
 /// The least liveness bound of a world: time after healing for reboots to end, backoffs to run out and every
@@ -57,6 +59,9 @@ pub struct WorldParams {
     pub faults: Option<FaultPlan>,
     /// Probability that a world loses one bundle object for good (then it must end in a clean Failed).
     pub lost_object_probability: f64,
+    /// Probability that a world which loses an object gets it back once its restore has failed, and restores
+    /// the same tables again (which must end Done): see [`World::restore_again`].
+    pub restore_again_probability: f64,
     /// Deliberate bugs to run with.
     pub bugs: Bugs,
 }
@@ -71,16 +76,19 @@ pub struct Bugs {
 impl WorldParams {
     /// The default world of `cargo sim run`: everything drawn from the seed, 5% of worlds lose an object.
     pub fn sweep_default() -> Self {
-        Self { lost_object_probability: 0.05, ..Self::default() }
+        Self { lost_object_probability: 0.05, restore_again_probability: 0.5, ..Self::default() }
     }
 }
 
-/// A bundle object made permanently missing.
+/// A bundle object made missing: for good, or until an operation has ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LostObject {
     pub increment: IncrementIndex,
     pub tablet: TabletId,
     pub object: String,
+    /// The object is back once this operation has durably ended (the restore that met its loss failed, and an
+    /// operator put it back), else it is lost for good.
+    pub until_end_of: Option<OperationId>,
 }
 
 /// One table of the world: what the restore is told about it, how its keys are cut, and its oracle.
@@ -215,7 +223,7 @@ impl World {
             let increment = rng.gen_range(0..chain_len);
             let tablet = tablets[rng.gen_range(0..tablets.len())];
             let object = BackupManifest::object_name(chain_backup_ids[increment as usize], tablet);
-            LostObject { increment, tablet, object }
+            LostObject { increment, tablet, object, until_end_of: None }
         });
         let faults = params.faults.clone().unwrap_or_else(|| {
             let heal_at_ms = rng.gen_range(2_000..20_000);
@@ -259,8 +267,31 @@ impl World {
         };
         world.liveness_bound_ms = world.work_liveness_bound_ms();
         let call = ClientCall::Start(world.restore_request());
-        world.calls.push(PlannedCall { at_ms: 0, call, expect: CallExpect::Started });
+        world.calls.push(PlannedCall { at_ms: 0, after_end_of: None, call, expect: CallExpect::Started });
+        // Drawn last, so that every other world of a seed is the one it was before restores were retried.
+        if !world.lost_objects.is_empty() && rng.gen_bool(params.restore_again_probability) {
+            world.restore_again(rng.gen_range(0..100));
+        }
         world
+    }
+
+    /// Makes this world's lost object come back once the restore that met its loss has failed, and the client
+    /// restore the same tables again `delay_ms` after that failure, as an operator would, expecting Done. Requests
+    /// of the failed restore may still be on their way to the shards (held back, duplicated, or answered late by
+    /// the store), so this is where a shard must refuse an older operation's request.
+    fn restore_again(&mut self, delay_ms: u64) {
+        for lost in &mut self.lost_objects {
+            lost.until_end_of = Some(OPERATION_ID);
+        }
+        let request = RestoreRequest { op: RESTORED_AGAIN_ID, ..self.restore_request() };
+        let call = PlannedCall {
+            at_ms: delay_ms,
+            after_end_of: Some(OPERATION_ID),
+            call: ClientCall::Start(request),
+            expect: CallExpect::Started,
+        };
+        self.calls.push(call);
+        self.expected_ops.insert(RESTORED_AGAIN_ID, OpExpect::Done);
     }
 
     /// When a run stops waiting: the liveness bound after healing, or after the client's last planned call when
@@ -268,7 +299,11 @@ impl World {
     /// answered rather than cut off).
     pub fn gives_up_at_ms(&self) -> u64 {
         let last_call = self.calls.iter().map(|call| call.at_ms).max().unwrap_or(0);
-        self.faults.heal_at_ms.max(last_call).saturating_add(self.liveness_bound_ms)
+        // A call that waits for an operation to end may come as late as that operation's own bound, and what it
+        // starts gets the whole bound too.
+        let waits = self.calls.iter().filter(|call| call.after_end_of.is_some()).count() as u64;
+        let bound = self.liveness_bound_ms.saturating_mul(1 + waits);
+        self.faults.heal_at_ms.max(last_call).saturating_add(bound)
     }
 
     /// The liveness bound this world's work needs: [`BASE_LIVENESS_BOUND_MS`], or [`LIVENESS_BOUND_PER_APPLY_MS`]
@@ -380,15 +415,22 @@ impl World {
             }
         }
         for lost in &self.lost_objects {
+            let how_long = match lost.until_end_of {
+                None => "for good".to_string(),
+                Some(op) => format!("until operation {op} has ended"),
+            };
             text.push_str(&format!(
-                "object lost for good: {} (increment {}, {})\n",
+                "object lost {how_long}: {} (increment {}, {})\n",
                 lost.object, lost.increment, lost.tablet
             ));
         }
         for call in &self.calls {
+            let when = match call.after_end_of {
+                None => format!("at {} ms", call.at_ms),
+                Some(op) => format!("{} ms after operation {op} ended", call.at_ms),
+            };
             text.push_str(&format!(
-                "client at {} ms: {} (expect {})\n",
-                call.at_ms,
+                "client {when}: {} (expect {})\n",
                 describe_call(&call.call),
                 call.expect
             ));
