@@ -253,9 +253,9 @@ impl<'a> Walker<'a> {
             let tablets = self.op_tablets.get(&op).cloned().unwrap_or_default();
             // What the other tablets durably applied of this operation, even if a newer operation has since
             // restored over it (after this one failed).
-            let behind = tablets.iter().find(|other| {
-                **other != tablet && self.reached.get(&(op, **other)).is_none_or(|k| *k < increment - 1)
-            });
+            let behind = tablets
+                .iter()
+                .find(|other| **other != tablet && self.reached.get(&(op, **other)).is_none_or(|k| *k < increment - 1));
             if let Some(first) = behind {
                 let detail = format!(
                     "{tablet} applied increment {increment} before {first} durably applied increment {}",
@@ -480,10 +480,14 @@ mod tests {
     }
 
     fn applied_on(world: &World, tablet: TabletId, increment: u32) -> Event {
+        applied_of(world, 1, tablet, increment)
+    }
+
+    fn applied_of(world: &World, op: OperationId, tablet: TabletId, increment: u32) -> Event {
         let backup_id = world.chain_backup_ids[increment as usize];
         let object = BackupManifest::object_name(backup_id, tablet);
         let bundle_crc32 = world.intact_crc32(&object).expect("object exists");
-        let note = PersistNote::ShardApplied { op: 1, increment, backup_id, bundle_crc32 };
+        let note = PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 };
         event(NodeAddr::Shard(tablet), HostEvent::Persisted(note))
     }
 
@@ -556,6 +560,24 @@ mod tests {
         let violations = check(&world, &log, &done_state(&world));
         let violation = violations.iter().find(|v| v.invariant == Invariant::InOrderApply).expect("caught");
         assert_eq!(violation.event_index, Some(1), "the offending event is the early apply");
+    }
+
+    #[test]
+    fn an_operation_is_judged_by_what_its_tablets_applied_even_where_a_newer_one_restored_over_it() {
+        let mut world = world();
+        world.restore_again(0);
+        let (a, b) = (TabletId::new(0, 0), TabletId::new(0, 1));
+        // Operation 1 failed with both tablets past increment 0; operation 2 restored b first, and a request of
+        // operation 1 still on its way made a apply increment 1 (a shard may: it holds operation 1's rows).
+        let late = vec![applied_of(&world, 1, a, 0), applied_of(&world, 1, b, 0), applied_of(&world, 2, b, 0)];
+        let mut log = late.clone();
+        log.push(applied_of(&world, 1, a, 1));
+        assert!(!invariants(&world, &log, &done_state(&world)).contains(&Invariant::InOrderApply), "{log:?}");
+        // Had b never applied operation 1's increment 0, a ran ahead of it.
+        let log = vec![applied_of(&world, 1, a, 0), applied_of(&world, 2, b, 0), applied_of(&world, 1, a, 1)];
+        let violations = check(&world, &log, &done_state(&world));
+        let violation = violations.iter().find(|v| v.invariant == Invariant::InOrderApply).expect("caught");
+        assert_eq!(violation.event_index, Some(2));
     }
 
     #[test]

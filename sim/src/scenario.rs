@@ -821,7 +821,12 @@ impl Scenario {
                 None => OpExpect::Done,
             };
             expected_ops.insert(request.op, expect);
-            calls.push(PlannedCall { at_ms: 0, after_end_of: None, call: ClientCall::Start(request), expect: CallExpect::Started });
+            calls.push(PlannedCall {
+                at_ms: 0,
+                after_end_of: None,
+                call: ClientCall::Start(request),
+                expect: CallExpect::Started,
+            });
         }
         let mut ops = BTreeSet::new();
         for restore in restores {

@@ -141,6 +141,12 @@ impl Case {
             && matches!(world.calls[0].expect, CallExpect::Started)
             && world.calls[0].at_ms == 0
             && world.expected_ops.keys().eq([OPERATION_ID].iter());
+        if world.lost_objects.iter().any(|lost| lost.until_end_of.is_some()) {
+            return Err(not_writable(
+                "a world that restores again after a failure cannot be written as a scenario yet (scenario files have \
+                 no restore that waits for another to end); reproduce it with `cargo sim repro --seed`",
+            ));
+        }
         if !only_start || !world.scheduled.is_empty() || world.decisions.is_some() {
             return Err(not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink"));
         }

@@ -279,7 +279,7 @@ impl World {
     /// restore the same tables again `delay_ms` after that failure, as an operator would, expecting Done. Requests
     /// of the failed restore may still be on their way to the shards (held back, duplicated, or answered late by
     /// the store), so this is where a shard must refuse an older operation's request.
-    fn restore_again(&mut self, delay_ms: u64) {
+    pub(crate) fn restore_again(&mut self, delay_ms: u64) {
         for lost in &mut self.lost_objects {
             lost.until_end_of = Some(OPERATION_ID);
         }
@@ -429,11 +429,7 @@ impl World {
                 None => format!("at {} ms", call.at_ms),
                 Some(op) => format!("{} ms after operation {op} ended", call.at_ms),
             };
-            text.push_str(&format!(
-                "client {when}: {} (expect {})\n",
-                describe_call(&call.call),
-                call.expect
-            ));
+            text.push_str(&format!("client {when}: {} (expect {})\n", describe_call(&call.call), call.expect));
         }
         for (op, expect) in &self.expected_ops {
             text.push_str(&format!("operation {op} must end {expect}\n"));
