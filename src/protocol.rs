@@ -238,9 +238,10 @@ pub enum Output<D, T> {
 }
 
 /// The encoding of the frames nodes exchange ([`Message`], and the node names of the real transport's hello).
-/// Raised whenever a message type changes how it encodes. The real transport says it in every connection's
-/// hello and refuses a peer that speaks another ([`crate::tcp`]); the tests pin the encoding of sample messages
-/// (`message_encodings_are_pinned_to_the_protocol_version`), so a change cannot land without raising it.
+/// Raised whenever a message type changes how it encodes. The real transport (`lockstep::tcp`, outside the
+/// madsim build) says it in every connection's hello and refuses a peer that speaks another; the tests pin the
+/// encoding of sample messages (`message_encodings_are_pinned_to_the_protocol_version`), so a change cannot land
+/// without raising it.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]

@@ -279,7 +279,7 @@ impl World {
     /// restore the same tables again `delay_ms` after that failure, as an operator would, expecting Done. Requests
     /// of the failed restore may still be on their way to the shards (held back, duplicated, or answered late by
     /// the store), so this is where a shard must refuse an older operation's request.
-    pub(crate) fn restore_again(&mut self, delay_ms: u64) {
+    pub fn restore_again(&mut self, delay_ms: u64) {
         for lost in &mut self.lost_objects {
             lost.until_end_of = Some(OPERATION_ID);
         }
