@@ -20,7 +20,7 @@ use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
     TabletId, apply_changes,
 };
-use lockstep::protocol::{ClientCall, NodeAddr};
+use lockstep::protocol::{ClientCall, NodeAddr, OperationId};
 use lockstep::shard::ShardConfig;
 use serde::Deserialize;
 use toml::Spanned;
@@ -239,8 +239,11 @@ struct ChangeDecl {
 #[serde(deny_unknown_fields)]
 struct RestoreDecl {
     op: u64,
+    /// When the client starts it: this long after the run began, or, with `after_ended`, after that ended.
     #[serde(default)]
     at_ms: u64,
+    /// The client waits for this operation to end (durably, Done or Failed) before it starts this one.
+    after_ended: Option<Spanned<u64>>,
     collection: Option<String>,
     /// Table names; every table when absent. A table's index tables always come with it.
     tables: Option<Vec<Spanned<String>>>,
@@ -298,6 +301,8 @@ struct FaultDecl {
     increment: Option<u32>,
     /// For truncate-download and corrupt-download: how many downloads (default 1).
     times: Option<u32>,
+    /// For lose-object: the object is back once this operation has ended (else it is lost for good).
+    until_ended: Option<Spanned<u64>>,
 }
 
 /// A fault pinned at a chance of a node (see [`crate::tape`]), or a reboot pinned at a time.
@@ -789,12 +794,16 @@ impl Scenario {
                 if decl.after.is_some() {
                     return Err(problem(
                         span,
-                        "an object is lost for good from the start; `lose-object` takes no `after`",
+                        "an object is lost from the start (for good, or `until_ended`); `lose-object` takes no `after`",
                     ));
                 }
+                let until_end_of = match &decl.until_ended {
+                    None => None,
+                    Some(op) => Some(self.started_op(op, "`until_ended`")?),
+                };
                 let (tablet, increment) = (tablet()?, increment()?);
                 let object = BackupManifest::object_name(world.chain_backup_ids[increment as usize], tablet);
-                world.lost_objects.push(LostObject { increment, tablet, object, until_end_of: None });
+                world.lost_objects.push(LostObject { increment, tablet, object, until_end_of });
                 return Ok(());
             }
             other => return Err(unknown_action(&decl.action, other)),
@@ -805,6 +814,22 @@ impl Scenario {
         };
         world.scheduled.push(ScheduledFault { moment, action });
         Ok(())
+    }
+
+    /// The operation `op` names, which a `[[restore]]` of the file must start.
+    fn started_op(&self, op: &Spanned<u64>, key: &str) -> Result<OperationId, Problem> {
+        let started = self
+            .plan
+            .restores
+            .iter()
+            .any(|r| r.get_ref().op == *op.get_ref() && r.get_ref().expect.get_ref() == "started");
+        if !started {
+            return Err(problem(
+                op.span(),
+                format!("{key} names operation {}, which no `[[restore]]` starts", op.get_ref()),
+            ));
+        }
+        Ok(*op.get_ref())
     }
 
     fn add_calls(&self, world: &mut World) -> Result<(), Problem> {
@@ -869,7 +894,14 @@ impl Scenario {
                 }
                 expected_ops.insert(decl.op, outcome(world, &request, &decl.outcome)?);
             }
-            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of: None, call: ClientCall::Start(request), expect });
+            let after_end_of = match &decl.after_ended {
+                Some(op) if *op.get_ref() == decl.op => {
+                    return Err(problem(op.span(), format!("operation {} cannot wait for its own end", decl.op)));
+                }
+                Some(op) => Some(self.started_op(op, "`after_ended`")?),
+                None => None,
+            };
+            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of, call: ClientCall::Start(request), expect });
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
@@ -910,8 +942,9 @@ impl Scenario {
             };
             calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of: None, call: client_call, expect });
         }
-        // In time order; the file's order breaks ties.
-        calls.sort_by_key(|c| c.at_ms);
+        // The client makes its calls one after another: those at a time in time order, then those that wait for
+        // an operation to end; the file's order breaks ties.
+        calls.sort_by_key(|c| (c.after_end_of.is_some(), c.at_ms));
         world.calls = calls;
         world.expected_ops = expected_ops;
         Ok(())
@@ -947,6 +980,9 @@ fn check_fault_keys(fault: &Spanned<FaultDecl>) -> Result<(), Problem> {
     }
     if decl.times.is_some() && !times {
         return Err(problem(fault.span(), not_taken("times")));
+    }
+    if let Some(op) = decl.until_ended.as_ref().filter(|_| action != "lose-object") {
+        return Err(problem(op.span(), not_taken("until_ended")));
     }
     if decl.times == Some(0) {
         return Err(problem(

@@ -18,7 +18,7 @@ use std::fmt::{self, Write};
 
 use lockstep::bundle::Bundle;
 use lockstep::model::{BackupKind, BackupManifest, Change, Key, Rows, Value, apply_changes};
-use lockstep::protocol::NodeAddr;
+use lockstep::protocol::{ClientCall, NodeAddr};
 
 use crate::checkers::Invariant;
 use crate::faults::FaultKind;
@@ -26,7 +26,7 @@ use crate::plan::CallExpect;
 use crate::runner::{Keep, run_seed};
 use crate::scenario::Scenario;
 use crate::tape::Decision;
-use crate::world::{OPERATION_ID, World};
+use crate::world::{OPERATION_ID, RESTORED_AGAIN_ID, World};
 
 /// How big a case is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -123,8 +123,10 @@ struct Case {
     bugs: Vec<&'static str>,
     tables: Vec<CaseTable>,
     backups: Vec<CaseBackup>,
-    /// Tablet (`<table>/<shard>`) and increment of the bundle lost for good.
+    /// Tablet (`<table>/<shard>`) and increment of the bundle lost (for good, unless `again_after_ms`).
     lost: Option<(String, u32)>,
+    /// The lost bundle is back once the restore has failed, and the client restores again this long after.
+    again_after_ms: Option<u64>,
     max_in_flight_shards: u32,
     max_in_flight_tables: u32,
     download_chunk_bytes: u64,
@@ -141,12 +143,22 @@ impl Case {
             && matches!(world.calls[0].expect, CallExpect::Started)
             && world.calls[0].at_ms == 0
             && world.expected_ops.keys().eq([OPERATION_ID].iter());
-        if world.lost_objects.iter().any(|lost| lost.until_end_of.is_some()) {
-            return Err(not_writable(
-                "a world that restores again after a failure cannot be written as a scenario yet (scenario files have \
-                 no restore that waits for another to end); reproduce it with `cargo sim repro --seed`",
-            ));
-        }
+        // Or the same, then the lost object back and a restore again once the first has failed.
+        let again_after_ms = match world.calls.as_slice() {
+            [_, again]
+                if again.after_end_of == Some(OPERATION_ID)
+                    && matches!(&again.call, ClientCall::Start(r) if r.op == RESTORED_AGAIN_ID)
+                    && world.lost_objects.iter().all(|lost| lost.until_end_of == Some(OPERATION_ID)) =>
+            {
+                Some(again.at_ms)
+            }
+            _ => None,
+        };
+        let only_start = only_start
+            || (again_after_ms.is_some()
+                && matches!(world.calls[0].expect, CallExpect::Started)
+                && world.calls[0].at_ms == 0
+                && world.expected_ops.keys().eq([OPERATION_ID, RESTORED_AGAIN_ID].iter()));
         if !only_start || !world.scheduled.is_empty() || world.decisions.is_some() {
             return Err(not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink"));
         }
@@ -246,6 +258,7 @@ impl Case {
             tables,
             backups,
             lost,
+            again_after_ms,
             max_in_flight_shards: world.coordinator.max_in_flight_shards,
             max_in_flight_tables: world.coordinator.max_in_flight_tables,
             download_chunk_bytes: world.shard.download_chunk_bytes,
@@ -322,11 +335,20 @@ impl Case {
         }
         if let Some((tablet, increment)) = &self.lost {
             let _ = writeln!(text, "\n[[restore]]\nop = {OPERATION_ID}\noutcome = \"failed:object-missing\"");
+            if let Some(at_ms) = self.again_after_ms {
+                let _ = writeln!(
+                    text,
+                    "\n[[restore]]\nop = {RESTORED_AGAIN_ID}\nafter_ended = {OPERATION_ID}\nat_ms = {at_ms}\noutcome = \"done\""
+                );
+            }
             let _ = writeln!(
                 text,
                 "\n[[fault]]\ndo = \"lose-object\"\ntablet = {}\nincrement = {increment}",
                 quote(tablet)
             );
+            if self.again_after_ms.is_some() {
+                let _ = writeln!(text, "until_ended = {OPERATION_ID}");
+            }
         }
         for decision in &self.decisions {
             let _ = writeln!(text, "\n[[decision]]\nfault = \"{}\"\nnode = {}", decision.kind, quote(&decision.node));
@@ -664,8 +686,16 @@ impl Shrinker {
         if self.best.lost.is_none() {
             return false;
         }
+        // Restoring again without a lost object first is a different world: it goes with the object.
+        if self.best.again_after_ms.is_some() {
+            let mut case = self.best.clone();
+            case.again_after_ms = None;
+            if self.accept(case) {
+                return true;
+            }
+        }
         let mut case = self.best.clone();
-        case.lost = None;
+        (case.lost, case.again_after_ms) = (None, None);
         self.accept(case)
     }
 
