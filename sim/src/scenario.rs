@@ -1778,6 +1778,43 @@ at_ms = 1000
     }
 
     #[test]
+    fn restoring_again_after_an_end_names_an_operation_a_restore_starts() {
+        let lost =
+            |until: &str| format!("[[fault]]\ndo = \"lose-object\"\ntablet = \"orders/0\"\nincrement = 0\n{until}\n");
+        let first = "[[restore]]\nop = 1\noutcome = \"failed:object-missing\"\n";
+        let again = |after: u64| format!("[[restore]]\nop = 2\nafter_ended = {after}\nat_ms = 30\n");
+        let text = format!("{MINIMAL}{first}{}{}", again(1), lost("until_ended = 1"));
+        let world = parse(&text).expect("a restore again loads").world(0);
+        assert_eq!(world.lost_objects[0].until_end_of, Some(1));
+        let waits: Vec<(u64, Option<u64>)> = world.calls.iter().map(|c| (c.at_ms, c.after_end_of)).collect();
+        assert_eq!(waits, vec![(0, None), (30, Some(1))]);
+        assert_eq!(world.expected_ops.get(&2), Some(&OpExpect::Done));
+        // Waiting adds the bound once more: what the wait starts gets the whole bound too.
+        assert_eq!(world.gives_up_at_ms(), 30 + 2 * world.liveness_bound_ms);
+
+        let cases = [
+            (format!("{MINIMAL}{first}{}{}", again(2), lost("")), "operation 2 cannot wait for its own end"),
+            (
+                format!("{MINIMAL}{first}{}{}", again(3), lost("")),
+                "`after_ended` names operation 3, which no `[[restore]]` starts",
+            ),
+            (
+                format!("{MINIMAL}{first}{}", lost("until_ended = 4")),
+                "`until_ended` names operation 4, which no `[[restore]]` starts",
+            ),
+            (
+                format!("{MINIMAL}[[fault]]\ndo = \"reboot-coordinator\"\nuntil_ended = 1\n"),
+                "`reboot-coordinator` takes no `until_ended`",
+            ),
+        ];
+        for (text, message) in cases {
+            let error = error_of(&text);
+            assert!(error.message.contains(message), "{error}");
+            assert!(error.line > 10, "the error points into the file: {error}");
+        }
+    }
+
+    #[test]
     fn a_late_call_is_answered_since_the_run_waits_the_bound_after_it_and_a_call_past_a_day_is_refused() {
         // No faults: the world heals at 0 ms. The run waits the liveness bound after the last call, so a call just
         // before the bound after healing is answered (it used to be cut off and fail as a liveness violation).
