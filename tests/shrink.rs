@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use lockstep_sim::catalog;
+use lockstep_sim::checkers::Invariant;
 use lockstep_sim::events::EventKind;
 use lockstep_sim::runner::{Keep, run_seed};
 use lockstep_sim::scenario::Scenario;
@@ -73,6 +74,30 @@ fn a_deliberate_bug_found_by_a_sweep_shrinks_to_a_scenario_of_a_few_events() {
         let fixed = run_seed(&scenario.without_bugs().world(seed), Keep::Verdict);
         assert!(fixed.violations.is_empty(), "{name} without the bug: {:?}", fixed.violations);
     }
+}
+
+/// A world that restores again after its lost object is back shrinks too: the file keeps the second restore
+/// waiting for the first to end and the object lost until then, which is what lets a late request of the failed
+/// restore meet the newer one's rows. Seed 1916 is the first of the default sweep to catch apply-older-operations.
+#[test]
+fn a_world_that_restores_again_after_a_failure_shrinks_to_a_scenario_that_restores_again() {
+    let known = catalog::by_name("apply-older-operations").expect("catalogued");
+    let params = WorldParams { bugs: known.bugs, ..WorldParams::sweep_default() };
+    let world = World::generate(1916, &params);
+    assert!(world.lost_objects.iter().all(|lost| lost.until_end_of == Some(1)), "a world that restores again");
+    let shrunk = shrink(&world, None, "test", 2_000, Box::new(|_, _| {})).expect("the seed shrinks");
+    assert_eq!(shrunk.invariant, Invariant::ExpectedOutcome);
+    assert!(shrunk.after.events < shrunk.before.events && shrunk.after.tablets <= 2, "{}", shrunk.after);
+    for line in
+        ["after_ended = 1", "until_ended = 1", "outcome = \"failed:object-missing\"", "fault = \"message-delay\""]
+    {
+        assert!(shrunk.scenario.contains(line), "{line} missing from:\n{}", shrunk.scenario);
+    }
+    let scenario = Scenario::parse("again", "shrunk.toml", &shrunk.scenario).expect("the shrunk file loads");
+    let outcome = run_seed(&scenario.world(1916), Keep::Verdict);
+    assert!(outcome.violations.iter().any(|v| v.invariant == Invariant::ExpectedOutcome), "{:?}", outcome.violations);
+    let fixed = run_seed(&scenario.without_bugs().world(1916), Keep::Verdict);
+    assert!(fixed.violations.is_empty(), "without the bug: {:?}", fixed.violations);
 }
 
 #[test]
