@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{BackupManifest, ChainError, IncrementIndex, RestoreChain, TableId, TableSpec, TabletId};
 use crate::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, ClientAnswer, ClientCall, ClientReply, DownloadResult, Generation, Message,
-    NodeAddr, OperationId, Output, PersistNote, ShardFailure,
+    NodeAddr, OperationId, Output, PersistNote, ShardFailure, ShardFailureKind,
 };
 use crate::rng::SplitMix64;
 
@@ -293,14 +293,32 @@ pub struct RunningState {
     pub increment_limit_ms: u64,
     /// Tablets that reported the current increment durably applied.
     pub done: BTreeSet<TabletId>,
-    /// Tablets whose last attempt failed: how many attempts failed and when the next may start.
+    /// Tablets whose last attempt failed: how many attempts failed, why the last did, and when the next may start.
     pub retries: BTreeMap<TabletId, Retry>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Retry {
     pub failed_attempts: u32,
+    pub last_failure: AttemptFailure,
     pub not_before_ms: u64,
+}
+
+/// Why an attempt at a tablet failed: no answer came within the request timeout, or the shard reported a
+/// transient failure of this kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AttemptFailure {
+    NoAnswer,
+    Reported(ShardFailureKind),
+}
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptFailure::NoAnswer => f.write_str("no answer in time"),
+            AttemptFailure::Reported(kind) => kind.fmt(f),
+        }
+    }
 }
 
 /// Why an operation failed.
@@ -322,13 +340,15 @@ pub enum RestoreError {
     IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, not_done: Vec<TabletNotDone> },
 }
 
-/// A tablet that had not reported the current increment done when a deadline passed, and how many of its
-/// attempts at it had failed (a failed attempt is a transient failure reported or a request that timed out): the
-/// tablet an operator looks at first, and whether it was failing or only slow.
+/// A tablet that had not reported the current increment done when a deadline passed, how many of its attempts at
+/// it had failed (a failed attempt is a transient failure reported or a request that timed out) and why the last
+/// one did: the tablet an operator looks at first, whether it was failing or only slow, and at what.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TabletNotDone {
     pub tablet: TabletId,
     pub failed_attempts: u32,
+    /// `None` when no attempt failed.
+    pub last_failure: Option<AttemptFailure>,
 }
 
 /// The tablets of a deadline failure, as its message lists them: the first few, then how many more.
@@ -337,12 +357,12 @@ struct NotDone<'a>(&'a [TabletNotDone]);
 impl fmt::Display for NotDone<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 4;
-        for (at, TabletNotDone { tablet, failed_attempts }) in self.0.iter().take(SHOWN).enumerate() {
+        for (at, TabletNotDone { tablet, failed_attempts, last_failure }) in self.0.iter().take(SHOWN).enumerate() {
             let separator = if at == 0 { "" } else { ", " };
-            match failed_attempts {
-                0 => write!(f, "{separator}{tablet} (no failed attempt)")?,
-                1 => write!(f, "{separator}{tablet} (1 failed attempt)")?,
-                n => write!(f, "{separator}{tablet} ({n} failed attempts)")?,
+            match (failed_attempts, last_failure) {
+                (0, _) | (_, None) => write!(f, "{separator}{tablet} (no failed attempt)")?,
+                (1, Some(why)) => write!(f, "{separator}{tablet} (1 failed attempt: {why})")?,
+                (n, Some(why)) => write!(f, "{separator}{tablet} ({n} failed attempts, the last: {why})")?,
             }
         }
         if self.0.len() > SHOWN {
@@ -747,7 +767,7 @@ impl Coordinator {
                         self.on_tablet_done(now_ms, op, tablet, &mut out);
                         return out;
                     }
-                    self.schedule_retry(now_ms, op, tablet, &mut out);
+                    self.schedule_retry(now_ms, op, tablet, AttemptFailure::NoAnswer, &mut out);
                     self.drive(now_ms, &mut out);
                 }
             }
@@ -815,8 +835,9 @@ impl Coordinator {
                 let error = RestoreError::Shard { increment, backup_id, tablet: reply.tablet, cause };
                 self.fail(now_ms, reply.op, error, out);
             }
-            ApplyOutcome::Failed { permanent: false, .. } => {
-                self.schedule_retry(now_ms, reply.op, reply.tablet, out);
+            ApplyOutcome::Failed { permanent: false, cause } => {
+                let why = AttemptFailure::Reported(cause.kind());
+                self.schedule_retry(now_ms, reply.op, reply.tablet, why, out);
                 self.drive(now_ms, out);
             }
             ApplyOutcome::Failed { permanent: true, cause } => {
@@ -989,7 +1010,14 @@ impl Coordinator {
         earliest_retry
     }
 
-    fn schedule_retry(&mut self, now_ms: u64, op: OperationId, tablet: TabletId, out: &mut Vec<CoordinatorOutput>) {
+    fn schedule_retry(
+        &mut self,
+        now_ms: u64,
+        op: OperationId,
+        tablet: TabletId,
+        last_failure: AttemptFailure,
+        out: &mut Vec<CoordinatorOutput>,
+    ) {
         let base = self.config.backoff_base_ms;
         let cap = self.config.backoff_cap_ms;
         let running = self.running(op).expect("retries need a running operation");
@@ -1003,7 +1031,7 @@ impl Coordinator {
         };
         let not_before_ms = now_ms + backoff / 2 + jitter;
         let running = self.running_mut(op).expect("still running");
-        running.retries.insert(tablet, Retry { failed_attempts, not_before_ms });
+        running.retries.insert(tablet, Retry { failed_attempts, last_failure, not_before_ms });
         self.persist(out);
         out.push(Output::SetTimer { at_ms: not_before_ms, timer: CoordinatorTimer::RetryDue });
     }
@@ -1018,9 +1046,13 @@ impl Coordinator {
             .tablets()
             .into_iter()
             .filter(|tablet| !running.done.contains(tablet))
-            .map(|tablet| TabletNotDone {
-                tablet,
-                failed_attempts: running.retries.get(&tablet).map_or(0, |retry| retry.failed_attempts),
+            .map(|tablet| {
+                let retry = running.retries.get(&tablet);
+                TabletNotDone {
+                    tablet,
+                    failed_attempts: retry.map_or(0, |retry| retry.failed_attempts),
+                    last_failure: retry.map(|retry| retry.last_failure),
+                }
             })
             .collect()
     }

@@ -152,6 +152,48 @@ pub enum ShardFailure {
     Superseded { requested: OperationId, held: OperationId },
 }
 
+impl ShardFailure {
+    /// What kind of failure it is, without its details.
+    pub fn kind(&self) -> ShardFailureKind {
+        match self {
+            ShardFailure::ObjectMissing { .. } => ShardFailureKind::ObjectMissing,
+            ShardFailure::DownloadFailed { .. } => ShardFailureKind::DownloadFailed,
+            ShardFailure::BadBundle { .. } => ShardFailureKind::BadBundle,
+            ShardFailure::WrongBundle { .. } => ShardFailureKind::WrongBundle,
+            ShardFailure::OutOfOrder { .. } => ShardFailureKind::OutOfOrder,
+            ShardFailure::WrongShard { .. } => ShardFailureKind::WrongShard,
+            ShardFailure::Superseded { .. } => ShardFailureKind::Superseded,
+        }
+    }
+}
+
+/// A [`ShardFailure`] without its details: what a coordinator keeps of a transient failure, to say at a deadline
+/// why a tablet was not done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ShardFailureKind {
+    ObjectMissing,
+    DownloadFailed,
+    BadBundle,
+    WrongBundle,
+    OutOfOrder,
+    WrongShard,
+    Superseded,
+}
+
+impl fmt::Display for ShardFailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ShardFailureKind::ObjectMissing => "object missing",
+            ShardFailureKind::DownloadFailed => "download failed",
+            ShardFailureKind::BadBundle => "bundle rejected",
+            ShardFailureKind::WrongBundle => "wrong bundle",
+            ShardFailureKind::OutOfOrder => "out of order",
+            ShardFailureKind::WrongShard => "wrong shard",
+            ShardFailureKind::Superseded => "superseded by a newer operation",
+        })
+    }
+}
+
 /// Whose bundle a bundle is: the backup, its kind and the tablet, as its header says or a request expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BundleOf {
@@ -242,7 +284,7 @@ pub enum Output<D, T> {
 /// madsim build) says it in every connection's hello and refuses a peer that speaks another; the tests pin the
 /// encoding of sample messages (`message_encodings_are_pinned_to_the_protocol_version`), so a change cannot land
 /// without raising it.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode frame of {len} bytes: {source}")]

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
-    Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer,
-    OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError, TabletNotDone,
-    backoff_ms,
+    AttemptFailure, Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput,
+    CoordinatorTimer, OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError,
+    TabletNotDone, backoff_ms,
 };
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, SortedRows, TableId, TableSpec, TabletId};
 use lockstep::protocol::{
     ApplyOutcome, ApplyReply, ApplyRequest, BundleOf, DownloadRequest, DownloadResult, Message, NodeAddr, OperationId,
-    Output, PersistNote, RangeRead, ShardFailure, StoreError,
+    Output, PersistNote, RangeRead, ShardFailure, ShardFailureKind, StoreError,
 };
 use lockstep::shard::{Shard, ShardBug, ShardConfig, ShardDurable, ShardOutput, ShardTimer};
 
@@ -489,8 +489,8 @@ fn coordinator_fails_with_deadline_exceeded_when_the_deadline_passes() {
 
     let out = coordinator.handle_timer(61_000, CoordinatorTimer::Deadline { op: OP });
     let not_done = vec![
-        TabletNotDone { tablet: tablet(0), failed_attempts: 0 },
-        TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
+        TabletNotDone { tablet: tablet(0), failed_attempts: 0, last_failure: None },
+        TabletNotDone { tablet: tablet(1), failed_attempts: 0, last_failure: None },
     ];
     let error = RestoreError::DeadlineExceeded { increment: 0, not_done };
     let text = error.to_string();
@@ -586,33 +586,47 @@ fn coordinator_fails_at_once_when_a_shard_refuses_a_request_meant_for_another_ta
 }
 
 #[test]
-fn coordinator_deadline_failures_name_the_tablets_not_done_and_the_limit_they_were_given() {
-    let config = CoordinatorConfig { increment_deadline_ms: 5_000, ..coordinator_config() };
-    let (mut coordinator, requests) = started(config.clone(), 3, 2, 0);
+fn coordinator_deadline_failures_name_the_tablets_not_done_why_they_failed_and_the_limit_they_were_given() {
+    let config = CoordinatorConfig { increment_deadline_ms: 5_000, request_timeout_ms: 1_000, ..coordinator_config() };
+    let (mut coordinator, requests) = started(config.clone(), 4, 2, 0);
     reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
     reply(&mut coordinator, 20, &requests[2], transient());
+    let timeout = |r: &ApplyRequest| CoordinatorTimer::RequestTimeout {
+        op: OP,
+        tablet: r.tablet,
+        increment: r.increment,
+        attempt: r.attempt,
+    };
+    coordinator.handle_timer(1_000, timeout(&requests[3]));
     // A reboot with a longer limit: the increment under way keeps the deadline, and the limit, it began with.
     let longer = CoordinatorConfig { increment_deadline_ms: 9_000, ..config };
     let (mut rebooted, _) = Coordinator::boot(longer, Some(coordinator.durable().clone()), SEED, 100);
     assert!(rebooted.handle_timer(4_999, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 }).is_empty());
     let out = rebooted.handle_timer(5_000, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 });
     let not_done = vec![
-        TabletNotDone { tablet: tablet(1), failed_attempts: 0 },
-        TabletNotDone { tablet: tablet(2), failed_attempts: 1 },
+        TabletNotDone { tablet: tablet(1), failed_attempts: 0, last_failure: None },
+        TabletNotDone {
+            tablet: tablet(2),
+            failed_attempts: 1,
+            last_failure: Some(AttemptFailure::Reported(ShardFailureKind::BadBundle)),
+        },
+        TabletNotDone { tablet: tablet(3), failed_attempts: 1, last_failure: Some(AttemptFailure::NoAnswer) },
     ];
     let error = RestoreError::IncrementDeadlineExceeded { increment: 0, limit_ms: 5_000, not_done };
     let failed = OperationStatus::Failed { error: error.clone(), failed_at_ms: 5_000 };
     assert_eq!(last_persisted(&out).operations[&OP].status, failed);
     assert_eq!(
         error.to_string(),
-        "timeout: increment 0 took longer than 5000 ms with 2 tablet(s) not done: \
-         t0/shard-1 (no failed attempt), t0/shard-2 (1 failed attempt)"
+        "timeout: increment 0 took longer than 5000 ms with 3 tablet(s) not done: t0/shard-1 (no failed attempt), \
+         t0/shard-2 (1 failed attempt: bundle rejected), t0/shard-3 (1 failed attempt: no answer in time)"
     );
 
     // Past four tablets the message says how many more there are.
-    let many: Vec<TabletNotDone> = (0..6).map(|s| TabletNotDone { tablet: tablet(s), failed_attempts: 3 }).collect();
+    let last_failure = Some(AttemptFailure::Reported(ShardFailureKind::DownloadFailed));
+    let many: Vec<TabletNotDone> =
+        (0..6).map(|s| TabletNotDone { tablet: tablet(s), failed_attempts: 3, last_failure }).collect();
     let text = RestoreError::DeadlineExceeded { increment: 1, not_done: many }.to_string();
-    assert!(text.ends_with("t0/shard-3 (3 failed attempts) and 2 more"), "{text}");
+    assert!(text.ends_with("t0/shard-3 (3 failed attempts, the last: download failed) and 2 more"), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -656,8 +670,9 @@ fn coordinator_keeps_a_persisted_backoff_across_a_reboot() {
     let (mut coordinator, requests) = started(coordinator_config(), 2, 1, 0);
     let out = reply(&mut coordinator, 100, &requests[0], transient());
     let durable = last_persisted(&out);
-    let Retry { failed_attempts, not_before_ms } = running_of(&durable).retries[&tablet(0)];
+    let Retry { failed_attempts, last_failure, not_before_ms } = running_of(&durable).retries[&tablet(0)];
     assert_eq!(failed_attempts, 1);
+    assert_eq!(last_failure, AttemptFailure::Reported(ShardFailureKind::BadBundle));
 
     // Rebooted before the backoff ended: shard 1 (still unanswered) is re-sent, shard 0 waits for its timer.
     let (mut rebooted, out) = Coordinator::boot(coordinator_config(), Some(durable), SEED, not_before_ms - 1);
@@ -2166,10 +2181,10 @@ fn durable_encodings_are_pinned_to_the_state_format() {
 
     let pin = |bytes: &[u8]| (bytes.len(), format!("{:08x}", crc32fast::hash(bytes)));
     let found = [pin(&running), pin(&failed), pin(&shard)];
-    let pinned = [(273, "016f3c26".to_string()), (51, "db2c2723".to_string()), (53, "64db6c42".to_string())];
+    let pinned = [(275, "b59905d3".to_string()), (55, "337ed976".to_string()), (53, "64db6c42".to_string())];
     assert_eq!(
         (STATE_FORMAT, found.clone()),
-        (2, pinned),
+        (3, pinned),
         "the encoding of durable states changed (or STATE_FORMAT did): raise STATE_FORMAT in src/io.rs, then pin \
          the new format and encodings here: {found:?}"
     );
@@ -2194,9 +2209,15 @@ fn message_encodings_are_pinned_to_the_protocol_version() {
     let status = Message::Client(ClientRequest { call_id: 2, call: ClientCall::Status { op: OP } });
     let out = coordinator.handle_message(5, NodeAddr::Client, status.clone());
     let [Output::Send { msg: view, .. }] = out.as_slice() else { panic!("one answer, got {out:?}") };
+    // The view of an operation failed at its deadline, which lists the tablets not done and why.
+    reply(&mut coordinator, 6, &requests[0], transient());
+    coordinator.handle_timer(1_000_000, CoordinatorTimer::Deadline { op: OP });
+    let out = coordinator.handle_message(1_000_001, NodeAddr::Client, status.clone());
+    let [Output::Send { msg: failed, .. }] = out.as_slice() else { panic!("one answer, got {out:?}") };
+    assert!(failed.to_string().contains("1 failed attempt: bundle rejected"), "{failed}");
 
     let pin = |bytes: &[u8]| (bytes.len(), format!("{:08x}", crc32fast::hash(bytes)));
-    let messages = [&start, &apply, &applied, &refused, &status, view];
+    let messages = [&start, &apply, &applied, &refused, &status, view, failed];
     let mut found: Vec<(usize, String)> = messages.iter().map(|m| pin(&encode_frame(*m))).collect();
     found.push(pin(&encode_frame(&NodeAddr::Shard(tablet(1)))));
     let pinned: Vec<(usize, String)> = [
@@ -2206,13 +2227,14 @@ fn message_encodings_are_pinned_to_the_protocol_version() {
         (51, "c3ae460e"),
         (4, "0fb6671b"),
         (37, "3bd1ba8e"),
+        (49, "366c30f4"),
         (3, "898483b3"),
     ]
     .map(|(len, crc)| (len, crc.to_string()))
     .to_vec();
     assert_eq!(
         (PROTOCOL_VERSION, found.clone()),
-        (2, pinned),
+        (3, pinned),
         "the encoding of messages changed (or PROTOCOL_VERSION did): raise PROTOCOL_VERSION in src/protocol.rs, then \
          pin the new version and encodings here: {found:?}"
     );

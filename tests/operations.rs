@@ -8,12 +8,14 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use lockstep::coordinator::{
-    Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer,
-    LifecycleError, OperationState, OperationSummary, RestoreError, RestoreRequest, StartError, TableState,
-    TabletNotDone, TabletProgress,
+    AttemptFailure, Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput,
+    CoordinatorTimer, LifecycleError, OperationState, OperationSummary, RestoreError, RestoreRequest, StartError,
+    TableState, TabletNotDone, TabletProgress,
 };
 use lockstep::model::{BackupKind, BackupManifest, ChainError, IncrementIndex, TableId, TableSpec, TabletId};
-use lockstep::protocol::{ApplyOutcome, ApplyRequest, Message, NodeAddr, OperationId, Output, ShardFailure};
+use lockstep::protocol::{
+    ApplyOutcome, ApplyRequest, Message, NodeAddr, OperationId, Output, ShardFailure, ShardFailureKind,
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers
@@ -471,7 +473,7 @@ fn an_operation_past_its_deadline_fails_with_a_timeout_and_releases_its_tables()
     let not_done: Vec<TabletNotDone> = [TabletId::new(1, 0), TabletId::new(1, 1), TabletId::new(2, 0)]
         .into_iter()
         .filter(|tablet| *tablet != sent[0].tablet)
-        .map(|tablet| TabletNotDone { tablet, failed_attempts: 0 })
+        .map(|tablet| TabletNotDone { tablet, failed_attempts: 0, last_failure: None })
         .collect();
     assert_eq!(error, RestoreError::DeadlineExceeded { increment: 0, not_done });
     assert!(error.to_string().starts_with("timeout"), "{error}");
@@ -512,7 +514,7 @@ fn an_increment_that_takes_too_long_fails_the_operation() {
             increment: 0,
             limit_ms: INCREMENT_DEADLINE_MS,
             not_done: (0..2)
-                .map(|shard| TabletNotDone { tablet: TabletId::new(1, shard), failed_attempts: 0 })
+                .map(|shard| TabletNotDone { tablet: TabletId::new(1, shard), failed_attempts: 0, last_failure: None })
                 .collect(),
         }
     );
@@ -575,10 +577,12 @@ fn transient_failures_are_retried_until_the_deadline_without_failing_the_operati
 
     // The deadline still ends it.
     coordinator.handle_timer(DEADLINE_MS, CoordinatorTimer::Deadline { op: 1 });
-    let not_done = vec![TabletNotDone { tablet: TabletId::new(1, 0), failed_attempts: 30 }];
+    let last_failure = Some(AttemptFailure::Reported(ShardFailureKind::DownloadFailed));
+    let not_done = vec![TabletNotDone { tablet: TabletId::new(1, 0), failed_attempts: 30, last_failure }];
     let error = error_of(&coordinator, 1);
     assert_eq!(error, RestoreError::DeadlineExceeded { increment: 0, not_done });
-    assert!(error.to_string().ends_with("1 tablet(s) not done: t1/shard-0 (30 failed attempts)"), "{error}");
+    let tail = "1 tablet(s) not done: t1/shard-0 (30 failed attempts, the last: download failed)";
+    assert!(error.to_string().ends_with(tail), "{error}");
 }
 
 #[test]

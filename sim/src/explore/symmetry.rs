@@ -588,9 +588,11 @@ impl<'a> Encoder<'a> {
     /// The tablets of a deadline failure: listed in the operation's order, which a renaming of tablets changes,
     /// so as a multiset (the renamed operation lists the renamed tablets in its own order).
     fn not_done(&mut self, not_done: &[TabletNotDone]) {
-        self.multiset(not_done, |e, TabletNotDone { tablet, failed_attempts }| {
+        self.multiset(not_done, |e, TabletNotDone { tablet, failed_attempts, last_failure }| {
             e.tablet(*tablet);
             e.word(u64::from(*failed_attempts));
+            // A failure kind names no tablet.
+            e.raw(last_failure);
         });
     }
 
