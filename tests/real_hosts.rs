@@ -231,41 +231,38 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
     why.clone()
 }
 
-/// A shard whose state file is damaged in both copies (no crash does that) refuses to boot, says why, and leaves
-/// the files as they were: booting empty would restore over a table as if it had never held anything.
-#[test]
-fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
+/// Writes two synced states, changes both copies with `change`, boots a shard on them and returns why it refused
+/// to boot, having checked that it left the files as they were (for whoever can read or repair them).
+fn refusal_after_changing_both_copies(change: impl Fn(&mut Vec<u8>)) -> String {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let slots = two_synced_states(dir.path());
     for path in &slots {
         let mut bytes = std::fs::read(path).expect("a slot");
-        *bytes.last_mut().expect("a payload") ^= 0x01;
-        std::fs::write(path, bytes).expect("damaged");
-    }
-    let damaged = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
-    let why = fatal_of_a_shard_booting_from(dir.path());
-    assert!(why.contains("node.state: no intact copy (node.state.0 and node.state.1 present"), "{why}");
-    let after = slots.map(|path| std::fs::read(path).expect("a slot"));
-    assert_eq!(after, damaged, "the damaged files are left as they were");
-}
-
-/// A shard whose state file another build wrote, in another state format, refuses to boot and names both formats,
-/// leaving the files for the build that can read them.
-#[test]
-fn a_host_refuses_to_boot_from_a_state_file_of_another_format() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let slots = two_synced_states(dir.path());
-    for path in &slots {
-        let mut bytes = std::fs::read(path).expect("a slot");
-        bytes[3] = b'T'; // what format 1 wrote there
-        std::fs::write(path, bytes).expect("rewritten");
+        change(&mut bytes);
+        std::fs::write(path, bytes).expect("changed");
     }
     let before = slots.clone().map(|path| std::fs::read(path).expect("a slot"));
     let why = fatal_of_a_shard_booting_from(dir.path());
-    let expected = format!("was written in state format 1 and this build reads format {}", lockstep::io::STATE_FORMAT);
-    assert!(why.contains(&expected), "{why}");
     let after = slots.map(|path| std::fs::read(path).expect("a slot"));
     assert_eq!(after, before, "the files are left as they were");
+    why
+}
+
+/// A shard whose state file is damaged in both copies (no crash does that) refuses to boot and says why: booting
+/// empty would restore over a table as if it had never held anything.
+#[test]
+fn a_host_refuses_to_boot_from_a_state_file_damaged_in_every_copy() {
+    let why = refusal_after_changing_both_copies(|bytes| *bytes.last_mut().expect("a payload") ^= 0x01);
+    assert!(why.contains("node.state: no intact copy (node.state.0 and node.state.1 present"), "{why}");
+}
+
+/// A shard whose state file another build wrote, in another state format, refuses to boot and names both formats.
+#[test]
+fn a_host_refuses_to_boot_from_a_state_file_of_another_format() {
+    // What format 1 wrote after the magic.
+    let why = refusal_after_changing_both_copies(|bytes| bytes[3] = b'T');
+    let expected = format!("was written in state format 1 and this build reads format {}", lockstep::io::STATE_FORMAT);
+    assert!(why.contains(&expected), "{why}");
 }
 
 /// A coordinator restarted in the middle of an increment keeps the deadline it persisted: machine time is the wall
