@@ -46,6 +46,8 @@ pub const STATE_FORMAT: u8 = 3;
 const STATE_MAGIC: &[u8; 3] = b"LSS";
 /// What format 1, which carried no number, wrote after the magic.
 const FORMAT_1_MARK: u8 = b'T';
+// A format numbered like format 1's mark would be read as format 1.
+const _: () = assert!(STATE_FORMAT != FORMAT_1_MARK && STATE_FORMAT > 1);
 const STATE_HEADER_LEN: usize = 20;
 
 /// Durable state kept in two slots, each with a sequence number and a checksum. A write goes to the slot that does
