@@ -221,7 +221,7 @@ mod cli {
     #[derive(Args, Clone, Default)]
     struct WorldArgs {
         /// Run the world of this scenario file instead of drawing one per seed.
-        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals"])]
+        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals", "lost_object"])]
         scenario: Option<std::path::PathBuf>,
         /// Run with a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
         #[arg(long = "bug", value_parser = bug_name)]
@@ -238,6 +238,18 @@ mod cli {
         /// Fix the number of incrementals after the newest full backup (1-50).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
         incrementals: Option<u32>,
+        /// Fix whether every world loses a bundle, instead of drawing it (5% of worlds, half of them getting it
+        /// back and restoring again): `never`, `for-good` (the restore must fail cleanly) or `restore-again` (the
+        /// object is back once the restore failed, and a second restore of the same tables must end Done).
+        #[arg(long, value_enum)]
+        lost_object: Option<LostObjectArg>,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+    enum LostObjectArg {
+        Never,
+        ForGood,
+        RestoreAgain,
     }
 
     /// Parses `K/N` with 1 <= K <= N.
@@ -260,13 +272,22 @@ mod cli {
         fn params(&self) -> Result<WorldParams, String> {
             let names: Vec<&str> = self.bugs.iter().map(String::as_str).collect();
             let bugs = lockstep_sim::catalog::parse(&names).map_err(|e| format!("--bug: {e}"))?;
+            let drawn = WorldParams::sweep_default();
+            let (lost_object_probability, restore_again_probability) = match self.lost_object {
+                None => (drawn.lost_object_probability, drawn.restore_again_probability),
+                Some(LostObjectArg::Never) => (0.0, 0.0),
+                Some(LostObjectArg::ForGood) => (1.0, 0.0),
+                Some(LostObjectArg::RestoreAgain) => (1.0, 1.0),
+            };
             Ok(WorldParams {
                 tables: self.tables,
                 shard_count: self.shards,
                 indexes: self.indexes,
                 incrementals: self.incrementals,
+                lost_object_probability,
+                restore_again_probability,
                 bugs,
-                ..WorldParams::sweep_default()
+                ..drawn
             })
         }
 
@@ -289,6 +310,10 @@ mod cli {
             }
             if let Some(incrementals) = self.incrementals {
                 flags.push_str(&format!(" --incrementals {incrementals}"));
+            }
+            if let Some(lost) = self.lost_object {
+                let name = clap::ValueEnum::to_possible_value(&lost).expect("no variant is skipped");
+                flags.push_str(&format!(" --lost-object {}", name.get_name()));
             }
             flags
         }
@@ -1146,6 +1171,23 @@ mod cli {
             let emit = written.to_str().expect("a utf-8 path");
             assert_eq!(check(check_args(&["--bug", "advance-on-first-report", "--emit", emit])), 1);
             assert!(written.exists());
+        }
+
+        #[test]
+        fn lost_object_fixes_whether_worlds_lose_an_object_and_a_reproduce_line_repeats_it() {
+            let params = |flag: &str| run_args(&["--lost-object", flag]).world.params().expect("valid flags");
+            let probabilities = |p: WorldParams| (p.lost_object_probability, p.restore_again_probability);
+            assert_eq!(probabilities(params("never")), (0.0, 0.0));
+            assert_eq!(probabilities(params("for-good")), (1.0, 0.0));
+            assert_eq!(probabilities(params("restore-again")), (1.0, 1.0));
+            let drawn = WorldParams::sweep_default();
+            let default = run_args(&[]).world.params().expect("valid flags");
+            assert_eq!(probabilities(default), probabilities(drawn));
+            let world = lockstep_sim::world::World::generate(7, &params("restore-again"));
+            assert!(world.lost_objects.iter().all(|lost| lost.until_end_of.is_some()) && world.calls.len() == 2);
+            assert_eq!(run_args(&["--lost-object", "restore-again"]).world.as_flags(), " --lost-object restore-again");
+            let refused = Cli::try_parse_from(["lockstep-sim", "run", "--lost-object", "sometimes"]);
+            assert!(refused.is_err_and(|e| e.to_string().contains("possible values: never, for-good, restore-again")));
         }
 
         #[test]
