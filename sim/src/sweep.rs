@@ -417,7 +417,8 @@ impl SeedFailure {
             return Some(Self { seed: outcome.seed, class: FailureClass::Crash, lines, log_hash: None });
         }
         if let Some(expected) = expect_violation {
-            if outcome.violations.iter().any(|v| v.invariant == expected) {
+            // A run that did not go as its scenario says (a decision that never fired) proves nothing about the bug.
+            if outcome.violations.iter().any(|v| v.invariant == expected && !v.of_the_scenario) {
                 return None;
             }
             let mut lines = vec![format!("expected invariant {expected} to break (a kept bug), but it held")];
@@ -1003,10 +1004,12 @@ pub fn catalogued_detection(
         world.coordinator.bug = known.bugs.coordinator.or(world.coordinator.bug);
         world.shard.bug = known.bugs.shard.or(world.shard.bug);
         let outcome = run_world(Arc::new(world), Keep::Verdict);
-        if outcome.violations.is_empty() && outcome.panic.is_none() {
+        // A run that did not go as the scenario says (a decision that never fired) does not catch the bug.
+        let invariants: Vec<Invariant> =
+            outcome.violations.iter().filter(|v| !v.of_the_scenario).map(|v| v.invariant).collect();
+        if invariants.is_empty() && outcome.panic.is_none() {
             return Ok(None);
         }
-        let invariants = outcome.violations.iter().map(|v| v.invariant).collect();
         first.get_or_insert((seed, invariants));
     }
     Ok(first)
