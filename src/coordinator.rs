@@ -192,6 +192,33 @@ pub struct CoordinatorDurable {
     pub newest_op: Option<OperationId>,
 }
 
+impl CoordinatorDurable {
+    /// The restore chains of the running operations.
+    pub fn chains(&self) -> impl Iterator<Item = &Arc<RestoreChain>> {
+        self.operations.values().filter_map(|operation| match &operation.status {
+            OperationStatus::Running(running) => Some(&running.chain),
+            _ => None,
+        })
+    }
+
+    /// Fills in every detached chain (as a state read back names it) from the content `read` gives for its file
+    /// name; an error names what is wrong.
+    pub fn attach_chains(&mut self, mut read: impl FnMut(&str) -> Result<Vec<u8>, String>) -> Result<(), String> {
+        if !self.chains().any(|chain| chain.is_detached()) {
+            return Ok(());
+        }
+        for operation in Arc::make_mut(&mut self.operations).values_mut() {
+            if let OperationStatus::Running(running) = &mut operation.status
+                && running.chain.is_detached()
+            {
+                let bytes = read(&running.chain.file_name())?;
+                running.chain = Arc::new(running.chain.attach(&bytes)?);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A target table's state as restores leave it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TableState {

@@ -27,9 +27,61 @@ use crate::protocol::{
 };
 use crate::shard::{Shard, ShardConfig, ShardDurable, ShardTimer};
 
+/// A machine's durable state as a host keeps it: a state file, and files the state refers to instead of holding
+/// what they hold (a restore chain, which never changes, written once rather than at every step).
+pub trait DurableState: Serialize + DeserializeOwned + Clone + fmt::Debug {
+    /// Files the state holds in full until a durable copy of each exists: name and content. The host writes them
+    /// beside the state, and the state's own sync makes them durable.
+    fn unstored_files(&self) -> Vec<(String, &[u8])> {
+        Vec::new()
+    }
+
+    /// Called once the files [`DurableState::unstored_files`] gave are durable: later states refer to them.
+    fn mark_stored(&self) {}
+
+    /// Fills in what a state read back refers to, from the files `read` reads; an error names the file missing
+    /// or damaged (no crash loses a synced file, so either is damage from outside).
+    fn attach(&mut self, _read: &mut dyn FnMut(&str) -> std::io::Result<Option<Vec<u8>>>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl DurableState for ShardDurable {}
+
+impl DurableState for CoordinatorDurable {
+    fn unstored_files(&self) -> Vec<(String, &[u8])> {
+        self.chains().filter(|chain| !chain.is_stored()).map(|chain| (chain.file_name(), chain.encoded())).collect()
+    }
+
+    fn mark_stored(&self) {
+        self.chains().for_each(|chain| chain.mark_stored());
+    }
+
+    fn attach(&mut self, read: &mut dyn FnMut(&str) -> std::io::Result<Option<Vec<u8>>>) -> Result<(), String> {
+        self.attach_chains(|name| match read(name) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(format!("{name} is missing")),
+            Err(error) => Err(format!("reading {name}: {error}")),
+        })
+    }
+}
+
+/// Loads the durable state of a node from `disk`: the newest intact copy of its state file, and the files that
+/// state refers to. `None` when nothing was ever synced; an error says what is wrong (the node must not boot).
+pub fn load_state<D: Disk, Dur: DurableState>(disk: &D) -> Result<(StateFile, Option<Dur>), String> {
+    let (file, bytes) = StateFile::load(disk, STATE_FILE).map_err(|error| error.to_string())?;
+    let Some(bytes) = bytes else { return Ok((file, None)) };
+    let mut state = decode_frame::<Dur>(&bytes)
+        .map_err(|error| format!("state file {STATE_FILE} holds an intact but undecodable state: {error}"))?;
+    state
+        .attach(&mut |name| disk.read(name))
+        .map_err(|error| format!("state file {STATE_FILE} refers to a file that cannot be read back: {error}"))?;
+    Ok((file, Some(state)))
+}
+
 /// A protocol state machine as a host sees it.
 pub trait Machine {
-    type Durable: Serialize + DeserializeOwned + Clone + fmt::Debug;
+    type Durable: DurableState;
     type Timer: Clone + fmt::Debug + 'static;
     fn handle_message(&mut self, now_ms: u64, from: NodeAddr, msg: Message) -> Vec<Output<Self::Durable, Self::Timer>>;
     fn handle_timer(&mut self, now_ms: u64, timer: Self::Timer) -> Vec<Output<Self::Durable, Self::Timer>>;
@@ -202,19 +254,11 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         self.epoch_ms.saturating_add(elapsed)
     }
 
-    fn load<Dur: DeserializeOwned>(&self, node: NodeAddr) -> Option<(StateFile, Option<Dur>)> {
-        let (file, bytes) = match StateFile::load(&*self.disk, STATE_FILE) {
-            Ok(loaded) => loaded,
+    fn load<Dur: DurableState>(&self, node: NodeAddr) -> Option<(StateFile, Option<Dur>)> {
+        match load_state(&*self.disk) {
+            Ok(loaded) => Some(loaded),
             Err(error) => {
-                self.observer.record(node, HostEvent::Fatal(error.to_string()));
-                return None;
-            }
-        };
-        match bytes.map(|b| decode_frame::<Dur>(&b)).transpose() {
-            Ok(state) => Some((file, state)),
-            Err(error) => {
-                let message = format!("state file {STATE_FILE} holds an intact but undecodable state: {error}");
-                self.observer.record(node, HostEvent::Fatal(message));
+                self.observer.record(node, HostEvent::Fatal(error));
                 None
             }
         }
@@ -313,7 +357,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     }
 
     /// Carries out one output, except a download, which it hands back for the loop to run.
-    async fn execute<Dur: Serialize, Tm: Clone + 'static>(
+    async fn execute<Dur: DurableState, Tm: Clone + 'static>(
         &self,
         node: NodeAddr,
         file: &mut StateFile,
@@ -343,13 +387,20 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         Step::Next
     }
 
-    async fn persist<Dur: Serialize>(
+    async fn persist<Dur: DurableState>(
         &self,
         node: NodeAddr,
         file: &mut StateFile,
         state: &Dur,
         note: PersistNote,
     ) -> bool {
+        // Files the state holds in full this once, written beside it and made durable by its sync.
+        for (name, bytes) in state.unstored_files() {
+            if let Err(error) = self.disk.write(&name, bytes).await {
+                self.observer.record(node, HostEvent::Fatal(format!("writing {name}: {error}")));
+                return false;
+            }
+        }
         let written = file.write_state(&*self.disk, state).await;
         if let Err(error) = written {
             self.observer.record(node, HostEvent::Fatal(format!("writing state: {error}")));
@@ -362,6 +413,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             self.observer.record(node, HostEvent::Fatal(format!("syncing state: {error}")));
             return false;
         }
+        state.mark_stored();
         self.observer.record(node, HostEvent::Persisted(note));
         !self.observer.crash_point(node, CrashPoint::AfterPersist)
     }

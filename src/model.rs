@@ -553,14 +553,24 @@ fn push_decimal(out: &mut String, mut value: u64, width: usize) {
 
 /// The backups a restore applies, in order: the newest full backup, then every later incremental.
 ///
-/// Its serde form is its own postcard encoding as one byte string, made once and kept: a running operation's
-/// state is written at every step of the restore and holds the chain, which never changes, so a write copies
-/// these bytes instead of encoding every manifest again.
+/// A running operation's state is written at every step of the restore and refers to its chain, which never
+/// changes. So the chain is written in full only until a file of its own is durable ([`RestoreChain::file_name`],
+/// written by the host beside the first state that holds it, and made durable by that state's sync); from then on
+/// a state names the file by the chain's digest. A state read back names the file and holds a *detached* chain,
+/// which [`RestoreChain::attach`] fills in before anything uses it. Without this a restore of T tablets and B
+/// backups would write the chain T·B times, each time of a size that grows with T·B.
+///
+/// Its serde form is its own postcard encoding as one byte string, made once and kept, or the digest of that
+/// encoding once its file is durable.
 #[derive(Clone)]
 pub struct RestoreChain {
     backups: Vec<BackupManifest>,
     /// The postcard encoding of `backups`, once made (or as read).
     encoded: std::sync::OnceLock<Box<[u8]>>,
+    /// Set once a durable file holds the encoding: a state written after that names the file.
+    stored: std::sync::OnceLock<()>,
+    /// A chain read back as a name only: the digest of the encoding its file must hold.
+    detached: Option<u64>,
 }
 
 impl PartialEq for RestoreChain {
@@ -583,34 +593,61 @@ impl fmt::Debug for RestoreChain {
     }
 }
 
-impl Serialize for RestoreChain {
+/// The encoded manifests of a chain, as one byte string.
+struct EncodedChain<'a>(&'a [u8]);
+
+impl Serialize for EncodedChain<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let encoded = self.encoded.get_or_init(|| {
-            postcard::to_allocvec(&self.backups).expect("manifests always serialize").into_boxed_slice()
-        });
-        serializer.serialize_bytes(encoded)
+        serializer.serialize_bytes(self.0)
     }
 }
 
-impl<'de> Deserialize<'de> for RestoreChain {
+/// A chain decoded from its byte string.
+struct DecodedChain(RestoreChain);
+
+impl<'de> Deserialize<'de> for DecodedChain {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ChainVisitor;
 
         impl Visitor<'_> for ChainVisitor {
-            type Value = RestoreChain;
+            type Value = DecodedChain;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("the encoded manifests of a restore chain")
             }
 
-            fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<RestoreChain, E> {
-                let backups = postcard::from_bytes(bytes)
-                    .map_err(|error| E::custom(format_args!("restore chain of {} bytes: {error}", bytes.len())))?;
-                Ok(RestoreChain { backups, encoded: std::sync::OnceLock::from(Box::<[u8]>::from(bytes)) })
+            fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<DecodedChain, E> {
+                RestoreChain::decode(bytes).map(DecodedChain).map_err(E::custom)
             }
         }
 
         deserializer.deserialize_bytes(ChainVisitor)
+    }
+}
+
+/// How a state holds a chain: in full, or by the digest of its file.
+#[derive(Deserialize)]
+enum ChainForm {
+    Inline(DecodedChain),
+    Stored(u64),
+}
+
+impl Serialize for RestoreChain {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.is_stored() {
+            serializer.serialize_newtype_variant("ChainForm", 1, "Stored", &self.digest())
+        } else {
+            serializer.serialize_newtype_variant("ChainForm", 0, "Inline", &EncodedChain(self.encoded()))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RestoreChain {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match ChainForm::deserialize(deserializer)? {
+            ChainForm::Inline(DecodedChain(chain)) => chain,
+            ChainForm::Stored(digest) => RestoreChain { detached: Some(digest), ..RestoreChain::new(Vec::new()) },
+        })
     }
 }
 
@@ -666,7 +703,61 @@ impl RestoreChain {
     }
 
     pub fn new(backups: Vec<BackupManifest>) -> Self {
-        Self { backups, encoded: std::sync::OnceLock::new() }
+        Self { backups, encoded: std::sync::OnceLock::new(), stored: std::sync::OnceLock::new(), detached: None }
+    }
+
+    /// The chain whose postcard encoding `bytes` is.
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let backups =
+            postcard::from_bytes(bytes).map_err(|error| format!("restore chain of {} bytes: {error}", bytes.len()))?;
+        Ok(RestoreChain { encoded: std::sync::OnceLock::from(Box::<[u8]>::from(bytes)), ..RestoreChain::new(backups) })
+    }
+
+    /// The postcard encoding of the backups, made once.
+    pub fn encoded(&self) -> &[u8] {
+        self.encoded.get_or_init(|| {
+            postcard::to_allocvec(&self.backups).expect("manifests always serialize").into_boxed_slice()
+        })
+    }
+
+    /// The digest a state names the chain's file by: the length of the encoding and its CRC-32.
+    pub fn digest(&self) -> u64 {
+        self.detached.unwrap_or_else(|| {
+            let encoded = self.encoded();
+            (encoded.len() as u64) << 32 | u64::from(crc32fast::hash(encoded))
+        })
+    }
+
+    /// The name of the file that holds the chain's encoding.
+    pub fn file_name(&self) -> String {
+        format!("chain-{:016x}", self.digest())
+    }
+
+    /// Whether a durable file holds the chain (so a state names it instead of holding it).
+    pub fn is_stored(&self) -> bool {
+        self.stored.get().is_some()
+    }
+
+    /// Records that a durable file now holds the chain.
+    pub fn mark_stored(&self) {
+        let _ = self.stored.set(());
+    }
+
+    /// Whether the chain was read back as a name only, and awaits [`RestoreChain::attach`].
+    pub fn is_detached(&self) -> bool {
+        self.detached.is_some()
+    }
+
+    /// The chain a detached one names, from `bytes`, the content of its file; an error says what is wrong with
+    /// them. The result is stored: its file is where it came from.
+    pub fn attach(&self, bytes: &[u8]) -> Result<Self, String> {
+        let name = self.file_name();
+        let chain = Self::decode(bytes).map_err(|error| format!("{name}: {error}"))?;
+        if chain.digest() != self.digest() {
+            return Err(format!("{name} holds another chain (digest {:016x})", chain.digest()));
+        }
+        chain.mark_stored();
+        Ok(chain)
     }
 
     /// The backups, in the order they are applied.
@@ -967,18 +1058,34 @@ mod tests {
         let chain = RestoreChain::plan(&catalog, &[table(0, 1)]).unwrap();
         let bytes = postcard::to_allocvec(&chain).unwrap();
         let inner = postcard::to_allocvec(chain.backups()).unwrap();
-        // A byte string: its length, then the manifests' own encoding.
-        assert_eq!(bytes[0] as usize, inner.len());
-        assert_eq!(&bytes[1..], &inner[..]);
+        // Held in full: variant 0, then a byte string, its length and the manifests' own encoding.
+        assert_eq!(bytes[0], 0);
+        assert_eq!(bytes[1] as usize, inner.len());
+        assert_eq!(&bytes[2..], &inner[..]);
+        assert_eq!(chain.encoded(), &inner[..]);
         let read: RestoreChain = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(read, chain);
+        assert!(!read.is_detached() && !read.is_stored());
         assert_eq!(postcard::to_allocvec(&read).unwrap(), bytes, "a chain read back writes the same bytes");
         // Written twice, the second from the kept encoding.
         assert_eq!(postcard::to_allocvec(&chain).unwrap(), bytes);
 
+        // Once its file is durable: variant 1 and the digest, which names the file.
+        chain.mark_stored();
+        let named = postcard::to_allocvec(&chain).unwrap();
+        assert_eq!(named[0], 1);
+        assert!(named.len() <= 11, "{named:?}");
+        let detached: RestoreChain = postcard::from_bytes(&named).unwrap();
+        assert!(detached.is_detached());
+        assert_eq!((detached.digest(), detached.file_name()), (chain.digest(), chain.file_name()));
+        assert_eq!(detached.attach(&inner).unwrap(), chain);
+        let other = RestoreChain::plan(&catalog[..1], &[table(0, 1)]).unwrap();
+        let error = detached.attach(other.encoded()).unwrap_err();
+        assert!(error.ends_with(&format!("holds another chain (digest {:016x})", other.digest())), "{error}");
+
         let mut garbage = bytes.clone();
         garbage.truncate(bytes.len() - 3);
-        garbage[0] = (garbage.len() - 1) as u8;
+        garbage[1] = (garbage.len() - 2) as u8;
         let error = postcard::from_bytes::<RestoreChain>(&garbage).unwrap_err();
         assert!(matches!(error, postcard::Error::SerdeDeCustom), "{error:?}");
     }

@@ -2173,6 +2173,10 @@ fn durable_encodings_are_pinned_to_the_state_format() {
     reply(&mut coordinator, 10, &requests[0], ApplyOutcome::Applied);
     reply(&mut coordinator, 20, &requests[2], transient());
     let running = encode_frame(coordinator.durable());
+    // Once the chain's own file is durable, a state names the file instead of holding the chain.
+    lockstep::host::DurableState::mark_stored(coordinator.durable());
+    let stored = encode_frame(coordinator.durable());
+    assert!(stored.len() + 200 < running.len(), "{} against {}", stored.len(), running.len());
     // Then failed at the increment's deadline, the error listing the tablets not done.
     let out = coordinator.handle_timer(5_000, CoordinatorTimer::IncrementDeadline { op: OP, increment: 0 });
     let failed = encode_frame(&last_persisted(&out));
@@ -2180,11 +2184,16 @@ fn durable_encodings_are_pinned_to_the_state_format() {
     let shard = encode_frame(&ShardDurable { op: Some(OP), applied_through: Some(1), rows: Arc::new(rows) });
 
     let pin = |bytes: &[u8]| (bytes.len(), format!("{:08x}", crc32fast::hash(bytes)));
-    let found = [pin(&running), pin(&failed), pin(&shard)];
-    let pinned = [(275, "b59905d3".to_string()), (55, "337ed976".to_string()), (53, "64db6c42".to_string())];
+    let found = [pin(&running), pin(&stored), pin(&failed), pin(&shard)];
+    let pinned = [
+        (276, "d9d56a56".to_string()),
+        (69, "4fec9767".to_string()),
+        (55, "337ed976".to_string()),
+        (53, "64db6c42".to_string()),
+    ];
     assert_eq!(
         (STATE_FORMAT, found.clone()),
-        (3, pinned),
+        (4, pinned),
         "the encoding of durable states changed (or STATE_FORMAT did): raise STATE_FORMAT in src/io.rs, then pin \
          the new format and encodings here: {found:?}"
     );
@@ -2238,4 +2247,45 @@ fn message_encodings_are_pinned_to_the_protocol_version() {
         "the encoding of messages changed (or PROTOCOL_VERSION did): raise PROTOCOL_VERSION in src/protocol.rs, then \
          pin the new version and encodings here: {found:?}"
     );
+}
+
+/// A running operation's state holds its chain in full until the chain's own file is durable, then names the file
+/// by the chain's digest; read back, a state that names the file needs it, and refuses one missing or damaged.
+#[test]
+fn a_running_state_names_its_chain_file_once_that_is_durable_and_is_read_back_whole_from_it() {
+    use lockstep::host::DurableState;
+    use lockstep::protocol::{decode_frame, encode_frame};
+
+    let (coordinator, _) = started(coordinator_config(), 3, 4, 0);
+    let durable = coordinator.durable().clone();
+    let files: Vec<(String, Vec<u8>)> = durable.unstored_files().into_iter().map(|(n, b)| (n, b.to_vec())).collect();
+    let [(name, bytes)] = files.as_slice() else { panic!("one chain file, got {files:?}") };
+    assert!(name.starts_with("chain-"), "{name}");
+    let inline = encode_frame(&durable);
+    durable.mark_stored();
+    assert!(durable.unstored_files().is_empty(), "written once");
+    let stored = encode_frame(&durable);
+    assert!(
+        stored.len() + bytes.len() <= inline.len() + 16,
+        "{} + {} against {}",
+        stored.len(),
+        bytes.len(),
+        inline.len()
+    );
+
+    let read_back: CoordinatorDurable = decode_frame(&stored).expect("decodes");
+    let missing = read_back.clone().attach(&mut |_| Ok(None)).expect_err("the file is needed");
+    assert_eq!(missing, format!("{name} is missing"));
+    let cut = bytes[..bytes.len() - 1].to_vec();
+    let damaged = read_back.clone().attach(&mut |_| Ok(Some(cut.clone()))).expect_err("a damaged file is refused");
+    assert!(damaged.starts_with(&format!("{name}: restore chain of")), "{damaged}");
+    let mut whole = read_back.clone();
+    whole.attach(&mut |n| Ok((n == name.as_str()).then(|| bytes.clone()))).expect("attaches");
+    assert_eq!(whole, durable);
+    assert!(whole.unstored_files().is_empty(), "a chain read from its file is stored: the next state names it");
+
+    // A state that holds its chain in full needs no file.
+    let mut held: CoordinatorDurable = decode_frame(&inline).expect("decodes");
+    held.attach(&mut |n| panic!("no file is read, asked for {n}")).expect("nothing to attach");
+    assert_eq!(held, durable);
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, RestoreError};
-use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer, STATE_FILE};
-use lockstep::io::{StateFile, Transport};
+use lockstep::host::{CrashPoint, HostEvent, HostIo, Observer};
+use lockstep::io::Transport;
 use lockstep::model::BackupManifest;
 use lockstep::model::TabletId;
 use lockstep::protocol::{
@@ -694,15 +694,13 @@ impl Supervisor {
 
     fn final_state(&self, world: &World, timed_out: bool) -> FinalState {
         let state = self.state.lock();
-        let load = |node: NodeAddr| -> Option<Vec<u8>> {
+        // As a restarted node would read it back, chain files included.
+        fn load<Dur: lockstep::host::DurableState>(state: &SimState, node: NodeAddr) -> Option<Dur> {
             let disk = state.disks.get(&node)?;
-            StateFile::load(&disk.durable_view(), STATE_FILE).ok()?.1
-        };
-        let coordinator = load(NodeAddr::Coordinator).and_then(|b| decode_frame::<CoordinatorDurable>(&b).ok());
-        let shards = world
-            .tablets()
-            .map(|s| (s, load(NodeAddr::Shard(s)).and_then(|b| decode_frame::<ShardDurable>(&b).ok())))
-            .collect();
+            lockstep::host::load_state(&disk.durable_view()).ok()?.1
+        }
+        let coordinator = load::<CoordinatorDurable>(&state, NodeAddr::Coordinator);
+        let shards = world.tablets().map(|s| (s, load::<ShardDurable>(&state, NodeAddr::Shard(s)))).collect();
         FinalState { coordinator, shards, timed_out }
     }
 }
