@@ -345,3 +345,43 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
     let late = Duration::from_millis(RESTART_AFTER_MS + LIMIT_MS);
     assert!(failed_after >= late, "a clock that starts over fails late: {failed_after:?}");
 }
+
+/// A coordinator's state names its running operation's chain file once that file is durable. Read back from a
+/// node's directory, such a state needs the file: without it, or with another chain in it, loading is refused
+/// naming the file (no crash loses a synced file); with it, the state comes back whole.
+#[test]
+fn a_state_that_names_its_chain_file_is_read_back_whole_only_with_that_file() {
+    use lockstep::coordinator::Coordinator;
+    use lockstep::host::{DurableState, load_state};
+
+    let table = TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
+    let manifest = |backup_id: u64, kind| {
+        let objects = table.tablets().map(|tablet| BackupManifest::object_name(backup_id, tablet)).collect();
+        BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, tables: BTreeMap::from([(TABLE, objects)]) }
+    };
+    let catalog = vec![manifest(1, BackupKind::Full), manifest(2, BackupKind::Incremental)];
+    let request = RestoreRequest { op: 7, collection: "nightly".to_string(), tables: vec![table.clone()], catalog };
+    let (mut coordinator, _) = Coordinator::boot(CoordinatorConfig::default(), None, 1, 0);
+    coordinator.start(0, request).expect("the restore starts");
+    let durable = coordinator.durable().clone();
+    let files: Vec<(String, Vec<u8>)> = durable.unstored_files().into_iter().map(|(n, b)| (n, b.to_vec())).collect();
+    let [(name, chain)] = files.as_slice() else { panic!("one chain file, got {files:?}") };
+    durable.mark_stored();
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let disk = FileDisk::open(dir.path()).expect("node directory");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
+        let (mut file, _) = StateFile::load(&disk, STATE_FILE).expect("an empty directory loads");
+        file.write_state(&disk, &durable).await.expect("written");
+        file.sync(&disk).await.expect("synced");
+    });
+    let load = || load_state::<_, CoordinatorDurable>(&disk).map(|(_, state)| state);
+    let missing = load().expect_err("the chain file is missing");
+    assert!(missing.ends_with(&format!("refers to a file that cannot be read back: {name} is missing")), "{missing}");
+    std::fs::write(dir.path().join(&name), &chain[..chain.len() / 2]).expect("written");
+    let damaged = load().expect_err("the chain file is damaged");
+    assert!(damaged.contains(&format!("{name}: restore chain of")), "{damaged}");
+    std::fs::write(dir.path().join(&name), &chain).expect("written");
+    assert_eq!(load().expect("loads"), Some(durable));
+}
