@@ -379,9 +379,9 @@ fn a_state_that_names_its_chain_file_is_read_back_whole_only_with_that_file() {
     let load = || load_state::<_, CoordinatorDurable>(&disk).map(|(_, state)| state);
     let missing = load().expect_err("the chain file is missing");
     assert!(missing.ends_with(&format!("refers to a file that cannot be read back: {name} is missing")), "{missing}");
-    std::fs::write(dir.path().join(&name), &chain[..chain.len() / 2]).expect("written");
+    std::fs::write(dir.path().join(name), &chain[..chain.len() / 2]).expect("written");
     let damaged = load().expect_err("the chain file is damaged");
     assert!(damaged.contains(&format!("{name}: restore chain of")), "{damaged}");
-    std::fs::write(dir.path().join(&name), &chain).expect("written");
+    std::fs::write(dir.path().join(name), chain).expect("written");
     assert_eq!(load().expect("loads"), Some(durable));
 }
