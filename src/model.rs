@@ -634,7 +634,8 @@ enum ChainForm {
 
 impl Serialize for RestoreChain {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.is_stored() {
+        // A detached chain holds nothing but the name of its file.
+        if self.is_stored() || self.is_detached() {
             serializer.serialize_newtype_variant("ChainForm", 1, "Stored", &self.digest())
         } else {
             serializer.serialize_newtype_variant("ChainForm", 0, "Inline", &EncodedChain(self.encoded()))
@@ -1077,6 +1078,7 @@ mod tests {
         assert!(named.len() <= 11, "{named:?}");
         let detached: RestoreChain = postcard::from_bytes(&named).unwrap();
         assert!(detached.is_detached());
+        assert_eq!(postcard::to_allocvec(&detached).unwrap(), named, "written again, it still names its file");
         assert_eq!((detached.digest(), detached.file_name()), (chain.digest(), chain.file_name()));
         assert_eq!(detached.attach(&inner).unwrap(), chain);
         let other = RestoreChain::plan(&catalog[..1], &[table(0, 1)]).unwrap();
