@@ -193,10 +193,10 @@ pub struct CoordinatorDurable {
 }
 
 impl CoordinatorDurable {
-    /// The restore chains of the running operations.
-    pub fn chains(&self) -> impl Iterator<Item = &Arc<RestoreChain>> {
+    /// The restore chains of the running operations, each with its operation.
+    pub fn chains(&self) -> impl Iterator<Item = (OperationId, &Arc<RestoreChain>)> {
         self.operations.values().filter_map(|operation| match &operation.status {
-            OperationStatus::Running(running) => Some(&running.chain),
+            OperationStatus::Running(running) => Some((operation.op, &running.chain)),
             _ => None,
         })
     }
@@ -204,15 +204,16 @@ impl CoordinatorDurable {
     /// Fills in every detached chain (as a state read back names it) from the content `read` gives for its file
     /// name; an error names what is wrong.
     pub fn attach_chains(&mut self, mut read: impl FnMut(&str) -> Result<Vec<u8>, String>) -> Result<(), String> {
-        if !self.chains().any(|chain| chain.is_detached()) {
+        if !self.chains().any(|(_, chain)| chain.is_detached()) {
             return Ok(());
         }
         for operation in Arc::make_mut(&mut self.operations).values_mut() {
+            let op = operation.op;
             if let OperationStatus::Running(running) = &mut operation.status
                 && running.chain.is_detached()
             {
-                let bytes = read(&running.chain.file_name())?;
-                running.chain = Arc::new(running.chain.attach(&bytes)?);
+                let bytes = read(&running.chain.file_name(op))?;
+                running.chain = Arc::new(running.chain.attach(op, &bytes)?);
             }
         }
         Ok(())

@@ -50,11 +50,12 @@ impl DurableState for ShardDurable {}
 
 impl DurableState for CoordinatorDurable {
     fn unstored_files(&self) -> Vec<(String, &[u8])> {
-        self.chains().filter(|chain| !chain.is_stored()).map(|chain| (chain.file_name(), chain.encoded())).collect()
+        let unstored = self.chains().filter(|(_, chain)| !chain.is_stored());
+        unstored.map(|(op, chain)| (chain.file_name(op), chain.encoded())).collect()
     }
 
     fn mark_stored(&self) {
-        self.chains().for_each(|chain| chain.mark_stored());
+        self.chains().for_each(|(_, chain)| chain.mark_stored());
     }
 
     fn attach(&mut self, read: &mut dyn FnMut(&str) -> std::io::Result<Option<Vec<u8>>>) -> Result<(), String> {

@@ -729,9 +729,11 @@ impl RestoreChain {
         })
     }
 
-    /// The name of the file that holds the chain's encoding.
-    pub fn file_name(&self) -> String {
-        format!("chain-{:016x}", self.digest())
+    /// The name of the file that holds the chain's encoding as the chain of operation `op`. Operation ids are
+    /// never used twice, so a file of one operation's chain is never written over with another's, even if the two
+    /// chains' digests were to collide.
+    pub fn file_name(&self, op: u64) -> String {
+        format!("chain-{op}-{:016x}", self.digest())
     }
 
     /// Whether a durable file holds the chain (so a state names it instead of holding it).
@@ -751,8 +753,8 @@ impl RestoreChain {
 
     /// The chain a detached one names, from `bytes`, the content of its file; an error says what is wrong with
     /// them. The result is stored: its file is where it came from.
-    pub fn attach(&self, bytes: &[u8]) -> Result<Self, String> {
-        let name = self.file_name();
+    pub fn attach(&self, op: u64, bytes: &[u8]) -> Result<Self, String> {
+        let name = self.file_name(op);
         let chain = Self::decode(bytes).map_err(|error| format!("{name}: {error}"))?;
         if chain.digest() != self.digest() {
             return Err(format!("{name} holds another chain (digest {:016x})", chain.digest()));
@@ -1079,10 +1081,11 @@ mod tests {
         let detached: RestoreChain = postcard::from_bytes(&named).unwrap();
         assert!(detached.is_detached());
         assert_eq!(postcard::to_allocvec(&detached).unwrap(), named, "written again, it still names its file");
-        assert_eq!((detached.digest(), detached.file_name()), (chain.digest(), chain.file_name()));
-        assert_eq!(detached.attach(&inner).unwrap(), chain);
+        assert_eq!((detached.digest(), detached.file_name(7)), (chain.digest(), chain.file_name(7)));
+        assert_eq!(chain.file_name(7), format!("chain-7-{:016x}", chain.digest()));
+        assert_eq!(detached.attach(7, &inner).unwrap(), chain);
         let other = RestoreChain::plan(&catalog[..1], &[table(0, 1)]).unwrap();
-        let error = detached.attach(other.encoded()).unwrap_err();
+        let error = detached.attach(7, other.encoded()).unwrap_err();
         assert!(error.ends_with(&format!("holds another chain (digest {:016x})", other.digest())), "{error}");
 
         let mut garbage = bytes.clone();
