@@ -134,8 +134,10 @@ pub struct RestoreRequest {
     pub collection: String,
     /// The tables restored, index tables included, each onto the target table of the same id.
     pub tables: Vec<TableSpec>,
-    /// Every backup of the collection in the store, in any order; the coordinator picks the chain.
-    pub catalog: Vec<BackupManifest>,
+    /// Every backup of the collection in the store, in any order; the coordinator picks the chain. Shared: a
+    /// client sends the same request again until it is answered, and each copy logged or retried would otherwise
+    /// copy every manifest. Encoded as the list it holds.
+    pub catalog: Arc<[BackupManifest]>,
 }
 
 /// Why a restore is refused before it starts.

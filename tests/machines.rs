@@ -230,7 +230,7 @@ fn coordinator_refuses_a_restore_without_shards_or_without_a_full_backup() {
         op: OP,
         collection: "backups".to_string(),
         tables: vec![table_spec(1)],
-        catalog: vec![manifest(2, BackupKind::Incremental, 1)],
+        catalog: vec![manifest(2, BackupKind::Incremental, 1)].into(),
     };
     assert_eq!(coordinator.start(0, only_incremental), Err(StartError::Chain(ChainError::NoFullBackup)));
     assert_eq!(coordinator.durable(), &CoordinatorDurable { generation: 1, ..CoordinatorDurable::default() });

@@ -66,7 +66,7 @@ fn catalog(tables: &[TableSpec], backups: u64) -> Vec<BackupManifest> {
 
 fn request(op: OperationId, collection: &str, tables: Vec<TableSpec>, backups: u64) -> RestoreRequest {
     let catalog = catalog(&tables, backups);
-    RestoreRequest { op, collection: collection.to_string(), tables, catalog }
+    RestoreRequest { op, collection: collection.to_string(), tables, catalog: catalog.into() }
 }
 
 fn boot(config: CoordinatorConfig) -> Coordinator {
@@ -441,14 +441,16 @@ fn a_catalog_that_makes_no_chain_is_refused() {
     let mut coordinator = boot(config());
     let tables = vec![table(1, 1)];
     let mut only_incrementals = request(1, COLLECTION, tables.clone(), 2);
-    only_incrementals.catalog.remove(0);
+    only_incrementals.catalog = only_incrementals.catalog[1..].into();
     let error = refused(&mut coordinator, only_incrementals);
     assert_eq!(error, StartError::Chain(ChainError::NoFullBackup));
     assert!(error.to_string().contains("no full backup"), "{error}");
 
     // Backup 2 was taken before table 2 existed.
     let mut missing_table = request(1, COLLECTION, vec![table(1, 1), table(2, 1)], 2);
-    missing_table.catalog[1].tables.remove(&TableId(2));
+    let mut catalog = missing_table.catalog.to_vec();
+    catalog[1].tables.remove(&TableId(2));
+    missing_table.catalog = catalog.into();
     let error = refused(&mut coordinator, missing_table);
     assert_eq!(error, StartError::Chain(ChainError::TableMissing { backup_id: 2, table: TableId(2) }));
     assert!(error.to_string().contains("t2"), "{error}");

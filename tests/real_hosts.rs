@@ -145,7 +145,8 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                     let table =
                         TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
                     let collection = "nightly".to_string();
-                    let request = RestoreRequest { op: 7, collection, tables: vec![table], catalog: catalog.clone() };
+                    let request =
+                        RestoreRequest { op: 7, collection, tables: vec![table], catalog: catalog.clone().into() };
                     let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
                     tokio::task::spawn_local(io.run_coordinator(config, 1, Some(request)));
                 }
@@ -306,7 +307,12 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
                 download_timeout_ms: 1_000,
             };
             let table = TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
-            let request = RestoreRequest { op: 7, collection: "nightly".to_string(), tables: vec![table], catalog };
+            let request = RestoreRequest {
+                op: 7,
+                collection: "nightly".to_string(),
+                tables: vec![table],
+                catalog: catalog.into(),
+            };
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
             let first = process(0, listener).run_coordinator(config.clone(), 1, Some(request));
             let killed = tokio::time::timeout(Duration::from_millis(RESTART_AFTER_MS), first).await;
@@ -360,7 +366,12 @@ fn a_state_that_names_its_chain_file_is_read_back_whole_only_with_that_file() {
         BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, tables: BTreeMap::from([(TABLE, objects)]) }
     };
     let catalog = vec![manifest(1, BackupKind::Full), manifest(2, BackupKind::Incremental)];
-    let request = RestoreRequest { op: 7, collection: "nightly".to_string(), tables: vec![table.clone()], catalog };
+    let request = RestoreRequest {
+        op: 7,
+        collection: "nightly".to_string(),
+        tables: vec![table.clone()],
+        catalog: catalog.into(),
+    };
     let (mut coordinator, _) = Coordinator::boot(CoordinatorConfig::default(), None, 1, 0);
     coordinator.start(0, request).expect("the restore starts");
     let durable = coordinator.durable().clone();

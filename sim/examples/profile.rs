@@ -52,15 +52,21 @@ fn main() {
     println!("bare seconds {bare_s:.3}, {:.0} messages/s", messages as f64 / bare_s);
     if mode == "rounds" {
         // The benchmark's alternating rounds, for a wall-clock profile of the steady state it measures.
-        let mut ratios: Vec<f64> = (0..rounds)
-            .map(|_| {
-                let (world_s, _) = timed(|| run_worlds(&worlds));
-                let (bare_s, ()) = timed(|| bare_exchange_per_seed(&per_seed));
-                bare_s / world_s
-            })
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        println!("ratio {:.2}, median of {rounds} alternating rounds", ratios[ratios.len() / 2]);
+        let (mut worlds_s, mut bares_s, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (world_s, _) = timed(|| run_worlds(&worlds));
+            let (bare_s, ()) = timed(|| bare_exchange_per_seed(&per_seed));
+            worlds_s.push(world_s);
+            bares_s.push(bare_s);
+            ratios.push(bare_s / world_s);
+        }
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let (world_s, bare_s) = (median(worlds_s), median(bares_s));
+        println!("median seconds: world {world_s:.4}, bare {bare_s:.4}");
+        println!("ratio {:.2}, median of {rounds} alternating rounds", median(ratios));
     }
 }
 

@@ -100,7 +100,7 @@ pub enum SearchOrder {
 pub struct ExploreWorld {
     pub config: ExploreConfig,
     pub tables: Vec<TableSpec>,
-    pub catalog: Vec<BackupManifest>,
+    pub catalog: Arc<[BackupManifest]>,
     pub objects: BTreeObjects,
     /// Intact checksum of every object.
     pub crcs: HashMap<String, u32>,
@@ -169,8 +169,17 @@ impl ExploreWorld {
             bug: config.bugs.shard,
             ..ShardConfig::default()
         };
-        let mut world =
-            Self { config, tables, catalog, objects, crcs, expected, coordinator_config, shard_config, symmetry: None };
+        let mut world = Self {
+            config,
+            tables,
+            catalog: catalog.into(),
+            objects,
+            crcs,
+            expected,
+            coordinator_config,
+            shard_config,
+            symmetry: None,
+        };
         if world.config.symmetry {
             world.reduce_by_symmetry();
         }
@@ -1039,7 +1048,7 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
     for table in &world.tables {
         let _ = writeln!(w, "\n[[table]]\nname = \"{}\"\nranges = [{}]", table.name, ranges.join(", "));
     }
-    for manifest in &world.catalog {
+    for manifest in world.catalog.iter() {
         let kind = if manifest.kind == BackupKind::Full { "full" } else { "incremental" };
         let _ = writeln!(
             w,

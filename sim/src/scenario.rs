@@ -82,7 +82,7 @@ enum Source {
 #[derive(Clone, Debug)]
 struct ExplicitWorld {
     tables: Vec<WorldTable>,
-    catalog: Vec<BackupManifest>,
+    catalog: Arc<[BackupManifest]>,
     objects: Arc<BTreeMap<String, Vec<u8>>>,
     chain_backup_ids: Vec<u64>,
 }
@@ -1366,7 +1366,7 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
         }
         world_tables.push(WorldTable { spec, shard_map, expected_rows: Arc::new(rows) });
     }
-    Ok(ExplicitWorld { tables: world_tables, catalog, objects: Arc::new(objects), chain_backup_ids })
+    Ok(ExplicitWorld { tables: world_tables, catalog: catalog.into(), objects: Arc::new(objects), chain_backup_ids })
 }
 
 fn shard_map_of(table: &Spanned<TableDecl>) -> Result<ShardMap, Problem> {

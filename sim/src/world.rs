@@ -106,7 +106,7 @@ pub struct World {
     /// Tables and index tables, in table-id order.
     pub tables: Vec<WorldTable>,
     /// Every backup of the collection in the store, the ignored older ones included.
-    pub catalog: Vec<BackupManifest>,
+    pub catalog: Arc<[BackupManifest]>,
     /// Every object in the store, intact. Shared: every run of the world reads the same bytes.
     pub objects: Arc<BTreeMap<String, Vec<u8>>>,
     /// Increments in the restore chain (the newest full plus the incrementals after it), from the workload.
@@ -250,7 +250,7 @@ impl World {
         let mut world = Self {
             seed,
             tables,
-            catalog,
+            catalog: catalog.into(),
             objects: Arc::new(objects),
             chain_len,
             chain_backup_ids,
@@ -766,7 +766,7 @@ mod tests {
         for seed in 0..20 {
             let world = World::generate(seed, &WorldParams::sweep_default());
             for table in &world.tables {
-                for manifest in &world.catalog {
+                for manifest in world.catalog.iter() {
                     for (shard, object) in world_names(manifest, table.spec.id).iter().enumerate() {
                         let bundle = Bundle::decode(object, &world.objects[object]).expect("generated bundles decode");
                         for change in &bundle.changes {

@@ -232,7 +232,7 @@ impl Renaming {
             strings: BTreeMap::new(),
             crcs: BTreeMap::new(),
         };
-        for manifest in &world.catalog {
+        for manifest in world.catalog.iter() {
             for (i, tablet) in tablets.iter().enumerate() {
                 renaming.check_object(world, manifest, i, *tablet)?;
             }
