@@ -183,11 +183,12 @@ pub struct CoordinatorDurable {
     pub generation: Generation,
     /// Every operation not forgotten, running or finished. Shared with the persist outputs instead of copied; a
     /// change copies them only while an output still holds them (a host is done with one before the next input).
+    /// The maps below are shared the same way; each encodes as the map it holds.
     pub operations: Arc<BTreeMap<OperationId, Operation>>,
     /// The state of every target table a restore has touched.
-    pub tables: BTreeMap<TableId, TableState>,
+    pub tables: Arc<BTreeMap<TableId, TableState>>,
     /// Backup collections whose objects a running operation reads.
-    pub sources_in_use: BTreeMap<String, OperationId>,
+    pub sources_in_use: Arc<BTreeMap<String, OperationId>>,
     /// The highest operation id ever started. A new operation needs a higher one, so an id is never used twice
     /// (not even a forgotten operation's, which a late duplicate of its start would otherwise start again), and
     /// ids order operations: a shard refuses the requests of an operation older than the one it holds rows of.
@@ -593,10 +594,11 @@ impl Coordinator {
         let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
         let increment_limit_ms = self.config.increment_deadline_ms;
         let increment_deadline_at_ms = now_ms.saturating_add(increment_limit_ms);
+        let tables = Arc::make_mut(&mut self.durable.tables);
         for table in &request.tables {
-            self.durable.tables.insert(table.id, TableState::Restoring { op });
+            tables.insert(table.id, TableState::Restoring { op });
         }
-        self.durable.sources_in_use.insert(request.collection.clone(), op);
+        Arc::make_mut(&mut self.durable.sources_in_use).insert(request.collection.clone(), op);
         self.durable.newest_op = Some(op);
         self.operations_mut().insert(
             op,
@@ -1121,11 +1123,12 @@ impl Coordinator {
             Arc::make_mut(&mut self.durable.operations).get_mut(&op).expect("an operation ends only once it exists");
         assert!(matches!(operation.status, OperationStatus::Running(_)), "only a running operation ends");
         operation.status = status;
+        let tables = Arc::make_mut(&mut self.durable.tables);
         for table in &operation.tables {
-            self.durable.tables.insert(table.id, table_state);
+            tables.insert(table.id, table_state);
         }
         if self.durable.sources_in_use.get(&operation.collection) == Some(&op) {
-            self.durable.sources_in_use.remove(&operation.collection);
+            Arc::make_mut(&mut self.durable.sources_in_use).remove(&operation.collection);
         }
         self.in_flight.retain(|_, f| f.op != op);
     }

@@ -517,7 +517,7 @@ impl<'a> Encoder<'a> {
             self.operation(operation);
         }
         self.raw(tables);
-        self.multiset(sources_in_use, |e, (collection, op)| {
+        self.multiset(sources_in_use.iter(), |e, (collection, op)| {
             e.string(collection);
             e.word(*op);
         });
