@@ -567,6 +567,8 @@ pub struct RestoreChain {
     backups: Vec<BackupManifest>,
     /// The postcard encoding of `backups`, once made (or as read).
     encoded: std::sync::OnceLock<Box<[u8]>>,
+    /// The digest of `encoded`, once taken: every state written while the chain runs names it.
+    digest: std::sync::OnceLock<u64>,
     /// Set once a durable file holds the encoding: a state written after that names the file.
     stored: std::sync::OnceLock<()>,
     /// A chain read back as a name only: the digest of the encoding its file must hold.
@@ -704,7 +706,13 @@ impl RestoreChain {
     }
 
     pub fn new(backups: Vec<BackupManifest>) -> Self {
-        Self { backups, encoded: std::sync::OnceLock::new(), stored: std::sync::OnceLock::new(), detached: None }
+        Self {
+            backups,
+            encoded: std::sync::OnceLock::new(),
+            digest: std::sync::OnceLock::new(),
+            stored: std::sync::OnceLock::new(),
+            detached: None,
+        }
     }
 
     /// The chain whose postcard encoding `bytes` is.
@@ -724,8 +732,10 @@ impl RestoreChain {
     /// The digest a state names the chain's file by: the length of the encoding and its CRC-32.
     pub fn digest(&self) -> u64 {
         self.detached.unwrap_or_else(|| {
-            let encoded = self.encoded();
-            (encoded.len() as u64) << 32 | u64::from(crc32fast::hash(encoded))
+            *self.digest.get_or_init(|| {
+                let encoded = self.encoded();
+                (encoded.len() as u64) << 32 | u64::from(crc32fast::hash(encoded))
+            })
         })
     }
 
