@@ -103,6 +103,40 @@ impl SortedRows {
     pub fn to_map(&self) -> Rows {
         self.0.iter().map(|&[key, value]| (key, value)).collect()
     }
+
+    /// The rows whose keys fall in `range`, in key order: found by two binary searches, copied by none.
+    pub fn in_range(&self, range: KeyRange) -> RowsIn<'_> {
+        let start = self.0.partition_point(|&[key, _]| key < range.start);
+        let end = range.end.map_or(self.0.len(), |end| self.0.partition_point(|&[key, _]| key < end));
+        RowsIn(&self.0[start..end.max(start)])
+    }
+
+    /// Whether these rows are exactly `rows`: compared as one block of memory, not row by row.
+    pub fn same_as(&self, rows: RowsIn<'_>) -> bool {
+        self.0 == rows.0
+    }
+}
+
+/// A run of a [`SortedRows`]' rows in key order (its rows in one key range), borrowed.
+#[derive(Clone, Copy)]
+pub struct RowsIn<'a>(&'a [[u64; 2]]);
+
+impl<'a> RowsIn<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&'a Key, &'a Value)> + ExactSizeIterator + Clone + use<'a> {
+        self.0.iter().map(|[key, value]| (key, value))
+    }
+
+    pub fn to_map(&self) -> Rows {
+        self.0.iter().map(|&[key, value]| (key, value)).collect()
+    }
 }
 
 /// Merges `changes`, in strictly increasing key order, into `rows`, with one copy of every row that stays.

@@ -381,7 +381,7 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
                 for tablet in world.tablets_of(*op) {
                     let state = final_state.shards.get(&tablet).and_then(|s| s.as_ref());
                     let rows = state.filter(|s| s.op == Some(*op)).map(|s| &s.rows);
-                    if !rows.is_some_and(|rows| rows.iter().eq(world.expected_rows_in(tablet))) {
+                    if !rows.is_some_and(|rows| rows.same_as(world.expected_rows_in(tablet))) {
                         let detail = match rows {
                             None => format!("at Done of operation {op} {tablet} holds no durable rows of it"),
                             Some(rows) => format!(

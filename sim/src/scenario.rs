@@ -17,8 +17,8 @@ use std::sync::Arc;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorConfig, RestoreRequest};
 use lockstep::model::{
-    BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, TableId, TableSpec,
-    TabletId, apply_changes,
+    BackupKind, BackupManifest, Change, IncrementIndex, Key, KeyRange, Rows, ShardId, ShardMap, SortedRows, TableId,
+    TableSpec, TabletId, apply_changes,
 };
 use lockstep::protocol::{ClientCall, NodeAddr, OperationId};
 use lockstep::shard::ShardConfig;
@@ -1364,7 +1364,7 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
                 ));
             }
         }
-        world_tables.push(WorldTable { spec, shard_map, expected_rows: Arc::new(rows) });
+        world_tables.push(WorldTable { spec, shard_map, expected_rows: Arc::new(SortedRows::from(&rows)) });
     }
     Ok(ExplicitWorld { tables: world_tables, catalog: catalog.into(), objects: Arc::new(objects), chain_backup_ids })
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
 use lockstep::model::{
-    BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, ShardMap, TableId, TableSpec, TabletId, Value,
+    BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, RowsIn, ShardMap, SortedRows, TableId, TableSpec,
+    TabletId, Value,
 };
 use lockstep::shard::{ShardBug, ShardConfig};
 use rand::{Rng, SeedableRng};
@@ -96,8 +97,9 @@ pub struct LostObject {
 pub struct WorldTable {
     pub spec: TableSpec,
     pub shard_map: ShardMap,
-    /// The oracle: the source table when the last backup was taken.
-    pub expected_rows: Arc<Rows>,
+    /// The oracle: the source table when the last backup was taken, as sorted pairs (a tablet's rows are one
+    /// run of them, compared with what the tablet holds as one block of memory).
+    pub expected_rows: Arc<SortedRows>,
 }
 
 #[derive(Clone, Debug)]
@@ -208,8 +210,10 @@ impl World {
         let tables: Vec<WorldTable> = specs
             .into_iter()
             .map(|(spec, shard_map, source, is_index)| {
-                let rows = &history.final_rows[source];
-                let rows = if is_index { index_rows(rows) } else { rows.clone() };
+                // The workload's flat copy of the table at the last backup, already in key order.
+                let rows = &history.snapshots.last().expect("a history has backups")[source];
+                let rows: SortedRows =
+                    if is_index { index_pairs(rows).into_iter().collect() } else { rows.iter().copied().collect() };
                 WorldTable { spec, shard_map, expected_rows: Arc::new(rows) }
             })
             .collect();
@@ -362,14 +366,13 @@ impl World {
     }
 
     pub fn expected_rows_of(&self, tablet: TabletId) -> Rows {
-        let table = self.table(tablet.table);
-        table.shard_map.rows_of(&table.expected_rows, tablet.shard)
+        self.expected_rows_in(tablet).to_map()
     }
 
     /// The oracle's rows of `tablet`, in key order, without copying them.
-    pub fn expected_rows_in(&self, tablet: TabletId) -> impl Iterator<Item = (&Key, &Value)> {
+    pub fn expected_rows_in(&self, tablet: TabletId) -> RowsIn<'_> {
         let table = self.table(tablet.table);
-        table.shard_map.rows_in(&table.expected_rows, tablet.shard)
+        table.expected_rows.in_range(table.shard_map.range(tablet.shard))
     }
 
     /// The checksum of the intact bytes of `object`.
@@ -487,7 +490,6 @@ struct Workload {
     backups: Vec<TakenBackup>,
     /// For every backup, the rows of every base table when it was taken, in key order.
     snapshots: Vec<Vec<Vec<(Key, Value)>>>,
-    final_rows: Vec<Rows>,
 }
 
 impl Workload {
@@ -518,7 +520,7 @@ impl Workload {
             // Flat copies: cheaper to take, walk and free than copies of the maps.
             snapshots.push(sources.iter().map(|rows| rows.iter().map(|(&k, &v)| (k, v)).collect()).collect());
         }
-        Self { backups, snapshots, final_rows: sources }
+        Self { backups, snapshots }
     }
 
     /// The changes backup `b` carries for a table of source `source` (or its index), in key order: every row for
