@@ -17,6 +17,9 @@ use crate::protocol::{
     PersistNote, ShardFailure, StoreError,
 };
 
+/// The most a download reserves up front for an object, whatever size the store claims for it.
+const MAX_BUFFER_RESERVE: usize = 64 << 20;
+
 /// Tunables of a shard.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ShardConfig {
@@ -162,6 +165,12 @@ impl Shard {
         }
         match result.outcome {
             Ok(read) => {
+                if work.buffer.is_empty() {
+                    // The first read tells the object's size: room for all of it at once, instead of growing (and
+                    // copying) the buffer read by read. The store's word is not trusted beyond a bound.
+                    let total = usize::try_from(read.total_len).unwrap_or(usize::MAX);
+                    work.buffer.reserve_exact(total.min(MAX_BUFFER_RESERVE));
+                }
                 work.buffer.extend_from_slice(&read.bytes);
                 if work.buffer.len() as u64 >= read.total_len {
                     self.finish_download()
