@@ -80,26 +80,40 @@ impl Bundle {
 
     /// Decodes and verifies a bundle. `object` names it in errors.
     pub fn decode(object: &str, bytes: &[u8]) -> Result<Self, BundleError> {
-        Self::decode_inner(object, bytes, true)
+        Self::decode_with_payload_crc(object, bytes, true).map(|(bundle, _)| bundle)
     }
 
     /// Decodes without checking the payload checksum. Only the known-bug catalog uses this, to show that the
     /// checkers catch a shard that trusts its download.
     pub fn decode_unverified(object: &str, bytes: &[u8]) -> Result<Self, BundleError> {
-        Self::decode_inner(object, bytes, false)
+        Self::decode_with_payload_crc(object, bytes, false).map(|(bundle, _)| bundle)
     }
 
-    fn decode_inner(object: &str, bytes: &[u8], verify: bool) -> Result<Self, BundleError> {
+    /// Decodes a bundle, verifying its payload checksum if `verify`, and returns it with the CRC-32 of the payload
+    /// it was decoded from, computed from the bytes (the one pass that verifies them), never read from the header.
+    pub fn decode_with_payload_crc(object: &str, bytes: &[u8], verify: bool) -> Result<(Self, u32), BundleError> {
         let payload = split_payload(object, bytes)?;
+        let actual = crc32fast::hash(payload);
         if verify {
             let expected = read_u32(bytes, 12);
-            let actual = crc32fast::hash(payload);
             if expected != actual {
                 return Err(BundleError::ChecksumMismatch { object: object.to_string(), expected, actual });
             }
         }
-        PayloadReader { object, bytes: payload, at: 0 }.read_bundle()
+        Ok((PayloadReader { object, bytes: payload, at: 0 }.read_bundle()?, actual))
     }
+
+    /// The payload checksum the header of an encoded bundle records: for a bundle as [`Bundle::encode`] made it,
+    /// the CRC-32 of its intact payload, without reading the payload. `None` when there is no whole header.
+    pub fn recorded_payload_crc(bytes: &[u8]) -> Option<u32> {
+        (bytes.len() >= HEADER_LEN).then(|| read_u32(bytes, 12))
+    }
+}
+
+/// The CRC-32 of what follows the header of `bytes` (all of them when there is no whole header): what a shard
+/// that applied these bytes reports having applied.
+pub fn payload_crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes.get(HEADER_LEN..).unwrap_or(bytes))
 }
 
 /// Checks magic, version and length, and returns the payload slice.
@@ -230,6 +244,29 @@ mod tests {
     fn bundle_round_trips() {
         let bytes = sample().encode();
         assert_eq!(Bundle::decode("obj", &bytes), Ok(sample()));
+    }
+
+    #[test]
+    fn the_reported_payload_checksum_is_computed_from_the_bytes_decoded() {
+        let bytes = sample().encode();
+        let recorded = Bundle::recorded_payload_crc(&bytes).expect("a whole header");
+        assert_eq!(recorded, crc32fast::hash(&bytes[HEADER_LEN..]));
+        assert_eq!(payload_crc32(&bytes), recorded);
+        assert_eq!(Bundle::decode_with_payload_crc("obj", &bytes, true), Ok((sample(), recorded)));
+        // A flipped bit in a change's value still decodes when the checksum is not verified, and the checksum
+        // reported is that of the damaged payload, not the one the header records.
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let (bundle, crc) = Bundle::decode_with_payload_crc("obj", &damaged, false).expect("decodes unverified");
+        assert_ne!(bundle, sample());
+        assert_eq!(crc, payload_crc32(&damaged));
+        assert_ne!(crc, recorded);
+        assert!(matches!(
+            Bundle::decode_with_payload_crc("obj", &damaged, true),
+            Err(BundleError::ChecksumMismatch { .. })
+        ));
+        assert_eq!(Bundle::recorded_payload_crc(&bytes[..HEADER_LEN - 1]), None);
     }
 
     #[test]

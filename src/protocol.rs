@@ -254,8 +254,10 @@ pub enum StoreError {
 pub enum PersistNote {
     /// Coordinator state: the progress of every operation it knows, in operation order.
     Coordinator(Vec<crate::coordinator::ProgressMark>),
-    /// A shard applied an increment of operation `op`: rows and marker in this one write.
-    ShardApplied { op: OperationId, increment: IncrementIndex, backup_id: u64, bundle_crc32: u32 },
+    /// A shard applied an increment of operation `op`: rows and marker in this one write. `payload_crc32` is the
+    /// CRC-32 of the bundle payload the rows came from, as the shard computed it over the bytes it downloaded, so
+    /// an observer can tell whether they were the intact bundle's.
+    ShardApplied { op: OperationId, increment: IncrementIndex, backup_id: u64, payload_crc32: u32 },
 }
 
 /// An effect a state machine asks its host to carry out, in order. A host finishes a `Persist` (write and sync)

@@ -268,13 +268,9 @@ impl Shard {
     fn finish_download(&mut self) -> Vec<ShardOutput> {
         let work = self.work.as_ref().expect("a download finishes only while running");
         let request = &work.request;
-        let decoded = if has(&self.config, ShardBug::SkipChecksum) {
-            Bundle::decode_unverified(&request.object, &work.buffer)
-        } else {
-            Bundle::decode(&request.object, &work.buffer)
-        };
-        let bundle = match decoded {
-            Ok(bundle) => bundle,
+        let verify = !has(&self.config, ShardBug::SkipChecksum);
+        let (bundle, payload_crc32) = match Bundle::decode_with_payload_crc(&request.object, &work.buffer, verify) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 // A bad download is transient: the store keeps an intact copy, a later download may get it.
                 let cause = ShardFailure::BadBundle { detail: error.to_string() };
@@ -292,7 +288,7 @@ impl Shard {
             op: request.op,
             increment: request.increment,
             backup_id: request.backup_id,
-            bundle_crc32: crc32fast::hash(&work.buffer),
+            payload_crc32,
         };
         let work = self.work.take().expect("checked above");
         let request = work.request;

@@ -249,7 +249,7 @@ fn lopsided(config: ExploreConfig) -> ExploreWorld {
     let mut bundle = Bundle::decode(&object, &world.objects[&object]).expect("intact");
     bundle.changes.push(Change::Upsert { key: 12, value: 0 });
     let bytes = bundle.encode();
-    world.crcs.insert(object.clone(), crc32fast::hash(&bytes));
+    world.crcs.insert(object.clone(), lockstep::bundle::payload_crc32(&bytes));
     world.objects.insert(object, bytes);
     apply_changes(&mut world.expected[1], &[Change::Upsert { key: 12, value: 0 }]);
     world.reduce_by_symmetry();

@@ -1003,8 +1003,8 @@ fn shard_applies_a_full_bundle_replacing_its_rows_and_persists_before_replying()
     assert_eq!(state, expected, "a full bundle replaces every row, and rows and marker are one write");
     assert_eq!(shard.durable(), &expected);
     let Output::Persist { note, .. } = &out[0] else { unreachable!() };
-    let bundle_crc32 = crc32fast::hash(&bytes);
-    assert_eq!(note, &PersistNote::ShardApplied { op: 2, increment: 0, backup_id: 1, bundle_crc32 });
+    let payload_crc32 = lockstep::bundle::payload_crc32(&bytes);
+    assert_eq!(note, &PersistNote::ShardApplied { op: 2, increment: 0, backup_id: 1, payload_crc32 });
 }
 
 #[test]
@@ -1694,14 +1694,19 @@ mod hostile {
                         prop_assert!(*at_ms >= now_ms, "a timer set in the past: {}", context());
                     }
                     Output::Persist { state, note } => {
-                        let PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 } = note else {
+                        let PersistNote::ShardApplied { op, increment, backup_id, payload_crc32 } = note else {
                             return Err(TestCaseError::fail(format!("not a shard note: {}", context())));
                         };
                         let Some(bundle) = by_backup.get(backup_id) else {
                             return Err(TestCaseError::fail(format!("no such backup was applied: {}", context())));
                         };
                         let intact = &library[&BackupManifest::object_name(*backup_id, SHARD)];
-                        prop_assert_eq!(*bundle_crc32, crc32fast::hash(intact), "a damaged bundle: {}", context());
+                        prop_assert_eq!(
+                            *payload_crc32,
+                            lockstep::bundle::payload_crc32(intact),
+                            "a damaged bundle: {}",
+                            context()
+                        );
                         prop_assert!(
                             durable.op.is_none_or(|held| held <= *op),
                             "applied an operation older than the one held, over its rows: {}",

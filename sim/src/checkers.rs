@@ -25,7 +25,8 @@ pub enum Invariant {
     NoLostIncrement,
     /// Done only when every tablet durably holds every increment.
     NoFalseSuccess,
-    /// Only intact bundles are applied.
+    /// Only intact bundles are applied: the checksum a shard computes over the payload it applied is the one the
+    /// intact bundle's header records.
     CorruptNeverApplied,
     /// Coordinator progress never goes backwards, across reboots included.
     ProgressNeverBackwards,
@@ -185,8 +186,8 @@ impl<'a> Walker<'a> {
         match (event.node, host) {
             (
                 SimNode::Protocol(NodeAddr::Shard(tablet)),
-                HostEvent::Persisted(PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 }),
-            ) => self.on_applied(index, tablet, *op, *increment, *backup_id, *bundle_crc32),
+                HostEvent::Persisted(PersistNote::ShardApplied { op, increment, backup_id, payload_crc32 }),
+            ) => self.on_applied(index, tablet, *op, *increment, *backup_id, *payload_crc32),
             (SimNode::Protocol(NodeAddr::Shard(tablet)), HostEvent::ShardBooted { loaded }) => {
                 let loaded = loaded.as_ref().and_then(|s| s.op.zip(s.applied_through));
                 let durable = self.applied.get(&tablet).copied().flatten().map(|(op, k, _)| (op, k));
@@ -267,7 +268,7 @@ impl<'a> Walker<'a> {
         match self.world.chain_backup_ids.get(increment as usize) {
             Some(expected_backup) if *expected_backup == backup_id => {
                 let object = BackupManifest::object_name(backup_id, tablet);
-                if self.world.intact_crc32(&object) != Some(crc) {
+                if self.world.intact_payload_crc32(&object) != Some(crc) {
                     let detail = format!("{tablet} applied increment {increment} from a damaged copy of {object}");
                     self.violate(Invariant::CorruptNeverApplied, index, detail);
                 }
@@ -486,8 +487,8 @@ mod tests {
     fn applied_of(world: &World, op: OperationId, tablet: TabletId, increment: u32) -> Event {
         let backup_id = world.chain_backup_ids[increment as usize];
         let object = BackupManifest::object_name(backup_id, tablet);
-        let bundle_crc32 = world.intact_crc32(&object).expect("object exists");
-        let note = PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 };
+        let payload_crc32 = world.intact_payload_crc32(&object).expect("object exists");
+        let note = PersistNote::ShardApplied { op, increment, backup_id, payload_crc32 };
         event(NodeAddr::Shard(tablet), HostEvent::Persisted(note))
     }
 
@@ -621,7 +622,9 @@ mod tests {
         let world = world();
         let mut log = clean_log(&world);
         let first_apply = log.iter_mut().find_map(|e| match &mut e.kind {
-            EventKind::Host(HostEvent::Persisted(PersistNote::ShardApplied { bundle_crc32, .. })) => Some(bundle_crc32),
+            EventKind::Host(HostEvent::Persisted(PersistNote::ShardApplied { payload_crc32, .. })) => {
+                Some(payload_crc32)
+            }
             _ => None,
         });
         *first_apply.expect("the clean log applies something") ^= 1;

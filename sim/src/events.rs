@@ -90,10 +90,10 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
             f.write_str("persisted ")?;
             write_marks(f, marks)
         }
-        HostEvent::Persisted(PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 }) => {
+        HostEvent::Persisted(PersistNote::ShardApplied { op, increment, backup_id, payload_crc32 }) => {
             write!(
                 f,
-                "APPLIED op {op} increment {increment} (backup {backup_id}, bundle crc {bundle_crc32:08x}), durable"
+                "APPLIED op {op} increment {increment} (backup {backup_id}, payload crc {payload_crc32:08x}), durable"
             )
         }
         HostEvent::Sent { to, msg } => write!(f, "-> {to}: {msg}"),

@@ -102,7 +102,7 @@ pub struct ExploreWorld {
     pub tables: Vec<TableSpec>,
     pub catalog: Arc<[BackupManifest]>,
     pub objects: BTreeObjects,
-    /// Intact checksum of every object.
+    /// The intact payload checksum of every object (what a shard that applied it reports).
     pub crcs: HashMap<String, u32>,
     /// Per tablet, the rows at the end of the chain.
     pub expected: Vec<Rows>,
@@ -155,7 +155,7 @@ impl ExploreWorld {
             }
             catalog.push(BackupManifest { backup_id, kind, taken_at_ms: backup_id * 1_000, tables: manifest_tables });
         }
-        let crcs = objects.iter().map(|(name, bytes)| (name.clone(), crc32fast::hash(bytes))).collect();
+        let crcs = objects.iter().map(|(name, bytes)| (name.clone(), lockstep::bundle::payload_crc32(bytes))).collect();
         let coordinator_config = CoordinatorConfig {
             max_in_flight_shards: config.tables * config.shards,
             max_in_flight_tables: config.tables,
@@ -695,8 +695,8 @@ impl State {
             let tablet = self.shards[s].machine.id();
             match output {
                 Output::Persist { state, note } => {
-                    if let PersistNote::ShardApplied { increment, bundle_crc32, .. } = note {
-                        self.check_apply(world, tablet, &state, increment, bundle_crc32, broken);
+                    if let PersistNote::ShardApplied { increment, payload_crc32, .. } = note {
+                        self.check_apply(world, tablet, &state, increment, payload_crc32, broken);
                     }
                     self.shard_mut(s).durable = Some(state);
                     return;

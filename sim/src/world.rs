@@ -375,9 +375,10 @@ impl World {
         table.expected_rows.in_range(table.shard_map.range(tablet.shard))
     }
 
-    /// The checksum of the intact bytes of `object`.
-    pub fn intact_crc32(&self, object: &str) -> Option<u32> {
-        self.objects.get(object).map(|bytes| crc32fast::hash(bytes))
+    /// The payload checksum of the intact bundle `object`, as its header records it: every object of a world is a
+    /// bundle [`Bundle::encode`] made, so the header holds the checksum of the intact payload.
+    pub fn intact_payload_crc32(&self, object: &str) -> Option<u32> {
+        self.objects.get(object).and_then(|bytes| Bundle::recorded_payload_crc(bytes))
     }
 
     pub fn total_rows(&self) -> usize {

@@ -278,7 +278,8 @@ impl Renaming {
                 (Ok(read), Ok(read_renamed)) => {
                     (read.total_len == read_renamed.total_len && read.bytes.len() == read_renamed.bytes.len())
                         .then_some(())?;
-                    extend(&mut self.crcs, &crc32fast::hash(&read.bytes), &crc32fast::hash(&read_renamed.bytes))?;
+                    let payload_crc = |bytes: &[u8]| lockstep::bundle::payload_crc32(bytes);
+                    extend(&mut self.crcs, &payload_crc(&read.bytes), &payload_crc(&read_renamed.bytes))?;
                     let decoded =
                         [Bundle::decode(&object, &read.bytes), Bundle::decode_unverified(&object, &read.bytes)];
                     let decoded_renamed = [
@@ -763,12 +764,12 @@ impl<'a> Encoder<'a> {
                         self.word(0);
                         self.raw(marks);
                     }
-                    PersistNote::ShardApplied { op, increment, backup_id, bundle_crc32 } => {
+                    PersistNote::ShardApplied { op, increment, backup_id, payload_crc32 } => {
                         self.word(1);
                         self.word(*op);
                         self.word(u64::from(*increment));
                         self.word(*backup_id);
-                        let crc = self.renaming.crcs.get(bundle_crc32).unwrap_or(bundle_crc32);
+                        let crc = self.renaming.crcs.get(payload_crc32).unwrap_or(payload_crc32);
                         self.word(u64::from(*crc));
                     }
                 }
