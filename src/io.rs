@@ -90,40 +90,46 @@ pub enum StateError {
 impl StateFile {
     /// Loads the newest intact slot of state `name`; `None` when nothing intact was ever synced.
     pub fn load<D: Disk>(disk: &D, name: &str) -> Result<(Self, Option<Vec<u8>>), StateError> {
-        // Sequence number, slot, format and payload of the newest intact copy.
-        let mut best: Option<(u64, u64, u8, Vec<u8>)> = None;
-        let mut damaged = Vec::new();
-        let mut present = [false; 2];
-        for slot in 0..2 {
+        let read = |slot: u64| {
             let path = slot_name(name, slot);
-            let bytes = disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })?;
-            present[slot as usize] = bytes.is_some();
-            match bytes.as_deref().map(parse_slot) {
-                Some(Some((seq, format, payload)))
-                    if best.as_ref().is_none_or(|(best_seq, _, _, _)| seq > *best_seq) =>
-                {
-                    best = Some((seq, slot, format, payload.to_vec()));
-                }
-                Some(None) => damaged.push(path),
-                Some(Some(_)) | None => {}
+            disk.read(&path).map_err(|source| StateError::Io { name: path.clone(), source })
+        };
+        let mut copies = [read(0)?, read(1)?];
+        let present = [copies[0].is_some(), copies[1].is_some()];
+        // The newest copy by the sequence number its header claims first (slot 0 first on a tie): it is checked
+        // against its checksum, and the older one only if it fails, so an intact newest copy is hashed alone.
+        let claimed = [0, 1].map(|slot: usize| copies[slot].as_deref().and_then(slot_header).map(|header| header.seq));
+        let order = if claimed[1] > claimed[0] { [1, 0] } else { [0, 1] };
+        // Slot, format and payload of the newest intact copy.
+        let mut best: Option<(u64, u8, Vec<u8>)> = None;
+        for slot in order {
+            if let Some(bytes) = copies[slot].take()
+                && let Some(format) = intact_slot(&bytes)
+            {
+                let mut payload = bytes;
+                payload.drain(..STATE_HEADER_LEN);
+                best = Some((slot as u64, format, payload));
+                break;
             }
         }
         // Nothing intact, yet something on disk. The one way a crash leaves that is the very first write torn:
         // slot 1 damaged and slot 0 never written. That state was never synced, so booting empty is right.
         let first_write_torn = present == [false, true];
-        if best.is_none() && !damaged.is_empty() && !first_write_torn {
+        if best.is_none() && present != [false, false] && !first_write_torn {
+            let damaged: Vec<String> =
+                (0..2).filter(|&slot| present[slot as usize]).map(|s| slot_name(name, s)).collect();
             return Err(StateError::Damaged { name: name.to_string(), slots: damaged.join(" and ") });
         }
-        if let Some((_, slot, found, _)) = &best
+        if let Some((slot, found, _)) = &best
             && *found != STATE_FORMAT
         {
             let name = slot_name(name, *slot);
             return Err(StateError::Format { name, found: *found, expected: STATE_FORMAT });
         }
-        let seq = best.as_ref().map_or(0, |(seq, _, _, _)| *seq);
-        let synced_slot = best.as_ref().map(|(_, slot, _, _)| *slot);
+        let seq = best.as_ref().and_then(|(slot, _, _)| claimed[*slot as usize]).unwrap_or(0);
+        let synced_slot = best.as_ref().map(|(slot, _, _)| *slot);
         let file = Self { name: name.to_string(), seq, synced_slot, written_slot: None, slot: Vec::new() };
-        Ok((file, best.map(|(_, _, _, payload)| payload)))
+        Ok((file, best.map(|(_, _, payload)| payload)))
     }
 
     /// Syncs `disk` and with it the last write, which becomes the newest synced state: the next write goes to the
@@ -180,17 +186,32 @@ fn slot_name(name: &str, slot: u64) -> String {
     path
 }
 
-/// The sequence number, format and payload of an intact copy; `None` for a damaged one.
-fn parse_slot(bytes: &[u8]) -> Option<(u64, u8, &[u8])> {
+/// What a copy's header claims; `None` when there is no header at all.
+struct SlotHeader {
+    seq: u64,
+    format: u8,
+    len: usize,
+    crc: u32,
+}
+
+fn slot_header(bytes: &[u8]) -> Option<SlotHeader> {
     if bytes.len() < STATE_HEADER_LEN || &bytes[0..3] != STATE_MAGIC {
         return None;
     }
-    let format = if bytes[3] == FORMAT_1_MARK { 1 } else { bytes[3] };
-    let seq = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
-    let len = u32::from_le_bytes(bytes[12..16].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(bytes[16..20].try_into().ok()?);
-    let payload = bytes.get(STATE_HEADER_LEN..)?;
-    (payload.len() == len && crc32fast::hash(payload) == crc).then_some((seq, format, payload))
+    Some(SlotHeader {
+        format: if bytes[3] == FORMAT_1_MARK { 1 } else { bytes[3] },
+        seq: u64::from_le_bytes(bytes[4..12].try_into().ok()?),
+        len: u32::from_le_bytes(bytes[12..16].try_into().ok()?) as usize,
+        crc: u32::from_le_bytes(bytes[16..20].try_into().ok()?),
+    })
+}
+
+/// The format of an intact copy (its header whole, its payload of the length and checksum the header gives);
+/// `None` for a damaged one.
+fn intact_slot(bytes: &[u8]) -> Option<u8> {
+    let header = slot_header(bytes)?;
+    let payload = &bytes[STATE_HEADER_LEN..];
+    (payload.len() == header.len && crc32fast::hash(payload) == header.crc).then_some(header.format)
 }
 
 /// A real disk: one directory, files written in place and made durable with fsync (files and directory), on
