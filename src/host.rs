@@ -561,6 +561,11 @@ impl<T> Timers<T> {
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<T> {
         let Some(entry) = self.queue.first_entry() else { return Poll::Pending };
         let deadline = entry.key().0;
+        // Registered for this very deadline and not gone off yet: nothing is due (asking the sleep is cheaper than
+        // reading the clock, and the loop asks at every poll).
+        if self.armed == Some(deadline) && !self.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
         if Instant::now() >= deadline {
             self.armed = None;
             return Poll::Ready(entry.remove());
