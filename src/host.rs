@@ -187,6 +187,9 @@ pub struct HostIo<D, S, T, O> {
     pub epoch_ms: u64,
     /// How long a ranged read may take before it counts as failed.
     pub download_timeout_ms: u64,
+    /// The machines' time, read from this instead of from the process's clock when given: a simulator's own
+    /// clock, which must read what `epoch` and `epoch_ms` give (it reads the same time, for less).
+    pub clock: Option<Rc<dyn Fn() -> u64>>,
 }
 
 impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
@@ -199,6 +202,7 @@ impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
             epoch: self.epoch,
             epoch_ms: self.epoch_ms,
             download_timeout_ms: self.download_timeout_ms,
+            clock: self.clock.clone(),
         }
     }
 }
@@ -251,6 +255,9 @@ enum Input<T> {
 
 impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Observer + 'static> HostIo<D, S, T, O> {
     fn now_ms(&self) -> u64 {
+        if let Some(clock) = &self.clock {
+            return clock();
+        }
         let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.epoch_ms.saturating_add(elapsed)
     }

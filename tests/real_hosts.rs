@@ -139,6 +139,7 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                 epoch,
                 epoch_ms,
                 download_timeout_ms: 1_000,
+                clock: None,
             };
             match node {
                 NodeAddr::Coordinator => {
@@ -221,6 +222,7 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
             epoch: tokio::time::Instant::now(),
             epoch_ms: 0,
             download_timeout_ms: 1_000,
+            clock: None,
         };
         tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))
             .await
@@ -305,6 +307,7 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
                 epoch: tokio::time::Instant::now(),
                 epoch_ms: epoch_ms(started_after_ms),
                 download_timeout_ms: 1_000,
+                clock: None,
             };
             let table = TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
             let request = RestoreRequest {

@@ -360,6 +360,11 @@ impl NodeEnv {
             // One epoch for the whole run, across every reboot: the machines' time is the simulated time.
             epoch_ms: 0,
             download_timeout_ms: self.world.download_timeout_ms,
+            // The same time as the epoch gives (see `clock::tests`), read without the process clock's shim.
+            clock: Some(Rc::new({
+                let clock = self.clock.clone();
+                move || clock.now_ms()
+            })),
         })
     }
 
