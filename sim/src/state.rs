@@ -25,6 +25,8 @@ pub struct SimState {
     /// Chances seen so far, per node (a handful of nodes, searched in order) and kind (by position in
     /// [`FaultKind::ALL`]). Rolled for every message and read, so kept cheaper than a hashed map.
     chances: Vec<(NodeAddr, [u32; FaultKind::ALL.len()])>,
+    /// Where in `chances` the last chance's node is.
+    last_chances: usize,
     /// The decisions this run made (or replayed).
     pub tape: Tape,
     pub plan: FaultPlan,
@@ -61,6 +63,7 @@ impl SimState {
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0000),
             replay,
             chances: Vec::new(),
+            last_chances: 0,
             tape: Tape::default(),
             plan,
             healed: false,
@@ -137,13 +140,18 @@ impl SimState {
     /// Decides the next chance of `kind` at `node`: from the tape when replaying, else with the dice at the
     /// seed's rate. Never a hit after healing. Hits are written to [`SimState::tape`].
     pub fn roll(&mut self, node: NodeAddr, kind: FaultKind) -> bool {
-        let at = match self.chances.iter().position(|(n, _)| *n == node) {
-            Some(at) => at,
-            None => {
-                self.chances.push((node, [0; FaultKind::ALL.len()]));
-                self.chances.len() - 1
-            }
+        // Chances come in runs of one node's (a store answer rolls five for its reader): the last node first.
+        let at = match self.chances.get(self.last_chances) {
+            Some((n, _)) if *n == node => self.last_chances,
+            _ => match self.chances.iter().position(|(n, _)| *n == node) {
+                Some(at) => at,
+                None => {
+                    self.chances.push((node, [0; FaultKind::ALL.len()]));
+                    self.chances.len() - 1
+                }
+            },
         };
+        self.last_chances = at;
         let counter = &mut self.chances[at].1[kind.index()];
         let nth = *counter;
         *counter += 1;
