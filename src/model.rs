@@ -121,19 +121,7 @@ impl SortedRows {
 #[derive(Clone, Copy)]
 pub struct RowsIn<'a>(&'a [[u64; 2]]);
 
-impl<'a> RowsIn<'a> {
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&'a Key, &'a Value)> + ExactSizeIterator + Clone + use<'a> {
-        self.0.iter().map(|[key, value]| (key, value))
-    }
-
+impl RowsIn<'_> {
     pub fn to_map(&self) -> Rows {
         self.0.iter().map(|&[key, value]| (key, value)).collect()
     }
@@ -990,6 +978,26 @@ mod tests {
             assert_eq!(rows, applied_to_map(&Rows::new(), changes), "{changes:?}");
             assert!(rows.0.windows(2).all(|pair| pair[0][0] < pair[1][0]), "{rows:?}");
         }
+    }
+
+    #[test]
+    fn a_key_range_of_sorted_rows_is_the_map_range_and_compares_as_a_whole() {
+        let map: Rows = [(1, 10), (4, 40), (5, 50), (9, 90)].into_iter().collect();
+        let rows = SortedRows::from(&map);
+        for start in 0..11 {
+            for end in [None, Some(0), Some(4), Some(5), Some(6), Some(10)] {
+                let range = KeyRange { start, end };
+                let expected: Rows =
+                    map.iter().filter(|(key, _)| range.contains(**key)).map(|(k, v)| (*k, *v)).collect();
+                assert_eq!(rows.in_range(range).to_map(), expected, "{range:?}");
+                assert!(SortedRows::from(&expected).same_as(rows.in_range(range)), "{range:?}");
+            }
+        }
+        let range = KeyRange { start: 4, end: Some(6) };
+        let other: SortedRows = [(4, 40), (5, 51)].into_iter().collect();
+        assert!(!other.same_as(rows.in_range(range)), "one value differs");
+        let fewer: SortedRows = [(4, 40)].into_iter().collect();
+        assert!(!fewer.same_as(rows.in_range(range)), "a row is missing");
     }
 
     #[test]
