@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorTimer, RestoreRequest};
 use crate::io::{Disk, RemoteStore, StateFile, Transport};
+use crate::model::CHAIN_FILE_PREFIX;
 use crate::protocol::{
     DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, RangeRead, StoreError, decode_frame,
     encode_frame,
@@ -44,6 +45,19 @@ pub trait DurableState: Serialize + DeserializeOwned + Clone + fmt::Debug {
     fn attach(&mut self, _read: &mut dyn FnMut(&str) -> std::io::Result<Option<Vec<u8>>>) -> Result<(), String> {
         Ok(())
     }
+
+    /// How many files beside the state file the state refers to. When a durable state refers to fewer than the
+    /// one before, the host looks for files to remove ([`DurableState::is_stale_file`]).
+    fn referenced_files(&self) -> usize {
+        0
+    }
+
+    /// Whether `name`, a file beside the state file, is one that states of this kind write and `state` (the
+    /// durable state, `None` if there is none) does not refer to: working state of an operation that has ended,
+    /// which the host removes.
+    fn is_stale_file(_state: Option<&Self>, _name: &str) -> bool {
+        false
+    }
 }
 
 impl DurableState for ShardDurable {}
@@ -64,6 +78,15 @@ impl DurableState for CoordinatorDurable {
             Ok(None) => Err(format!("{name} is missing")),
             Err(error) => Err(format!("reading {name}: {error}")),
         })
+    }
+
+    fn referenced_files(&self) -> usize {
+        self.chains().count()
+    }
+
+    fn is_stale_file(state: Option<&Self>, name: &str) -> bool {
+        name.starts_with(CHAIN_FILE_PREFIX)
+            && !state.is_some_and(|state| state.chains().any(|(op, chain)| chain.file_name(op) == name))
     }
 }
 
@@ -161,6 +184,10 @@ pub enum HostEvent {
     StartRefused(String),
     /// A disk or state error the host cannot carry on after; the node stops.
     Fatal(String),
+    /// Files the durable state no longer refers to (working files of ended operations) are about to be removed.
+    Removing(Vec<String>),
+    /// Their removal is durable.
+    Removed(Vec<String>),
 }
 
 /// Sees everything hosts do; decides nothing about the protocol.
@@ -262,20 +289,69 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         self.epoch_ms.saturating_add(elapsed)
     }
 
-    fn load<Dur: DurableState>(&self, node: NodeAddr) -> Option<(StateFile, Option<Dur>)> {
-        match load_state(&*self.disk) {
-            Ok(loaded) => Some(loaded),
+    /// Loads the node's durable state, and removes what ended operations left beside it (a crash can strike
+    /// between a state's sync and the removals that follow it).
+    async fn load<Dur: DurableState>(&self, node: NodeAddr) -> Option<(Durability, Option<Dur>)> {
+        let (file, loaded) = match load_state(&*self.disk) {
+            Ok(loaded) => loaded,
             Err(error) => {
                 self.observer.record(node, HostEvent::Fatal(error));
+                return None;
+            }
+        };
+        if !self.remove_stale_files(node, loaded.as_ref()).await {
+            return None;
+        }
+        let referenced_files = loaded.as_ref().map_or(0, Dur::referenced_files);
+        Some((Durability { file, referenced_files }, loaded))
+    }
+
+    /// Removes the files `state` (durable) no longer refers to, and makes the removal durable; false after a disk
+    /// error (recorded as fatal).
+    async fn remove_stale_files<Dur: DurableState>(&self, node: NodeAddr, state: Option<&Dur>) -> bool {
+        let Some(stale) = self.stale_files(node, state) else { return false };
+        if !stale.is_empty() {
+            self.observer.record(node, HostEvent::Removing(stale.clone()));
+        }
+        self.remove_files(node, stale).await
+    }
+
+    /// The files on disk `state` (durable) no longer refers to; `None` after a disk error (recorded as fatal).
+    fn stale_files<Dur: DurableState>(&self, node: NodeAddr, state: Option<&Dur>) -> Option<Vec<String>> {
+        match self.disk.list() {
+            Ok(names) => Some(names.into_iter().filter(|name| Dur::is_stale_file(state, name)).collect()),
+            Err(error) => {
+                self.observer.record(node, HostEvent::Fatal(format!("listing files: {error}")));
                 None
             }
         }
     }
 
+    /// Removes `stale` (announced as [`HostEvent::Removing`]) and makes the removal durable; false after a disk
+    /// error (recorded as fatal).
+    async fn remove_files(&self, node: NodeAddr, stale: Vec<String>) -> bool {
+        if stale.is_empty() {
+            return true;
+        }
+        for name in &stale {
+            if let Err(error) = self.disk.remove(name).await {
+                self.observer.record(node, HostEvent::Fatal(format!("removing {name}: {error}")));
+                return false;
+            }
+        }
+        if let Err(error) = self.disk.sync().await {
+            self.observer
+                .record(node, HostEvent::Fatal(format!("syncing the removal of {}: {error}", stale.join(", "))));
+            return false;
+        }
+        self.observer.record(node, HostEvent::Removed(stale));
+        true
+    }
+
     /// Boots and runs the coordinator until the node is killed. `request` is started at boot (idempotently).
     pub async fn run_coordinator(self, config: CoordinatorConfig, seed: u64, request: Option<RestoreRequest>) {
         let node = NodeAddr::Coordinator;
-        let Some((file, loaded)) = self.load::<CoordinatorDurable>(node) else { return };
+        let Some((file, loaded)) = self.load::<CoordinatorDurable>(node).await else { return };
         let (mut machine, mut outputs) = Coordinator::boot(config, loaded.clone(), seed, self.now_ms());
         let generation = machine.generation();
         self.observer.record(node, HostEvent::CoordinatorBooted { generation, loaded });
@@ -291,7 +367,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     /// Boots and runs a shard until the node is killed.
     pub async fn run_shard(self, shard: crate::model::TabletId, config: ShardConfig) {
         let node = NodeAddr::Shard(shard);
-        let Some((file, loaded)) = self.load::<ShardDurable>(node) else { return };
+        let Some((file, loaded)) = self.load::<ShardDurable>(node).await else { return };
         self.observer.record(node, HostEvent::ShardBooted { loaded: loaded.clone() });
         let machine = Shard::boot(shard, config, loaded);
         self.run(node, machine, file, Vec::new()).await;
@@ -301,7 +377,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         self,
         node: NodeAddr,
         mut machine: M,
-        mut file: StateFile,
+        mut durable: Durability,
         first: Vec<Output<M::Durable, M::Timer>>,
     ) {
         // Timers wait in a queue of this loop, behind one sleep for the earliest. Frames are read by one receive
@@ -313,7 +389,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         let mut outputs = first;
         loop {
             for output in outputs {
-                match self.execute(node, &mut file, output, &mut timers).await {
+                match self.execute(node, &mut durable, output, &mut timers).await {
                     Step::Next => {}
                     Step::Download(request) => {
                         let read = download(self.store.clone(), request, self.download_timeout_ms);
@@ -368,13 +444,13 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     async fn execute<Dur: DurableState, Tm: Clone + 'static>(
         &self,
         node: NodeAddr,
-        file: &mut StateFile,
+        durable: &mut Durability,
         output: Output<Dur, Tm>,
         timers: &mut Timers<Tm>,
     ) -> Step {
         match output {
             Output::Persist { state, note } => {
-                if !self.persist(node, file, &state, note).await {
+                if !self.persist(node, durable, &state, note).await {
                     return Step::Stop;
                 }
             }
@@ -398,10 +474,11 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     async fn persist<Dur: DurableState>(
         &self,
         node: NodeAddr,
-        file: &mut StateFile,
+        durable: &mut Durability,
         state: &Dur,
         note: PersistNote,
     ) -> bool {
+        let file = &mut durable.file;
         // Files the state holds in full this once, written beside it and made durable by its sync.
         for (name, bytes) in state.unstored_files() {
             if let Err(error) = self.disk.write(&name, bytes).await {
@@ -422,9 +499,33 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             return false;
         }
         state.mark_stored();
+        // Working files of operations that ended with this state go once it is durable, not before: a crash
+        // until then boots from the state before, which still refers to them. Observers hear of the removal
+        // before the persist, so that none takes the node for idle in between.
+        let referenced_files = state.referenced_files();
+        let stale = if referenced_files < durable.referenced_files {
+            let Some(stale) = self.stale_files(node, Some(state)) else { return false };
+            stale
+        } else {
+            Vec::new()
+        };
+        if !stale.is_empty() {
+            self.observer.record(node, HostEvent::Removing(stale.clone()));
+        }
         self.observer.record(node, HostEvent::Persisted(note));
+        if !self.remove_files(node, stale).await {
+            return false;
+        }
+        durable.referenced_files = referenced_files;
         !self.observer.crash_point(node, CrashPoint::AfterPersist)
     }
+}
+
+/// What a host keeps of its node's durable state between persists.
+struct Durability {
+    file: StateFile,
+    /// Files beside the state file that the last durable state refers to.
+    referenced_files: usize,
 }
 
 /// `future`'s output, or `None` once `timeout` has passed first.

@@ -17,8 +17,12 @@ pub trait Disk {
     fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
     /// Replaces the file's content. Not durable until [`Disk::sync`] returns.
     fn write(&self, name: &str, bytes: &[u8]) -> impl Future<Output = io::Result<()>>;
-    /// Makes every earlier write durable.
+    /// Makes every earlier write and removal durable.
     fn sync(&self) -> impl Future<Output = io::Result<()>>;
+    /// The names of the files there are, in name order, as this node's own writes and removals left them.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Removes the file, if there is one. Not durable until [`Disk::sync`] returns.
+    fn remove(&self, name: &str) -> impl Future<Output = io::Result<()>>;
 }
 
 /// An S3-like object store.
@@ -259,7 +263,33 @@ impl Disk for FileDisk {
         for path in paths {
             std::fs::File::open(&path)?.sync_all()?;
         }
+        // The directory's own sync makes removals durable too.
         std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Files only: a name that is not valid UTF-8 was not written by a node, and is left out.
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file()
+                && let Ok(name) = entry.file_name().into_string()
+            {
+                names.push(name);
+            }
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        let path = self.dir.join(name);
+        // A removed file must not be synced by name later.
+        self.unsynced.borrow_mut().retain(|unsynced| *unsynced != path);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
     }
 }
 

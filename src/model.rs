@@ -573,6 +573,9 @@ fn push_decimal(out: &mut String, mut value: u64, width: usize) {
     out.push_str(std::str::from_utf8(&digits[start..]).expect("decimal digits are ASCII"));
 }
 
+/// How the names of the files that hold restore chains begin ([`RestoreChain::file_name`]).
+pub const CHAIN_FILE_PREFIX: &str = "chain-";
+
 /// The backups a restore applies, in order: the newest full backup, then every later incremental.
 ///
 /// A running operation's state is written at every step of the restore and refers to its chain, which never
@@ -765,7 +768,7 @@ impl RestoreChain {
     /// never used twice, so a file of one operation's chain is never written over with another's, even if the two
     /// chains' digests were to collide.
     pub fn file_name(&self, op: u64) -> String {
-        format!("chain-{op}-{:016x}", self.digest())
+        format!("{CHAIN_FILE_PREFIX}{op}-{:016x}", self.digest())
     }
 
     /// Whether a durable file holds the chain (so a state names it instead of holding it).

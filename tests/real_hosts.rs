@@ -15,9 +15,9 @@ use lockstep::coordinator::{
     CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, RestoreRequest,
 };
 use lockstep::host::{HostEvent, HostIo, Observer, STATE_FILE};
-use lockstep::io::{DirStore, FileDisk, ObjectStoreRemote, RemoteStore, StateFile};
+use lockstep::io::{DirStore, Disk, FileDisk, ObjectStoreRemote, RemoteStore, StateFile};
 use lockstep::model::{
-    BackupKind, BackupManifest, Change, Rows, ShardMap, TableId, TableSpec, TabletId, apply_changes,
+    BackupKind, BackupManifest, CHAIN_FILE_PREFIX, Change, Rows, ShardMap, TableId, TableSpec, TabletId, apply_changes,
 };
 use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
 use lockstep::shard::{ShardConfig, ShardDurable};
@@ -174,6 +174,15 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         decode_frame(&load(NodeAddr::Coordinator).expect("coordinator state")).expect("decodable");
     let status = &coordinator.operations.get(&7).expect("an operation").status;
     assert!(matches!(status, OperationStatus::Done { increments: 3, .. }), "{status:?}");
+    // The operation's working file (its restore chain) went with its end: only the state file's copies are left.
+    let files = FileDisk::open(dir.path().join(node_dir(NodeAddr::Coordinator))).expect("node directory").list();
+    let files = files.expect("the directory lists");
+    assert!(!files.is_empty() && files.iter().all(|name| name.starts_with(STATE_FILE)), "{files:?}");
+    let removed = recorder.events.borrow().iter().any(|(node, event)| {
+        *node == NodeAddr::Coordinator
+            && matches!(event, HostEvent::Removed(names) if names.len() == 1 && names[0].starts_with(CHAIN_FILE_PREFIX))
+    });
+    assert!(removed, "the coordinator removed the chain file of the ended operation");
 
     for tablet in tablets(&map) {
         let state: ShardDurable =

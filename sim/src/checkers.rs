@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, progress_of};
-use lockstep::host::HostEvent;
+use lockstep::host::{DurableState, HostEvent};
 use lockstep::model::{BackupManifest, IncrementIndex, TabletId};
 use lockstep::protocol::OperationId;
 use lockstep::protocol::{ClientAnswer, ClientReply, Message, NodeAddr, PersistNote};
@@ -35,10 +35,13 @@ pub enum Invariant {
     ExpectedOutcome,
     /// After healing, the operation ends within the bound.
     Liveness,
+    /// An ended operation leaves no working file behind: at the end of the run the coordinator's disk holds no
+    /// file its durable state no longer refers to (a restore chain of an operation that has ended).
+    CleanedUp,
 }
 
 impl Invariant {
-    pub const ALL: [Invariant; 7] = [
+    pub const ALL: [Invariant; 8] = [
         Invariant::InOrderApply,
         Invariant::NoLostIncrement,
         Invariant::NoFalseSuccess,
@@ -46,6 +49,7 @@ impl Invariant {
         Invariant::ProgressNeverBackwards,
         Invariant::ExpectedOutcome,
         Invariant::Liveness,
+        Invariant::CleanedUp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Invariant {
             Invariant::ProgressNeverBackwards => "progress-never-backwards",
             Invariant::ExpectedOutcome => "expected-outcome",
             Invariant::Liveness => "liveness",
+            Invariant::CleanedUp => "cleaned-up",
         }
     }
 
@@ -117,6 +122,9 @@ pub struct FinalState {
     pub shards: BTreeMap<TabletId, Option<ShardDurable>>,
     /// The run reached its time bound without the operation ending.
     pub timed_out: bool,
+    /// The durable files on the coordinator's disk, in name order, if it was up at the end of the run (a node
+    /// that is down may yet have to remove what a crash kept it from removing).
+    pub coordinator_files: Option<Vec<String>>,
 }
 
 /// Runs every checker; returns violations in event order (final-state violations last).
@@ -437,6 +445,14 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
     if final_state.timed_out && !violations.iter().any(|v| v.invariant.is_liveness()) {
         violations.push(final_violation(Invariant::Liveness, "the run hit its time bound".to_string()));
     }
+    let coordinator = final_state.coordinator.as_ref();
+    let files = final_state.coordinator_files.iter().flatten();
+    let stale: Vec<&str> =
+        files.filter(|name| CoordinatorDurable::is_stale_file(coordinator, name)).map(String::as_str).collect();
+    if !stale.is_empty() {
+        let detail = format!("the coordinator's disk still holds {}, of no running operation", stale.join(", "));
+        push(violations, Invariant::CleanedUp, detail);
+    }
 }
 
 /// Names the first key at which two row sets differ.
@@ -541,7 +557,7 @@ mod tests {
                 (s, Some(ShardDurable { op: Some(1), applied_through: Some(world.chain_len - 1), rows }))
             })
             .collect();
-        FinalState { coordinator: Some(coordinator), shards, timed_out: false }
+        FinalState { coordinator: Some(coordinator), shards, timed_out: false, coordinator_files: Some(Vec::new()) }
     }
 
     fn invariants(world: &World, log: &[Event], final_state: &FinalState) -> Vec<Invariant> {
@@ -552,6 +568,23 @@ mod tests {
     fn a_clean_restore_breaks_no_invariant() {
         let world = world();
         assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![]);
+    }
+
+    #[test]
+    fn a_chain_file_left_behind_by_an_ended_operation_breaks_cleaned_up() {
+        let world = world();
+        let running = world.restore_request();
+        let chain_file = lockstep::model::RestoreChain::plan(&running.catalog, &running.tables)
+            .expect("the world's chain")
+            .file_name(1);
+        let mut left_behind = done_state(&world);
+        left_behind.coordinator_files = Some(vec![chain_file.clone(), "node.state.0".to_string()]);
+        assert_eq!(invariants(&world, &clean_log(&world), &left_behind), vec![Invariant::CleanedUp]);
+        let violation = check(&world, &clean_log(&world), &left_behind).pop().expect("a violation");
+        assert!(violation.detail.contains(&chain_file), "{}", violation.detail);
+        // A coordinator that is down at the end may yet remove it when it boots.
+        left_behind.coordinator_files = None;
+        assert_eq!(invariants(&world, &clean_log(&world), &left_behind), vec![]);
     }
 
     #[test]

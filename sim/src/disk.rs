@@ -1,10 +1,11 @@
 //! The simulated disk.
 //!
 //! Fault model:
-//! - a write lands in a volatile buffer; only `sync` makes it durable (after a short simulated delay, during
-//!   which a crash can strike);
-//! - a crash loses every unsynced write (`disk-lost-write`), and with the seed's `disk-torn-write` rate the
-//!   last unsynced write instead reaches the disk torn: a random prefix of it replaces the file;
+//! - a write or a removal lands in a volatile buffer; only `sync` makes it durable (after a short simulated
+//!   delay, during which a crash can strike);
+//! - a crash loses every unsynced write and removal (`disk-lost-write`), and with the seed's `disk-torn-write`
+//!   rate the last unsynced write (when the last change is a write) instead reaches the disk torn: a random
+//!   prefix of it replaces the file;
 //! - synced data is never lost or damaged. This is stricter than a real disk only in that the tear is always
 //!   a prefix; the state file format detects any damage by checksum.
 //!
@@ -20,8 +21,8 @@ use rand::Rng;
 #[derive(Clone, Debug, Default)]
 pub struct DiskState {
     durable: BTreeMap<String, Vec<u8>>,
-    /// Writes since the last sync, oldest first.
-    unsynced: Vec<(String, Vec<u8>)>,
+    /// Writes (`Some`) and removals (`None`) since the last sync, oldest first.
+    unsynced: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// What a crash did to a disk.
@@ -34,8 +35,24 @@ pub struct CrashDamage {
 impl DiskState {
     /// Reads as the node would see it: its own unsynced writes included.
     pub fn read(&self, name: &str) -> Option<Vec<u8>> {
-        let unsynced = self.unsynced.iter().rev().find(|(n, _)| n == name);
-        unsynced.map(|(_, bytes)| bytes.clone()).or_else(|| self.durable.get(name).cloned())
+        match self.unsynced.iter().rev().find(|(n, _)| n == name) {
+            Some((_, bytes)) => bytes.clone(),
+            None => self.durable.get(name).cloned(),
+        }
+    }
+
+    /// The names of the files as the node would see them, in name order.
+    pub fn list(&self) -> Vec<String> {
+        let mut names: BTreeMap<&str, bool> = self.durable.keys().map(|name| (name.as_str(), true)).collect();
+        for (name, bytes) in &self.unsynced {
+            names.insert(name, bytes.is_some());
+        }
+        names.into_iter().filter(|(_, there)| *there).map(|(name, _)| name.to_string()).collect()
+    }
+
+    /// The names of the durable files, in name order.
+    pub fn list_durable(&self) -> Vec<String> {
+        self.durable.keys().cloned().collect()
     }
 
     /// Reads only what is durable.
@@ -44,21 +61,30 @@ impl DiskState {
     }
 
     pub fn write(&mut self, name: &str, bytes: &[u8]) {
-        self.unsynced.push((name.to_string(), bytes.to_vec()));
+        self.unsynced.push((name.to_string(), Some(bytes.to_vec())));
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.unsynced.push((name.to_string(), None));
     }
 
     pub fn sync(&mut self) {
         for (name, bytes) in self.unsynced.drain(..) {
-            self.durable.insert(name, bytes);
+            match bytes {
+                Some(bytes) => self.durable.insert(name, bytes),
+                None => self.durable.remove(&name),
+            };
         }
     }
 
     /// A crash: unsynced writes are lost, the last one possibly torn onto the disk when `tear` says so.
     pub fn crash(&mut self, rng: &mut impl Rng, tear: bool) -> CrashDamage {
         let lost_writes = self.unsynced.len();
-        let torn = tear && lost_writes > 0;
+        // A removal does not tear: only a last change that is a write can reach the disk in part.
+        let torn = tear && self.unsynced.last().is_some_and(|(_, bytes)| bytes.is_some());
         if torn {
             let (name, bytes) = self.unsynced.pop().expect("there is an unsynced write");
+            let bytes = bytes.expect("the last change is a write");
             let keep = rng.gen_range(0..bytes.len().max(1));
             self.durable.insert(name, bytes[..keep.min(bytes.len())].to_vec());
         }
@@ -87,6 +113,14 @@ impl Disk for DurableView<'_> {
     async fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.0.list_durable())
+    }
+
+    async fn remove(&self, _name: &str) -> io::Result<()> {
+        Err(io::Error::other("a durable view is read-only"))
+    }
 }
 
 /// A node's handle on its simulated disk.
@@ -114,6 +148,15 @@ impl Disk for SimDisk {
     async fn sync(&self) -> io::Result<()> {
         tokio::time::sleep(SYNC_LATENCY).await;
         self.state.lock().disks.entry(self.node).or_default().sync();
+        Ok(())
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.state.lock().disks.get(&self.node).map(DiskState::list).unwrap_or_default())
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        self.state.lock().disks.entry(self.node).or_default().remove(name);
         Ok(())
     }
 }
@@ -160,6 +203,15 @@ mod tests {
 
         async fn sync(&self) -> io::Result<()> {
             self.0.borrow_mut().sync();
+            Ok(())
+        }
+
+        fn list(&self) -> io::Result<Vec<String>> {
+            Ok(self.0.borrow().list())
+        }
+
+        async fn remove(&self, name: &str) -> io::Result<()> {
+            self.0.borrow_mut().remove(name);
             Ok(())
         }
     }

@@ -215,12 +215,17 @@ impl Observer for SimObserver {
             let ended = marks.iter().filter(|m| !matches!(m, ProgressMark::Running { .. })).map(|m| m.op());
             state.ended_ops.extend(ended);
         }
+        match &event {
+            HostEvent::Removing(_) => state.removing = true,
+            HostEvent::Removed(_) => state.removing = false,
+            _ => {}
+        }
         state.record(now, SimNode::Protocol(node), EventKind::Host(event));
         if let Some(moment) = moment {
             fire_scheduled(&mut state, &self.world, now, |m| m == moment, &self.crash_tx);
         }
-        // The run is over once the client has every answer and no operation runs.
-        if state.client_done && !state.ops_running {
+        // The run is over once the client has every answer, no operation runs and no removal is under way.
+        if state.client_done && !state.ops_running && !state.removing {
             let _ = self.finished_tx.send(());
         }
     }
@@ -449,7 +454,7 @@ impl NodeEnv {
         }
         let mut state = self.state.lock();
         state.client_done = true;
-        if !state.ops_running {
+        if !state.ops_running && !state.removing {
             let _ = self.finished_tx.send(());
         }
     }
@@ -706,7 +711,10 @@ impl Supervisor {
         }
         let coordinator = load::<CoordinatorDurable>(&state, NodeAddr::Coordinator);
         let shards = world.tablets().map(|s| (s, load::<ShardDurable>(&state, NodeAddr::Shard(s)))).collect();
-        FinalState { coordinator, shards, timed_out }
+        let coordinator_up = !self.down.contains_key(&NodeAddr::Coordinator);
+        let coordinator_files =
+            state.disks.get(&NodeAddr::Coordinator).map(|disk| disk.list_durable()).filter(|_| coordinator_up);
+        FinalState { coordinator, shards, timed_out, coordinator_files }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct SimState {
     pub client_done: bool,
     /// The last persisted coordinator state has a running operation.
     pub ops_running: bool,
+    /// A node has begun removing files and not yet made the removal durable.
+    pub removing: bool,
     /// Operations the coordinator has durably ended (Done or Failed), forgotten ones included.
     pub ended_ops: BTreeSet<OperationId>,
 }
@@ -77,6 +79,7 @@ impl SimState {
             pending_scheduled: BTreeSet::new(),
             client_done: false,
             ops_running: false,
+            removing: false,
             ended_ops: BTreeSet::new(),
         }
     }
