@@ -499,21 +499,11 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
             return false;
         }
         state.mark_stored();
-        // Working files of operations that ended with this state go once it is durable, not before: a crash
-        // until then boots from the state before, which still refers to them. Observers hear of the removal
-        // before the persist, so that none takes the node for idle in between.
-        let referenced_files = state.referenced_files();
-        let stale = if referenced_files < durable.referenced_files {
-            let Some(stale) = self.stale_files(node, Some(state)) else { return false };
-            stale
-        } else {
-            Vec::new()
-        };
-        if !stale.is_empty() {
-            self.observer.record(node, HostEvent::Removing(stale.clone()));
-        }
         self.observer.record(node, HostEvent::Persisted(note));
-        if !self.remove_files(node, stale).await {
+        // Working files of operations that ended with this state go once it is durable, not before: a crash
+        // until then boots from the state before, which still refers to them.
+        let referenced_files = state.referenced_files();
+        if referenced_files < durable.referenced_files && !self.remove_stale_files(node, Some(state)).await {
             return false;
         }
         durable.referenced_files = referenced_files;

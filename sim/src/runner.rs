@@ -225,7 +225,7 @@ impl Observer for SimObserver {
             fire_scheduled(&mut state, &self.world, now, |m| m == moment, &self.crash_tx);
         }
         // The run is over once the client has every answer, no operation runs and no removal is under way.
-        if state.client_done && !state.ops_running && !state.removing {
+        if state.is_over() {
             let _ = self.finished_tx.send(());
         }
     }
@@ -454,7 +454,7 @@ impl NodeEnv {
         }
         let mut state = self.state.lock();
         state.client_done = true;
-        if !state.ops_running && !state.removing {
+        if state.is_over() {
             let _ = self.finished_tx.send(());
         }
     }
@@ -534,7 +534,9 @@ async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
         // `biased`: tokio's unbiased select draws from a process-wide counter, which breaks determinism.
         tokio::select! {
             biased;
-            _ = finished_rx.recv() => break false,
+            // Sent when the run looked over; an event since (a removal begun right after the last persist) may
+            // have made it not over yet.
+            _ = finished_rx.recv() => if state.lock().is_over() { break false },
             Some(node) = crash_rx.recv() => supervisor.crash(node, 100..2_000),
             _ = tokio::time::sleep_until(epoch + Duration::from_millis(wake)) => {
                 if supervisor.tick() {

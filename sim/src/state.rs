@@ -95,6 +95,11 @@ impl SimState {
         self.record(at_ms, node, EventKind::Fault { kind, detail: format!("scheduled: {detail}") });
     }
 
+    /// Whether the run is over: the client has every answer, no operation runs and no removal is under way.
+    pub fn is_over(&self) -> bool {
+        self.client_done && !self.ops_running && !self.removing
+    }
+
     /// Rolls the dice for `kind` at `node`; on a hit counts it and logs it with `detail`.
     pub fn fault(&mut self, at_ms: u64, node: SimNode, kind: FaultKind, detail: impl FnOnce() -> String) -> bool {
         let SimNode::Protocol(addr) = node else { panic!("fault chances belong to protocol nodes, not {node}") };
