@@ -500,14 +500,18 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         }
         state.mark_stored();
         self.observer.record(node, HostEvent::Persisted(note));
+        if self.observer.crash_point(node, CrashPoint::AfterPersist) {
+            return false;
+        }
         // Working files of operations that ended with this state go once it is durable, not before: a crash
-        // until then boots from the state before, which still refers to them.
+        // until then boots from the state before, which still refers to them. A crash from here on leaves them
+        // for the next boot to remove.
         let referenced_files = state.referenced_files();
         if referenced_files < durable.referenced_files && !self.remove_stale_files(node, Some(state)).await {
             return false;
         }
         durable.referenced_files = referenced_files;
-        !self.observer.crash_point(node, CrashPoint::AfterPersist)
+        true
     }
 }
 

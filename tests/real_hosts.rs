@@ -243,6 +243,52 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
     why.clone()
 }
 
+#[test]
+fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
+    // What a crash between the persist that ended an operation and the removal of its chain file leaves behind:
+    // the file, and a state (here: none) that no longer refers to it. A file the host does not own stays.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let left = format!("{CHAIN_FILE_PREFIX}9-00000000000000aa");
+    let disk = FileDisk::open(dir.path()).expect("node directory");
+    runtime.block_on(async {
+        disk.write(&left, b"a chain").await.expect("written");
+        disk.write("notes.txt", b"an operator's").await.expect("written");
+        disk.sync().await.expect("synced");
+    });
+    let local = tokio::task::LocalSet::new();
+    let (finished, _) = mpsc::unbounded_channel();
+    let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
+    local.block_on(&runtime, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let io = HostIo {
+            disk: Rc::new(FileDisk::open(dir.path()).expect("node directory")),
+            store: Rc::new(DirStore::open(dir.path().join("store")).expect("a store")),
+            transport: Rc::new(TcpTransport::start(NodeAddr::Coordinator, listener, BTreeMap::new())),
+            observer: recorder.clone(),
+            epoch: tokio::time::Instant::now(),
+            epoch_ms: 0,
+            download_timeout_ms: 1_000,
+            clock: None,
+        };
+        let run = io.run_coordinator(CoordinatorConfig::default(), 1, None);
+        // The coordinator serves until it is stopped; it boots at once.
+        let _ = tokio::time::timeout(Duration::from_millis(200), run).await;
+    });
+    let files = disk.list().expect("the directory lists");
+    assert!(!files.contains(&left) && files.contains(&"notes.txt".to_string()), "{files:?}");
+    let events = recorder.events.borrow();
+    let kinds: Vec<&HostEvent> = events.iter().map(|(_, event)| event).take(3).collect();
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            [HostEvent::Removing(a), HostEvent::Removed(b), HostEvent::CoordinatorBooted { loaded: None, .. }]
+                if *a == vec![left.clone()] && *b == vec![left.clone()]
+        ),
+        "{events:?}"
+    );
+}
+
 /// Writes two synced states, changes both copies with `change`, boots a shard on them and returns why it refused
 /// to boot, having checked that it left the files as they were (for whoever can read or repair them).
 fn refusal_after_changing_both_copies(change: impl Fn(&mut Vec<u8>)) -> String {

@@ -179,6 +179,24 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_is_seen_at_once_durable_after_a_sync_and_lost_in_a_crash_before_it() {
+        let mut disk = DiskState::default();
+        disk.write("a", b"one");
+        disk.write("b", b"two");
+        disk.sync();
+        disk.remove("a");
+        assert_eq!((disk.read("a"), disk.list()), (None, vec!["b".to_string()]));
+        assert_eq!(disk.list_durable(), vec!["a".to_string(), "b".to_string()]);
+        // A torn crash tears only a write: a lost removal leaves the file whole.
+        let damage = disk.crash(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1), true);
+        assert_eq!(damage, CrashDamage { lost_writes: 1, torn: false });
+        assert_eq!(disk.read("a").as_deref(), Some(&b"one"[..]));
+        disk.remove("a");
+        disk.sync();
+        assert_eq!((disk.read_durable("a"), disk.list_durable()), (None, vec!["b".to_string()]));
+    }
+
+    #[test]
     fn a_torn_crash_leaves_a_prefix_of_the_last_write() {
         let mut disk = DiskState::default();
         disk.write("b", b"0123456789");

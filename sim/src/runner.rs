@@ -239,6 +239,7 @@ impl Observer for SimObserver {
         let hit =
             self.state.lock().fault(now, SimNode::Protocol(node), kind, || format!("{node} crashes at {point:?}"));
         if hit {
+            self.state.lock().crash_requested.insert(self.node);
             let _ = self.crash_tx.send(self.node);
         }
         hit
@@ -671,6 +672,7 @@ impl Supervisor {
 
     /// Kills `node` now, damages its disk as a crash does, and schedules its restart.
     fn crash(&mut self, node: NodeAddr, downtime_ms: std::ops::Range<u64>) {
+        self.state.lock().crash_requested.remove(&node);
         if self.down.contains_key(&node) {
             return;
         }
@@ -713,7 +715,9 @@ impl Supervisor {
         }
         let coordinator = load::<CoordinatorDurable>(&state, NodeAddr::Coordinator);
         let shards = world.tablets().map(|s| (s, load::<ShardDurable>(&state, NodeAddr::Shard(s)))).collect();
-        let coordinator_up = !self.down.contains_key(&NodeAddr::Coordinator);
+        // A node a crash point has asked to crash is as good as down: it does nothing more.
+        let coordinator_up =
+            !self.down.contains_key(&NodeAddr::Coordinator) && !state.crash_requested.contains(&NodeAddr::Coordinator);
         let coordinator_files =
             state.disks.get(&NodeAddr::Coordinator).map(|disk| disk.list_durable()).filter(|_| coordinator_up);
         FinalState { coordinator, shards, timed_out, coordinator_files }

@@ -52,6 +52,8 @@ pub struct SimState {
     pub ops_running: bool,
     /// A node has begun removing files and not yet made the removal durable.
     pub removing: bool,
+    /// Nodes a crash point has asked to crash, until the supervisor has crashed them.
+    pub crash_requested: BTreeSet<NodeAddr>,
     /// Operations the coordinator has durably ended (Done or Failed), forgotten ones included.
     pub ended_ops: BTreeSet<OperationId>,
 }
@@ -80,6 +82,7 @@ impl SimState {
             client_done: false,
             ops_running: false,
             removing: false,
+            crash_requested: BTreeSet::new(),
             ended_ops: BTreeSet::new(),
         }
     }
