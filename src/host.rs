@@ -46,6 +46,10 @@ pub trait DurableState: Serialize + DeserializeOwned + Clone + fmt::Debug {
         Ok(())
     }
 
+    /// Whether states of this kind write files beside the state file (then a host looks for ones left over at
+    /// boot).
+    const WRITES_FILES: bool = false;
+
     /// How many files beside the state file the state refers to. When a durable state refers to fewer than the
     /// one before, the host looks for files to remove ([`DurableState::is_stale_file`]).
     fn referenced_files(&self) -> usize {
@@ -79,6 +83,8 @@ impl DurableState for CoordinatorDurable {
             Err(error) => Err(format!("reading {name}: {error}")),
         })
     }
+
+    const WRITES_FILES: bool = true;
 
     fn referenced_files(&self) -> usize {
         self.chains().count()
@@ -299,7 +305,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 return None;
             }
         };
-        if !self.remove_stale_files(node, loaded.as_ref()).await {
+        if Dur::WRITES_FILES && !self.remove_stale_files(node, loaded.as_ref()).await {
             return None;
         }
         let referenced_files = loaded.as_ref().map_or(0, Dur::referenced_files);
