@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorTimer, RestoreRequest};
 use crate::io::{Disk, RemoteStore, StateFile, Transport};
-use crate::model::CHAIN_FILE_PREFIX;
+use crate::model::is_chain_file_name;
 use crate::protocol::{
     DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, RangeRead, StoreError, decode_frame,
     encode_frame,
@@ -91,7 +91,7 @@ impl DurableState for CoordinatorDurable {
     }
 
     fn is_stale_file(state: Option<&Self>, name: &str) -> bool {
-        name.starts_with(CHAIN_FILE_PREFIX)
+        is_chain_file_name(name)
             && !state.is_some_and(|state| state.chains().any(|(op, chain)| chain.file_name(op) == name))
     }
 }
@@ -315,40 +315,25 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     /// Removes the files `state` (durable) no longer refers to, and makes the removal durable; false after a disk
     /// error (recorded as fatal).
     async fn remove_stale_files<Dur: DurableState>(&self, node: NodeAddr, state: Option<&Dur>) -> bool {
-        let Some(stale) = self.stale_files(node, state) else { return false };
-        if !stale.is_empty() {
-            self.observer.record(node, HostEvent::Removing(stale.clone()));
-        }
-        self.remove_files(node, stale).await
-    }
-
-    /// The files on disk `state` (durable) no longer refers to; `None` after a disk error (recorded as fatal).
-    fn stale_files<Dur: DurableState>(&self, node: NodeAddr, state: Option<&Dur>) -> Option<Vec<String>> {
-        match self.disk.list() {
-            Ok(names) => Some(names.into_iter().filter(|name| Dur::is_stale_file(state, name)).collect()),
-            Err(error) => {
-                self.observer.record(node, HostEvent::Fatal(format!("listing files: {error}")));
-                None
-            }
-        }
-    }
-
-    /// Removes `stale` (announced as [`HostEvent::Removing`]) and makes the removal durable; false after a disk
-    /// error (recorded as fatal).
-    async fn remove_files(&self, node: NodeAddr, stale: Vec<String>) -> bool {
+        let fatal = |what: String| {
+            self.observer.record(node, HostEvent::Fatal(what));
+            false
+        };
+        let stale: Vec<String> = match self.disk.list() {
+            Ok(names) => names.into_iter().filter(|name| Dur::is_stale_file(state, name)).collect(),
+            Err(error) => return fatal(format!("listing files: {error}")),
+        };
         if stale.is_empty() {
             return true;
         }
+        self.observer.record(node, HostEvent::Removing(stale.clone()));
         for name in &stale {
             if let Err(error) = self.disk.remove(name).await {
-                self.observer.record(node, HostEvent::Fatal(format!("removing {name}: {error}")));
-                return false;
+                return fatal(format!("removing {name}: {error}"));
             }
         }
         if let Err(error) = self.disk.sync().await {
-            self.observer
-                .record(node, HostEvent::Fatal(format!("syncing the removal of {}: {error}", stale.join(", "))));
-            return false;
+            return fatal(format!("syncing the removal of {}: {error}", stale.join(", ")));
         }
         self.observer.record(node, HostEvent::Removed(stale));
         true

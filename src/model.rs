@@ -576,6 +576,17 @@ fn push_decimal(out: &mut String, mut value: u64, width: usize) {
 /// How the names of the files that hold restore chains begin ([`RestoreChain::file_name`]).
 pub const CHAIN_FILE_PREFIX: &str = "chain-";
 
+/// Whether `name` is the name of a file that holds a restore chain: `chain-<operation>-<digest>`, as
+/// [`RestoreChain::file_name`] makes them (an operation id in decimal, the digest in 16 lowercase hex digits).
+pub fn is_chain_file_name(name: &str) -> bool {
+    let Some((op, digest)) = name.strip_prefix(CHAIN_FILE_PREFIX).and_then(|rest| rest.split_once('-')) else {
+        return false;
+    };
+    let decimal = !op.is_empty() && op.bytes().all(|b| b.is_ascii_digit());
+    let hex = digest.len() == 16 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    decimal && hex
+}
+
 /// The backups a restore applies, in order: the newest full backup, then every later incremental.
 ///
 /// A running operation's state is written at every step of the restore and refers to its chain, which never
@@ -1138,6 +1149,13 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&detached).unwrap(), named, "written again, it still names its file");
         assert_eq!((detached.digest(), detached.file_name(7)), (chain.digest(), chain.file_name(7)));
         assert_eq!(chain.file_name(7), format!("chain-7-{:016x}", chain.digest()));
+        assert!(is_chain_file_name(&chain.file_name(7)) && is_chain_file_name(&chain.file_name(u64::MAX)));
+        for other in
+            ["chain-", "chain-7", "chain-7-", "chain-x-0123456789abcdef", "chain-7-0123456789ABCDEF", "node.state.0"]
+        {
+            assert!(!is_chain_file_name(other), "{other}");
+        }
+        assert!(!is_chain_file_name(&format!("{}.tmp", chain.file_name(7))));
         assert_eq!(detached.attach(7, &inner).unwrap(), chain);
         let other = RestoreChain::plan(&catalog[..1], &[table(0, 1)]).unwrap();
         let error = detached.attach(7, other.encoded()).unwrap_err();

@@ -254,6 +254,7 @@ fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
     runtime.block_on(async {
         disk.write(&left, b"a chain").await.expect("written");
         disk.write("notes.txt", b"an operator's").await.expect("written");
+        disk.write("chain-notes", b"an operator's too").await.expect("written");
         disk.sync().await.expect("synced");
     });
     let local = tokio::task::LocalSet::new();
@@ -276,7 +277,8 @@ fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
         let _ = tokio::time::timeout(Duration::from_millis(200), run).await;
     });
     let files = disk.list().expect("the directory lists");
-    assert!(!files.contains(&left) && files.contains(&"notes.txt".to_string()), "{files:?}");
+    let kept = ["chain-notes", "notes.txt"].map(String::from);
+    assert!(!files.contains(&left) && kept.iter().all(|name| files.contains(name)), "{files:?}");
     let events = recorder.events.borrow();
     let kinds: Vec<&HostEvent> = events.iter().map(|(_, event)| event).take(3).collect();
     assert!(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, progress_of};
-use lockstep::host::{DurableState, HostEvent};
+use lockstep::host::HostEvent;
 use lockstep::model::{BackupManifest, IncrementIndex, TabletId};
 use lockstep::protocol::OperationId;
 use lockstep::protocol::{ClientAnswer, ClientReply, Message, NodeAddr, PersistNote};
@@ -445,14 +445,23 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
     if final_state.timed_out && !violations.iter().any(|v| v.invariant.is_liveness()) {
         violations.push(final_violation(Invariant::Liveness, "the run hit its time bound".to_string()));
     }
-    let coordinator = final_state.coordinator.as_ref();
+    // Read off the file names, not asked of the host's own rule for what to remove.
+    let running: Vec<OperationId> = final_state.coordinator.iter().flat_map(|c| c.chains().map(|(op, _)| op)).collect();
     let files = final_state.coordinator_files.iter().flatten();
-    let stale: Vec<&str> =
-        files.filter(|name| CoordinatorDurable::is_stale_file(coordinator, name)).map(String::as_str).collect();
+    let stale: Vec<&str> = files
+        .filter(|name| chain_file_operation(name).is_some_and(|op| !running.contains(&op)))
+        .map(String::as_str)
+        .collect();
     if !stale.is_empty() {
         let detail = format!("the coordinator's disk still holds {}, of no running operation", stale.join(", "));
         push(violations, Invariant::CleanedUp, detail);
     }
+}
+
+/// The operation whose restore chain a file of this name holds (`chain-<operation>-<digest>`), if it is one.
+fn chain_file_operation(name: &str) -> Option<OperationId> {
+    let rest = name.strip_prefix(lockstep::model::CHAIN_FILE_PREFIX)?;
+    rest.split_once('-')?.0.parse().ok()
 }
 
 /// Names the first key at which two row sets differ.

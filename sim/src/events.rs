@@ -109,7 +109,10 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
         HostEvent::Report(text) => write!(f, "REPORT {text}"),
         HostEvent::StartRefused(text) => write!(f, "start refused: {text}"),
         HostEvent::Fatal(text) => write!(f, "FATAL {text}"),
-        HostEvent::Removing(files) => write!(f, "removing {} (no running operation refers to it)", files.join(", ")),
+        HostEvent::Removing(files) => {
+            let them = if files.len() == 1 { "it" } else { "them" };
+            write!(f, "removing {} (no running operation refers to {them})", files.join(", "))
+        }
         HostEvent::Removed(files) => write!(f, "removed {}, durable", files.join(", ")),
     }
 }
