@@ -28,6 +28,14 @@ use crate::protocol::{
 };
 use crate::shard::{Shard, ShardConfig, ShardDurable, ShardTimer};
 
+/// Deliberately broken host variants, to show that the checkers catch them. They take effect only in builds with
+/// the `mutants` feature (the simulator's); production builds ignore them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostBug {
+    /// Never removes the working files of ended operations: a restore chain stays on disk for good.
+    KeepEndedChains,
+}
+
 /// A machine's durable state as a host keeps it: a state file, and files the state refers to instead of holding
 /// what they hold (a restore chain, which never changes, written once rather than at every step).
 pub trait DurableState: Serialize + DeserializeOwned + Clone + fmt::Debug {
@@ -223,6 +231,8 @@ pub struct HostIo<D, S, T, O> {
     /// The machines' time, read from this instead of from the process's clock when given: a simulator's own
     /// clock, which must read what `epoch` and `epoch_ms` give (it reads the same time, for less).
     pub clock: Option<Rc<dyn Fn() -> u64>>,
+    /// A deliberate bug to run with (see [`HostBug`]); `None` in production.
+    pub bug: Option<HostBug>,
 }
 
 impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
@@ -236,6 +246,7 @@ impl<D, S, T, O> Clone for HostIo<D, S, T, O> {
             epoch_ms: self.epoch_ms,
             download_timeout_ms: self.download_timeout_ms,
             clock: self.clock.clone(),
+            bug: self.bug,
         }
     }
 }
@@ -315,6 +326,9 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
     /// Removes the files `state` (durable) no longer refers to, and makes the removal durable; false after a disk
     /// error (recorded as fatal).
     async fn remove_stale_files<Dur: DurableState>(&self, node: NodeAddr, state: Option<&Dur>) -> bool {
+        if cfg!(feature = "mutants") && self.bug == Some(HostBug::KeepEndedChains) {
+            return true;
+        }
         let fatal = |what: String| {
             self.observer.record(node, HostEvent::Fatal(what));
             false

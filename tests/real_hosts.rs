@@ -140,6 +140,7 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                 epoch_ms,
                 download_timeout_ms: 1_000,
                 clock: None,
+                bug: None,
             };
             match node {
                 NodeAddr::Coordinator => {
@@ -232,6 +233,7 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
             epoch_ms: 0,
             download_timeout_ms: 1_000,
             clock: None,
+            bug: None,
         };
         tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))
             .await
@@ -271,6 +273,7 @@ fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
             epoch_ms: 0,
             download_timeout_ms: 1_000,
             clock: None,
+            bug: None,
         };
         let run = io.run_coordinator(CoordinatorConfig::default(), 1, None);
         // The coordinator serves until it is stopped; it boots at once.
@@ -365,6 +368,7 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
                 epoch_ms: epoch_ms(started_after_ms),
                 download_timeout_ms: 1_000,
                 clock: None,
+                bug: None,
             };
             let table = TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
             let request = RestoreRequest {

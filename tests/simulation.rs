@@ -67,7 +67,7 @@ fn the_same_seed_gives_the_same_event_log_byte_for_byte() {
 
 #[test]
 fn a_coordinator_whose_jitter_outlives_its_run_fails_the_determinism_check_naming_where_the_logs_part() {
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::AmbientJitter), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::AmbientJitter), shard: None, host: None };
     let summary = sweep(0, 200, WorldParams { bugs, ..WorldParams::sweep_default() });
     let (mismatches, others): (Vec<_>, Vec<_>) =
         summary.failures.iter().partition(|f| f.class == FailureClass::Determinism);
@@ -140,7 +140,7 @@ fn assert_caught_and_reproducible(bugs: Bugs, expected: &[Invariant]) {
 
 #[test]
 fn a_coordinator_that_advances_after_the_first_report_is_caught_and_reproduced() {
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None, host: None };
     // Either a shard applies out of order, or the shards' own guard refuses the skipped increment and the
     // restore fails although every object is intact.
     let expected = [Invariant::InOrderApply, Invariant::NoFalseSuccess, Invariant::ExpectedOutcome];
@@ -149,13 +149,13 @@ fn a_coordinator_that_advances_after_the_first_report_is_caught_and_reproduced()
 
 #[test]
 fn a_shard_that_skips_checksum_verification_is_caught_and_reproduced() {
-    let bugs = Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum) };
+    let bugs = Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum), host: None };
     assert_caught_and_reproducible(bugs, &[Invariant::CorruptNeverApplied]);
 }
 
 #[test]
 fn a_table_that_runs_ahead_of_the_others_is_caught_and_reproduced() {
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None, host: None };
     assert_caught_and_reproducible(bugs, &[Invariant::InOrderApply]);
 }
 
@@ -163,7 +163,7 @@ fn a_table_that_runs_ahead_of_the_others_is_caught_and_reproduced() {
 fn with_a_single_table_running_ahead_cannot_happen_and_nothing_is_caught() {
     // The bug only differs from the protocol when several tables share an increment; with one table and no
     // index it must pass, which shows the checker blames the cross-table rule and nothing else.
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None, host: None };
     let params = WorldParams { bugs, tables: Some(1), indexes: Some(false), ..WorldParams::sweep_default() };
     assert!(first_failure(&params, 100).is_none());
 }
@@ -215,7 +215,7 @@ fn every_catalogued_bug_is_caught_within_its_seed_budget() {
 
 #[test]
 fn a_sweep_writes_junit_with_a_failing_case_per_broken_invariant_and_seed() {
-    let bugs = Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum) };
+    let bugs = Bugs { coordinator: None, shard: Some(ShardBug::SkipChecksum), host: None };
     let summary = sweep(0, 20, WorldParams { bugs, ..WorldParams::sweep_default() });
     assert!(!summary.failures.is_empty(), "the bug is caught in 20 seeds");
     let xml = lockstep_sim::sweep::junit_xml(&summary, " --bug skip-checksum");

@@ -65,7 +65,7 @@ fn a_restore_with_an_object_lost_for_good_fails_cleanly() {
 
 #[test]
 fn a_coordinator_that_advances_on_the_first_report_breaks_in_order_apply() {
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::AdvanceOnFirstReport), shard: None, host: None };
     let params = WorldParams { bugs, ..small(FaultPlan::none()) };
     let text = run(4, &params);
     assert_ends_with(&text, "invariant in-order-apply violated");
@@ -83,7 +83,7 @@ fn a_restore_of_two_tables_and_an_index() {
 
 #[test]
 fn a_table_that_runs_ahead_of_the_others_breaks_in_order_apply() {
-    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None };
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::TablesRunAhead), shard: None, host: None };
     let params =
         WorldParams { bugs, tables: Some(2), indexes: Some(false), shard_count: Some(1), ..small(FaultPlan::none()) };
     // Seed 7: under this schedule the run-ahead request reaches its shard before the other table is done.

@@ -4,6 +4,7 @@
 //! its scenario. The explorer finds each one its world can reach with a shortest counterexample.
 
 use lockstep::coordinator::CoordinatorBug;
+use lockstep::host::HostBug;
 use lockstep::shard::ShardBug;
 
 use crate::world::Bugs;
@@ -45,14 +46,18 @@ const fn sweep(budget_seeds: u64) -> CaughtIn {
 }
 
 const fn coordinator(bug: CoordinatorBug) -> Bugs {
-    Bugs { coordinator: Some(bug), shard: None }
+    Bugs { coordinator: Some(bug), shard: None, host: None }
 }
 
 const fn shard(bug: ShardBug) -> Bugs {
-    Bugs { coordinator: None, shard: Some(bug) }
+    Bugs { coordinator: None, shard: Some(bug), host: None }
 }
 
-pub const CATALOG: [KnownBug; 13] = [
+const fn host(bug: HostBug) -> Bugs {
+    Bugs { coordinator: None, shard: None, host: Some(bug) }
+}
+
+pub const CATALOG: [KnownBug; 14] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -134,6 +139,12 @@ pub const CATALOG: [KnownBug; 13] = [
             text: include_str!("../../scenarios/late-request-of-a-failed-restore.toml"),
         },
     },
+    KnownBug {
+        name: "keep-ended-chains",
+        summary: "the host never removes an ended operation's restore chain from the coordinator's disk",
+        bugs: host(HostBug::KeepEndedChains),
+        caught_in: sweep(50),
+    },
 ];
 
 /// The catalogued bug called `name`.
@@ -152,14 +163,15 @@ pub fn names_of(bugs: Bugs) -> Vec<&'static str> {
     for known in &CATALOG {
         let coordinator = known.bugs.coordinator.is_some() && known.bugs.coordinator == bugs.coordinator;
         let shard = known.bugs.shard.is_some() && known.bugs.shard == bugs.shard;
-        if coordinator || shard {
+        let host = known.bugs.host.is_some() && known.bugs.host == bugs.host;
+        if coordinator || shard || host {
             names.push(known.name);
         }
     }
     names
 }
 
-/// Parses a list of names into one set of bugs (at most one coordinator bug and one shard bug).
+/// Parses a list of names into one set of bugs (at most one coordinator bug, one shard bug and one host bug).
 pub fn parse(names: &[&str]) -> Result<Bugs, String> {
     let mut bugs = Bugs::default();
     for name in names {
@@ -176,6 +188,12 @@ pub fn parse(names: &[&str]) -> Result<Bugs, String> {
                 return Err(format!("`{name}` is a second shard bug; run one at a time"));
             }
             bugs.shard = Some(bug);
+        }
+        if let Some(bug) = known.bugs.host {
+            if bugs.host.is_some_and(|b| b != bug) {
+                return Err(format!("`{name}` is a second host bug; run one at a time"));
+            }
+            bugs.host = Some(bug);
         }
     }
     Ok(bugs)

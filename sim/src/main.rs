@@ -422,6 +422,17 @@ mod cli {
                 return 2;
             }
         };
+        if bugs.host.is_some() {
+            let names =
+                lockstep_sim::catalog::names_of(lockstep_sim::world::Bugs { host: bugs.host, ..Default::default() });
+            eprintln!(
+                "error: `{}` is a bug of the host, and the explorer drives the machines without one; run it in the \
+                 simulator: cargo sim run --bug {}",
+                names.join(", "),
+                names.join(" --bug ")
+            );
+            return 2;
+        }
         let config = ExploreConfig {
             tables: args.tables,
             shards: args.shards,

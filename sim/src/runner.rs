@@ -371,6 +371,7 @@ impl NodeEnv {
                 let clock = self.clock.clone();
                 move || clock.now_ms()
             })),
+            bug: self.world.host_bug,
         })
     }
 

@@ -610,6 +610,7 @@ impl Scenario {
         }
         world.coordinator = self.coordinator_config(&world)?;
         world.coordinator.bug = self.plan.bugs.coordinator;
+        world.host_bug = self.plan.bugs.host;
         if let Some(bound) = self.plan.liveness_bound_ms {
             world.liveness_bound_ms = bound;
         }

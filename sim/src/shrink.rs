@@ -250,8 +250,11 @@ impl Case {
             _ => return Err(not_writable("more than one lost object")),
         };
         let case_decisions = Case::of_decisions(world, decisions);
-        let bugs =
-            crate::catalog::names_of(crate::world::Bugs { coordinator: world.coordinator.bug, shard: world.shard.bug });
+        let bugs = crate::catalog::names_of(crate::world::Bugs {
+            coordinator: world.coordinator.bug,
+            shard: world.shard.bug,
+            host: world.host_bug,
+        });
         Ok(Case {
             seed: world.seed,
             bugs,

@@ -65,6 +65,7 @@ impl WorldSource {
                 let mut world = scenario.checked_world(seed)?;
                 world.coordinator.bug = bugs.coordinator.or(world.coordinator.bug);
                 world.shard.bug = bugs.shard.or(world.shard.bug);
+                world.host_bug = bugs.host.or(world.host_bug);
                 Ok(world)
             }
         }
@@ -1003,6 +1004,7 @@ pub fn catalogued_detection(
         let mut world = scenario.world(seed);
         world.coordinator.bug = known.bugs.coordinator.or(world.coordinator.bug);
         world.shard.bug = known.bugs.shard.or(world.shard.bug);
+        world.host_bug = known.bugs.host.or(world.host_bug);
         let outcome = run_world(Arc::new(world), Keep::Verdict);
         // A run that did not go as the scenario says (a decision that never fired) does not catch the bug.
         let invariants: Vec<Invariant> =

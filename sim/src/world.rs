@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
+use lockstep::host::HostBug;
 use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, RowsIn, ShardMap, SortedRows, TableId, TableSpec,
     TabletId, Value,
@@ -72,6 +73,7 @@ pub struct WorldParams {
 pub struct Bugs {
     pub coordinator: Option<CoordinatorBug>,
     pub shard: Option<ShardBug>,
+    pub host: Option<HostBug>,
 }
 
 impl WorldParams {
@@ -130,6 +132,8 @@ pub struct World {
     pub liveness_bound_ms: u64,
     pub coordinator: CoordinatorConfig,
     pub shard: ShardConfig,
+    /// A deliberate bug of the hosts, if any.
+    pub host_bug: Option<HostBug>,
     /// How long a shard waits for one ranged read.
     pub download_timeout_ms: u64,
 }
@@ -267,6 +271,7 @@ impl World {
             liveness_bound_ms: BASE_LIVENESS_BOUND_MS,
             coordinator,
             shard,
+            host_bug: params.bugs.host,
             download_timeout_ms: 1_000,
         };
         world.liveness_bound_ms = world.work_liveness_bound_ms();
