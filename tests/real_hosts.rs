@@ -214,6 +214,26 @@ fn two_synced_states(dir: &std::path::Path) -> [std::path::PathBuf; 2] {
     [0, 1].map(|slot| dir.join(format!("{STATE_FILE}.{slot}")))
 }
 
+/// The host of `node` on the node directory `dir`, with a store beside its files and no peers.
+async fn lone_host(
+    node: NodeAddr,
+    dir: &std::path::Path,
+    recorder: Rc<Recorder>,
+) -> HostIo<FileDisk, DirStore, TcpTransport, Recorder> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    HostIo {
+        disk: Rc::new(FileDisk::open(dir).expect("node directory")),
+        store: Rc::new(DirStore::open(dir.join("store")).expect("a store")),
+        transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
+        observer: recorder,
+        epoch: tokio::time::Instant::now(),
+        epoch_ms: 0,
+        download_timeout_ms: 1_000,
+        clock: None,
+        bug: None,
+    }
+}
+
 /// Boots a shard on the node directory `dir`; it must stop at once with one fatal event, whose text is returned.
 fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -223,18 +243,7 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
     let (finished, _) = mpsc::unbounded_channel();
     let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
     local.block_on(&runtime, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
-        let io = HostIo {
-            disk: Rc::new(FileDisk::open(dir).expect("node directory")),
-            store: Rc::new(DirStore::open(dir.join("store")).expect("a store")),
-            transport: Rc::new(TcpTransport::start(node, listener, BTreeMap::new())),
-            observer: recorder.clone(),
-            epoch: tokio::time::Instant::now(),
-            epoch_ms: 0,
-            download_timeout_ms: 1_000,
-            clock: None,
-            bug: None,
-        };
+        let io = lone_host(node, dir, recorder.clone()).await;
         tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))
             .await
             .expect("the host stops at once");
@@ -263,18 +272,7 @@ fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
     let (finished, _) = mpsc::unbounded_channel();
     let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
     local.block_on(&runtime, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
-        let io = HostIo {
-            disk: Rc::new(FileDisk::open(dir.path()).expect("node directory")),
-            store: Rc::new(DirStore::open(dir.path().join("store")).expect("a store")),
-            transport: Rc::new(TcpTransport::start(NodeAddr::Coordinator, listener, BTreeMap::new())),
-            observer: recorder.clone(),
-            epoch: tokio::time::Instant::now(),
-            epoch_ms: 0,
-            download_timeout_ms: 1_000,
-            clock: None,
-            bug: None,
-        };
+        let io = lone_host(NodeAddr::Coordinator, dir.path(), recorder.clone()).await;
         let run = io.run_coordinator(CoordinatorConfig::default(), 1, None);
         // The coordinator serves until it is stopped; it boots at once.
         let _ = tokio::time::timeout(Duration::from_millis(200), run).await;
