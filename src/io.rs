@@ -347,7 +347,7 @@ impl RemoteStore for DirStore {
         })?);
         file.seek(SeekFrom::Start(offset)).map_err(unavailable)?;
         file.take(want).read_to_end(&mut bytes).map_err(unavailable)?;
-        Ok(RangeRead { bytes, total_len })
+        Ok(RangeRead { bytes: bytes.into(), total_len })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
@@ -437,7 +437,7 @@ impl RemoteStore for ObjectStoreRemote {
                 Ok(result) => {
                     let total_len = result.meta.size;
                     let bytes = result.bytes().await.map_err(|e| store_error(object, e))?;
-                    return Ok(RangeRead { bytes: bytes.to_vec(), total_len });
+                    return Ok(RangeRead { bytes, total_len });
                 }
                 Err(error @ object_store::Error::NotFound { .. }) => return Err(store_error(object, error)),
                 // Stores refuse a range that starts at the end or past it: the length below tells which.
@@ -452,7 +452,7 @@ impl RemoteStore for ObjectStoreRemote {
             let detail = format!("the store refused bytes {offset}.. of {object} ({total_len} bytes)");
             return Err(StoreError::Unavailable { detail });
         }
-        Ok(RangeRead { bytes: Vec::new(), total_len })
+        Ok(RangeRead { bytes: bytes::Bytes::new(), total_len })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
@@ -473,14 +473,14 @@ impl RemoteStore for ObjectStoreRemote {
     }
 }
 
-/// The ranged read of `object` = `bytes` that a well-behaved store returns.
-pub fn range_of(object: &str, bytes: &[u8], offset: u64, len: u64) -> Result<RangeRead, StoreError> {
+/// The ranged read of `object` = `bytes` that a well-behaved store returns: a slice of `bytes`, not a copy.
+pub fn range_of(object: &str, bytes: &bytes::Bytes, offset: u64, len: u64) -> Result<RangeRead, StoreError> {
     let total_len = bytes.len() as u64;
     if offset > total_len {
         return Err(StoreError::BadRange { object: object.to_string(), offset, len: total_len });
     }
     let end = offset.saturating_add(len).min(total_len);
-    Ok(RangeRead { bytes: bytes[offset as usize..end as usize].to_vec(), total_len })
+    Ok(RangeRead { bytes: bytes.slice(offset as usize..end as usize), total_len })
 }
 
 /// A local S3 server for the tests below.
@@ -626,7 +626,7 @@ mod tests {
         let store = DirStore::open(dir.path()).unwrap();
         block_on(store.put("backups/1/a", b"hello world".to_vec())).unwrap();
         let read = block_on(store.get_range("backups/1/a", 6, 100)).unwrap();
-        assert_eq!(read, RangeRead { bytes: b"world".to_vec(), total_len: 11 });
+        assert_eq!(read, RangeRead { bytes: bytes::Bytes::from_static(b"world"), total_len: 11 });
         assert_eq!(block_on(store.list("backups/")).unwrap(), vec!["backups/1/a".to_string()]);
         assert_eq!(
             block_on(store.get_range("backups/1/b", 0, 1)),
@@ -642,7 +642,7 @@ mod tests {
     async fn reads_like_a_well_behaved_store(store: &impl RemoteStore) {
         for offset in 0..=12 {
             for len in [0, 1, 5, 11, 100, u64::MAX] {
-                let expected = range_of("backups/1/a", b"hello world", offset, len);
+                let expected = range_of("backups/1/a", &bytes::Bytes::from_static(b"hello world"), offset, len);
                 assert_eq!(store.get_range("backups/1/a", offset, len).await, expected, "@{offset}+{len}");
             }
         }

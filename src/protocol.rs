@@ -228,9 +228,10 @@ pub struct DownloadResult {
 }
 
 /// Bytes read from an object starting at the requested offset; may be shorter than asked (a partial read).
+/// The bytes are shared, not owned: a store's buffer (or a slice of an object it holds) passes to the shard as is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RangeRead {
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
     /// The object's total length as the store reports it.
     pub total_len: u64,
 }

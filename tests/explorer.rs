@@ -251,7 +251,7 @@ fn lopsided(config: ExploreConfig) -> ExploreWorld {
     bundle.changes.push(Change::Upsert { key: 12, value: 0 });
     let bytes = bundle.encode();
     world.crcs.insert(object.clone(), lockstep::bundle::payload_crc32(&bytes));
-    world.objects.insert(object, bytes);
+    world.objects.insert(object, bytes.into());
     apply_changes(&mut world.expected[1], &[Change::Upsert { key: 12, value: 0 }]);
     world.reduce_by_symmetry();
     world

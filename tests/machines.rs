@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     AttemptFailure, Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput,
@@ -864,7 +865,7 @@ fn served(request: &DownloadRequest, bytes: &[u8]) -> DownloadResult {
         download_id: request.download_id,
         object: request.object.clone(),
         offset: request.offset,
-        outcome: range_of(&request.object, bytes, request.offset, request.len),
+        outcome: range_of(&request.object, &Bytes::copy_from_slice(bytes), request.offset, request.len),
     }
 }
 
@@ -952,7 +953,7 @@ fn shard_resumes_after_a_short_read_at_the_offset_it_reached() {
     let first = only_download(&send_apply(&mut shard, &request));
     assert_eq!((first.offset, first.len), (0, 16));
     let short = DownloadResult {
-        outcome: Ok(RangeRead { bytes: bytes[..5].to_vec(), total_len: bytes.len() as u64 }),
+        outcome: Ok(RangeRead { bytes: Bytes::copy_from_slice(&bytes[..5]), total_len: bytes.len() as u64 }),
         ..served(&first, &bytes)
     };
     let second = only_download(&shard.handle_download(10, short));
@@ -973,7 +974,7 @@ fn shard_counts_an_empty_read_before_the_end_as_a_failed_read() {
     let bytes = bundle_for(&request, full_changes());
     let first = only_download(&send_apply(&mut shard, &request));
     let empty = DownloadResult {
-        outcome: Ok(RangeRead { bytes: Vec::new(), total_len: bytes.len() as u64 }),
+        outcome: Ok(RangeRead { bytes: Bytes::new(), total_len: bytes.len() as u64 }),
         ..served(&first, &bytes)
     };
     let out = shard.handle_download(1_000, empty);
@@ -1578,7 +1579,7 @@ mod hostile {
             2 => any_store_error().prop_map(Damage::Error),
         ];
         let read = (prop::collection::vec(any::<u8>(), 0..40), any_number(300))
-            .prop_map(|(bytes, total_len)| RangeRead { bytes, total_len });
+            .prop_map(|(bytes, total_len)| RangeRead { bytes: bytes.into(), total_len });
         let forged = (0u64..4, any_number(200), prop_oneof![read.prop_map(Ok), any_store_error().prop_map(Err)])
             .prop_map(|(download_id, offset, outcome)| DownloadResult {
                 download_id,
@@ -1638,20 +1639,24 @@ mod hostile {
                         (_, Damage::Error(error)) => Err(error),
                         (None, _) => Err(StoreError::NotFound { object: read.object.clone() }),
                         (Some(bytes), damage) => {
-                            range_of(&read.object, bytes, read.offset, read.len).map(|mut answer| {
-                                match damage {
-                                    Damage::None | Damage::Error(_) => {}
-                                    Damage::FlipByte(at) if !answer.bytes.is_empty() => {
-                                        let at = at % answer.bytes.len();
-                                        answer.bytes[at] ^= 0x5a;
+                            range_of(&read.object, &Bytes::copy_from_slice(bytes), read.offset, read.len).map(
+                                |mut answer| {
+                                    match damage {
+                                        Damage::None | Damage::Error(_) => {}
+                                        Damage::FlipByte(at) if !answer.bytes.is_empty() => {
+                                            let mut bytes = answer.bytes.to_vec();
+                                            let at = at % bytes.len();
+                                            bytes[at] ^= 0x5a;
+                                            answer.bytes = bytes.into();
+                                        }
+                                        Damage::FlipByte(_) => {}
+                                        Damage::ShortRead(keep) => answer.bytes.truncate(keep),
+                                        Damage::EmptyRead => answer.bytes.clear(),
+                                        Damage::WrongTotal(total_len) => answer.total_len = total_len,
                                     }
-                                    Damage::FlipByte(_) => {}
-                                    Damage::ShortRead(keep) => answer.bytes.truncate(keep),
-                                    Damage::EmptyRead => answer.bytes.clear(),
-                                    Damage::WrongTotal(total_len) => answer.total_len = total_len,
-                                }
-                                answer
-                            })
+                                    answer
+                                },
+                            )
                         }
                     };
                     let result = DownloadResult {

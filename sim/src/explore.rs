@@ -112,7 +112,7 @@ pub struct ExploreWorld {
     symmetry: Option<Symmetry>,
 }
 
-pub type BTreeObjects = std::collections::BTreeMap<String, Vec<u8>>;
+pub type BTreeObjects = std::collections::BTreeMap<String, bytes::Bytes>;
 
 impl ExploreWorld {
     /// Two rows per shard in the full backup; every incremental updates one row and deletes another, then puts
@@ -148,7 +148,7 @@ impl ExploreWorld {
                     };
                     apply_changes(&mut expected[index_of(&config, tablet)], &changes);
                     let object = BackupManifest::object_name(backup_id, tablet);
-                    objects.insert(object.clone(), Bundle { backup_id, tablet, kind, changes }.encode());
+                    objects.insert(object.clone(), Bundle { backup_id, tablet, kind, changes }.encode().into());
                     names.push(object);
                 }
                 manifest_tables.insert(table.id, names);
@@ -219,7 +219,7 @@ impl ExploreWorld {
                 }
                 if fate == Fate::Corrupted && !read.bytes.is_empty() {
                     let last = read.bytes.len() - 1;
-                    read.bytes[last] ^= 1;
+                    crate::faults::flip(&mut read.bytes, last, 1);
                 }
                 read
             }),

@@ -182,6 +182,14 @@ impl FaultPlan {
     }
 }
 
+/// Flips the bits of `mask` in byte `at` of a read's bytes, which are shared with the stored object: the read
+/// gets a damaged copy of its own and the object stays intact.
+pub fn flip(bytes: &mut bytes::Bytes, at: usize, mask: u8) {
+    let mut damaged = bytes.to_vec();
+    damaged[at] ^= mask;
+    *bytes = damaged.into();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

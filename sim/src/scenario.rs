@@ -83,7 +83,7 @@ enum Source {
 struct ExplicitWorld {
     tables: Vec<WorldTable>,
     catalog: Arc<[BackupManifest]>,
-    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    objects: Arc<BTreeMap<String, bytes::Bytes>>,
     chain_backup_ids: Vec<u64>,
 }
 
@@ -1329,7 +1329,7 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
                 let tablet = TabletId { table: spec.id, shard };
                 let object = BackupManifest::object_name(b.id, tablet);
                 let mine = table_changes.iter().filter(|c| shard_map.shard_for(c.key()) == shard).copied().collect();
-                objects.insert(object.clone(), Bundle { backup_id: b.id, tablet, kind, changes: mine }.encode());
+                objects.insert(object.clone(), Bundle { backup_id: b.id, tablet, kind, changes: mine }.encode().into());
                 names.push(object);
             }
             manifest_tables.insert(spec.id, names);

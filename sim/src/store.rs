@@ -61,7 +61,7 @@ struct Envelope {
 pub async fn serve(
     state: Shared,
     clock: SimClock,
-    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    objects: Arc<BTreeMap<String, bytes::Bytes>>,
     lost: BTreeMap<String, Option<OperationId>>,
 ) {
     let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
@@ -98,9 +98,9 @@ struct StoreServer {
     state: Shared,
     clock: SimClock,
     /// The objects the world put in the store before the run.
-    objects: Arc<BTreeMap<String, Vec<u8>>>,
+    objects: Arc<BTreeMap<String, bytes::Bytes>>,
     /// Objects put during the run; they shadow `objects`.
-    written: std::cell::RefCell<BTreeMap<String, Vec<u8>>>,
+    written: std::cell::RefCell<BTreeMap<String, bytes::Bytes>>,
     /// Lost objects, each with the operation whose end brings it back, if any.
     lost: BTreeMap<String, Option<OperationId>>,
     /// Faulty answers in a row, per object.
@@ -116,7 +116,7 @@ impl StoreServer {
     fn answer(&self, request: StoreRequest, reader: Option<NodeAddr>) -> (StoreResponse, Option<Duration>) {
         match request {
             StoreRequest::Put { object, bytes } => {
-                self.written.borrow_mut().insert(object, bytes);
+                self.written.borrow_mut().insert(object, bytes.into());
                 (StoreResponse::Put(Ok(())), None)
             }
             StoreRequest::List { prefix } => {
@@ -182,7 +182,7 @@ impl StoreServer {
             }
             if !read.bytes.is_empty() && state.fault_at(now, node, reader, FaultKind::DownloadCorrupt, at) {
                 let at = state.rng.gen_range(0..read.bytes.len());
-                read.bytes[at] ^= 1 << state.rng.gen_range(0..8);
+                crate::faults::flip(&mut read.bytes, at, 1 << state.rng.gen_range(0..8));
                 damaged = true;
             }
             Ok(read)
@@ -230,7 +230,7 @@ impl StoreServer {
             } else if !read.bytes.is_empty() {
                 // The last byte: inside the last change's value, so a reader that skips the checksum decodes it.
                 let at = read.bytes.len() - 1;
-                read.bytes[at] ^= 0x40;
+                crate::faults::flip(&mut read.bytes, at, 0x40);
                 let detail = format!("{object} @{offset} byte {at} flipped");
                 state.scheduled_fault(now, SimNode::Store, FaultKind::DownloadCorrupt, detail);
             }

@@ -112,7 +112,7 @@ pub struct World {
     /// Every backup of the collection in the store, the ignored older ones included.
     pub catalog: Arc<[BackupManifest]>,
     /// Every object in the store, intact. Shared: every run of the world reads the same bytes.
-    pub objects: Arc<BTreeMap<String, Vec<u8>>>,
+    pub objects: Arc<BTreeMap<String, bytes::Bytes>>,
     /// Increments in the restore chain (the newest full plus the incrementals after it), from the workload.
     pub chain_len: u32,
     /// Backup id of each increment of the restore chain, from the workload.
@@ -193,7 +193,7 @@ impl World {
                     rest = others;
                     let changes = mine.to_vec();
                     let bundle = Bundle { backup_id: backup.backup_id, tablet, kind: backup.kind, changes };
-                    objects.insert(object.clone(), bundle.encode());
+                    objects.insert(object.clone(), bundle.encode().into());
                     names.push(object);
                 }
                 tables.insert(spec.id, names);
