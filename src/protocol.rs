@@ -406,6 +406,17 @@ mod tests {
     }
 
     #[test]
+    fn a_ranged_read_round_trips_through_a_frame() {
+        let read = DownloadResult {
+            download_id: 7,
+            object: "backups/3/t0/shard-1.bundle".into(),
+            offset: 1024,
+            outcome: Ok(RangeRead { bytes: bytes::Bytes::from_static(b"\x00\xffrows"), total_len: 2048 }),
+        };
+        assert_eq!(decode_frame::<DownloadResult>(&encode_frame(&read)).unwrap(), read);
+    }
+
+    #[test]
     fn garbage_frames_are_errors() {
         for garbage in [&[][..], &[0xff; 3][..], &[9, 9, 9, 9, 9][..]] {
             assert!(decode_frame::<Message>(garbage).is_err());
