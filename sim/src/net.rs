@@ -72,8 +72,6 @@ impl Transport for SimTransport {
                 let pinned = state.pinned_delay(self.node, FaultKind::MessageDelay);
                 pinned.unwrap_or_else(|| state.rng.gen_range(50..3_000))
             });
-            // Counted as they go out: a held-back copy counts once its delay is over and it is sent.
-            state.messages += copies - u64::from(delay.is_some());
             (copies, delay)
         };
         let mut frame = Some(frame);
@@ -83,10 +81,8 @@ impl Transport for SimTransport {
             match delay {
                 Some(delay_ms) if copy == 0 => {
                     let endpoint = self.endpoint.clone();
-                    let state = self.state.clone();
                     tokio::task::spawn_local(async move {
                         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                        state.lock().messages += 1;
                         let _ = endpoint.send_to_raw(dst, PROTOCOL_TAG, payload).await;
                     });
                 }
@@ -103,6 +99,8 @@ impl Transport for SimTransport {
             let (Some(node), Ok(frame)) = (self.directory.node_at(from), payload.downcast::<Vec<u8>>()) else {
                 continue;
             };
+            // Counted as taken in (see `SimState::messages`).
+            self.state.lock().messages += 1;
             return Ok((node, *frame));
         }
     }

@@ -33,8 +33,11 @@ pub struct SimState {
     pub healed: bool,
     pub counts: FaultCounts,
     pub disks: BTreeMap<NodeAddr, DiskState>,
-    /// Messages put on the simulated network, counted as each is sent: protocol frames (each copy of a
-    /// duplicate counts; a held-back one once its delay is over), store requests and store answers.
+    /// Messages the simulated network delivered, counted as the receiving node takes each in: protocol frames
+    /// (each copy of a duplicate counts), store requests and store answers. A message dropped, sent to a node
+    /// that is down, lost with a node killed before it read it, or an answer that came after its reader gave up,
+    /// does not count: the figure is what the network carried through, as in the bare exchange it is compared
+    /// with, where every message is received.
     pub messages: u64,
     /// Simulated time of the last event.
     pub now_ms: u64,

@@ -70,24 +70,22 @@ pub async fn serve(
     loop {
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
+        // Requests and answers are counted as taken in (see `SimState::messages`).
+        server.state.lock().messages += 1;
         let Envelope { reply_tag, request } = *envelope;
         let reader = crate::runner::node_at_ip(from.ip());
         let (response, delay) = server.answer(request, reader);
         let reply = Box::new(response);
-        // Answers are counted as messages as they go out (requests are counted by the client that sends them).
         match delay {
             // A slow answer waits in its own task, so later requests overtake it.
             Some(delay) => {
                 let endpoint = endpoint.clone();
-                let state = server.state.clone();
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(delay).await;
-                    state.lock().messages += 1;
                     let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
                 });
             }
             None => {
-                server.state.lock().messages += 1;
                 let _ = endpoint.send_to_raw(from, reply_tag, reply).await;
             }
         }
@@ -257,7 +255,6 @@ impl SimStoreClient {
         let reply_tag = {
             let mut state = self.state.lock();
             state.next_store_tag += 1;
-            state.messages += 1;
             FIRST_REPLY_TAG + state.next_store_tag
         };
         let envelope = Envelope { reply_tag, request };
@@ -267,6 +264,7 @@ impl SimStoreClient {
             .await
             .map_err(unavailable)?;
         let (payload, _) = self.endpoint.recv_from_raw(reply_tag).await.map_err(unavailable)?;
+        self.state.lock().messages += 1;
         payload
             .downcast::<StoreResponse>()
             .map(|response| *response)
