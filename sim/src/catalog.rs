@@ -1,6 +1,6 @@
 //! The catalog of known bugs: deliberately faulty variants of the production logic, each a class of bug that
 //! real restore systems have shipped. The simulator must catch every one (`cargo sim mutants`, and a test): within
-//! its seed budget of the default sweep, or, for a bug only a world of its own can show, on every pinned seed of
+//! its seed budget of the default sweep, or, for a bug the default sweep shows too rarely, on every pinned seed of
 //! its scenario. The explorer finds each one its world can reach with a shortest counterexample.
 
 use lockstep::coordinator::CoordinatorBug;
@@ -27,7 +27,8 @@ pub enum CaughtIn {
     /// Within this many seeds of the default sweep.
     Sweep { budget_seeds: u64 },
     /// On every pinned seed of this scenario (its file name under `scenarios/`, and its text): for a bug the
-    /// default sweep's worlds cannot show, since each restores its tables once and none restores a table again.
+    /// default sweep's worlds show too rarely for a seed budget (a table restored again, which only a world that
+    /// lost an object and got it back does, with a late request of the first restore landing after the second).
     Scenario { file: &'static str, text: &'static str },
 }
 
