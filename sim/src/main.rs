@@ -181,7 +181,7 @@ mod cli {
         /// Parallel workers (default: one per core): worker processes, each running every N-th seed.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
         jobs: Option<u64>,
-        /// Run one seed in every this-many twice and compare event logs (0: off).
+        /// Run the first seed and one seed in every this-many twice and compare event logs (0: off).
         #[arg(long, default_value_t = 50)]
         determinism_every: u64,
         /// Failing seeds printed in full (the rest are counted).

@@ -598,7 +598,7 @@ pub fn run_sweep(config: &SweepConfig, progress: &(dyn Fn(Progress) + Sync)) -> 
                             return;
                         }
                     }
-                    let run = run_one(seed, config);
+                    let run = run_one(index, seed, config);
                     let mut summary = summary.lock().unwrap_or_else(|p| p.into_inner());
                     let failures = summary.failures.len();
                     match run {
@@ -659,7 +659,7 @@ pub fn serve_part(config: &SweepConfig, part: Part, out: &mut impl Write) -> io:
     for index in part.positions(config) {
         let (seed, first) = config.seed_at(index).expect("positions stay within the run order");
         let mut summary = SweepSummary::default();
-        match run_one(seed, config) {
+        match run_one(index, seed, config) {
             Ok((world, outcome, mismatch)) => summary.add_seed(config, seed, first, &world, &outcome, mismatch),
             Err(why) => summary.add_lost(seed, first, why),
         }
@@ -969,12 +969,15 @@ pub fn in_determinism_sample(seed: u64, every: u64) -> bool {
 /// What [`run_one`] gives back: the world, its outcome, and its determinism check.
 type SeedRun = (Arc<World>, SeedOutcome, Option<Option<Vec<String>>>);
 
-/// Runs one seed, and again when it is in the determinism sample. The third value is `None` when not
-/// checked, `Some(None)` when the two runs agreed, `Some(Some(lines))` when they did not: the two hashes and
-/// the first event where the logs part. A seed whose world the scenario cannot build is an error saying why.
-fn run_one(seed: u64, config: &SweepConfig) -> Result<SeedRun, String> {
+/// Runs one seed, the one at `index` of the run order, and again when it is in the determinism sample: the first
+/// seed a sweep runs (so that a short sweep, or a scenario's few pinned seeds, checks one too), and
+/// [`in_determinism_sample`]'s. The third value is `None` when not checked, `Some(None)` when the two runs agreed,
+/// `Some(Some(lines))` when they did not: the two hashes and the first event where the logs part. A seed whose
+/// world the scenario cannot build is an error saying why.
+fn run_one(index: u64, seed: u64, config: &SweepConfig) -> Result<SeedRun, String> {
     let world = Arc::new(config.source.try_world(seed)?);
-    let sampled = in_determinism_sample(seed, config.determinism_every);
+    let every = config.determinism_every;
+    let sampled = (index == 0 && every > 0) || in_determinism_sample(seed, every);
     // A sampled seed keeps its log until the second run is compared with it. A seed that must break a kept bug's
     // invariant fails when it holds, and its failure line names the hash.
     let keep = if sampled {
