@@ -219,6 +219,8 @@ fn messages_taken_in_per_log(log: &[lockstep_sim::events::Event]) -> u64 {
 
 #[test]
 fn messages_are_counted_as_the_receiving_node_takes_them_in() {
+    use lockstep::host::HostEvent;
+    use lockstep_sim::events::{EventKind, SimNode};
     // Without faults nothing is lost on the way, and at Done (no read is left half-way, its request taken in by
     // the store and its answer not yet by the shard) the count is exactly what the log shows taken in.
     let calm = WorldParams { faults: Some(FaultPlan::none()), ..WorldParams::sweep_default() };
@@ -259,8 +261,8 @@ fn messages_are_counted_as_the_receiving_node_takes_them_in() {
         put_on_the_wire += log
             .iter()
             .map(|event| match &event.kind {
-                lockstep_sim::events::EventKind::Host(lockstep::host::HostEvent::Sent { .. }) => 1,
-                lockstep_sim::events::EventKind::Host(lockstep::host::HostEvent::Download { .. }) => 2,
+                EventKind::Host(HostEvent::Sent { .. }) => 1,
+                EventKind::Host(HostEvent::Download { .. }) => 2,
                 _ => 0,
             })
             .sum::<u64>();
@@ -268,12 +270,11 @@ fn messages_are_counted_as_the_receiving_node_takes_them_in() {
             continue;
         }
         rebooted_done += 1;
-        let log = outcome.log.as_deref().expect("the log is kept");
         let shard_kills = log
             .iter()
             .filter(|event| {
-                matches!(event.kind, lockstep_sim::events::EventKind::Killed { .. })
-                    && matches!(event.node, lockstep_sim::events::SimNode::Protocol(NodeAddr::Shard(_)))
+                matches!(event.kind, EventKind::Killed { .. })
+                    && matches!(event.node, SimNode::Protocol(NodeAddr::Shard(_)))
             })
             .count() as u64;
         kills += shard_kills;
