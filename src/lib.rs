@@ -11,6 +11,7 @@ pub mod host;
 pub mod io;
 pub mod model;
 pub mod protocol;
+pub mod replication;
 pub mod rng;
 pub mod shard;
 #[cfg(not(madsim))]
