@@ -26,7 +26,11 @@ use crate::protocol::{
     DownloadRequest, DownloadResult, Message, NodeAddr, Output, PersistNote, RangeRead, StoreError, decode_frame,
     encode_frame,
 };
+use crate::replication::{PublisherDurable, ReplicaDurable, Version};
 use crate::shard::{Shard, ShardConfig, ShardDurable, ShardTimer};
+
+mod replication;
+pub use replication::CommitFeed;
 
 /// Deliberately broken host variants, to show that the checkers catch them. They take effect only in builds with
 /// the `mutants` feature (the simulator's); production builds ignore them.
@@ -73,6 +77,8 @@ pub trait DurableState: Serialize + DeserializeOwned + Clone + fmt::Debug {
 }
 
 impl DurableState for ShardDurable {}
+impl DurableState for PublisherDurable {}
+impl DurableState for ReplicaDurable {}
 
 impl DurableState for CoordinatorDurable {
     fn unstored_files(&self) -> Vec<(String, &[u8])> {
@@ -202,6 +208,28 @@ pub enum HostEvent {
     Removing(Vec<String>),
     /// Their removal is durable.
     Removed(Vec<String>),
+    /// A publisher booted with this durable state.
+    PublisherBooted {
+        loaded: Option<PublisherDurable>,
+    },
+    /// A replica booted with this durable state.
+    ReplicaBooted {
+        loaded: Option<ReplicaDurable>,
+    },
+    /// The database handed a publisher a committed version.
+    Committed {
+        version: Version,
+    },
+    /// A put was answered (or given up on).
+    Put {
+        object: String,
+        outcome: Result<(), StoreError>,
+    },
+    /// A listing was answered with this many names (or failed).
+    Listed {
+        prefix: String,
+        outcome: Result<usize, StoreError>,
+    },
 }
 
 /// Sees everything hosts do; decides nothing about the protocol.

@@ -21,6 +21,10 @@ pub enum NodeAddr {
     Shard(TabletId),
     /// An operator's client: starts restores, asks for status, lists and forgets operations.
     Client,
+    /// The node that pushes a replicated tablet's committed versions to the store ([`crate::replication`]).
+    Publisher,
+    /// The node that pulls them from the store into its copy of the tablet.
+    Replica,
 }
 
 impl fmt::Display for NodeAddr {
@@ -29,6 +33,8 @@ impl fmt::Display for NodeAddr {
             NodeAddr::Coordinator => f.write_str("coordinator"),
             NodeAddr::Shard(tablet) => write!(f, "{tablet}"),
             NodeAddr::Client => f.write_str("client"),
+            NodeAddr::Publisher => f.write_str("publisher"),
+            NodeAddr::Replica => f.write_str("replica"),
         }
     }
 }
@@ -259,6 +265,10 @@ pub enum PersistNote {
     /// CRC-32 of the bundle payload the rows came from, as the shard computed it over the bytes it downloaded, so
     /// an observer can tell whether they were the intact bundle's.
     ShardApplied { op: OperationId, increment: IncrementIndex, backup_id: u64, payload_crc32: u32 },
+    /// A publisher's store acknowledged every version up to `pushed_through`.
+    Published { pushed_through: crate::replication::Version },
+    /// A replica applied every version up to `applied_through`; `rows` are its rows now (shared, not copied).
+    Replicated { applied_through: crate::replication::Version, rows: std::sync::Arc<crate::model::SortedRows> },
 }
 
 /// An effect a state machine asks its host to carry out, in order. A host finishes a `Persist` (write and sync)

@@ -156,7 +156,9 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                     let config = ShardConfig { download_chunk_bytes: 64, ..ShardConfig::default() };
                     tokio::task::spawn_local(io.run_shard(shard, config));
                 }
-                NodeAddr::Client => unreachable!("this test starts its restore at boot, without a client"),
+                NodeAddr::Client | NodeAddr::Publisher | NodeAddr::Replica => {
+                    unreachable!("this test starts its restore at boot, with no client and no replication")
+                }
             }
         }
         tokio::time::timeout(Duration::from_secs(20), finished_rx.recv())

@@ -114,6 +114,36 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
             write!(f, "removing {} (no running operation refers to {them})", files.join(", "))
         }
         HostEvent::Removed(files) => write!(f, "removed {}, durable", files.join(", ")),
+        HostEvent::Persisted(PersistNote::Published { pushed_through }) => {
+            write!(f, "PUSHED through version {pushed_through}, durable")
+        }
+        HostEvent::Persisted(PersistNote::Replicated { applied_through, rows }) => {
+            write!(f, "REPLICATED through version {applied_through} ({} rows), durable", rows.len())
+        }
+        HostEvent::PublisherBooted { loaded } => match loaded {
+            Some(state) => write!(f, "booted, loaded pushed through version {}", state.pushed_through),
+            None => f.write_str("booted, empty disk"),
+        },
+        HostEvent::ReplicaBooted { loaded } => match loaded {
+            Some(state) => {
+                write!(
+                    f,
+                    "booted, loaded applied through version {} ({} rows)",
+                    state.applied_through,
+                    state.rows.len()
+                )
+            }
+            None => f.write_str("booted, empty disk"),
+        },
+        HostEvent::Committed { version } => write!(f, "committed version {version}"),
+        HostEvent::Put { object, outcome } => match outcome {
+            Ok(()) => write!(f, "put {object}: stored"),
+            Err(error) => write!(f, "put {object}: error: {error}"),
+        },
+        HostEvent::Listed { prefix, outcome } => match outcome {
+            Ok(count) => write!(f, "list {prefix}: {count} name(s)"),
+            Err(error) => write!(f, "list {prefix}: error: {error}"),
+        },
     }
 }
 

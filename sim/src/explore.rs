@@ -640,7 +640,8 @@ impl State {
                 self.shard_mut(s).outbox.extend(out);
                 self.flush_shard(world, s, broken);
             }
-            NodeAddr::Client => {}
+            // The explorer's worlds hold no client and no replication roles.
+            NodeAddr::Client | NodeAddr::Publisher | NodeAddr::Replica => {}
         }
     }
 

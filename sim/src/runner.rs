@@ -319,6 +319,8 @@ pub fn node_at_ip(ip: IpAddr) -> Option<NodeAddr> {
     match v4.octets() {
         [10, 0, 0, 1] => Some(NodeAddr::Coordinator),
         [10, 0, 0, 2] => Some(NodeAddr::Client),
+        [10, 0, 0, 4] => Some(NodeAddr::Publisher),
+        [10, 0, 0, 5] => Some(NodeAddr::Replica),
         [10, 0, table @ 1..=254, shard @ 1..=255] => Some(NodeAddr::Shard(TabletId {
             table: lockstep::model::TableId(u32::from(table) - 1),
             shard: lockstep::model::ShardId(u32::from(shard) - 1),
@@ -327,10 +329,12 @@ pub fn node_at_ip(ip: IpAddr) -> Option<NodeAddr> {
     }
 }
 
-fn node_ip(node: NodeAddr) -> IpAddr {
+pub(crate) fn node_ip(node: NodeAddr) -> IpAddr {
     match node {
         NodeAddr::Coordinator => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         NodeAddr::Client => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+        NodeAddr::Publisher => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 4)),
+        NodeAddr::Replica => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
         NodeAddr::Shard(tablet) => {
             let table = u8::try_from(tablet.table.0).expect("a world holds at most MAX_TABLES tables");
             let shard = u8::try_from(tablet.shard.0).expect("a table has at most MAX_SHARDS_PER_TABLE shards");
@@ -406,6 +410,7 @@ impl NodeEnv {
             NodeAddr::Coordinator => io.run_coordinator(self.world.coordinator.clone(), self.world.seed, None).await,
             NodeAddr::Shard(shard) => io.run_shard(shard, self.world.shard.clone()).await,
             NodeAddr::Client => unreachable!("handled above"),
+            NodeAddr::Publisher | NodeAddr::Replica => unreachable!("a restore world runs no replication role"),
         }
     }
 

@@ -357,6 +357,8 @@ impl World {
         match node {
             NodeAddr::Coordinator => "coordinator".to_string(),
             NodeAddr::Client => "client".to_string(),
+            NodeAddr::Publisher => "publisher".to_string(),
+            NodeAddr::Replica => "replica".to_string(),
             NodeAddr::Shard(tablet) => format!("{}/{}", self.table(tablet.table).spec.name, tablet.shard.0),
         }
     }

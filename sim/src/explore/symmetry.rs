@@ -668,6 +668,8 @@ impl<'a> Encoder<'a> {
                 self.tablet(tablet);
             }
             NodeAddr::Client => self.word(2),
+            NodeAddr::Publisher => self.word(3),
+            NodeAddr::Replica => self.word(4),
         }
     }
 
@@ -771,6 +773,10 @@ impl<'a> Encoder<'a> {
                         self.word(*backup_id);
                         let crc = self.renaming.crcs.get(payload_crc32).unwrap_or(payload_crc32);
                         self.word(u64::from(*crc));
+                    }
+                    // Replication roles take no part in the explorer's worlds.
+                    PersistNote::Published { .. } | PersistNote::Replicated { .. } => {
+                        unreachable!("the explorer runs no replication role")
                     }
                 }
             }
