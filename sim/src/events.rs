@@ -43,6 +43,10 @@ pub enum EventKind {
     Restarted,
     /// Faults stop from here on.
     Healed,
+    /// The store took a put: from here on it holds `object` (replication worlds; restore worlds put nothing).
+    Stored {
+        object: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -63,6 +67,7 @@ impl fmt::Display for Event {
             }
             EventKind::Restarted => f.write_str("restarted"),
             EventKind::Healed => f.write_str("HEALED: faults stop"),
+            EventKind::Stored { object } => write!(f, "stored {object}"),
         }
     }
 }

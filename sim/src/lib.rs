@@ -16,6 +16,7 @@ pub mod explore;
 pub mod faults;
 pub mod plan;
 pub mod probes;
+pub mod replication;
 pub mod scenario;
 pub mod tape;
 pub mod world;

@@ -72,6 +72,36 @@ mod cli {
         /// Shrink a failing seed to the smallest world and fewest faults that still fail the same way, and
         /// write it as a scenario file to keep as a regression test.
         Shrink(ShrinkArgs),
+        /// Sweep seeds of replication worlds (a publisher pushing committed versions through the store, a
+        /// replica initializing from them and pulling), or trace one seed with --seed.
+        Replicate(ReplicateArgs),
+    }
+
+    #[derive(Args)]
+    struct ReplicateArgs {
+        /// Seeds to run.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: u64,
+        /// First seed of the sweep.
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Run only this seed and print its whole trace (`RUST_LOG` filters it, as for `repro`).
+        #[arg(long, conflicts_with_all = ["seeds", "start", "jobs", "determinism_every"])]
+        seed: Option<u64>,
+        /// Run with a deliberate bug, to see the checkers catch it (repeatable): puts-ahead,
+        /// replica-skips-checksum, replica-skips-missing-version.
+        #[arg(long = "bug", value_name = "NAME", value_parser = replication_bug)]
+        bugs: Vec<String>,
+        /// Parallel workers (default: one per core).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+        jobs: Option<u64>,
+        /// Rerun the first seed and one in this many, and compare event logs (0: no check).
+        #[arg(long, default_value_t = 50)]
+        determinism_every: u64,
+    }
+
+    fn replication_bug(name: &str) -> Result<String, String> {
+        lockstep_sim::replication::ReplicationBugs::default().add(name).map(|()| name.to_string())
     }
 
     #[derive(Args)]
@@ -363,7 +393,96 @@ mod cli {
             Command::Check(args) => check(args),
             Command::Mutants(args) => mutants(args),
             Command::Shrink(args) => shrink(args),
+            Command::Replicate(args) => replicate(args),
         }
+    }
+
+    fn replicate(args: ReplicateArgs) -> i32 {
+        use lockstep_sim::replication::{
+            FAULT_KINDS, ReplicationBugs, ReplicationInvariant, ReplicationWorld, run_replication, sweep_replication,
+            transcript,
+        };
+        let mut bugs = ReplicationBugs::default();
+        for name in &args.bugs {
+            bugs.add(name).expect("checked by the argument parser");
+        }
+        let exit_code = |violations: &[lockstep_sim::replication::ReplicationViolation], panicked: bool| {
+            if panicked {
+                4
+            } else if violations.iter().any(|v| v.invariant != ReplicationInvariant::Liveness) {
+                1
+            } else if violations.is_empty() {
+                0
+            } else {
+                3
+            }
+        };
+        if let Some(seed) = args.seed {
+            init_tracing();
+            let world = ReplicationWorld::generate(seed, bugs);
+            let outcome = run_replication(world.clone(), true);
+            print!("{}", world.describe());
+            for (index, event) in outcome.log.iter().flatten().enumerate() {
+                emit(event, &event);
+                for violation in outcome.violations.iter().filter(|v| v.event_index == Some(index)) {
+                    let mark =
+                        format!("          ^^^ event #{index}: first offending event of {}", violation.invariant);
+                    emit(event, &mark);
+                }
+            }
+            let verdict = lockstep_sim::replication::ReplicationOutcome { log: None, ..outcome.clone() };
+            let text = transcript(&world, &verdict);
+            // The verdict: the transcript's lines after the world and the events.
+            print!("{}", text.strip_prefix(world.describe().as_str()).unwrap_or(&text));
+            println!("event log: {} events", outcome.events);
+            return exit_code(&outcome.violations, outcome.panic.is_some());
+        }
+        let jobs =
+            args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        let began = std::time::Instant::now();
+        let summary = sweep_replication(args.start, args.seeds, bugs, jobs, args.determinism_every);
+        let wall_s = began.elapsed().as_secs_f64();
+        let end = args.start + args.seeds;
+        println!("replication sweep of seeds {}..{end}{}", args.start, bugs.args());
+        let failed = summary.failures.len() as u64;
+        println!("seeds       {} run, {} passed, {failed} failed", summary.seeds_run, summary.seeds_run - failed);
+        if summary.by_invariant.is_empty() {
+            println!("invariants  every one held");
+        } else {
+            let broken: Vec<String> = summary.by_invariant.iter().map(|(i, n)| format!("{i} {n}")).collect();
+            println!("invariants  broken: {}", broken.join(", "));
+        }
+        let mut fired: Vec<String> = FAULT_KINDS.iter().map(|k| format!("{k} {}", summary.faults.get(*k))).collect();
+        fired.push(format!("publisher-reboot {}", summary.reboots[0]));
+        fired.push(format!("replica-reboot {}", summary.reboots[1]));
+        println!("faults      {}", fired.join(", "));
+        println!(
+            "determinism {} seed(s) rerun, {} mismatch(es)",
+            summary.determinism_checked,
+            summary.determinism_mismatches.len()
+        );
+        println!(
+            "time        simulated {} s, wall {wall_s:.2} s, {:.1} seeds/s",
+            summary.sim_ms / 1000,
+            summary.seeds_run as f64 / wall_s.max(1e-9)
+        );
+        let mut code = 0;
+        for outcome in &summary.failures {
+            let what: Vec<String> = outcome.violations.iter().map(|v| v.invariant.to_string()).collect();
+            let what = outcome.panic.as_ref().map_or_else(|| what.join(", "), |panic| format!("panic: {panic}"));
+            println!("FAILED seed {}: {what}", outcome.seed);
+            println!("  repro: cargo sim replicate --seed {}{}", outcome.seed, bugs.args());
+            let this = exit_code(&outcome.violations, outcome.panic.is_some());
+            code = if code == 0 || this == 1 { this } else { code };
+        }
+        for seed in &summary.determinism_mismatches {
+            println!("FAILED seed {seed}: determinism: two runs logged different events");
+            println!("  repro: cargo sim replicate --seed {seed}{}", bugs.args());
+        }
+        if code == 0 && !summary.determinism_mismatches.is_empty() {
+            code = 5;
+        }
+        code
     }
 
     fn mutants(args: MutantsArgs) -> i32 {
@@ -1074,6 +1193,7 @@ mod cli {
     fn emit(event: &Event, line: &dyn std::fmt::Display) {
         use lockstep::host::HostEvent;
         match &event.kind {
+            EventKind::Stored { .. } => tracing::info!(target: "lockstep::store", "{line}"),
             EventKind::Fault { .. } | EventKind::Killed { .. } | EventKind::Restarted | EventKind::Healed => {
                 tracing::warn!(target: "lockstep::fault", "{line}")
             }

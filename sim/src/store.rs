@@ -1,7 +1,9 @@
 //! The simulated S3-like object store: a madsim node that serves put, ranged get and list over the simulated
 //! network, and the client shards use to reach it.
 //!
-//! Fault model (on reads, each rolled per request with the seed's rate, none after healing):
+//! Fault model (on reads, each rolled per request with the seed's rate, none after healing; puts and listings,
+//! which only replication worlds make, roll `store-unavailable` and `store-slow` the same way, and a put that
+//! fails stores nothing, while a slow put is stored at once and only its answer is late):
 //! - `store-unavailable`: a transient error instead of data;
 //! - `store-throttled`: "slow down, retry after 50-500 ms";
 //! - `store-slow`: the answer comes 100-2500 ms late, sometimes past the reader's timeout;
@@ -27,7 +29,7 @@ use madsim::net::Endpoint;
 use rand::Rng;
 
 use crate::clock::SimClock;
-use crate::events::SimNode;
+use crate::events::{EventKind, SimNode};
 use crate::faults::FaultKind;
 use crate::state::Shared;
 
@@ -114,14 +116,22 @@ impl StoreServer {
     fn answer(&self, request: StoreRequest, reader: Option<NodeAddr>) -> (StoreResponse, Option<Duration>) {
         match request {
             StoreRequest::Put { object, bytes } => {
-                self.written.borrow_mut().insert(object, bytes.into());
-                (StoreResponse::Put(Ok(())), None)
+                if self.fails(reader, || format!("put {object}")) {
+                    return (StoreResponse::Put(Err(injected_unavailable())), None);
+                }
+                let now = self.now_ms();
+                self.state.lock().record(now, SimNode::Store, EventKind::Stored { object: object.clone() });
+                self.written.borrow_mut().insert(object.clone(), bytes.into());
+                (StoreResponse::Put(Ok(())), self.slow(reader, || format!("put {object}")))
             }
             StoreRequest::List { prefix } => {
+                if self.fails(reader, || format!("list {prefix}")) {
+                    return (StoreResponse::List(Err(injected_unavailable())), None);
+                }
                 let written = self.written.borrow();
                 let all: BTreeSet<&String> = self.objects.keys().chain(written.keys()).collect();
                 let names = all.into_iter().filter(|k| k.starts_with(&prefix)).cloned().collect();
-                (StoreResponse::List(Ok(names)), None)
+                (StoreResponse::List(Ok(names)), self.slow(reader, || format!("list {prefix}")))
             }
             StoreRequest::GetRange { object, offset, len } => {
                 let (result, delay) = self.get_range(&object, offset, len, reader);
@@ -164,7 +174,7 @@ impl StoreServer {
         let node = SimNode::Store;
         let mut damaged = true;
         let result = if state.fault_at(now, node, reader, FaultKind::StoreUnavailable, at) {
-            Err(StoreError::Unavailable { detail: "injected 503".to_string() })
+            Err(injected_unavailable())
         } else if state.fault_at(now, node, reader, FaultKind::StoreThrottled, at) {
             Err(StoreError::Throttled { retry_after_ms: state.rng.gen_range(50..500) })
         } else {
@@ -191,6 +201,23 @@ impl StoreServer {
         drop(state);
         self.set_streak(object, if damaged { streak + 1 } else { 0 });
         (result, delay)
+    }
+
+    /// Whether a put or listing of `reader`'s fails with a transient error (never one of an unknown reader).
+    fn fails(&self, reader: Option<NodeAddr>, what: impl FnOnce() -> String) -> bool {
+        let Some(reader) = reader else { return false };
+        let now = self.now_ms();
+        self.state.lock().fault_at(now, SimNode::Store, reader, FaultKind::StoreUnavailable, what)
+    }
+
+    /// How late the answer to a put or listing of `reader`'s comes, if it is slow.
+    fn slow(&self, reader: Option<NodeAddr>, what: impl FnOnce() -> String) -> Option<Duration> {
+        let reader = reader?;
+        let now = self.now_ms();
+        let mut state = self.state.lock();
+        state
+            .fault_at(now, SimNode::Store, reader, FaultKind::StoreSlow, what)
+            .then(|| Duration::from_millis(state.rng.gen_range(100..2_500)))
     }
 
     /// Records `object`'s streak of faulty answers; an object without an entry has a streak of 0.
@@ -270,6 +297,10 @@ impl SimStoreClient {
             .map(|response| *response)
             .map_err(|_| StoreError::Unavailable { detail: "garbled store response".to_string() })
     }
+}
+
+fn injected_unavailable() -> StoreError {
+    StoreError::Unavailable { detail: "injected 503".to_string() }
 }
 
 fn mismatched() -> StoreError {
