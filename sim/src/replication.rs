@@ -4,7 +4,7 @@
 //! and the final durable states.
 //!
 //! Fault model (each kind on or off per seed, with its own rate; none after the heal time):
-//! - the store's, as [`crate::store`] documents it: transient errors and slow answers on puts, listings and
+//! - the store's, as `sim/src/store.rs` documents it: transient errors and slow answers on puts, listings and
 //!   reads; partial, truncated and corrupted reads, with the fault atlas keeping an intact answer reachable;
 //! - crash points in every persist (before the sync, and after it before the next output);
 //! - publisher and replica reboots at random moments;
