@@ -37,6 +37,7 @@ use lockstep::shard::{Shard, ShardConfig, ShardDurable, ShardOutput, ShardTimer}
 use crate::events::StableHasher;
 use crate::world::Bugs;
 
+pub mod replication;
 pub mod symmetry;
 
 pub use symmetry::Symmetry;
