@@ -91,3 +91,13 @@ fn a_table_that_runs_ahead_of_the_others_breaks_in_order_apply() {
     assert_ends_with(&text, "invariant in-order-apply violated");
     insta::assert_snapshot!(text);
 }
+
+#[test]
+fn replication_through_failed_puts_slow_answers_and_a_replica_reboot() {
+    use lockstep_sim::replication::{ReplicationBugs, ReplicationWorld, run_replication, transcript};
+    let world = ReplicationWorld::generate(4, ReplicationBugs::default());
+    let text = transcript(&world, &run_replication(world.clone(), true));
+    assert_ends_with(&text, "replica holds version 3 of 3");
+    assert_ends_with(&text, "every invariant held");
+    insta::assert_snapshot!(text);
+}
