@@ -148,11 +148,7 @@ pub fn run_world(world: Arc<World>, keep: Keep) -> SeedOutcome {
     match run {
         Ok(outcome) => outcome,
         Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".to_string());
+            let message = panic_message(payload.as_ref());
             SeedOutcome {
                 seed,
                 violations: Vec::new(),
@@ -170,6 +166,15 @@ pub fn run_world(world: Arc<World>, keep: Keep) -> SeedOutcome {
             }
         }
     }
+}
+
+/// The text a seed's thread panicked with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic".to_string())
 }
 
 /// The outcome of a run that ended: the checkers' verdict on its log and final state, and its figures.
@@ -486,16 +491,7 @@ async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
 
     let lost: BTreeMap<String, Option<OperationId>> =
         world.lost_objects.iter().map(|l| (l.object.clone(), l.until_end_of)).collect();
-    let store_state = state.clone();
-    let store_clock = clock.clone();
-    let objects = world.objects.clone();
-    let store_id = handle
-        .create_node()
-        .name("store")
-        .ip(STORE_ADDR.ip())
-        .init(move || crate::store::serve(store_state.clone(), store_clock.clone(), objects.clone(), lost.clone()))
-        .build()
-        .id();
+    let store_id = crate::store::create_node(&handle, state.clone(), clock.clone(), world.objects.clone(), lost);
 
     let mut ids: BTreeMap<NodeAddr, NodeId> = BTreeMap::new();
     for node in &nodes {
@@ -561,12 +557,9 @@ async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
 /// The fault schedule: random reboots during the fault phase, crash requests from crash points, restarts,
 /// healing, and the liveness bound.
 struct Supervisor {
+    nodes: Nodes,
     state: Shared,
     clock: SimClock,
-    handle: Handle,
-    ids: BTreeMap<NodeAddr, NodeId>,
-    /// Nodes that are down, with the time they come back.
-    down: BTreeMap<NodeAddr, u64>,
     heal_at_ms: u64,
     give_up_at_ms: u64,
     next_coordinator_reboot_ms: Option<u64>,
@@ -580,11 +573,9 @@ impl Supervisor {
     fn new(world: &World, state: Shared, clock: SimClock, handle: Handle, ids: BTreeMap<NodeAddr, NodeId>) -> Self {
         let heal_at_ms = world.faults.heal_at_ms;
         let mut supervisor = Self {
+            nodes: Nodes::new(state.clone(), clock.clone(), handle, ids),
             state,
             clock,
-            handle,
-            ids,
-            down: BTreeMap::new(),
             heal_at_ms,
             give_up_at_ms: world.gives_up_at_ms(),
             next_coordinator_reboot_ms: None,
@@ -604,27 +595,14 @@ impl Supervisor {
 
     /// The time of the next reboot of this kind, exponentially distributed at the seed's rate per second.
     fn draw_reboot(&self, kind: FaultKind, after_ms: u64) -> Option<u64> {
-        let mut state = self.state.lock();
-        let rate_per_s = state.plan.rate(kind);
-        if rate_per_s <= 0.0 {
-            return None;
-        }
-        let uniform: f64 = state.dice.gen_range(f64::EPSILON..1.0);
-        let gap_ms = (-uniform.ln() / rate_per_s * 1000.0) as u64;
-        let at = after_ms.saturating_add(gap_ms.max(1));
-        (at < self.heal_at_ms).then_some(at)
+        let rate_per_s = self.state.lock().plan.rate(kind);
+        self.nodes.draw_reboot(rate_per_s, after_ms, self.heal_at_ms)
     }
 
     fn next_wake(&self) -> u64 {
-        let mut wake = self.give_up_at_ms;
-        if !self.state.lock().healed {
-            wake = wake.min(self.heal_at_ms);
-        }
         let replayed = self.replayed_reboots.last().map(|r| r.at_ms);
-        for at in [self.next_coordinator_reboot_ms, self.next_shard_reboot_ms, replayed].into_iter().flatten() {
-            wake = wake.min(at);
-        }
-        self.down.values().fold(wake, |wake, at| wake.min(*at))
+        let reboots = [self.next_coordinator_reboot_ms, self.next_shard_reboot_ms, replayed];
+        self.nodes.next_wake(self.give_up_at_ms, self.heal_at_ms, reboots.into_iter().flatten())
     }
 
     /// Handles everything due now; `true` when the liveness bound has passed.
@@ -633,17 +611,8 @@ impl Supervisor {
         if now >= self.give_up_at_ms {
             return true;
         }
-        let due: Vec<NodeAddr> = self.down.iter().filter(|(_, at)| **at <= now).map(|(n, _)| *n).collect();
-        for node in due {
-            self.down.remove(&node);
-            self.handle.restart(self.ids[&node]);
-            self.state.lock().record(now, SimNode::Protocol(node), EventKind::Restarted);
-        }
-        if now >= self.heal_at_ms && !self.state.lock().healed {
-            let mut state = self.state.lock();
-            state.healed = true;
-            state.record(now, SimNode::World, EventKind::Healed);
-        }
+        self.nodes.restart_due(now);
+        self.nodes.heal_if_due(now, self.heal_at_ms);
         if self.next_coordinator_reboot_ms.is_some_and(|at| at <= now) {
             self.reboot(now, NodeAddr::Coordinator, FaultKind::CoordinatorReboot);
             self.next_coordinator_reboot_ms = self.draw_reboot(FaultKind::CoordinatorReboot, now);
@@ -664,7 +633,7 @@ impl Supervisor {
         // Every decided reboot goes on the tape, even one that finds its node down: a replay must wake the
         // supervisor at the same moments, or madsim would schedule the rest of the run differently.
         self.state.lock().tape.reboots.push(Reboot { at_ms: now, node });
-        if self.down.contains_key(&node) || self.state.lock().healed {
+        if self.nodes.is_down(node) || self.state.lock().healed {
             return;
         }
         {
@@ -676,8 +645,96 @@ impl Supervisor {
         self.crash(node, 10..3_000);
     }
 
-    /// Kills `node` now, damages its disk as a crash does, and schedules its restart.
     fn crash(&mut self, node: NodeAddr, downtime_ms: std::ops::Range<u64>) {
+        self.nodes.crash(node, downtime_ms);
+    }
+
+    async fn shut_down(&self, store: NodeId) {
+        self.nodes.shut_down(store).await;
+    }
+
+    fn final_state(&self, world: &World, timed_out: bool) -> FinalState {
+        let state = self.state.lock();
+        let coordinator = durable_state::<CoordinatorDurable>(&state, NodeAddr::Coordinator);
+        let shards = world.tablets().map(|s| (s, durable_state::<ShardDurable>(&state, NodeAddr::Shard(s)))).collect();
+        // A node a crash point has asked to crash is as good as down: it does nothing more.
+        let coordinator_up =
+            !self.nodes.is_down(NodeAddr::Coordinator) && !state.crash_requested.contains(&NodeAddr::Coordinator);
+        let coordinator_files =
+            state.disks.get(&NodeAddr::Coordinator).map(|disk| disk.list_durable()).filter(|_| coordinator_up);
+        FinalState { coordinator, shards, timed_out, coordinator_files }
+    }
+}
+
+/// A node's durable state at the end of a run, as a restarted node would read it back (chain files included).
+pub(crate) fn durable_state<Dur: lockstep::host::DurableState>(state: &SimState, node: NodeAddr) -> Option<Dur> {
+    let disk = state.disks.get(&node)?;
+    lockstep::host::load_state(&disk.durable_view()).ok()?.1
+}
+
+/// The nodes of a run as its supervisor keeps them: which is down until when, and how to kill, restart and
+/// heal them. Shared by the restore runner and the replication runner.
+pub(crate) struct Nodes {
+    state: Shared,
+    clock: SimClock,
+    handle: Handle,
+    ids: BTreeMap<NodeAddr, NodeId>,
+    /// Nodes that are down, with the time they come back.
+    down: BTreeMap<NodeAddr, u64>,
+}
+
+impl Nodes {
+    pub(crate) fn new(state: Shared, clock: SimClock, handle: Handle, ids: BTreeMap<NodeAddr, NodeId>) -> Self {
+        Self { state, clock, handle, ids, down: BTreeMap::new() }
+    }
+
+    pub(crate) fn is_down(&self, node: NodeAddr) -> bool {
+        self.down.contains_key(&node)
+    }
+
+    /// The time of the next reboot at `rate_per_s`, exponentially distributed, if it comes before `heal_at_ms`.
+    pub(crate) fn draw_reboot(&self, rate_per_s: f64, after_ms: u64, heal_at_ms: u64) -> Option<u64> {
+        if rate_per_s <= 0.0 {
+            return None;
+        }
+        let uniform: f64 = self.state.lock().dice.gen_range(f64::EPSILON..1.0);
+        let gap_ms = (-uniform.ln() / rate_per_s * 1000.0) as u64;
+        let at = after_ms.saturating_add(gap_ms.max(1));
+        (at < heal_at_ms).then_some(at)
+    }
+
+    /// When the supervisor must wake next: the liveness bound, the heal (until it has come), a restart, or one
+    /// of `also`.
+    pub(crate) fn next_wake(&self, give_up_at_ms: u64, heal_at_ms: u64, also: impl Iterator<Item = u64>) -> u64 {
+        let mut wake = give_up_at_ms;
+        if !self.state.lock().healed {
+            wake = wake.min(heal_at_ms);
+        }
+        let wake = also.fold(wake, u64::min);
+        self.down.values().fold(wake, |wake, at| wake.min(*at))
+    }
+
+    /// Restarts every node whose downtime has passed.
+    pub(crate) fn restart_due(&mut self, now: u64) {
+        let due: Vec<NodeAddr> = self.down.iter().filter(|(_, at)| **at <= now).map(|(n, _)| *n).collect();
+        for node in due {
+            self.down.remove(&node);
+            self.handle.restart(self.ids[&node]);
+            self.state.lock().record(now, SimNode::Protocol(node), EventKind::Restarted);
+        }
+    }
+
+    /// Stops the faults once the heal time has come.
+    pub(crate) fn heal_if_due(&self, now: u64, heal_at_ms: u64) {
+        if now >= heal_at_ms && !self.state.lock().healed {
+            let mut state = self.state.lock();
+            state.healed = true;
+            state.record(now, SimNode::World, EventKind::Healed);
+        }
+    }
+
+    /// Kills `node` now, damages its disk as a crash does, and schedules its restart.
+    pub(crate) fn crash(&mut self, node: NodeAddr, downtime_ms: std::ops::Range<u64>) {
         self.state.lock().crash_requested.remove(&node);
         if self.down.contains_key(&node) {
             return;
@@ -705,28 +762,11 @@ impl Supervisor {
     /// Kills every node and lets the executor drop their tasks. madsim does not drop pending tasks with the
     /// runtime, and a task parked on a timer forms a reference cycle with it, so without this every seed's
     /// world would stay in memory.
-    async fn shut_down(&self, store: NodeId) {
+    pub(crate) async fn shut_down(&self, store: NodeId) {
         for id in self.ids.values().copied().chain(std::iter::once(store)) {
             self.handle.kill(id);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-
-    fn final_state(&self, world: &World, timed_out: bool) -> FinalState {
-        let state = self.state.lock();
-        // As a restarted node would read it back, chain files included.
-        fn load<Dur: lockstep::host::DurableState>(state: &SimState, node: NodeAddr) -> Option<Dur> {
-            let disk = state.disks.get(&node)?;
-            lockstep::host::load_state(&disk.durable_view()).ok()?.1
-        }
-        let coordinator = load::<CoordinatorDurable>(&state, NodeAddr::Coordinator);
-        let shards = world.tablets().map(|s| (s, load::<ShardDurable>(&state, NodeAddr::Shard(s)))).collect();
-        // A node a crash point has asked to crash is as good as down: it does nothing more.
-        let coordinator_up =
-            !self.down.contains_key(&NodeAddr::Coordinator) && !state.crash_requested.contains(&NodeAddr::Coordinator);
-        let coordinator_files =
-            state.disks.get(&NodeAddr::Coordinator).map(|disk| disk.list_durable()).filter(|_| coordinator_up);
-        FinalState { coordinator, shards, timed_out, coordinator_files }
     }
 }
 

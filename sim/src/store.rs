@@ -59,6 +59,23 @@ struct Envelope {
     request: StoreRequest,
 }
 
+/// Creates the store node of a run at [`crate::runner::STORE_ADDR`], holding `objects`, with `lost` lost.
+pub fn create_node(
+    handle: &madsim::runtime::Handle,
+    state: Shared,
+    clock: SimClock,
+    objects: Arc<BTreeMap<String, bytes::Bytes>>,
+    lost: BTreeMap<String, Option<OperationId>>,
+) -> madsim::task::NodeId {
+    handle
+        .create_node()
+        .name("store")
+        .ip(crate::runner::STORE_ADDR.ip())
+        .init(move || serve(state.clone(), clock.clone(), objects.clone(), lost.clone()))
+        .build()
+        .id()
+}
+
 /// The store node's main loop. Never returns.
 pub async fn serve(
     state: Shared,

@@ -14,7 +14,6 @@ use lockstep::replication::{PublisherDurable, ReplicaDurable, Version};
 use madsim::net::Endpoint;
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
-use rand::Rng;
 use tokio::sync::mpsc;
 
 use super::{ReplicationFinal, ReplicationViolation, ReplicationWorld, check};
@@ -23,7 +22,7 @@ use crate::disk::SimDisk;
 use crate::events::{Event, EventKind, SimNode, log_hash};
 use crate::faults::{FaultCounts, FaultKind};
 use crate::net::{Directory, SimTransport};
-use crate::runner::{STORE_ADDR, node_ip};
+use crate::runner::{Nodes, durable_state, node_ip, panic_message};
 use crate::state::{Shared, SimState};
 use crate::store::SimStoreClient;
 
@@ -68,11 +67,7 @@ pub fn run_replication(world: ReplicationWorld, keep_log: bool) -> ReplicationOu
         .expect("a seed thread can be spawned")
         .join();
     run.unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "non-string panic".to_string());
+        let message = panic_message(payload.as_ref());
         ReplicationOutcome {
             seed,
             violations: Vec::new(),
@@ -271,18 +266,9 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let handle = Handle::current();
 
-    let store_state = state.clone();
-    let store_clock = clock.clone();
-    let store_id = handle
-        .create_node()
-        .name("store")
-        .ip(STORE_ADDR.ip())
-        .init(move || {
-            let objects = Arc::new(BTreeMap::new());
-            crate::store::serve(store_state.clone(), store_clock.clone(), objects, BTreeMap::new())
-        })
-        .build()
-        .id();
+    // The store starts empty: every object of the stream is the publisher's.
+    let store_id =
+        crate::store::create_node(&handle, state.clone(), clock.clone(), Default::default(), BTreeMap::new());
     let env = NodeEnv {
         world: world.clone(),
         state: state.clone(),
@@ -311,7 +297,7 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
         tokio::select! {
             biased;
             _ = finished_rx.recv() => break false,
-            Some(node) = crash_rx.recv() => supervisor.crash(node, 100..2_000),
+            Some(node) = crash_rx.recv() => supervisor.nodes.crash(node, 100..2_000),
             _ = tokio::time::sleep_until(epoch + Duration::from_millis(wake)) => {
                 if supervisor.tick() {
                     break true;
@@ -320,7 +306,7 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
         }
     };
     let end = supervisor.final_state(timed_out);
-    supervisor.shut_down(store_id).await;
+    supervisor.nodes.shut_down(store_id).await;
     let reboots = supervisor.reboots;
     let state = std::mem::replace(&mut *state.lock(), SimState::new(0, crate::faults::FaultPlan::none(), None));
     (state, end, reboots)
@@ -329,12 +315,9 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
 /// The fault schedule: random reboots during the fault phase, crashes asked for by crash points, restarts,
 /// healing, and the liveness bound.
 struct Supervisor {
+    nodes: Nodes,
     state: Shared,
     clock: SimClock,
-    handle: Handle,
-    ids: BTreeMap<NodeAddr, NodeId>,
-    /// Nodes that are down, with the time they come back.
-    down: BTreeMap<NodeAddr, u64>,
     heal_at_ms: u64,
     give_up_at_ms: u64,
     /// Reboot rate per second and next reboot time, per node of [`NODES`].
@@ -352,11 +335,9 @@ impl Supervisor {
         ids: BTreeMap<NodeAddr, NodeId>,
     ) -> Self {
         let mut supervisor = Self {
+            nodes: Nodes::new(state.clone(), clock.clone(), handle, ids),
             state,
             clock,
-            handle,
-            ids,
-            down: BTreeMap::new(),
             heal_at_ms: world.faults.heal_at_ms,
             give_up_at_ms: world.gives_up_at_ms(),
             rates: [world.publisher_reboots_per_s, world.replica_reboots_per_s],
@@ -364,30 +345,14 @@ impl Supervisor {
             reboots: [0; 2],
         };
         for at in 0..NODES.len() {
-            supervisor.next_reboot_ms[at] = supervisor.draw_reboot(at, 0);
+            supervisor.next_reboot_ms[at] =
+                supervisor.nodes.draw_reboot(supervisor.rates[at], 0, supervisor.heal_at_ms);
         }
         supervisor
     }
 
-    /// The time of node `at`'s next reboot, exponentially distributed at its rate; none after healing.
-    fn draw_reboot(&self, at: usize, after_ms: u64) -> Option<u64> {
-        let rate_per_s = self.rates[at];
-        if rate_per_s <= 0.0 {
-            return None;
-        }
-        let uniform: f64 = self.state.lock().dice.gen_range(f64::EPSILON..1.0);
-        let gap_ms = (-uniform.ln() / rate_per_s * 1000.0) as u64;
-        let next = after_ms.saturating_add(gap_ms.max(1));
-        (next < self.heal_at_ms).then_some(next)
-    }
-
     fn next_wake(&self) -> u64 {
-        let mut wake = self.give_up_at_ms;
-        if !self.state.lock().healed {
-            wake = wake.min(self.heal_at_ms);
-        }
-        let reboots = self.next_reboot_ms.iter().flatten();
-        self.down.values().chain(reboots).fold(wake, |wake, at| wake.min(*at))
+        self.nodes.next_wake(self.give_up_at_ms, self.heal_at_ms, self.next_reboot_ms.into_iter().flatten())
     }
 
     /// Handles everything due now; `true` once the liveness bound has passed.
@@ -396,72 +361,25 @@ impl Supervisor {
         if now >= self.give_up_at_ms {
             return true;
         }
-        let due: Vec<NodeAddr> = self.down.iter().filter(|(_, at)| **at <= now).map(|(node, _)| *node).collect();
-        for node in due {
-            self.down.remove(&node);
-            self.handle.restart(self.ids[&node]);
-            self.state.lock().record(now, SimNode::Protocol(node), EventKind::Restarted);
-        }
-        if now >= self.heal_at_ms && !self.state.lock().healed {
-            let mut state = self.state.lock();
-            state.healed = true;
-            state.record(now, SimNode::World, EventKind::Healed);
-        }
+        self.nodes.restart_due(now);
+        self.nodes.heal_if_due(now, self.heal_at_ms);
         for (at, node) in NODES.into_iter().enumerate() {
             if self.next_reboot_ms[at].is_some_and(|next| next <= now) {
-                if !self.down.contains_key(&node) && !self.state.lock().healed {
+                if !self.nodes.is_down(node) && !self.state.lock().healed {
                     self.reboots[at] += 1;
-                    self.crash(node, 10..3_000);
+                    self.nodes.crash(node, 10..3_000);
                 }
-                self.next_reboot_ms[at] = self.draw_reboot(at, now);
+                self.next_reboot_ms[at] = self.nodes.draw_reboot(self.rates[at], now, self.heal_at_ms);
             }
         }
         false
     }
 
-    /// Kills `node` now, damages its disk as a crash does, and schedules its restart.
-    fn crash(&mut self, node: NodeAddr, downtime_ms: std::ops::Range<u64>) {
-        self.state.lock().crash_requested.remove(&node);
-        if self.down.contains_key(&node) {
-            return;
-        }
-        let now = self.clock.now_ms();
-        self.handle.kill(self.ids[&node]);
-        let mut state = self.state.lock();
-        let tear = state.roll(node, FaultKind::DiskTornWrite);
-        let mut disk = state.disks.remove(&node).unwrap_or_default();
-        let damage = disk.crash(&mut state.rng, tear);
-        state.disks.insert(node, disk);
-        if damage.lost_writes > 0 {
-            state.counts.add(FaultKind::DiskLostWrite);
-        }
-        if damage.torn {
-            state.counts.add(FaultKind::DiskTornWrite);
-        }
-        let kind = EventKind::Killed { lost_writes: damage.lost_writes, torn: damage.torn };
-        state.record(now, SimNode::Protocol(node), kind);
-        let back_at = now + state.rng.gen_range(downtime_ms);
-        drop(state);
-        self.down.insert(node, back_at);
-    }
-
-    /// Kills every node and lets the executor drop their tasks (see the restore runner's `shut_down`).
-    async fn shut_down(&self, store: NodeId) {
-        for id in self.ids.values().copied().chain(std::iter::once(store)) {
-            self.handle.kill(id);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-
     fn final_state(&self, timed_out: bool) -> ReplicationFinal {
         let state = self.state.lock();
-        fn load<Dur: lockstep::host::DurableState>(state: &SimState, node: NodeAddr) -> Option<Dur> {
-            let disk = state.disks.get(&node)?;
-            lockstep::host::load_state(&disk.durable_view()).ok()?.1
-        }
         ReplicationFinal {
-            publisher: load::<PublisherDurable>(&state, NodeAddr::Publisher),
-            replica: load::<ReplicaDurable>(&state, NodeAddr::Replica),
+            publisher: durable_state::<PublisherDurable>(&state, NodeAddr::Publisher),
+            replica: durable_state::<ReplicaDurable>(&state, NodeAddr::Replica),
             timed_out,
         }
     }
