@@ -8,6 +8,8 @@
 //!   reads; partial, truncated and corrupted reads, with the fault atlas keeping an intact answer reachable;
 //! - crash points in every persist (before the sync, and after it before the next output);
 //! - publisher and replica reboots at random moments;
+//! - and, as a model of the store rather than a fault (so on after the heal too), listings that show an object
+//!   only some time after it is stored, each object after a delay of its own, in half the worlds.
 //! - a crash loses the disk's unsynced writes and may tear the last one.
 //!
 //! After healing, the replica must hold every committed version, and the publisher must have pushed every one,
@@ -111,6 +113,9 @@ pub struct ReplicationWorld {
     pub replica: ReplicaConfig,
     /// How long a host waits for a store call before it counts as failed.
     pub store_timeout_ms: u64,
+    /// The store's listings show an object put up to this long after it is stored, each object after a delay
+    /// of its own (0: at once, as S3's strongly consistent listings do).
+    pub listing_lag_ms: u64,
 }
 
 impl ReplicationWorld {
@@ -146,6 +151,7 @@ impl ReplicationWorld {
             max_retry_after_ms: 10_000,
             bug: bugs.replica,
         };
+        let listing_lag_ms = if rng.gen_bool(0.5) { rng.gen_range(50..=1_500) } else { 0 };
         Self {
             seed,
             stream: "orders".to_string(),
@@ -158,6 +164,7 @@ impl ReplicationWorld {
             publisher,
             replica,
             store_timeout_ms: 1_000,
+            listing_lag_ms,
         }
     }
 
@@ -207,6 +214,10 @@ impl ReplicationWorld {
             self.publisher_reboots_per_s,
             self.replica_reboots_per_s
         );
+        let _ = match self.listing_lag_ms {
+            0 => writeln!(text, "listings strongly consistent"),
+            lag => writeln!(text, "listings show an object up to {lag} ms after it is stored"),
+        };
         let _ = writeln!(text, "publisher {:?}", self.publisher);
         let _ = writeln!(text, "replica {:?}", self.replica);
         text

@@ -491,7 +491,8 @@ async fn simulate(world: Arc<World>) -> (SimState, FinalState) {
 
     let lost: BTreeMap<String, Option<OperationId>> =
         world.lost_objects.iter().map(|l| (l.object.clone(), l.until_end_of)).collect();
-    let store_id = crate::store::create_node(&handle, state.clone(), clock.clone(), world.objects.clone(), lost);
+    // Restore worlds put nothing, so the store's listings have no lag to show.
+    let store_id = crate::store::create_node(&handle, state.clone(), clock.clone(), world.objects.clone(), lost, 0);
 
     let mut ids: BTreeMap<NodeAddr, NodeId> = BTreeMap::new();
     for node in &nodes {

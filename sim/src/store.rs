@@ -11,6 +11,12 @@
 //! - `download-truncated`: the object is reported to end where this read ends, as a cut-off transfer does;
 //! - `download-corrupt`: one byte of the answer is flipped.
 //!
+//! Listings are eventually consistent where the world says so (`listing_lag_ms`, which only replication worlds
+//! set): an object put is readable at once but shows in listings only after a delay of its own, up to the lag,
+//! so a listing can show a later object without an earlier one, as S3's listings could before they became
+//! strongly consistent and some S3-compatible stores' still can. It is the store's model, not a fault: it does
+//! not stop at the heal.
+//!
 //! A lost object (only where the world says so) answers "not found" for good, or until the operation the world
 //! names has ended (an operator putting the object back after the restore that met its loss failed).
 //!
@@ -66,12 +72,13 @@ pub fn create_node(
     clock: SimClock,
     objects: Arc<BTreeMap<String, bytes::Bytes>>,
     lost: BTreeMap<String, Option<OperationId>>,
+    listing_lag_ms: u64,
 ) -> madsim::task::NodeId {
     handle
         .create_node()
         .name("store")
         .ip(crate::runner::STORE_ADDR.ip())
-        .init(move || serve(state.clone(), clock.clone(), objects.clone(), lost.clone()))
+        .init(move || serve(state.clone(), clock.clone(), objects.clone(), lost.clone(), listing_lag_ms))
         .build()
         .id()
 }
@@ -82,10 +89,12 @@ pub async fn serve(
     clock: SimClock,
     objects: Arc<BTreeMap<String, bytes::Bytes>>,
     lost: BTreeMap<String, Option<OperationId>>,
+    listing_lag_ms: u64,
 ) {
     let endpoint = Rc::new(Endpoint::bind(crate::runner::STORE_ADDR).await.expect("the store address is free"));
-    let server =
-        Rc::new(StoreServer { state, clock, objects, written: Default::default(), lost, streaks: Default::default() });
+    let written = Default::default();
+    let streaks = Default::default();
+    let server = Rc::new(StoreServer { state, clock, objects, written, lost, streaks, listing_lag_ms });
     loop {
         let Ok((payload, from)) = endpoint.recv_from_raw(STORE_TAG).await else { continue };
         let Ok(envelope) = payload.downcast::<Envelope>() else { continue };
@@ -116,12 +125,14 @@ struct StoreServer {
     clock: SimClock,
     /// The objects the world put in the store before the run.
     objects: Arc<BTreeMap<String, bytes::Bytes>>,
-    /// Objects put during the run; they shadow `objects`.
-    written: std::cell::RefCell<BTreeMap<String, bytes::Bytes>>,
+    /// Objects put during the run, each with the time from which listings show it; they shadow `objects`.
+    written: std::cell::RefCell<BTreeMap<String, (bytes::Bytes, u64)>>,
     /// Lost objects, each with the operation whose end brings it back, if any.
     lost: BTreeMap<String, Option<OperationId>>,
     /// Faulty answers in a row, per object.
     streaks: std::cell::RefCell<BTreeMap<String, u32>>,
+    /// Longest delay before an object put shows in listings (0: at once).
+    listing_lag_ms: u64,
 }
 
 impl StoreServer {
@@ -137,8 +148,16 @@ impl StoreServer {
                     return (StoreResponse::Put(Err(injected_unavailable())), None);
                 }
                 let now = self.now_ms();
-                self.state.lock().record(now, SimNode::Store, EventKind::Stored { object: object.clone() });
-                self.written.borrow_mut().insert(object.clone(), bytes.into());
+                let listed_from = {
+                    let mut state = self.state.lock();
+                    state.record(now, SimNode::Store, EventKind::Stored { object: object.clone() });
+                    let lag = self.listing_lag_ms;
+                    now + if lag > 0 { state.rng.gen_range(0..=lag) } else { 0 }
+                };
+                // A put again of an object listed already keeps it listed.
+                let mut written = self.written.borrow_mut();
+                let listed_from = written.get(&object).map_or(listed_from, |(_, at)| listed_from.min(*at));
+                written.insert(object.clone(), (bytes.into(), listed_from));
                 (StoreResponse::Put(Ok(())), self.slow(reader, || format!("put {object}")))
             }
             StoreRequest::List { prefix } => {
@@ -146,7 +165,9 @@ impl StoreServer {
                     return (StoreResponse::List(Err(injected_unavailable())), None);
                 }
                 let written = self.written.borrow();
-                let all: BTreeSet<&String> = self.objects.keys().chain(written.keys()).collect();
+                let now = self.now_ms();
+                let listed = written.iter().filter(|(_, (_, listed_from))| *listed_from <= now).map(|(name, _)| name);
+                let all: BTreeSet<&String> = self.objects.keys().chain(listed).collect();
                 let names = all.into_iter().filter(|k| k.starts_with(&prefix)).cloned().collect();
                 (StoreResponse::List(Ok(names)), self.slow(reader, || format!("list {prefix}")))
             }
@@ -169,7 +190,7 @@ impl StoreServer {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         }
         let written = self.written.borrow();
-        let Some(bytes) = written.get(object).or_else(|| self.objects.get(object)) else {
+        let Some(bytes) = written.get(object).map(|(bytes, _)| bytes).or_else(|| self.objects.get(object)) else {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         };
         let mut read = match range_of(object, bytes, offset, len) {

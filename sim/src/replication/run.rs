@@ -267,8 +267,9 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
     let handle = Handle::current();
 
     // The store starts empty: every object of the stream is the publisher's.
+    let lag = world.listing_lag_ms;
     let store_id =
-        crate::store::create_node(&handle, state.clone(), clock.clone(), Default::default(), BTreeMap::new());
+        crate::store::create_node(&handle, state.clone(), clock.clone(), Default::default(), BTreeMap::new(), lag);
     let env = NodeEnv {
         world: world.clone(),
         state: state.clone(),
