@@ -527,13 +527,33 @@ mod cli {
             println!("event log: {} events", outcome.events);
             return exit_code(&outcome.violations, outcome.panic.is_some());
         }
+        let Some(last) = args.start.checked_add(args.seeds - 1) else {
+            eprintln!(
+                "error: --start {} with --seeds {} runs past the last seed, {}",
+                args.start,
+                args.seeds,
+                u64::MAX
+            );
+            return 2;
+        };
         let jobs =
             args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |j| j as usize);
+        let bar = ProgressBar::new(args.seeds);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {msg}  {per_sec}  eta {eta}")
+                .expect("the template is valid"),
+        );
         let began = std::time::Instant::now();
-        let summary = sweep_replication(args.start, args.seeds, bugs, jobs, args.determinism_every);
+        let progress = |done: u64, failed: u64| {
+            bar.set_position(done);
+            if failed > 0 {
+                bar.set_message(format!("{failed} failed"));
+            }
+        };
+        let summary = sweep_replication(args.start, args.seeds, bugs, jobs, args.determinism_every, &progress);
+        bar.finish_and_clear();
         let wall_s = began.elapsed().as_secs_f64();
-        let end = args.start + args.seeds;
-        println!("replication sweep of seeds {}..{end}{}", args.start, bugs.args());
+        println!("replication sweep of seeds {} to {last}{}", args.start, bugs.args());
         let failed = summary.failures.len() as u64;
         println!("seeds       {} run, {} passed, {failed} failed", summary.seeds_run, summary.seeds_run - failed);
         if summary.by_invariant.is_empty() {

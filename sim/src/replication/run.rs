@@ -403,15 +403,20 @@ pub struct ReplicationSummary {
 }
 
 /// Runs seeds `start..start + seeds` of replication worlds with `bugs` on `jobs` threads; reruns every
-/// `determinism_every`-th seed (and the first) and compares the logs' hashes.
+/// `determinism_every`-th seed (and the first) and compares the logs' hashes. `progress` hears the seeds done and
+/// failed so far after every seed.
 pub fn sweep_replication(
     start: u64,
     seeds: u64,
     bugs: super::ReplicationBugs,
     jobs: usize,
     determinism_every: u64,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> ReplicationSummary {
+    assert!(start.checked_add(seeds.saturating_sub(1)).is_some(), "the seeds of a sweep fit in u64");
     let jobs = jobs.clamp(1, 64) as u64;
+    let (done, failed) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    let (done, failed) = (&done, &failed);
     let mut parts: Vec<Vec<(ReplicationOutcome, Option<u64>)>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..jobs)
             .map(|worker| {
@@ -423,6 +428,10 @@ pub fn sweep_replication(
                         let outcome = run_replication(ReplicationWorld::generate(seed, bugs), false);
                         let rerun = (index == 0 || (determinism_every > 0 && index % determinism_every == 0))
                             .then(|| run_replication(ReplicationWorld::generate(seed, bugs), false).log_hash);
+                        use std::sync::atomic::Ordering::Relaxed;
+                        let broke = !outcome.violations.is_empty() || outcome.panic.is_some();
+                        let failed = failed.fetch_add(u64::from(broke), Relaxed) + u64::from(broke);
+                        progress(done.fetch_add(1, Relaxed) + 1, failed);
                         outcomes.push((outcome, rerun));
                         index += jobs;
                     }
