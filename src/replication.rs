@@ -458,6 +458,29 @@ impl Replica {
         self.listed_through
     }
 
+    /// The request ids the replica holds: the last one it handed out, and the one its listing or download waits
+    /// on, if any. For model checkers (see [`Replica::shift_ids`]).
+    pub fn ids(&self) -> (u64, Option<u64>) {
+        let waiting = match self.phase {
+            Phase::Listing { list_id, .. } => Some(list_id),
+            Phase::Fetching { download_id, .. } => Some(download_id),
+            Phase::Booted | Phase::Waiting { .. } => None,
+        };
+        (self.next_id, waiting)
+    }
+
+    /// Lowers every request id the replica holds by `by`. The replica tells requests apart by their ids alone,
+    /// so a model checker that lowers the ids of every request and answer in flight by as much gets a machine
+    /// that behaves the same, and can take two states that differ only in how many requests came before as one.
+    pub fn shift_ids(&mut self, by: u64) {
+        assert!(by <= self.next_id, "ids stay ids: {by} is more than the last id handed out, {}", self.next_id);
+        self.next_id -= by;
+        match &mut self.phase {
+            Phase::Listing { list_id: id, .. } | Phase::Fetching { download_id: id, .. } => *id -= by,
+            Phase::Booted | Phase::Waiting { .. } => {}
+        }
+    }
+
     /// Starts the first listing.
     pub fn start(&mut self, _now_ms: u64) -> Vec<ReplicaOutput> {
         if self.phase != Phase::Booted {

@@ -94,7 +94,7 @@ mod cli {
         #[arg(long, default_value_t = 1)]
         download_faults: u32,
         /// Longest path explored.
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
         depth: u32,
         /// Stop after this many unique states (0: no limit).
         #[arg(long, default_value_t = 0)]
