@@ -1082,6 +1082,25 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_with_its_ids_shifted_takes_answers_under_the_shifted_ids() {
+        let mut replica = Replica::boot(STREAM, tablet(), small_config(), None);
+        replica.start(0);
+        let (last, Some(waiting)) = replica.ids() else { panic!("a listing is under way") };
+        assert_eq!(last, waiting);
+        let mut shifted = replica.clone();
+        shifted.shift_ids(waiting);
+        assert_eq!(shifted.ids(), (0, Some(0)));
+        // The answer under the old id is now unknown; under the shifted one it is the answer waited for.
+        let names = || Ok(vec![version_object(STREAM, 1)]);
+        assert_ne!(waiting, 0);
+        assert!(shifted.clone().handle_list(1, waiting, names()).is_empty());
+        let outputs = shifted.handle_list(1, 0, names());
+        let request = download(&outputs);
+        assert_eq!(request.download_id, 1, "the next id follows the shifted one");
+        assert_eq!(download(&replica.handle_list(1, waiting, names())).download_id, waiting + 1);
+    }
+
+    #[test]
     fn a_failed_listing_backs_off_and_a_stale_answer_is_ignored() {
         let mut replica = Replica::boot(STREAM, tablet(), small_config(), None);
         let started = replica.start(0);
