@@ -39,6 +39,19 @@ pub trait Transport {
     fn recv(&self) -> impl Future<Output = io::Result<(NodeAddr, Vec<u8>)>>;
 }
 
+/// The transport of a node that talks to no peer, only to the store: the replication roles. It sends nothing
+/// anywhere and never receives a frame.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    async fn send(&self, _to: NodeAddr, _frame: Vec<u8>) {}
+
+    async fn recv(&self) -> io::Result<(NodeAddr, Vec<u8>)> {
+        std::future::pending().await
+    }
+}
+
 /// The encoding of the durable states a state file holds (each machine's durable type, as a postcard frame).
 /// Raised whenever one of those types changes how it encodes: a node refuses to boot from a state file of
 /// another format, saying so, instead of failing to decode it or, worse, decoding it as something else. The

@@ -21,7 +21,6 @@ use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::events::{Event, EventKind, SimNode, log_hash};
 use crate::faults::{FaultCounts, FaultKind};
-use crate::net::{Directory, SimTransport};
 use crate::runner::{Nodes, durable_state, node_ip, panic_message};
 use crate::state::{Shared, SimState};
 use crate::store::SimStoreClient;
@@ -226,15 +225,9 @@ impl NodeEnv {
         };
         let io = HostIo {
             disk: Rc::new(SimDisk { node, state: self.state.clone() }),
-            store: Rc::new(SimStoreClient::new(endpoint.clone(), self.state.clone())),
+            store: Rc::new(SimStoreClient::new(endpoint, self.state.clone())),
             // The replication roles talk only to the store.
-            transport: Rc::new(SimTransport {
-                node,
-                endpoint,
-                directory: Arc::new(Directory::default()),
-                state: self.state.clone(),
-                clock: self.clock.clone(),
-            }),
+            transport: Rc::new(lockstep::io::NoPeers),
             observer: Rc::new(observer),
             epoch: self.clock.epoch,
             epoch_ms: 0,
