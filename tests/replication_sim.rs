@@ -86,3 +86,12 @@ fn a_replica_that_skips_a_missing_version_is_caught_by_replica_in_order() {
     let world = ReplicationWorld::generate(seed, bugs("replica-skips-missing-version"));
     assert!(world.listing_lag_ms > 0, "a gap needs a listing that lags");
 }
+
+#[test]
+fn every_catalogued_replication_bug_is_caught_within_its_budget_by_its_invariant() {
+    for known in &lockstep_sim::replication::REPLICATION_CATALOG {
+        let caught = lockstep_sim::replication::catalogued_detection(known);
+        let (seed, broken) = caught.unwrap_or_else(|| panic!("{} survived {} seeds", known.name, known.budget_seeds));
+        assert!(broken.contains(&known.caught_by), "{} broke {broken:?} on seed {seed}", known.name);
+    }
+}

@@ -597,9 +597,13 @@ mod cli {
 
     fn mutants(args: MutantsArgs) -> i32 {
         use lockstep_sim::catalog::{CATALOG, CaughtIn};
+        use lockstep_sim::replication::REPLICATION_CATALOG;
         if args.list {
             for known in &CATALOG {
                 println!("{:<32} {}", known.name, known.summary);
+            }
+            for known in &REPLICATION_CATALOG {
+                println!("{:<32} (replication) {}", known.name, known.summary);
             }
             return 0;
         }
@@ -637,7 +641,25 @@ mod cli {
             }
         }
         println!("{} of {} catalogued bugs caught", CATALOG.len() - survivors, CATALOG.len());
-        if survivors > 0 { 1 } else { 0 }
+        // Replication's bugs, against replication worlds (`cargo sim replicate`).
+        println!("\n{:<32} {:>8} {:>8}  caught by", "replication bug", "budget", "seeds");
+        let mut replication_survivors = 0;
+        for known in &REPLICATION_CATALOG {
+            match lockstep_sim::replication::catalogued_detection(known) {
+                Some((seed, broken)) => {
+                    let names: Vec<&str> = broken.iter().map(|i| i.name()).collect();
+                    let caught_by = if names.is_empty() { "a crash".to_string() } else { names.join(", ") };
+                    println!("{:<32} {:>8} {:>8}  {caught_by} (seed {seed})", known.name, known.budget_seeds, seed + 1);
+                }
+                None => {
+                    replication_survivors += 1;
+                    println!("{:<32} {:>8} {:>8}  SURVIVED", known.name, known.budget_seeds, "-");
+                }
+            }
+        }
+        let all = REPLICATION_CATALOG.len();
+        println!("{} of {all} catalogued replication bugs caught", all - replication_survivors);
+        if survivors + replication_survivors > 0 { 1 } else { 0 }
     }
 
     fn check(args: CheckArgs) -> i32 {

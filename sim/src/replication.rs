@@ -34,7 +34,9 @@ use crate::faults::{FaultKind, FaultPlan};
 #[cfg(madsim)]
 mod run;
 #[cfg(madsim)]
-pub use run::{ReplicationOutcome, ReplicationSummary, run_replication, sweep_replication, transcript};
+pub use run::{
+    ReplicationOutcome, ReplicationSummary, catalogued_detection, run_replication, sweep_replication, transcript,
+};
 
 /// The fault kinds a replication world can inject; the others belong to restore worlds (protocol messages,
 /// coordinator and shard reboots).
@@ -63,9 +65,45 @@ pub struct ReplicationBugs {
     pub replica: Option<ReplicaBug>,
 }
 
+/// A catalogued replication bug: what `cargo sim mutants` runs replication worlds against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownReplicationBug {
+    /// The name `--bug` takes.
+    pub name: &'static str,
+    /// What goes wrong, in a line.
+    pub summary: &'static str,
+    /// The replication sweep must catch it within this many seeds (from seed 0).
+    pub budget_seeds: u64,
+    /// The invariant that exists to catch it.
+    pub caught_by: ReplicationInvariant,
+}
+
+/// The catalog of replication bugs.
+pub const REPLICATION_CATALOG: [KnownReplicationBug; 3] = [
+    KnownReplicationBug {
+        name: "puts-ahead",
+        summary: "the publisher puts every commit at once, not waiting for the store to take the one before",
+        budget_seeds: 50,
+        caught_by: ReplicationInvariant::PushOrder,
+    },
+    KnownReplicationBug {
+        name: "replica-skips-checksum",
+        summary: "the replica applies a downloaded bundle without verifying its checksum",
+        budget_seeds: 50,
+        caught_by: ReplicationInvariant::ReplicaRows,
+    },
+    KnownReplicationBug {
+        name: "replica-skips-missing-version",
+        summary: "the replica goes on past a version a listing does not show yet",
+        budget_seeds: 50,
+        caught_by: ReplicationInvariant::ReplicaInOrder,
+    },
+];
+
 impl ReplicationBugs {
     /// The bugs' names, as `--bug` takes them.
-    pub const NAMES: [&'static str; 3] = ["puts-ahead", "replica-skips-checksum", "replica-skips-missing-version"];
+    pub const NAMES: [&'static str; 3] =
+        [REPLICATION_CATALOG[0].name, REPLICATION_CATALOG[1].name, REPLICATION_CATALOG[2].name];
 
     /// Adds the bug named `name`; an unknown name is an error listing the known ones.
     pub fn add(&mut self, name: &str) -> Result<(), String> {

@@ -457,3 +457,15 @@ pub fn sweep_replication(
     }
     summary
 }
+
+/// The first seed of `known`'s budget whose run breaks an invariant with the bug on, and the invariants it broke
+/// (none: it panicked); `None` when the bug survives its budget.
+pub fn catalogued_detection(known: &super::KnownReplicationBug) -> Option<(u64, Vec<super::ReplicationInvariant>)> {
+    let mut bugs = super::ReplicationBugs::default();
+    bugs.add(known.name).expect("a catalogued bug has a known name");
+    (0..known.budget_seeds).find_map(|seed| {
+        let outcome = run_replication(ReplicationWorld::generate(seed, bugs), false);
+        let broken: Vec<_> = outcome.violations.iter().map(|violation| violation.invariant).collect();
+        (!broken.is_empty() || outcome.panic.is_some()).then_some((seed, broken))
+    })
+}
