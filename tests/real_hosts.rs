@@ -579,3 +579,66 @@ fn real_hosts_replicate_through_an_object_store() {
         .collect();
     assert_eq!(stored.len(), 3, "{stored:?}");
 }
+
+/// A feed that skips version 2.
+struct Skipping;
+
+impl lockstep::host::CommitFeed for Skipping {
+    async fn next(&self, after: u64) -> Option<(u64, Vec<Change>)> {
+        let version = if after == 1 { 3 } else { after + 1 };
+        (version <= 3).then(|| (version, vec![Change::Upsert { key: version, value: 1 }]))
+    }
+}
+
+/// A commit feed that hands a version out of order stops the publisher with a fatal event naming both
+/// versions; nothing panics, and nothing past the gap is pushed.
+#[test]
+fn a_commit_feed_that_skips_a_version_stops_the_publisher() {
+    use lockstep::replication::PublisherConfig;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let local = tokio::task::LocalSet::new();
+    let events = local.block_on(&runtime, async {
+        let (finished_tx, _finished_rx) = mpsc::unbounded_channel();
+        let recorder =
+            Rc::new(ReplicationRecorder { events: RefCell::new(Vec::new()), last: 3, finished: finished_tx });
+        let io = HostIo {
+            disk: Rc::new(FileDisk::open(dir.path().join("publisher")).expect("node directory")),
+            store: Rc::new(DirStore::open(dir.path().join("store")).expect("a store")),
+            transport: Rc::new(lockstep::io::NoPeers),
+            observer: recorder.clone(),
+            epoch: tokio::time::Instant::now(),
+            epoch_ms: 0,
+            download_timeout_ms: 1_000,
+            clock: None,
+            bug: None,
+        };
+        let tablet = TabletId { table: TABLE, shard: lockstep::model::ShardId(0) };
+        let publisher =
+            io.run_publisher("orders".to_string(), tablet, PublisherConfig::default(), 1, Rc::new(Skipping));
+        tokio::task::spawn_local(publisher);
+        for _ in 0..500 {
+            if recorder.events.borrow().iter().any(|(_, event)| matches!(event, HostEvent::Fatal(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        recorder.events.take()
+    });
+    let fatal: Vec<&String> = events
+        .iter()
+        .filter_map(|(_, event)| match event {
+            HostEvent::Fatal(text) => Some(text),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fatal, vec!["the commit feed handed over version 3 after version 1"], "{events:?}");
+    let committed: Vec<u64> = events
+        .iter()
+        .filter_map(|(_, event)| match event {
+            HostEvent::Committed { version } => Some(*version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(committed, vec![1]);
+}

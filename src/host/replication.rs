@@ -184,6 +184,8 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
         let mut calls: Vec<Woken<Call>> = Vec::new();
         let next_commit =
             |feed: Rc<F>, after: Version| -> NextCommit { Box::pin(async move { feed.next(after).await }) };
+        // The newest version the feed has handed over.
+        let mut committed = feed.as_ref().map_or(0, |(_, after)| *after);
         let mut feed = feed.map(|(feed, after)| (feed.clone(), Woken::new(next_commit(feed, after))));
         let mut outputs = first;
         loop {
@@ -224,7 +226,15 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                     feed = None;
                     Vec::new()
                 }
+                Input::Commit(Some((version, _))) if Some(version) != committed.checked_add(1) => {
+                    // The feed broke its word: a machine must not be handed a version out of order.
+                    let what = format!("the commit feed handed over version {version} after version {committed}");
+                    self.observer.record(node, HostEvent::Fatal(what));
+                    std::future::pending::<()>().await;
+                    unreachable!("a pending future never completes")
+                }
                 Input::Commit(Some((version, changes))) => {
+                    committed = version;
                     self.observer.record(node, HostEvent::Committed { version });
                     if let Some((source, next)) = &mut feed {
                         *next = Woken::new(next_commit(source.clone(), version));
