@@ -450,15 +450,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 }
                 timer = std::future::poll_fn(|cx| timers.poll_expired(cx)) => Input::Timer(timer),
                 (request, outcome) = std::future::poll_fn(|cx| first_ready(&mut downloads, cx)), if !downloads.is_empty() => {
-                    let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
-                    let result = DownloadResult {
-                        download_id: request.download_id,
-                        object: request.object.clone(),
-                        offset: request.offset,
-                        outcome,
-                    };
-                    self.observer.record(node, HostEvent::Download { request, outcome: summary });
-                    Input::Download(result)
+                    Input::Download(self.read_done(node, request, outcome))
                 }
             };
             let now_ms = self.now_ms();
@@ -471,6 +463,24 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                 Input::Download(result) => machine.handle_download(now_ms, result),
             };
         }
+    }
+
+    /// Tells the observer that a ranged read came back, and gives the machine's input for it.
+    fn read_done(
+        &self,
+        node: NodeAddr,
+        request: DownloadRequest,
+        outcome: Result<RangeRead, StoreError>,
+    ) -> DownloadResult {
+        let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
+        let result = DownloadResult {
+            download_id: request.download_id,
+            object: request.object.clone(),
+            offset: request.offset,
+            outcome,
+        };
+        self.observer.record(node, HostEvent::Download { request, outcome: summary });
+        result
     }
 
     /// Carries out one output, except a download, which it hands back for the loop to run.

@@ -251,15 +251,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                     machine.handle_list(now_ms, list_id, outcome)
                 }
                 Input::Answer(Answer::Read { request, outcome }) => {
-                    let summary = outcome.as_ref().map(|r| (r.bytes.len(), r.total_len)).map_err(Clone::clone);
-                    let result = DownloadResult {
-                        download_id: request.download_id,
-                        object: request.object.clone(),
-                        offset: request.offset,
-                        outcome,
-                    };
-                    self.observer.record(node, HostEvent::Download { request, outcome: summary });
-                    machine.handle_download(now_ms, result)
+                    machine.handle_download(now_ms, self.read_done(node, request, outcome))
                 }
             };
         }
