@@ -53,7 +53,10 @@ mod cli {
     const UNTIL_THE_TIME_LIMIT: u64 = 1 << 40;
 
     #[derive(Parser)]
-    #[command(name = "cargo sim", about = "Deterministic simulation of lockstep's sharded incremental restore")]
+    #[command(
+        name = "cargo sim",
+        about = "Deterministic simulation of lockstep's sharded incremental restore, and of replication through the store"
+    )]
     struct Cli {
         #[command(subcommand)]
         command: Command,
