@@ -225,10 +225,10 @@ pub enum HostEvent {
         object: String,
         outcome: Result<(), StoreError>,
     },
-    /// A listing was answered with this many names (or failed).
+    /// A listing was answered with these names (or failed).
     Listed {
         prefix: String,
-        outcome: Result<usize, StoreError>,
+        outcome: Result<Vec<String>, StoreError>,
     },
 }
 

@@ -146,7 +146,20 @@ fn write_host_event(f: &mut fmt::Formatter<'_>, event: &HostEvent) -> fmt::Resul
             Err(error) => write!(f, "put {object}: error: {error}"),
         },
         HostEvent::Listed { prefix, outcome } => match outcome {
-            Ok(count) => write!(f, "list {prefix}: {count} name(s)"),
+            Ok(names) => {
+                // A replication stream's names as its versions, when they all are; the names otherwise.
+                let stream = prefix.strip_prefix(lockstep::replication::STREAM_ROOT).and_then(|s| s.strip_suffix('/'));
+                let versions: Option<Vec<String>> = names
+                    .iter()
+                    .map(|name| stream.and_then(|stream| lockstep::replication::version_of(stream, name)))
+                    .map(|version| version.map(|v| v.to_string()))
+                    .collect();
+                match versions {
+                    Some(versions) if versions.is_empty() => write!(f, "list {prefix}: nothing"),
+                    Some(versions) => write!(f, "list {prefix}: versions {}", versions.join(", ")),
+                    None => write!(f, "list {prefix}: {}", names.join(", ")),
+                }
+            }
             Err(error) => write!(f, "list {prefix}: error: {error}"),
         },
     }

@@ -246,8 +246,7 @@ impl<D: Disk + 'static, S: RemoteStore + 'static, T: Transport + 'static, O: Obs
                     machine.handle_put(now_ms, put_id, outcome)
                 }
                 Input::Answer(Answer::List { list_id, prefix, outcome }) => {
-                    let count = outcome.as_ref().map(Vec::len).map_err(Clone::clone);
-                    self.observer.record(node, HostEvent::Listed { prefix, outcome: count });
+                    self.observer.record(node, HostEvent::Listed { prefix, outcome: outcome.clone() });
                     machine.handle_list(now_ms, list_id, outcome)
                 }
                 Input::Answer(Answer::Read { request, outcome }) => {
