@@ -154,6 +154,9 @@ pub struct ReplicationWorld {
     /// The store's listings show an object put up to this long after it is stored, each object after a delay
     /// of its own (0: at once, as S3's strongly consistent listings do).
     pub listing_lag_ms: u64,
+    /// A version the store loses for good once stored: no read finds it and no listing shows it. The replica
+    /// must stop just before it, and wait there, never skipping it.
+    pub lost_version: Option<Version>,
 }
 
 impl ReplicationWorld {
@@ -190,6 +193,7 @@ impl ReplicationWorld {
             bug: bugs.replica,
         };
         let listing_lag_ms = if rng.gen_bool(0.5) { rng.gen_range(50..=1_500) } else { 0 };
+        let lost_version = rng.gen_bool(0.1).then(|| rng.gen_range(1..=versions.len() as Version));
         Self {
             seed,
             stream: "orders".to_string(),
@@ -203,6 +207,7 @@ impl ReplicationWorld {
             replica,
             store_timeout_ms: 1_000,
             listing_lag_ms,
+            lost_version,
         }
     }
 
@@ -222,6 +227,11 @@ impl ReplicationWorld {
                 SortedRows::from(&rows)
             })
             .collect()
+    }
+
+    /// The version the replica must end at: the last, or the one before the version the store loses.
+    pub fn expected_replica_version(&self) -> Version {
+        self.lost_version.map_or(self.last_version(), |lost| lost - 1)
     }
 
     /// When the run gives up waiting for the replica to catch up.
@@ -252,6 +262,13 @@ impl ReplicationWorld {
             self.publisher_reboots_per_s,
             self.replica_reboots_per_s
         );
+        if let Some(lost) = self.lost_version {
+            let _ = writeln!(
+                text,
+                "the store loses version {lost} for good: the replica must stop at version {}",
+                lost - 1
+            );
+        }
         let _ = match self.listing_lag_ms {
             0 => writeln!(text, "listings strongly consistent"),
             lag => writeln!(text, "listings show an object up to {lag} ms after it is stored"),
@@ -309,8 +326,8 @@ pub enum ReplicationInvariant {
     ReplicaInOrder,
     /// At every durable version v, the replica's rows equal the source's rows after version v.
     ReplicaRows,
-    /// After healing, within the bound, the replica holds the last version with the source's rows, and the
-    /// publisher has pushed it.
+    /// After healing, within the bound, the replica holds the last version with the source's rows (or, where
+    /// the store loses a version, the version before it, and no later one), and the publisher has pushed the last.
     Liveness,
 }
 
@@ -456,14 +473,21 @@ pub fn check(world: &ReplicationWorld, log: &[Event], end: &ReplicationFinal) ->
         }
     }
     let last = world.last_version();
+    let expected = world.expected_replica_version();
     let replica = end.replica.as_ref().map_or(0, |state| state.applied_through);
     let publisher = end.publisher.as_ref().map_or(0, |state| state.pushed_through);
-    let caught_up = replica == last
-        && publisher == last
-        && end.replica.as_ref().is_some_and(|state| Some(&*state.rows) == oracle.last());
-    if end.timed_out || !caught_up {
+    let expected_rows = usize::try_from(expected).ok().and_then(|v| oracle.get(v.checked_sub(1)?));
+    let rows_right = match &end.replica {
+        Some(state) => Some(&*state.rows) == expected_rows,
+        None => expected == 0,
+    };
+    let caught_up = replica == expected && publisher == last && rows_right;
+    // A world that loses a version runs to its bound by design; the others must end before it.
+    let timed_out = end.timed_out && world.lost_version.is_none();
+    if timed_out || !caught_up {
         let detail = format!(
-            "{:.3}s after healing: replica holds version {replica}, publisher pushed through {publisher}, of {last}",
+            "{:.3}s after healing: replica holds version {replica} (expected {expected}), publisher pushed through \
+             {publisher}, of {last}",
             LIVENESS_BOUND_MS as f64 / 1000.0
         );
         violations.push(ReplicationViolation {
@@ -648,6 +672,25 @@ mod tests {
             ..end
         };
         assert_eq!(broken(&world, &log, &stale), vec![ReplicationInvariant::Liveness]);
+    }
+
+    #[test]
+    fn where_the_store_loses_a_version_the_replica_must_stop_just_before_it() {
+        let mut world = ReplicationWorld::generate(3, ReplicationBugs::default());
+        world.lost_version = Some(2);
+        let oracle = world.oracle();
+        let (log, end) = good_run(&world);
+        // The log up to version 1, and a run that waited at its bound: what a correct replica does.
+        let stopped: Vec<Event> = log.iter().take_while(|e| !is_replicated(e, 2)).cloned().collect();
+        let waited = ReplicationFinal {
+            replica: Some(ReplicaDurable { applied_through: 1, rows: std::sync::Arc::new(oracle[0].clone()) }),
+            timed_out: true,
+            ..end.clone()
+        };
+        let broken_here = broken(&world, &stopped, &waited);
+        assert!(!broken_here.contains(&ReplicationInvariant::Liveness), "{broken_here:?}");
+        // A replica that holds the last version got past the lost one.
+        assert!(broken(&world, &log, &end).contains(&ReplicationInvariant::Liveness));
     }
 
     fn is_replicated(event: &Event, version: Version) -> bool {

@@ -18,7 +18,8 @@
 //! not stop at the heal.
 //!
 //! A lost object (only where the world says so) answers "not found" for good, or until the operation the world
-//! names has ended (an operator putting the object back after the restore that met its loss failed).
+//! names has ended (an operator putting the object back after the restore that met its loss failed), and no
+//! listing shows it meanwhile.
 //!
 //! Fault atlas: the stored bytes are never changed, damage is done only to the copy sent, and after
 //! `MAX_DAMAGED_STREAK` faulty answers in a row for one object the next answer for it is intact. So at least one
@@ -168,7 +169,7 @@ impl StoreServer {
                 let now = self.now_ms();
                 let listed = written.iter().filter(|(_, (_, listed_from))| *listed_from <= now).map(|(name, _)| name);
                 let all: BTreeSet<&String> = self.objects.keys().chain(listed).collect();
-                let names = all.into_iter().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                let names = all.into_iter().filter(|k| k.starts_with(&prefix) && !self.is_lost(k)).cloned().collect();
                 (StoreResponse::List(Ok(names)), self.slow(reader, || format!("list {prefix}")))
             }
             StoreRequest::GetRange { object, offset, len } => {
@@ -178,6 +179,12 @@ impl StoreServer {
         }
     }
 
+    /// Whether `object` is lost now.
+    fn is_lost(&self, object: &str) -> bool {
+        let back = |op: &OperationId| self.state.lock().ended_ops.contains(op);
+        self.lost.get(object).is_some_and(|until| !until.as_ref().is_some_and(back))
+    }
+
     fn get_range(
         &self,
         object: &str,
@@ -185,8 +192,7 @@ impl StoreServer {
         len: u64,
         reader: Option<NodeAddr>,
     ) -> (Result<RangeRead, StoreError>, Option<Duration>) {
-        let back = |op: &OperationId| self.state.lock().ended_ops.contains(op);
-        if self.lost.get(object).is_some_and(|until| !until.as_ref().is_some_and(back)) {
+        if self.is_lost(object) {
             return (Err(StoreError::NotFound { object: object.to_string() }), None);
         }
         let written = self.written.borrow();

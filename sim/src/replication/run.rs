@@ -10,7 +10,7 @@ use std::time::Duration;
 use lockstep::host::{CommitFeed, CrashPoint, HostEvent, HostIo, Observer};
 use lockstep::model::Change;
 use lockstep::protocol::{NodeAddr, PersistNote};
-use lockstep::replication::{PublisherDurable, ReplicaDurable, Version};
+use lockstep::replication::{PublisherDurable, ReplicaDurable, Version, version_object};
 use madsim::net::Endpoint;
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
@@ -219,7 +219,8 @@ impl NodeEnv {
             state: self.state.clone(),
             clock: self.clock.clone(),
             progress: self.progress.clone(),
-            last_version: self.world.last_version(),
+            // A world that loses a version runs to its bound: the replica must not get past the loss, however long.
+            last_version: if self.world.lost_version.is_some() { Version::MAX } else { self.world.last_version() },
             crash_tx: self.crash_tx.clone(),
             finished_tx: self.finished_tx.clone(),
         };
@@ -261,8 +262,9 @@ async fn simulate(world: Arc<ReplicationWorld>) -> (SimState, ReplicationFinal, 
 
     // The store starts empty: every object of the stream is the publisher's.
     let lag = world.listing_lag_ms;
-    let store_id =
-        crate::store::create_node(&handle, state.clone(), clock.clone(), Default::default(), BTreeMap::new(), lag);
+    let lost: BTreeMap<String, Option<lockstep::protocol::OperationId>> =
+        world.lost_version.map(|version| (version_object(&world.stream, version), None)).into_iter().collect();
+    let store_id = crate::store::create_node(&handle, state.clone(), clock.clone(), Default::default(), lost, lag);
     let env = NodeEnv {
         world: world.clone(),
         state: state.clone(),
