@@ -397,8 +397,9 @@ pub struct ReplicationSummary {
     pub determinism_mismatches: Vec<u64>,
 }
 
-/// Runs seeds `start..start + seeds` of replication worlds with `bugs` on `jobs` threads; reruns every
-/// `determinism_every`-th seed (and the first) and compares the logs' hashes. `progress` hears the seeds done and
+/// Runs seeds `start..start + seeds` of replication worlds with `bugs` on `jobs` threads; reruns one seed in
+/// each block of `determinism_every` (and the first), as the restore sweep samples them, and compares the logs'
+/// hashes. `progress` hears the seeds done and
 /// failed so far after every seed.
 pub fn sweep_replication(
     start: u64,
@@ -421,7 +422,9 @@ pub fn sweep_replication(
                     while index < seeds {
                         let seed = start + index;
                         let outcome = run_replication(ReplicationWorld::generate(seed, bugs), false);
-                        let rerun = (index == 0 || (determinism_every > 0 && index % determinism_every == 0))
+                        // The restore sweep's sample: one seed in each block, spread over the workers.
+                        let sampled = crate::sweep::in_determinism_sample(seed, determinism_every);
+                        let rerun = (index == 0 || sampled)
                             .then(|| run_replication(ReplicationWorld::generate(seed, bugs), false).log_hash);
                         use std::sync::atomic::Ordering::Relaxed;
                         let broke = !outcome.violations.is_empty() || outcome.panic.is_some();
