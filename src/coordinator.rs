@@ -15,7 +15,13 @@
 //! - after a reboot it reloads its durable state and re-sends only to tablets that have no result;
 //! - target tables are `Restoring` from the start of the operation until it ends, and the source collection is
 //!   in use; both are released on Done and on Failed. A second restore of a collection in use, or onto a table
-//!   being restored, or onto a table that exists with rows, is refused with a typed error.
+//!   being restored, or onto a table that exists with rows, is refused with a typed error;
+//! - a restore to a point in time uses the newest full backup taken at or before it and every incremental after
+//!   that up to it. It may be done in segments, each to a later point: the operation, its tables and the
+//!   shards' rows carry over from one segment to the next, and increments are numbered across segments. A
+//!   segment that is not the last ends waiting for the next one, its tables still `Restoring`; the final work
+//!   (tables made readable, the collection released, the working state dropped) is done once, when the last
+//!   segment's increments are durably applied on every tablet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -95,6 +101,15 @@ pub enum CoordinatorBug {
     RestartChainOnReboot,
     /// Waits for a reply forever: a request whose reply never comes is neither timed out nor retried.
     LostRequestWaitsForever,
+    /// Does the final work at the end of every segment of a segmented restore, not only the last: the tables
+    /// become readable (and the collection free) while later segments still have increments to apply.
+    FinalWorkEverySegment,
+    /// Takes the end of a segment that is not the last for the end of the restore: Done at an earlier point in
+    /// time than the one asked for.
+    SegmentEndIsDone,
+    /// Plans a continued segment from the full backup again, as if nothing carried over from the segments
+    /// before: the shards answer what they hold without applying it again, so only progress goes backwards.
+    SegmentRestartsChain,
 }
 
 /// Whether `reply` may count as the word of the tablet it names. It must come from that tablet; the one exception
@@ -138,6 +153,52 @@ pub struct RestoreRequest {
     /// client sends the same request again until it is answered, and each copy logged or retried would otherwise
     /// copy every manifest. Encoded as the list it holds.
     pub catalog: Arc<[BackupManifest]>,
+    /// The point in time restored to: the newest full backup taken at or before it, then every incremental after
+    /// that full taken at or before it. `None`: the newest backup of the catalog.
+    pub until_ms: Option<u64>,
+    /// Whether this is the whole restore: once its chain is applied the operation does its final work and ends
+    /// Done. A restore done in segments starts with `false` and goes on with [`ClientCall::Continue`]s, the last
+    /// of which says `true`.
+    pub last_segment: bool,
+}
+
+/// Goes on with a restore done in segments ([`ClientCall::Continue`]): the next segment applies every
+/// incremental after the last backup applied so far, up to a later point in time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SegmentRequest {
+    pub op: OperationId,
+    /// The number of the segment this call begins, counted from 1 (the start's): 2 for the first continuation.
+    /// A client retries a call until answered; the number makes a retry a no-op and a late copy harmless.
+    pub segment: u32,
+    /// The point in time this segment restores to, not before the previous segment's (`None`: the newest backup).
+    pub until_ms: Option<u64>,
+    /// Whether this is the last segment: once it is applied the operation does its final work and ends Done.
+    pub last_segment: bool,
+    /// Every backup of the collection in the store now (backups may have been taken since the start).
+    pub catalog: Arc<[BackupManifest]>,
+}
+
+/// Why a segment is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum SegmentError {
+    #[error("no operation {op} is known")]
+    NotFound { op: OperationId },
+    #[error("operation {op} has ended; a segment can only continue a restore that waits for one")]
+    Ended { op: OperationId },
+    #[error("operation {op} is still applying segment {segment}; the next segment can start once it is done")]
+    SegmentRunning { op: OperationId, segment: u32 },
+    #[error("operation {op} was asked for segment {requested}, but the next segment is {next}")]
+    OutOfOrder { op: OperationId, requested: u32, next: u32 },
+    #[error("segment {segment} of operation {op} was already begun with another point in time or another end")]
+    SegmentTaken { op: OperationId, segment: u32 },
+    #[error(
+        "segment {segment} of operation {op} would restore to {} ms, before the previous segment's {} ms",
+        until_ms.map_or("the newest backup".to_string(), |ms| ms.to_string()),
+        previous_ms.map_or("the newest backup".to_string(), |ms| ms.to_string()),
+    )]
+    PointBeforePrevious { op: OperationId, segment: u32, until_ms: Option<u64>, previous_ms: Option<u64> },
+    #[error("cannot plan segment: {0}")]
+    Chain(#[from] ChainError),
 }
 
 /// Why a restore is refused before it starts.
@@ -246,8 +307,10 @@ pub struct Operation {
     pub op: OperationId,
     pub collection: String,
     pub tables: Vec<TableSpec>,
-    /// The backups of the planned chain, in order; kept after the operation ends.
+    /// The backups of the planned chain, in order, every segment's; kept after the operation ends.
     pub backup_ids: Vec<u64>,
+    /// The segments begun so far, in order: one for a restore done in one go.
+    pub segments: Vec<Segment>,
     pub started_at_ms: u64,
     pub deadline_at_ms: u64,
     pub status: OperationStatus,
@@ -276,6 +339,27 @@ impl Operation {
     }
 }
 
+/// One segment of a restore, as it was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Segment {
+    pub until_ms: Option<u64>,
+    pub last: bool,
+    /// The increment the segment begins at: its first backup's place in the operation's chain.
+    pub first_increment: IncrementIndex,
+}
+
+impl Operation {
+    /// Whether the segment under way (or last ended) is the restore's last.
+    pub fn in_last_segment(&self) -> bool {
+        self.segments.last().is_none_or(|segment| segment.last)
+    }
+
+    /// The segment under way or last ended, counted from 1.
+    pub fn segment(&self) -> u32 {
+        u32::try_from(self.segments.len()).expect("few segments")
+    }
+}
+
 /// One table and the indexes restored with it, as [`Coordinator::dispatch`] sees them.
 struct GroupState {
     group: TableId,
@@ -300,6 +384,13 @@ fn group_state(groups: &mut Vec<GroupState>, group: TableId) -> &mut GroupState 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OperationStatus {
     Running(RunningState),
+    /// A segment that is not the last is durably applied on every tablet; the operation waits for the next one.
+    /// Its tables stay `Restoring` and its collection in use; it holds no working state.
+    AwaitingSegment {
+        /// The time and id of the last backup applied: the next segment begins after it.
+        reached: (u64, u64),
+        since_ms: u64,
+    },
     /// Every increment is durably applied on every tablet. Working state is gone; this stays queryable.
     Done {
         increments: u32,
@@ -314,8 +405,11 @@ pub enum OperationStatus {
 /// Working state of a running operation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RunningState {
-    /// Shared, not copied: every persist of the running state would otherwise clone every manifest.
+    /// The backups of the segment under way. Shared, not copied: every persist of the running state would
+    /// otherwise clone every manifest.
     pub chain: Arc<RestoreChain>,
+    /// The increment of the chain's first backup: 0, or where a continued segment begins.
+    pub first_increment: IncrementIndex,
     pub increment: IncrementIndex,
     /// When the current increment must be done by.
     pub increment_deadline_at_ms: u64,
@@ -326,6 +420,18 @@ pub struct RunningState {
     pub done: BTreeSet<TabletId>,
     /// Tablets whose last attempt failed: how many attempts failed, why the last did, and when the next may start.
     pub retries: BTreeMap<TabletId, Retry>,
+}
+
+impl RunningState {
+    /// The backup of `increment`, one of this segment's.
+    pub fn backup(&self, increment: IncrementIndex) -> &BackupManifest {
+        self.chain.get(increment - self.first_increment)
+    }
+
+    /// The segment's last increment.
+    pub fn last_increment(&self) -> IncrementIndex {
+        self.first_increment + self.chain.last_index()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -406,15 +512,45 @@ impl fmt::Display for NotDone<'_> {
 /// A compact summary of one operation's progress, written to the event log with every persist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProgressMark {
-    Running { op: OperationId, increment: IncrementIndex, tablets_done: u32 },
-    Done { op: OperationId, increments: u32 },
-    Failed { op: OperationId },
+    Running {
+        op: OperationId,
+        increment: IncrementIndex,
+        tablets_done: u32,
+    },
+    /// Segment `segment` ended with `increments` increments applied; `released` says whether the operation's
+    /// tables or its collection were let go (the final work, which belongs to the last segment only).
+    AwaitingSegment {
+        op: OperationId,
+        segment: u32,
+        increments: u32,
+        released: bool,
+    },
+    Done {
+        op: OperationId,
+        increments: u32,
+    },
+    Failed {
+        op: OperationId,
+    },
 }
 
 impl ProgressMark {
+    /// Orders the marks of one operation as its progress goes: increments in order, the wait after a segment
+    /// after that segment's last increment, then an end. An operation's durable progress never goes down.
+    pub fn rank(self) -> (u8, u32, u8) {
+        match self {
+            ProgressMark::Running { increment, .. } => (1, increment, 0),
+            ProgressMark::AwaitingSegment { increments, .. } => (1, increments.saturating_sub(1), 1),
+            ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0, 0),
+        }
+    }
+
     pub fn op(self) -> OperationId {
         match self {
-            ProgressMark::Running { op, .. } | ProgressMark::Done { op, .. } | ProgressMark::Failed { op } => op,
+            ProgressMark::Running { op, .. }
+            | ProgressMark::AwaitingSegment { op, .. }
+            | ProgressMark::Done { op, .. }
+            | ProgressMark::Failed { op } => op,
         }
     }
 }
@@ -424,6 +560,10 @@ impl fmt::Display for ProgressMark {
         match self {
             ProgressMark::Running { op, increment, tablets_done } => {
                 write!(f, "op {op} running increment {increment}, {tablets_done} tablet(s) done")
+            }
+            ProgressMark::AwaitingSegment { op, segment, increments, released } => {
+                write!(f, "op {op} waiting for segment {} after {increments} increments", segment + 1)?;
+                if *released { f.write_str(", its tables released") } else { Ok(()) }
             }
             ProgressMark::Done { op, increments } => write!(f, "op {op} done after {increments} increments"),
             ProgressMark::Failed { op } => write!(f, "op {op} failed"),
@@ -437,6 +577,10 @@ pub struct OperationView {
     pub op: OperationId,
     pub collection: String,
     pub state: OperationState,
+    /// The segment under way or last ended, counted from 1 (1 for a restore done in one go).
+    pub segment: u32,
+    /// The point in time that segment restores to (`None`: the newest backup).
+    pub until_ms: Option<u64>,
     /// The increment being applied, while running.
     pub increment: Option<IncrementIndex>,
     /// Increments in the chain.
@@ -448,6 +592,8 @@ pub struct OperationView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OperationState {
     Running,
+    /// A segment is done; the restore goes on with the next.
+    AwaitingSegment,
     Done,
     Failed,
 }
@@ -543,7 +689,7 @@ impl Coordinator {
         if has(&config, CoordinatorBug::RestartChainOnReboot) {
             for operation in Arc::make_mut(&mut durable.operations).values_mut() {
                 if let OperationStatus::Running(running) = &mut operation.status {
-                    running.increment = 0;
+                    running.increment = running.first_increment;
                     running.done.clear();
                     running.retries.clear();
                 }
@@ -573,10 +719,13 @@ impl Coordinator {
     pub fn start(&mut self, now_ms: u64, request: RestoreRequest) -> Result<Vec<CoordinatorOutput>, StartError> {
         if let Some(existing) = self.durable.operations.get(&request.op) {
             // The same restore again (a client retrying) is a no-op; anything else under this id is refused.
+            let first = existing.segments.first();
+            let first_len = existing.segments.get(1).map_or(existing.backup_ids.len(), |s| s.first_increment as usize);
             let same = existing.collection == request.collection
                 && sorted_tables(&existing.tables) == sorted_tables(&request.tables)
-                && RestoreChain::plan(&request.catalog, &request.tables).is_ok_and(|chain| {
-                    chain.backups().iter().map(|m| m.backup_id).eq(existing.backup_ids.iter().copied())
+                && first.is_some_and(|s| s.until_ms == request.until_ms && s.last == request.last_segment)
+                && RestoreChain::plan_until(&request.catalog, &request.tables, request.until_ms).is_ok_and(|chain| {
+                    chain.backups().iter().map(|m| m.backup_id).eq(existing.backup_ids[..first_len].iter().copied())
                 });
             return if same { Ok(Vec::new()) } else { Err(StartError::OperationIdTaken { op: request.op }) };
         }
@@ -586,9 +735,9 @@ impl Coordinator {
             return Err(StartError::OperationIdNotNew { op: request.op, newest });
         }
         self.check_start(&request)?;
-        let mut chain = RestoreChain::plan(&request.catalog, &request.tables)?;
+        let mut chain = RestoreChain::plan_until(&request.catalog, &request.tables, request.until_ms)?;
         if has(&self.config, CoordinatorBug::IncrementalsBeforeNewestFull) {
-            chain = RestoreChain::plan_from_oldest_full(&request.catalog, &request.tables)?;
+            chain = RestoreChain::plan_from_oldest_full(&request.catalog, &request.tables, request.until_ms)?;
         }
         let op = request.op;
         let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
@@ -607,10 +756,12 @@ impl Coordinator {
                 collection: request.collection,
                 tables: request.tables,
                 backup_ids: chain.backups().iter().map(|m| m.backup_id).collect(),
+                segments: vec![Segment { until_ms: request.until_ms, last: request.last_segment, first_increment: 0 }],
                 started_at_ms: now_ms,
                 deadline_at_ms,
                 status: OperationStatus::Running(RunningState {
                     chain: Arc::new(chain),
+                    first_increment: 0,
                     increment: 0,
                     increment_deadline_at_ms,
                     increment_limit_ms,
@@ -669,18 +820,109 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Goes on with a restore done in segments: plans segment `request.segment` (every incremental after the last
+    /// backup applied, up to its point in time) and starts it. A call for a segment already begun with the same
+    /// point and end is a no-op, so a client may retry. A segment with no backup in it ends at once: as the last,
+    /// with the final work.
+    pub fn continue_segment(
+        &mut self,
+        now_ms: u64,
+        request: SegmentRequest,
+    ) -> Result<Vec<CoordinatorOutput>, SegmentError> {
+        let op = request.op;
+        let operation = self.durable.operations.get(&op).ok_or(SegmentError::NotFound { op })?;
+        let begun = operation.segment();
+        if request.segment >= 2
+            && let Some(segment) = operation.segments.get(request.segment as usize - 1)
+        {
+            let same = segment.until_ms == request.until_ms && segment.last == request.last_segment;
+            return if same {
+                Ok(Vec::new())
+            } else {
+                Err(SegmentError::SegmentTaken { op, segment: request.segment })
+            };
+        }
+        let reached = match operation.status {
+            OperationStatus::AwaitingSegment { reached, .. } => reached,
+            OperationStatus::Running(_) => return Err(SegmentError::SegmentRunning { op, segment: begun }),
+            OperationStatus::Done { .. } | OperationStatus::Failed { .. } => return Err(SegmentError::Ended { op }),
+        };
+        if request.segment != begun + 1 {
+            return Err(SegmentError::OutOfOrder { op, requested: request.segment, next: begun + 1 });
+        }
+        let previous_ms = operation.segments.last().and_then(|segment| segment.until_ms);
+        if request.until_ms.unwrap_or(u64::MAX) < previous_ms.unwrap_or(u64::MAX) {
+            let until_ms = request.until_ms;
+            return Err(SegmentError::PointBeforePrevious { op, segment: request.segment, until_ms, previous_ms });
+        }
+        let restart = has(&self.config, CoordinatorBug::SegmentRestartsChain);
+        let chain = if restart {
+            RestoreChain::plan_until(&request.catalog, &operation.tables, request.until_ms)?
+        } else {
+            RestoreChain::plan_segment(&request.catalog, &operation.tables, reached, request.until_ms)?
+        };
+        let first_increment = if restart { 0 } else { u32::try_from(operation.backup_ids.len()).expect("short chain") };
+        let deadline_at_ms = now_ms.saturating_add(self.config.deadline_ms);
+        let increment_limit_ms = self.config.increment_deadline_ms;
+        let increment_deadline_at_ms = now_ms.saturating_add(increment_limit_ms);
+        let planned = chain.len();
+        let operation = self.operations_mut().get_mut(&op).expect("looked up above");
+        operation.segments.push(Segment { until_ms: request.until_ms, last: request.last_segment, first_increment });
+        operation.backup_ids.truncate(first_increment as usize);
+        operation.backup_ids.extend(chain.backups().iter().map(|m| m.backup_id));
+        let mut out = Vec::new();
+        if chain.is_empty() {
+            if request.last_segment {
+                self.finish(now_ms, op, &mut out);
+            } else {
+                self.persist(&mut out);
+                out.push(Output::Report(format!(
+                    "operation {op}: segment {} holds no backup; waiting for segment {}",
+                    request.segment,
+                    request.segment + 1
+                )));
+            }
+            return Ok(out);
+        }
+        operation.deadline_at_ms = deadline_at_ms;
+        operation.status = OperationStatus::Running(RunningState {
+            chain: Arc::new(chain),
+            first_increment,
+            increment: first_increment,
+            increment_deadline_at_ms,
+            increment_limit_ms,
+            done: BTreeSet::new(),
+            retries: BTreeMap::new(),
+        });
+        self.persist(&mut out);
+        out.push(Output::Report(format!(
+            "operation {op}: segment {} started, {planned} increment(s) from increment {first_increment}",
+            request.segment
+        )));
+        out.push(Output::SetTimer { at_ms: deadline_at_ms, timer: CoordinatorTimer::Deadline { op } });
+        out.push(Output::SetTimer {
+            at_ms: increment_deadline_at_ms,
+            timer: CoordinatorTimer::IncrementDeadline { op, increment: first_increment },
+        });
+        self.drive(now_ms, &mut out);
+        Ok(out)
+    }
+
     /// Where operation `op` stands.
     pub fn status(&self, op: OperationId) -> Result<OperationView, LifecycleError> {
         let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
         let increments = u32::try_from(operation.backup_ids.len()).expect("short chain");
         let (state, increment, error) = match &operation.status {
             OperationStatus::Running(running) => (OperationState::Running, Some(running.increment), None),
+            OperationStatus::AwaitingSegment { .. } => (OperationState::AwaitingSegment, None, None),
             OperationStatus::Done { .. } => (OperationState::Done, None, None),
             OperationStatus::Failed { error, .. } => (OperationState::Failed, None, Some(error.clone())),
         };
         // An operation that ended reports the state it left its tables in, whatever later restores did.
         let table_state = |table: TableId| match &operation.status {
-            OperationStatus::Running(_) => self.durable.tables.get(&table).copied(),
+            OperationStatus::Running(_) | OperationStatus::AwaitingSegment { .. } => {
+                self.durable.tables.get(&table).copied()
+            }
             OperationStatus::Done { .. } => Some(TableState::Restored { op }),
             OperationStatus::Failed { .. } => Some(TableState::RestoreFailed { op }),
         };
@@ -694,11 +936,26 @@ impl Coordinator {
                 tablets: table.tablets().map(|tablet| (tablet, self.tablet_progress(operation, tablet))).collect(),
             })
             .collect();
-        Ok(OperationView { op, collection: operation.collection.clone(), state, increment, increments, tables, error })
+        Ok(OperationView {
+            op,
+            collection: operation.collection.clone(),
+            state,
+            segment: operation.segment(),
+            until_ms: operation.segments.last().and_then(|segment| segment.until_ms),
+            increment,
+            increments,
+            tables,
+            error,
+        })
     }
 
     fn tablet_progress(&self, operation: &Operation, tablet: TabletId) -> TabletProgress {
-        let OperationStatus::Running(running) = &operation.status else { return TabletProgress::Finished };
+        let running = match &operation.status {
+            OperationStatus::Running(running) => running,
+            // Every tablet is done with the segment that ended.
+            OperationStatus::AwaitingSegment { .. } => return TabletProgress::Done,
+            OperationStatus::Done { .. } | OperationStatus::Failed { .. } => return TabletProgress::Finished,
+        };
         if running.done.contains(&tablet) {
             TabletProgress::Done
         } else if self.in_flight.get(&tablet).is_some_and(|f| f.op == operation.op) {
@@ -720,6 +977,7 @@ impl Coordinator {
                 collection: operation.collection.clone(),
                 state: match operation.status {
                     OperationStatus::Running(_) => OperationState::Running,
+                    OperationStatus::AwaitingSegment { .. } => OperationState::AwaitingSegment,
                     OperationStatus::Done { .. } => OperationState::Done,
                     OperationStatus::Failed { .. } => OperationState::Failed,
                 },
@@ -730,7 +988,7 @@ impl Coordinator {
     /// Forgets a finished operation: it is gone from status and list. Refused while it runs.
     pub fn forget(&mut self, op: OperationId) -> Result<Vec<CoordinatorOutput>, LifecycleError> {
         let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
-        if matches!(operation.status, OperationStatus::Running(_)) {
+        if matches!(operation.status, OperationStatus::Running(_) | OperationStatus::AwaitingSegment { .. }) {
             return Err(LifecycleError::StillRunning { op });
         }
         self.operations_mut().remove(&op);
@@ -769,6 +1027,19 @@ impl Coordinator {
                     Err(error) => {
                         out.push(Output::Report(format!("start of operation {op} refused: {error}")));
                         ClientAnswer::StartRefused(error)
+                    }
+                }
+            }
+            ClientCall::Continue(request) => {
+                let (op, segment) = (request.op, request.segment);
+                match self.continue_segment(now_ms, request) {
+                    Ok(more) => {
+                        out.extend(more);
+                        ClientAnswer::Continued { op, segment }
+                    }
+                    Err(error) => {
+                        out.push(Output::Report(format!("segment {segment} of operation {op} refused: {error}")));
+                        ClientAnswer::ContinueRefused(error)
                     }
                 }
             }
@@ -854,7 +1125,7 @@ impl Coordinator {
         if !known {
             return;
         }
-        let backup_id = running.chain.get(running.increment).backup_id;
+        let backup_id = running.backup(running.increment).backup_id;
         let increment = running.increment;
         self.in_flight.remove(&reply.tablet);
         match reply.outcome {
@@ -886,7 +1157,7 @@ impl Coordinator {
         let tablet_count = operation.tablet_count();
         let tablets = (advance_on_first || done_on_first).then(|| operation.tablets());
         let OperationStatus::Running(running) = &mut operation.status else { panic!("only a running operation") };
-        let final_increment = running.increment == running.chain.last_index();
+        let final_increment = running.increment == running.last_increment();
         let all = tablets.filter(|_| advance_on_first || final_increment);
         running.done.insert(tablet);
         running.retries.remove(&tablet);
@@ -934,8 +1205,13 @@ impl Coordinator {
         if running.done.len() != operation.tablet_count() {
             return;
         }
-        if running.increment == running.chain.last_index() {
-            self.finish(now_ms, op, out);
+        if running.increment == running.last_increment() {
+            let last = operation.in_last_segment();
+            if last || has(&self.config, CoordinatorBug::SegmentEndIsDone) {
+                self.finish(now_ms, op, out);
+            } else {
+                self.pause(now_ms, op, out);
+            }
             return;
         }
         let operation = self.operations_mut().get_mut(&op).expect("advance needs an operation");
@@ -1000,7 +1276,7 @@ impl Coordinator {
             free -= 1;
             to_send.push((tablet, running.increment));
         }
-        if has(&self.config, CoordinatorBug::TablesRunAhead) && running.increment < running.chain.last_index() {
+        if has(&self.config, CoordinatorBug::TablesRunAhead) && running.increment < running.last_increment() {
             // The bug: a table whose tablets are all done with k moves on to k+1 at once.
             let mut complete: Vec<TableId> = groups.iter().filter(|g| g.all_done).map(|g| g.group).collect();
             complete.sort_unstable();
@@ -1016,7 +1292,7 @@ impl Coordinator {
             let attempt = self.next_attempt;
             self.next_attempt += 1;
             let running = self.running(op).expect("still running");
-            let manifest = running.chain.get(increment);
+            let manifest = running.backup(increment);
             let object = manifest.object(tablet).expect("a planned chain has an object for every tablet").to_string();
             let request = ApplyRequest {
                 op,
@@ -1121,7 +1397,10 @@ impl Coordinator {
     fn end(&mut self, op: OperationId, status: OperationStatus, table_state: TableState) {
         let operation =
             Arc::make_mut(&mut self.durable.operations).get_mut(&op).expect("an operation ends only once it exists");
-        assert!(matches!(operation.status, OperationStatus::Running(_)), "only a running operation ends");
+        assert!(
+            matches!(operation.status, OperationStatus::Running(_) | OperationStatus::AwaitingSegment { .. }),
+            "only an operation under way ends"
+        );
         operation.status = status;
         let tables = Arc::make_mut(&mut self.durable.tables);
         for table in &operation.tables {
@@ -1134,10 +1413,37 @@ impl Coordinator {
     }
 
     fn finish(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
-        let increments = self.running(op).expect("finish needs a running operation").chain.len();
+        let operation = self.durable.operations.get(&op).expect("finish needs an operation");
+        let increments = u32::try_from(operation.backup_ids.len()).expect("short chain");
         self.end(op, OperationStatus::Done { increments, finished_at_ms: now_ms }, TableState::Restored { op });
         self.persist(out);
         out.push(Output::Report(format!("operation {op} done: {increments} increments applied on every tablet")));
+    }
+
+    /// Ends a segment that is not the last: the operation waits for the next one, its tables still restoring and
+    /// its collection still in use; the working state goes.
+    fn pause(&mut self, now_ms: u64, op: OperationId, out: &mut Vec<CoordinatorOutput>) {
+        let early_final_work = has(&self.config, CoordinatorBug::FinalWorkEverySegment);
+        let operation = Arc::make_mut(&mut self.durable.operations).get_mut(&op).expect("pause needs an operation");
+        let OperationStatus::Running(running) = &operation.status else { panic!("only a running segment ends") };
+        let last = running.backup(running.last_increment());
+        let reached = (last.taken_at_ms, last.backup_id);
+        operation.status = OperationStatus::AwaitingSegment { reached, since_ms: now_ms };
+        let (segment, increments) = (operation.segment(), operation.backup_ids.len());
+        if early_final_work {
+            let tables = Arc::make_mut(&mut self.durable.tables);
+            for table in &operation.tables {
+                tables.insert(table.id, TableState::Restored { op });
+            }
+            Arc::make_mut(&mut self.durable.sources_in_use).remove(&operation.collection);
+        }
+        self.in_flight.retain(|_, f| f.op != op);
+        self.persist(out);
+        out.push(Output::Report(format!(
+            "operation {op}: segment {segment} done, {increments} increments applied on every tablet; waiting for \
+             segment {}",
+            segment + 1
+        )));
     }
 
     fn fail(&mut self, now_ms: u64, op: OperationId, error: RestoreError, out: &mut Vec<CoordinatorOutput>) {
@@ -1196,6 +1502,20 @@ pub fn progress_of(durable: &CoordinatorDurable) -> Vec<ProgressMark> {
                 increment: running.increment,
                 tablets_done: u32::try_from(running.done.len()).expect("fits"),
             },
+            OperationStatus::AwaitingSegment { .. } => {
+                let op = operation.op;
+                let restoring = operation
+                    .tables
+                    .iter()
+                    .all(|table| durable.tables.get(&table.id) == Some(&TableState::Restoring { op }));
+                let in_use = durable.sources_in_use.get(&operation.collection) == Some(&op);
+                ProgressMark::AwaitingSegment {
+                    op,
+                    segment: operation.segment(),
+                    increments: u32::try_from(operation.backup_ids.len()).expect("short chain"),
+                    released: !(restoring && in_use),
+                }
+            }
             OperationStatus::Done { increments, .. } => {
                 ProgressMark::Done { op: operation.op, increments: *increments }
             }

@@ -57,7 +57,7 @@ impl Transport for NoPeers {
 /// another format, saying so, instead of failing to decode it or, worse, decoding it as something else. The
 /// tests pin the encoding of sample states (`durable_encodings_are_pinned_to_the_state_format`), so a change
 /// cannot land without raising it.
-pub const STATE_FORMAT: u8 = 4;
+pub const STATE_FORMAT: u8 = 5;
 /// A state file's header: `LSS`, the format (a byte; format 1 wrote `T` there), the sequence number, the
 /// payload's length and the payload's checksum.
 const STATE_MAGIC: &[u8; 3] = b"LSS";

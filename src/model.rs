@@ -698,20 +698,66 @@ pub enum ChainError {
     ShardCountMismatch { backup_id: u64, table: TableId, found: usize, expected: u32 },
     #[error("backup {backup_id} holds no objects for table {table}")]
     TableMissing { backup_id: u64, table: TableId },
+    #[error("the catalog holds no full backup taken at or before {until_ms} ms, the point in time restored to")]
+    NoFullBackupUntil { until_ms: u64 },
+    #[error(
+        "full backup {backup_id} (taken at {taken_at_ms} ms) lies inside the segment: a restore to a point past it \
+         starts from it, as a new operation"
+    )]
+    FullBackupInSegment { backup_id: u64, taken_at_ms: u64 },
 }
 
 impl RestoreChain {
     /// Picks the restore chain out of a catalog of backups in any order: the newest full backup and every
     /// incremental taken after it, by time. Incrementals before the newest full are ignored.
     pub fn plan(catalog: &[BackupManifest], tables: &[TableSpec]) -> Result<Self, ChainError> {
-        let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
+        Self::plan_until(catalog, tables, None)
+    }
+
+    /// The chain of a restore to the point in time `until_ms` (`None`: the newest backup): the newest full backup
+    /// taken at or before it, then every incremental taken after that full and at or before it. Backups taken
+    /// later are ignored, as are those before the full.
+    pub fn plan_until(
+        catalog: &[BackupManifest],
+        tables: &[TableSpec],
+        until_ms: Option<u64>,
+    ) -> Result<Self, ChainError> {
+        let mut sorted: Vec<&BackupManifest> =
+            catalog.iter().filter(|m| until_ms.is_none_or(|until| m.taken_at_ms <= until)).collect();
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
-        let newest_full = sorted.iter().rposition(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
+        let no_full = until_ms.map_or(ChainError::NoFullBackup, |until_ms| ChainError::NoFullBackupUntil { until_ms });
+        let newest_full = sorted.iter().rposition(|m| m.kind == BackupKind::Full).ok_or(no_full)?;
         let backups: Vec<BackupManifest> = sorted[newest_full..]
             .iter()
             .filter(|m| m.kind == BackupKind::Incremental || m.backup_id == sorted[newest_full].backup_id)
             .map(|m| m.of_tables(tables))
             .collect();
+        Self::checked(backups, tables)
+    }
+
+    /// The next segment of a segmented restore that has applied every backup up to `reached` (the time and id
+    /// of the last one): every incremental taken after it and at or before `until_ms` (`None`: every later one),
+    /// in order. It may be empty. A full backup in that span is refused: the chain so far leads up to it, not
+    /// past it, and a restore to a later point starts from that full, as a new operation.
+    pub fn plan_segment(
+        catalog: &[BackupManifest],
+        tables: &[TableSpec],
+        reached: (u64, u64),
+        until_ms: Option<u64>,
+    ) -> Result<Self, ChainError> {
+        let mut sorted: Vec<&BackupManifest> = catalog
+            .iter()
+            .filter(|m| (m.taken_at_ms, m.backup_id) > reached && until_ms.is_none_or(|until| m.taken_at_ms <= until))
+            .collect();
+        sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
+        if let Some(full) = sorted.iter().find(|m| m.kind == BackupKind::Full) {
+            return Err(ChainError::FullBackupInSegment { backup_id: full.backup_id, taken_at_ms: full.taken_at_ms });
+        }
+        Self::checked(sorted.iter().map(|m| m.of_tables(tables)).collect(), tables)
+    }
+
+    /// `backups` as a chain, once every one of them holds one object per shard of every table.
+    fn checked(backups: Vec<BackupManifest>, tables: &[TableSpec]) -> Result<Self, ChainError> {
         for manifest in &backups {
             for table in tables {
                 let Some(objects) = manifest.tables.get(&table.id) else {
@@ -732,9 +778,14 @@ impl RestoreChain {
 
     /// The wrong plan of [`crate::coordinator::CoordinatorBug::IncrementalsBeforeNewestFull`]: from the oldest
     /// full backup, every backup after it, older incrementals and fulls included.
-    pub fn plan_from_oldest_full(catalog: &[BackupManifest], tables: &[TableSpec]) -> Result<Self, ChainError> {
-        let planned = Self::plan(catalog, tables)?;
-        let mut sorted: Vec<&BackupManifest> = catalog.iter().collect();
+    pub fn plan_from_oldest_full(
+        catalog: &[BackupManifest],
+        tables: &[TableSpec],
+        until_ms: Option<u64>,
+    ) -> Result<Self, ChainError> {
+        let planned = Self::plan_until(catalog, tables, until_ms)?;
+        let mut sorted: Vec<&BackupManifest> =
+            catalog.iter().filter(|m| until_ms.is_none_or(|until| m.taken_at_ms <= until)).collect();
         sorted.sort_by_key(|m| (m.taken_at_ms, m.backup_id));
         let oldest_full = sorted.iter().position(|m| m.kind == BackupKind::Full).ok_or(ChainError::NoFullBackup)?;
         let backups = sorted[oldest_full..].iter().map(|m| m.of_tables(tables)).collect();
@@ -861,7 +912,8 @@ mod tests {
         let catalog = [manifest(1, BackupKind::Full), manifest(2, BackupKind::Incremental)];
         let restored = TableSpec { id: TableId(1), name: "orders".to_string(), shard_count: 1, index_of: None };
         let tables = std::slice::from_ref(&restored);
-        for chain in [RestoreChain::plan(&catalog, tables), RestoreChain::plan_from_oldest_full(&catalog, tables)] {
+        for chain in [RestoreChain::plan(&catalog, tables), RestoreChain::plan_from_oldest_full(&catalog, tables, None)]
+        {
             let chain = chain.expect("a chain");
             assert_eq!(chain.len(), 2);
             for (planned, full) in chain.backups().iter().zip(&catalog) {
@@ -1193,6 +1245,55 @@ mod tests {
         let chain = RestoreChain::plan(&catalog, &[table(0, 1)]).unwrap();
         let ids: Vec<u64> = chain.backups.iter().map(|m| m.backup_id).collect();
         assert_eq!(ids, vec![3, 4, 5]);
+    }
+
+    fn ids(chain: &RestoreChain) -> Vec<u64> {
+        chain.backups.iter().map(|m| m.backup_id).collect()
+    }
+
+    #[test]
+    fn a_chain_to_a_point_in_time_ends_at_the_last_backup_taken_by_then() {
+        let catalog = vec![
+            manifest(4, BackupKind::Incremental, 40),
+            manifest(1, BackupKind::Full, 10),
+            manifest(2, BackupKind::Incremental, 20),
+            manifest(3, BackupKind::Full, 30),
+            manifest(5, BackupKind::Incremental, 50),
+        ];
+        let plan = |until| RestoreChain::plan_until(&catalog, &[table(0, 1)], Some(until)).map(|c| ids(&c));
+        assert_eq!(plan(45), Ok(vec![3, 4]));
+        assert_eq!(plan(40), Ok(vec![3, 4]), "a backup taken at the point itself is in");
+        assert_eq!(plan(30), Ok(vec![3]));
+        // Before the newest full, the chain starts from the full before it.
+        assert_eq!(plan(29), Ok(vec![1, 2]));
+        assert_eq!(plan(9), Err(ChainError::NoFullBackupUntil { until_ms: 9 }));
+        assert_eq!(RestoreChain::plan_until(&catalog, &[table(0, 1)], None).map(|c| ids(&c)), Ok(vec![3, 4, 5]));
+    }
+
+    #[test]
+    fn a_segment_holds_the_incrementals_after_the_last_applied_backup_up_to_its_point() {
+        let catalog = vec![
+            manifest(4, BackupKind::Incremental, 40),
+            manifest(1, BackupKind::Full, 10),
+            manifest(2, BackupKind::Incremental, 20),
+            manifest(3, BackupKind::Full, 30),
+            manifest(5, BackupKind::Incremental, 50),
+            manifest(6, BackupKind::Incremental, 60),
+        ];
+        let segment = |reached, until| RestoreChain::plan_segment(&catalog, &[table(0, 1)], reached, until);
+        assert_eq!(segment((30, 3), Some(55)).map(|c| ids(&c)), Ok(vec![4, 5]));
+        assert_eq!(segment((40, 4), None).map(|c| ids(&c)), Ok(vec![5, 6]));
+        assert_eq!(segment((60, 6), None).map(|c| ids(&c)), Ok(vec![]), "nothing newer: an empty segment");
+        assert_eq!(segment((40, 4), Some(45)).map(|c| ids(&c)), Ok(vec![]));
+        // From the older chain, a segment past the newer full is refused rather than applied across it.
+        assert_eq!(
+            segment((20, 2), Some(45)).map(|c| ids(&c)),
+            Err(ChainError::FullBackupInSegment { backup_id: 3, taken_at_ms: 30 })
+        );
+        assert!(matches!(
+            RestoreChain::plan_segment(&catalog, &[table(0, 2)], (40, 4), None),
+            Err(ChainError::ShardCountMismatch { backup_id: 5, .. })
+        ));
     }
 
     #[test]

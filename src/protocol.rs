@@ -5,7 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::{LifecycleError, OperationSummary, OperationView, RestoreRequest, StartError};
+use crate::coordinator::{
+    LifecycleError, OperationSummary, OperationView, RestoreRequest, SegmentError, SegmentRequest, StartError,
+};
 use crate::model::{BackupKind, IncrementIndex, TabletId};
 
 /// Identifies one restore operation.
@@ -61,9 +63,15 @@ pub struct ClientRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ClientCall {
     Start(RestoreRequest),
-    Status { op: OperationId },
+    /// Goes on with a restore done in segments: the next segment, to a later point in time.
+    Continue(SegmentRequest),
+    Status {
+        op: OperationId,
+    },
     List,
-    Forget { op: OperationId },
+    Forget {
+        op: OperationId,
+    },
 }
 
 /// The coordinator's answer to one [`ClientRequest`].
@@ -80,6 +88,12 @@ pub enum ClientAnswer {
         op: OperationId,
     },
     StartRefused(StartError),
+    /// Segment `segment` of the operation is durably planned (or was already).
+    Continued {
+        op: OperationId,
+        segment: u32,
+    },
+    ContinueRefused(SegmentError),
     Status(Result<OperationView, LifecycleError>),
     List(Vec<OperationSummary>),
     Forgotten {
@@ -297,7 +311,7 @@ pub enum Output<D, T> {
 /// madsim build) says it in every connection's hello and refuses a peer that speaks another; the tests pin the
 /// encoding of sample messages (`message_encodings_are_pinned_to_the_protocol_version`), so a change cannot land
 /// without raising it.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode frame of {len} bytes: {source}")]
@@ -338,7 +352,12 @@ impl fmt::Display for Message {
                             request.op,
                             request.collection,
                             tables.join(",")
-                        )
+                        )?;
+                        write_segment(f, request.until_ms, request.last_segment)
+                    }
+                    ClientCall::Continue(request) => {
+                        write!(f, "continue op={} segment={}", request.op, request.segment)?;
+                        write_segment(f, request.until_ms, request.last_segment)
                     }
                     ClientCall::Status { op } => write!(f, "status op={op}"),
                     ClientCall::List => f.write_str("list"),
@@ -351,6 +370,8 @@ impl fmt::Display for Message {
                 match answer {
                     ClientAnswer::Started { op } => write!(f, "started op={op}"),
                     ClientAnswer::StartRefused(error) => write!(f, "start refused: {error}"),
+                    ClientAnswer::Continued { op, segment } => write!(f, "continued op={op} segment={segment}"),
+                    ClientAnswer::ContinueRefused(error) => write!(f, "continue refused: {error}"),
                     ClientAnswer::Status(Ok(view)) => {
                         write!(f, "status op={} {:?}", view.op, view.state)?;
                         if let Some(increment) = view.increment {
@@ -392,6 +413,15 @@ impl fmt::Display for Message {
             }
         }
     }
+}
+
+/// The point in time and the segment's place of a start or continue call, as a trace shows them: nothing for a
+/// plain restore of the newest backup in one go.
+fn write_segment(f: &mut fmt::Formatter<'_>, until_ms: Option<u64>, last_segment: bool) -> fmt::Result {
+    if let Some(until_ms) = until_ms {
+        write!(f, " until={until_ms}ms")?;
+    }
+    if !last_segment { f.write_str(" (more segments follow)") } else { Ok(()) }
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use lockstep::coordinator::{
     AttemptFailure, Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput,
-    CoordinatorTimer, LifecycleError, OperationState, OperationSummary, RestoreError, RestoreRequest, StartError,
-    TableState, TabletNotDone, TabletProgress,
+    CoordinatorTimer, LifecycleError, OperationState, OperationSummary, ProgressMark, RestoreError, RestoreRequest,
+    SegmentError, SegmentRequest, StartError, TableState, TabletNotDone, TabletProgress,
 };
 use lockstep::model::{BackupKind, BackupManifest, ChainError, IncrementIndex, TableId, TableSpec, TabletId};
 use lockstep::protocol::{
@@ -66,7 +66,14 @@ fn catalog(tables: &[TableSpec], backups: u64) -> Vec<BackupManifest> {
 
 fn request(op: OperationId, collection: &str, tables: Vec<TableSpec>, backups: u64) -> RestoreRequest {
     let catalog = catalog(&tables, backups);
-    RestoreRequest { op, collection: collection.to_string(), tables, catalog: catalog.into() }
+    RestoreRequest {
+        op,
+        collection: collection.to_string(),
+        tables,
+        catalog: catalog.into(),
+        until_ms: None,
+        last_segment: true,
+    }
 }
 
 fn boot(config: CoordinatorConfig) -> Coordinator {
@@ -842,4 +849,188 @@ fn a_table_is_readable_as_restored_only_after_its_operation_is_done() {
     start(&mut coordinator, 20, request(2, COLLECTION, vec![tables[1].clone()], 2));
     coordinator.handle_timer(20 + DEADLINE_MS, CoordinatorTimer::Deadline { op: 2 });
     assert!(!readable(&coordinator, 2), "a failed restore leaves the table unreadable");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Point-in-time restore, in segments
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A restore of `tables` from `catalog(tables, 5)` (backups 1..5 taken at 1,000..5,000 ms) to `until_ms`, the first
+/// of several segments unless `last`.
+fn to_point(op: OperationId, tables: Vec<TableSpec>, until_ms: Option<u64>, last: bool) -> RestoreRequest {
+    RestoreRequest { until_ms, last_segment: last, ..request(op, COLLECTION, tables, 5) }
+}
+
+fn segment(op: OperationId, segment: u32, until_ms: Option<u64>, last: bool, tables: &[TableSpec]) -> SegmentRequest {
+    SegmentRequest { op, segment, until_ms, last_segment: last, catalog: catalog(tables, 5).into() }
+}
+
+/// Continues `op` with `request`, which must be accepted, answers every request that follows, and returns the
+/// (increment, backup) pairs asked of the first tablet.
+fn run_segment(coordinator: &mut Coordinator, now_ms: u64, request: SegmentRequest) -> Vec<(IncrementIndex, u64)> {
+    let out = coordinator.continue_segment(now_ms, request).expect("the segment is accepted");
+    let sent = applies(&out);
+    let first = sent.first().map(|r| r.tablet);
+    let mut asked: Vec<ApplyRequest> = sent.clone();
+    asked.extend(applies(&apply_everything(coordinator, now_ms + 1, sent)));
+    asked.iter().filter(|r| Some(r.tablet) == first).map(|r| (r.increment, r.backup_id)).collect()
+}
+
+#[test]
+fn a_restore_to_a_point_in_time_applies_only_the_backups_taken_by_then() {
+    let tables = vec![table(1, 2)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(3_500), true));
+    let out = apply_everything(&mut coordinator, 20, sent.clone());
+    let backups: BTreeSet<u64> = sent.iter().chain(&applies(&out)).map(|r| r.backup_id).collect();
+    assert_eq!(backups, BTreeSet::from([1, 2, 3]), "backups 4 and 5 were taken after the point");
+    let view = coordinator.status(1).unwrap();
+    assert_eq!((view.state, view.increments, view.segment, view.until_ms), (OperationState::Done, 3, 1, Some(3_500)));
+    assert_eq!(table_state(&coordinator, 1), Some(TableState::Restored { op: 1 }));
+}
+
+#[test]
+fn a_segmented_restore_carries_its_tables_and_increments_from_segment_to_segment_and_ends_once() {
+    let tables = vec![table(1, 2), table(2, 1)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(2_000), false));
+    let out = apply_everything(&mut coordinator, 20, sent);
+
+    // Segment 1 (backups 1 and 2) is applied: the operation waits, its tables still restoring.
+    assert!(reports(&out).iter().any(|r| r.contains("segment 1 done")), "{:?}", reports(&out));
+    let view = coordinator.status(1).unwrap();
+    assert_eq!(
+        (view.state, view.segment, view.increments, view.increment),
+        (OperationState::AwaitingSegment, 1, 2, None)
+    );
+    assert!(view.tables.iter().all(|t| t.tablets.iter().all(|(_, p)| *p == TabletProgress::Done)));
+    assert_eq!(table_state(&coordinator, 1), Some(TableState::Restoring { op: 1 }), "no final work yet");
+    assert_eq!(coordinator.durable().sources_in_use.get(COLLECTION), Some(&1));
+    assert_eq!(coordinator.durable().chains().count(), 0, "no working state while waiting");
+    assert_eq!(
+        coordinator.progress(),
+        vec![ProgressMark::AwaitingSegment { op: 1, segment: 1, increments: 2, released: false }]
+    );
+    assert_eq!(last_persisted(&out).as_ref(), Some(coordinator.durable()), "the wait is durable");
+    assert_eq!(coordinator.forget(1), Err(LifecycleError::StillRunning { op: 1 }));
+    assert!(matches!(
+        refused(&mut coordinator, request(2, COLLECTION, vec![table(3, 1)], 2)),
+        StartError::CollectionBusy { running: 1, .. }
+    ));
+
+    // Segment 2 continues at increment 2 with backups 3 and 4, and waits again.
+    let asked = run_segment(&mut coordinator, 100, segment(1, 2, Some(4_000), false, &tables));
+    assert_eq!(asked, vec![(2, 3), (3, 4)]);
+    assert_eq!(state(&coordinator, 1), OperationState::AwaitingSegment);
+    assert_eq!(table_state(&coordinator, 2), Some(TableState::Restoring { op: 1 }));
+
+    // The last segment goes to the newest backup, then does the final work.
+    let asked = run_segment(&mut coordinator, 200, segment(1, 3, None, true, &tables));
+    assert_eq!(asked, vec![(4, 5)]);
+    let view = coordinator.status(1).unwrap();
+    assert_eq!((view.state, view.segment, view.increments), (OperationState::Done, 3, 5));
+    assert_eq!(coordinator.operation(1).unwrap().backup_ids, vec![1, 2, 3, 4, 5]);
+    for id in [1, 2] {
+        assert_eq!(table_state(&coordinator, id), Some(TableState::Restored { op: 1 }));
+    }
+    assert!(!coordinator.durable().sources_in_use.contains_key(COLLECTION));
+}
+
+#[test]
+fn a_segment_is_refused_unless_it_continues_a_waiting_restore_in_order_and_forward_in_time() {
+    let tables = vec![table(1, 1)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(2_000), false));
+    let mut refuse = |coordinator: &mut Coordinator, request: SegmentRequest| {
+        let before = coordinator.durable().clone();
+        let error = coordinator.continue_segment(50, request).expect_err("the segment is refused");
+        assert_eq!(coordinator.durable(), &before, "a refused segment changes no durable state");
+        error
+    };
+    assert_eq!(refuse(&mut coordinator, segment(9, 2, None, true, &tables)), SegmentError::NotFound { op: 9 });
+    assert_eq!(
+        refuse(&mut coordinator, segment(1, 2, None, true, &tables)),
+        SegmentError::SegmentRunning { op: 1, segment: 1 }
+    );
+    apply_everything(&mut coordinator, 20, sent);
+    assert_eq!(
+        refuse(&mut coordinator, segment(1, 3, None, true, &tables)),
+        SegmentError::OutOfOrder { op: 1, requested: 3, next: 2 }
+    );
+    assert_eq!(
+        refuse(&mut coordinator, segment(1, 1, None, true, &tables)),
+        SegmentError::OutOfOrder { op: 1, requested: 1, next: 2 }
+    );
+    assert_eq!(
+        refuse(&mut coordinator, segment(1, 2, Some(1_500), true, &tables)),
+        SegmentError::PointBeforePrevious { op: 1, segment: 2, until_ms: Some(1_500), previous_ms: Some(2_000) }
+    );
+    // A full backup after the point reached: the chain so far does not lead past it.
+    let mut with_full = catalog(&tables, 5);
+    with_full[3].kind = BackupKind::Full;
+    let request = SegmentRequest { catalog: with_full.into(), ..segment(1, 2, None, true, &tables) };
+    assert_eq!(
+        refuse(&mut coordinator, request),
+        SegmentError::Chain(ChainError::FullBackupInSegment { backup_id: 4, taken_at_ms: 4_000 })
+    );
+
+    // Accepted once; the same call again is a no-op, and another call for the same segment is refused.
+    let out = coordinator.continue_segment(60, segment(1, 2, Some(3_000), false, &tables)).unwrap();
+    let again = coordinator.continue_segment(61, segment(1, 2, Some(3_000), false, &tables)).unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(
+        refuse(&mut coordinator, segment(1, 2, Some(3_000), true, &tables)),
+        SegmentError::SegmentTaken { op: 1, segment: 2 }
+    );
+    apply_everything(&mut coordinator, 70, applies(&out));
+    let done = coordinator.continue_segment(80, segment(1, 3, Some(3_000), true, &tables)).unwrap();
+    assert_eq!(state(&coordinator, 1), OperationState::Done, "an empty last segment ends at once: {done:?}");
+    assert_eq!(refuse(&mut coordinator, segment(1, 4, None, true, &tables)), SegmentError::Ended { op: 1 });
+    // A late copy of the last call is still answered as before.
+    assert_eq!(coordinator.continue_segment(90, segment(1, 3, Some(3_000), true, &tables)), Ok(Vec::new()));
+}
+
+#[test]
+fn a_coordinator_rebooted_between_segments_still_waits_and_then_continues() {
+    let tables = vec![table(1, 2)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(1_000), false));
+    apply_everything(&mut coordinator, 20, sent);
+    let (mut rebooted, out) = Coordinator::boot(config(), Some(coordinator.durable().clone()), SEED, 30);
+    assert!(applies(&out).is_empty(), "nothing to send while waiting: {out:?}");
+    assert_eq!(state(&rebooted, 1), OperationState::AwaitingSegment);
+    let out = rebooted.continue_segment(40, segment(1, 2, None, true, &tables)).unwrap();
+    let sent = applies(&out);
+    assert!(sent.iter().all(|r| r.increment == 1 && r.backup_id == 2 && r.generation == 2), "{sent:?}");
+    apply_everything(&mut rebooted, 50, sent);
+    assert_eq!(rebooted.status(1).unwrap().increments, 5);
+    assert_eq!(state(&rebooted, 1), OperationState::Done);
+}
+
+/// A coordinator under `bug` that has applied segment 1 (backups 1, 2) of a restore to 2,000 ms.
+fn first_segment_with(bug: CoordinatorBug) -> Coordinator {
+    let mut coordinator = boot(CoordinatorConfig { bug: Some(bug), ..config() });
+    let sent = start(&mut coordinator, 10, to_point(1, vec![table(1, 1)], Some(2_000), false));
+    apply_everything(&mut coordinator, 20, sent);
+    coordinator
+}
+
+#[test]
+fn the_segment_bugs_do_what_they_say() {
+    if !cfg!(feature = "mutants") {
+        return; // The bugs exist only in builds with the `mutants` feature (the simulator's test runs turn it on).
+    }
+    let next =
+        |coordinator: &mut Coordinator| coordinator.continue_segment(30, segment(1, 2, None, true, &[table(1, 1)]));
+    let coordinator = first_segment_with(CoordinatorBug::FinalWorkEverySegment);
+    assert_eq!(
+        coordinator.progress(),
+        vec![ProgressMark::AwaitingSegment { op: 1, segment: 1, increments: 2, released: true }]
+    );
+    let mut coordinator = first_segment_with(CoordinatorBug::SegmentEndIsDone);
+    assert_eq!(state(&coordinator, 1), OperationState::Done);
+    assert_eq!(next(&mut coordinator), Err(SegmentError::Ended { op: 1 }));
+    let mut coordinator = first_segment_with(CoordinatorBug::SegmentRestartsChain);
+    let first: Vec<IncrementIndex> = applies(&next(&mut coordinator).unwrap()).iter().map(|r| r.increment).collect();
+    assert_eq!(first, vec![0], "the chain starts over from the full backup");
 }

@@ -148,8 +148,14 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                     let table =
                         TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
                     let collection = "nightly".to_string();
-                    let request =
-                        RestoreRequest { op: 7, collection, tables: vec![table], catalog: catalog.clone().into() };
+                    let request = RestoreRequest {
+                        op: 7,
+                        collection,
+                        tables: vec![table],
+                        catalog: catalog.clone().into(),
+                        until_ms: None,
+                        last_segment: true,
+                    };
                     let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
                     tokio::task::spawn_local(io.run_coordinator(config, 1, Some(request)));
                 }
@@ -377,6 +383,8 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
                 collection: "nightly".to_string(),
                 tables: vec![table],
                 catalog: catalog.into(),
+                until_ms: None,
+                last_segment: true,
             };
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
             let first = process(0, listener).run_coordinator(config.clone(), 1, Some(request));
@@ -436,6 +444,8 @@ fn a_state_that_names_its_chain_file_is_read_back_whole_only_with_that_file() {
         collection: "nightly".to_string(),
         tables: vec![table.clone()],
         catalog: catalog.into(),
+        until_ms: None,
+        last_segment: true,
     };
     let (mut coordinator, _) = Coordinator::boot(CoordinatorConfig::default(), None, 1, 0);
     coordinator.start(0, request).expect("the restore starts");

@@ -58,7 +58,7 @@ const fn host(bug: HostBug) -> Bugs {
     Bugs { coordinator: None, shard: None, host: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 14] = [
+pub const CATALOG: [KnownBug; 17] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -105,6 +105,24 @@ pub const CATALOG: [KnownBug; 14] = [
         name: "lost-request-waits-forever",
         summary: "a request whose reply never comes is waited for forever, neither timed out nor retried",
         bugs: coordinator(CoordinatorBug::LostRequestWaitsForever),
+        caught_in: sweep(50),
+    },
+    KnownBug {
+        name: "final-work-every-segment",
+        summary: "a restore in segments makes its tables readable at the end of every segment, not only the last",
+        bugs: coordinator(CoordinatorBug::FinalWorkEverySegment),
+        caught_in: sweep(50),
+    },
+    KnownBug {
+        name: "segment-end-is-done",
+        summary: "a restore in segments ends Done when a segment that is not the last ends",
+        bugs: coordinator(CoordinatorBug::SegmentEndIsDone),
+        caught_in: sweep(50),
+    },
+    KnownBug {
+        name: "segment-restarts-chain",
+        summary: "a continued segment starts the chain over from the full backup instead of where the last one ended",
+        bugs: coordinator(CoordinatorBug::SegmentRestartsChain),
         caught_in: sweep(50),
     },
     KnownBug {

@@ -38,10 +38,13 @@ pub enum Invariant {
     /// An ended operation leaves no working file behind: at the end of the run the coordinator's disk holds no
     /// file its durable state no longer refers to (a restore chain of an operation that has ended).
     CleanedUp,
+    /// A restore in segments does its final work (its tables made readable, its collection released) only at the
+    /// end of its last segment: never when an earlier segment ends.
+    FinalWorkAtTheEnd,
 }
 
 impl Invariant {
-    pub const ALL: [Invariant; 8] = [
+    pub const ALL: [Invariant; 9] = [
         Invariant::InOrderApply,
         Invariant::NoLostIncrement,
         Invariant::NoFalseSuccess,
@@ -50,6 +53,7 @@ impl Invariant {
         Invariant::ExpectedOutcome,
         Invariant::Liveness,
         Invariant::CleanedUp,
+        Invariant::FinalWorkAtTheEnd,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Invariant {
             Invariant::ExpectedOutcome => "expected-outcome",
             Invariant::Liveness => "liveness",
             Invariant::CleanedUp => "cleaned-up",
+            Invariant::FinalWorkAtTheEnd => "final-work-at-the-end",
         }
     }
 
@@ -215,7 +220,7 @@ impl<'a> Walker<'a> {
                 let loaded = loaded.as_ref().map(progress_of).unwrap_or_default();
                 for (op, durable) in &self.progress {
                     let reloaded = loaded.iter().find(|m| m.op() == *op).copied();
-                    if reloaded.is_none_or(|mark| rank(mark) < rank(*durable)) {
+                    if reloaded.is_none_or(|mark| mark.rank() < durable.rank()) {
                         let detail = format!("coordinator rebooted into {reloaded:?} after durable {durable:?}");
                         self.violate(Invariant::ProgressNeverBackwards, index, detail);
                         break;
@@ -295,39 +300,55 @@ impl<'a> Walker<'a> {
     fn on_progress(&mut self, index: usize, mark: ProgressMark) {
         let op = mark.op();
         if let Some(previous) = self.progress.get(&op)
-            && rank(mark) < rank(*previous)
+            && mark.rank() < previous.rank()
         {
             let detail = format!("coordinator persisted {mark:?} after {previous:?}");
             self.violate(Invariant::ProgressNeverBackwards, index, detail);
         }
         self.progress.insert(op, mark);
         self.last_seen.insert(op, mark);
-        if let ProgressMark::Done { increments, .. } = mark {
-            let last = self.world.chain_len - 1;
-            let tablets = self.op_tablets.get(&op).cloned().unwrap_or_default();
-            let missing: Vec<String> = tablets
-                .iter()
-                .map(|t| (t, self.applied.get(t).copied().flatten().filter(|(o, _, _)| *o == op)))
-                .filter(|(_, a)| a.is_none_or(|(_, k, _)| k < last))
-                .map(|(t, a)| format!("{t} holds {:?}", a.map(|(_, k, _)| k)))
-                .collect();
-            if !missing.is_empty() || increments != self.world.chain_len {
-                let detail = format!(
-                    "operation {op} Done with {increments} of {} increments while {}",
-                    self.world.chain_len,
-                    if missing.is_empty() { "every tablet is done".to_string() } else { missing.join(", ") }
-                );
-                self.violate(Invariant::NoFalseSuccess, index, detail);
+        match mark {
+            ProgressMark::Done { increments, .. } => {
+                let missing = self.not_holding(op, self.world.chain_len);
+                if !missing.is_empty() || increments != self.world.chain_len {
+                    let detail = format!(
+                        "operation {op} Done with {increments} of {} increments while {}",
+                        self.world.chain_len,
+                        if missing.is_empty() { "every tablet is done".to_string() } else { missing.join(", ") }
+                    );
+                    self.violate(Invariant::NoFalseSuccess, index, detail);
+                }
             }
+            ProgressMark::AwaitingSegment { segment, increments, released, .. } => {
+                let missing = self.not_holding(op, increments);
+                if !missing.is_empty() {
+                    let detail = format!(
+                        "operation {op} ended segment {segment} at {increments} increments while {}",
+                        missing.join(", ")
+                    );
+                    self.violate(Invariant::NoFalseSuccess, index, detail);
+                }
+                if released {
+                    let detail = format!(
+                        "operation {op} let go of its tables or its collection when segment {segment} ended, with \
+                         segments still to come"
+                    );
+                    self.violate(Invariant::FinalWorkAtTheEnd, index, detail);
+                }
+            }
+            ProgressMark::Running { .. } | ProgressMark::Failed { .. } => {}
         }
     }
-}
 
-/// Orders progress marks: running increments in order, then any end state.
-fn rank(mark: ProgressMark) -> (u8, u32) {
-    match mark {
-        ProgressMark::Running { increment, .. } => (1, increment),
-        ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0),
+    /// The tablets of `op` that do not durably hold its first `increments` increments, each with what it holds.
+    fn not_holding(&self, op: OperationId, increments: u32) -> Vec<String> {
+        let tablets = self.op_tablets.get(&op).map(Vec::as_slice).unwrap_or_default();
+        tablets
+            .iter()
+            .map(|t| (t, self.applied.get(t).copied().flatten().filter(|(o, _, _)| *o == op)))
+            .filter(|(_, a)| a.is_none_or(|(_, k, _)| k + 1 < increments))
+            .map(|(t, a)| format!("{t} holds {:?}", a.map(|(_, k, _)| k)))
+            .collect()
     }
 }
 
@@ -413,6 +434,15 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
                 if *expect == OpExpect::Done {
                     push(violations, Invariant::ExpectedOutcome, format!("operation {op} failed, expected Done"));
                 }
+            }
+            (Some(OperationStatus::AwaitingSegment { .. }), _) => {
+                let segment = operation.map_or(0, lockstep::coordinator::Operation::segment);
+                let detail = format!(
+                    "operation {op} still waits for segment {} {} ms after healing",
+                    segment + 1,
+                    world.liveness_bound_ms
+                );
+                push(violations, Invariant::Liveness, detail);
             }
             (Some(OperationStatus::Running(running)), _) => {
                 let detail = format!(
@@ -550,6 +580,7 @@ mod tests {
             collection: request.collection,
             tables: request.tables,
             backup_ids: world.chain_backup_ids.clone(),
+            segments: vec![lockstep::coordinator::Segment { until_ms: None, last: true, first_increment: 0 }],
             started_at_ms: 0,
             deadline_at_ms: 1,
             status: OperationStatus::Done { increments: world.chain_len, finished_at_ms: 1 },
@@ -715,6 +746,7 @@ mod tests {
         let chain = lockstep::model::RestoreChain::plan(&world.catalog, &operation.tables).unwrap();
         operation.status = OperationStatus::Running(RunningState {
             chain: std::sync::Arc::new(chain),
+            first_increment: 0,
             increment: 1,
             increment_deadline_at_ms: 1,
             increment_limit_ms: 1,

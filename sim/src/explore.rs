@@ -233,6 +233,8 @@ impl ExploreWorld {
             collection: "explore".to_string(),
             tables: self.tables.clone(),
             catalog: self.catalog.clone(),
+            until_ms: None,
+            last_segment: true,
         }
     }
 
@@ -341,7 +343,7 @@ struct Budget {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct Ghost {
     /// Highest durable progress rank of the operation.
-    progress: (u8, u32),
+    progress: (u8, u32, u8),
 }
 
 /// What can happen next.
@@ -405,16 +407,9 @@ impl fmt::Display for Step {
     }
 }
 
-/// Orders progress marks: running increments in order, then an end.
-fn rank(marks: &[ProgressMark]) -> (u8, u32) {
-    marks
-        .iter()
-        .map(|mark| match mark {
-            ProgressMark::Running { increment, .. } => (1, *increment),
-            ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0),
-        })
-        .max()
-        .unwrap_or((0, 0))
+/// The furthest progress among `marks` ([`ProgressMark::rank`]).
+fn rank(marks: &[ProgressMark]) -> (u8, u32, u8) {
+    marks.iter().map(|mark| mark.rank()).max().unwrap_or((0, 0, 0))
 }
 
 impl State {

@@ -281,7 +281,7 @@ mod cli {
     #[derive(Args, Clone, Default)]
     struct WorldArgs {
         /// Run the world of this scenario file instead of drawing one per seed.
-        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals", "lost_object"])]
+        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals", "lost_object", "point_in_time"])]
         scenario: Option<std::path::PathBuf>,
         /// Run with a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
         #[arg(long = "bug", value_parser = bug_name)]
@@ -303,6 +303,16 @@ mod cli {
         /// object is back once the restore failed, and a second restore of the same tables must end Done).
         #[arg(long, value_enum)]
         lost_object: Option<LostObjectArg>,
+        /// Fix whether every world restores to a point in time drawn from its history, in one to three segments,
+        /// instead of drawing it (a quarter of worlds): `never` or `always`.
+        #[arg(long, value_enum)]
+        point_in_time: Option<PointInTimeArg>,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+    enum PointInTimeArg {
+        Never,
+        Always,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -339,6 +349,11 @@ mod cli {
                 Some(LostObjectArg::ForGood) => (1.0, 0.0),
                 Some(LostObjectArg::RestoreAgain) => (1.0, 1.0),
             };
+            let point_in_time_probability = match self.point_in_time {
+                None => drawn.point_in_time_probability,
+                Some(PointInTimeArg::Never) => 0.0,
+                Some(PointInTimeArg::Always) => 1.0,
+            };
             Ok(WorldParams {
                 tables: self.tables,
                 shard_count: self.shards,
@@ -346,6 +361,7 @@ mod cli {
                 incrementals: self.incrementals,
                 lost_object_probability,
                 restore_again_probability,
+                point_in_time_probability,
                 bugs,
                 ..drawn
             })
@@ -374,6 +390,10 @@ mod cli {
             if let Some(lost) = self.lost_object {
                 let name = clap::ValueEnum::to_possible_value(&lost).expect("no variant is skipped");
                 flags.push_str(&format!(" --lost-object {}", name.get_name()));
+            }
+            if let Some(point_in_time) = self.point_in_time {
+                let name = clap::ValueEnum::to_possible_value(&point_in_time).expect("no variant is skipped");
+                flags.push_str(&format!(" --point-in-time {}", name.get_name()));
             }
             flags
         }
@@ -1110,6 +1130,10 @@ mod cli {
             summary.lost_object_worlds,
             summary.restored_again_worlds
         );
+        println!(
+            "point in time    {} world(s) restored to a point in time, {} of them in two or three segments",
+            summary.point_in_time_worlds, summary.segmented_worlds
+        );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
         let mut never = Vec::new();
         for kind in FaultKind::ALL {
@@ -1454,6 +1478,25 @@ mod cli {
             assert_eq!(run_args(&["--lost-object", "restore-again"]).world.as_flags(), " --lost-object restore-again");
             let refused = Cli::try_parse_from(["lockstep-sim", "run", "--lost-object", "sometimes"]);
             assert!(refused.is_err_and(|e| e.to_string().contains("possible values: never, for-good, restore-again")));
+        }
+
+        #[test]
+        fn point_in_time_fixes_whether_worlds_restore_to_a_point_and_a_reproduce_line_repeats_it() {
+            let params = |flag: &str| run_args(&["--point-in-time", flag]).world.params().expect("valid flags");
+            assert_eq!(params("never").point_in_time_probability, 0.0);
+            assert_eq!(params("always").point_in_time_probability, 1.0);
+            let default = run_args(&[]).world.params().expect("valid flags");
+            assert_eq!(default.point_in_time_probability, WorldParams::sweep_default().point_in_time_probability);
+            let segmented = (0..20).map(|seed| lockstep_sim::world::World::generate(seed, &params("always")));
+            assert!(segmented.clone().all(|world| world.until_ms.is_some() || world.segments() > 1));
+            assert!(segmented.clone().any(|world| world.segments() > 1));
+            assert!((0..20).all(|seed| {
+                let world = lockstep_sim::world::World::generate(seed, &params("never"));
+                world.until_ms.is_none() && world.segments() == 1
+            }));
+            assert_eq!(run_args(&["--point-in-time", "always"]).world.as_flags(), " --point-in-time always");
+            let refused = Cli::try_parse_from(["lockstep-sim", "run", "--point-in-time", "sometimes"]);
+            assert!(refused.is_err_and(|e| e.to_string().contains("possible values: never, always")));
         }
 
         #[test]

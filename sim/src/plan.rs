@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use lockstep::coordinator::{LifecycleError, RestoreError, StartError};
+use lockstep::coordinator::{LifecycleError, RestoreError, SegmentError, StartError};
 use lockstep::model::{IncrementIndex, TabletId};
 use lockstep::protocol::{ClientAnswer, ClientCall, OperationId, ShardFailure};
 
@@ -16,8 +16,18 @@ pub struct PlannedCall {
     /// The call waits for this operation to end (durably, Done or Failed), as an operator's script that polls
     /// its status would, and is made `at_ms` later.
     pub after_end_of: Option<OperationId>,
+    /// The call waits for this operation to end this segment of a restore in segments (or to end, whichever
+    /// comes first), and is made `at_ms` later.
+    pub after_segment: Option<(OperationId, u32)>,
     pub call: ClientCall,
     pub expect: CallExpect,
+}
+
+impl PlannedCall {
+    /// `call` at `at_ms` after the run began, expecting `expect`.
+    pub fn at(at_ms: u64, call: ClientCall, expect: CallExpect) -> Self {
+        Self { at_ms, after_end_of: None, after_segment: None, call, expect }
+    }
 }
 
 /// The answer a call must get.
@@ -29,6 +39,9 @@ pub enum CallExpect {
     /// Refused, with the refusal of this name (see [`refusal_name`]).
     StartRefused(String),
     Forgotten,
+    Continued,
+    /// Continue refused, with the refusal of this name (see [`segment_error_name`]).
+    ContinueRefused(String),
     /// Forget refused, with the error of this name (see [`lifecycle_error_name`]).
     ForgetRefused(String),
     /// Status refused, with the error of this name (see [`lifecycle_error_name`]).
@@ -43,6 +56,10 @@ impl CallExpect {
             (CallExpect::Started, ClientAnswer::Started { .. }) => true,
             (CallExpect::StartRefused(name), ClientAnswer::StartRefused(error)) => refusal_name(error) == name,
             (CallExpect::Forgotten, ClientAnswer::Forgotten { .. }) => true,
+            (CallExpect::Continued, ClientAnswer::Continued { .. }) => true,
+            (CallExpect::ContinueRefused(name), ClientAnswer::ContinueRefused(error)) => {
+                segment_error_name(error) == name
+            }
             (CallExpect::ForgetRefused(name), ClientAnswer::ForgetRefused(error)) => {
                 lifecycle_error_name(error) == name
             }
@@ -59,6 +76,8 @@ impl fmt::Display for CallExpect {
             CallExpect::Started => f.write_str("started"),
             CallExpect::StartRefused(name) => write!(f, "start refused ({name})"),
             CallExpect::Forgotten => f.write_str("forgotten"),
+            CallExpect::Continued => f.write_str("continued"),
+            CallExpect::ContinueRefused(name) => write!(f, "continue refused ({name})"),
             CallExpect::ForgetRefused(name) => write!(f, "forget refused ({name})"),
             CallExpect::StatusRefused(name) => write!(f, "status refused ({name})"),
         }
@@ -101,6 +120,19 @@ pub fn lifecycle_error_name(error: &LifecycleError) -> &'static str {
     match error {
         LifecycleError::NotFound { .. } => "not-found",
         LifecycleError::StillRunning { .. } => "still-running",
+    }
+}
+
+/// The names of segment refusals.
+pub fn segment_error_name(error: &SegmentError) -> &'static str {
+    match error {
+        SegmentError::NotFound { .. } => "not-found",
+        SegmentError::Ended { .. } => "ended",
+        SegmentError::SegmentRunning { .. } => "segment-running",
+        SegmentError::OutOfOrder { .. } => "out-of-order",
+        SegmentError::SegmentTaken { .. } => "segment-taken",
+        SegmentError::PointBeforePrevious { .. } => "point-before-previous",
+        SegmentError::Chain(_) => "chain",
     }
 }
 

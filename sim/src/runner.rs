@@ -78,6 +78,8 @@ pub enum RunEnd {
     Done,
     Failed(RestoreError),
     StillRunning,
+    /// A segment of a restore in segments ended and no next one came.
+    AwaitingSegment,
     NeverStarted,
 }
 
@@ -97,6 +99,7 @@ impl RunEnd {
             OperationStatus::Done { .. } => RunEnd::Done,
             OperationStatus::Failed { error, .. } => RunEnd::Failed(error.clone()),
             OperationStatus::Running(_) => RunEnd::StillRunning,
+            OperationStatus::AwaitingSegment { .. } => RunEnd::AwaitingSegment,
         }
     }
 }
@@ -107,6 +110,7 @@ impl std::fmt::Display for RunEnd {
             RunEnd::Done => f.write_str("Done"),
             RunEnd::Failed(error) => write!(f, "Failed: {error}"),
             RunEnd::StillRunning => f.write_str("still running"),
+            RunEnd::AwaitingSegment => f.write_str("waiting for a segment"),
             RunEnd::NeverStarted => f.write_str("never started"),
         }
     }
@@ -217,8 +221,14 @@ impl Observer for SimObserver {
         let mut state = self.state.lock();
         if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event {
             state.ops_running = marks.iter().any(|m| matches!(m, ProgressMark::Running { .. }));
-            let ended = marks.iter().filter(|m| !matches!(m, ProgressMark::Running { .. })).map(|m| m.op());
+            let ended = marks.iter().filter(|m| matches!(m, ProgressMark::Done { .. } | ProgressMark::Failed { .. }));
+            let ended: Vec<_> = ended.map(|m| m.op()).collect();
             state.ended_ops.extend(ended);
+            for mark in marks {
+                if let ProgressMark::AwaitingSegment { op, segment, .. } = *mark {
+                    state.segments_ended.insert(op, segment);
+                }
+            }
         }
         match &event {
             HostEvent::Removing(_) => state.removing = true,
@@ -436,9 +446,21 @@ impl NodeEnv {
             }
         });
         for (index, planned) in self.world.calls.iter().enumerate() {
-            match planned.after_end_of {
-                None => tokio::time::sleep_until(self.clock.epoch + Duration::from_millis(planned.at_ms)).await,
-                Some(op) => {
+            match (planned.after_end_of, planned.after_segment) {
+                (_, Some((op, segment))) => {
+                    // As an operator's script polling the operation's status would.
+                    let ended = |state: &SimState| {
+                        state.ended_ops.contains(&op) || state.segments_ended.get(&op).is_some_and(|s| *s >= segment)
+                    };
+                    while !ended(&self.state.lock()) {
+                        tokio::time::sleep(Duration::from_millis(ENDED_POLL_MS)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(planned.at_ms)).await;
+                }
+                (None, None) => {
+                    tokio::time::sleep_until(self.clock.epoch + Duration::from_millis(planned.at_ms)).await;
+                }
+                (Some(op), None) => {
                     // As an operator's script polling the operation's status would; the harness reads the
                     // coordinator's durable verdict instead of making calls the world did not plan.
                     while !self.state.lock().ended_ops.contains(&op) {

@@ -847,12 +847,7 @@ impl Scenario {
                 None => OpExpect::Done,
             };
             expected_ops.insert(request.op, expect);
-            calls.push(PlannedCall {
-                at_ms: 0,
-                after_end_of: None,
-                call: ClientCall::Start(request),
-                expect: CallExpect::Started,
-            });
+            calls.push(PlannedCall::at(0, ClientCall::Start(request), CallExpect::Started));
         }
         let mut ops = BTreeSet::new();
         for restore in restores {
@@ -886,6 +881,8 @@ impl Scenario {
                 collection: decl.collection.clone().unwrap_or_else(|| COLLECTION.to_string()),
                 tables,
                 catalog: world.catalog.clone(),
+                until_ms: None,
+                last_segment: true,
             };
             let expect =
                 call_expect(&decl.expect, "started", &REFUSAL_NAMES, CallExpect::Started, CallExpect::StartRefused)?;
@@ -902,7 +899,8 @@ impl Scenario {
                 Some(op) => Some(self.started_op(op, "`after_ended`")?),
                 None => None,
             };
-            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of, call: ClientCall::Start(request), expect });
+            let call = ClientCall::Start(request);
+            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect });
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
@@ -941,7 +939,7 @@ impl Scenario {
                     ));
                 }
             };
-            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of: None, call: client_call, expect });
+            calls.push(PlannedCall::at(decl.at_ms, client_call, expect));
         }
         // The client makes its calls one after another: those at a time in time order, then those that wait for
         // an operation to end; the file's order breaks ties.

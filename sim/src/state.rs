@@ -59,6 +59,8 @@ pub struct SimState {
     pub crash_requested: BTreeSet<NodeAddr>,
     /// Operations the coordinator has durably ended (Done or Failed), forgotten ones included.
     pub ended_ops: BTreeSet<OperationId>,
+    /// The last segment each operation restored in segments has durably ended.
+    pub segments_ended: BTreeMap<OperationId, u32>,
 }
 
 impl SimState {
@@ -87,6 +89,7 @@ impl SimState {
             removing: false,
             crash_requested: BTreeSet::new(),
             ended_ops: BTreeSet::new(),
+            segments_ended: BTreeMap::new(),
         }
     }
 

@@ -456,6 +456,9 @@ pub struct SweepSummary {
     pub lost_object_worlds: u64,
     /// Of those, worlds that got it back once that restore failed and restored again (which must end Done).
     pub restored_again_worlds: u64,
+    /// Worlds that restored to a point in time, and of those the ones that did it in two or three segments.
+    pub point_in_time_worlds: u64,
+    pub segmented_worlds: u64,
     /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
@@ -499,10 +502,16 @@ impl SweepSummary {
         if world.lost_objects.iter().any(|lost| lost.until_end_of.is_some()) {
             self.restored_again_worlds += 1;
         }
+        if world.until_ms.is_some() || world.segments() > 1 {
+            self.point_in_time_worlds += 1;
+        }
+        if world.segments() > 1 {
+            self.segmented_worlds += 1;
+        }
         match outcome.end {
             RunEnd::Done => self.ended_done += 1,
             RunEnd::Failed(_) => self.ended_failed += 1,
-            RunEnd::StillRunning | RunEnd::NeverStarted => self.ended_unfinished += 1,
+            RunEnd::StillRunning | RunEnd::AwaitingSegment | RunEnd::NeverStarted => self.ended_unfinished += 1,
         }
         // Seeds per invariant: a seed may break one twice (a scenario not followed, and an outcome it expects).
         let broken: std::collections::BTreeSet<Invariant> = outcome.violations.iter().map(|v| v.invariant).collect();
@@ -565,6 +574,8 @@ impl SweepSummary {
         self.events += other.events;
         self.lost_object_worlds += other.lost_object_worlds;
         self.restored_again_worlds += other.restored_again_worlds;
+        self.point_in_time_worlds += other.point_in_time_worlds;
+        self.segmented_worlds += other.segmented_worlds;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
         self.ended_unfinished += other.ended_unfinished;

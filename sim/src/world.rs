@@ -2,14 +2,15 @@
 //! collection taken from it, the fault plan.
 //!
 //! Everything is drawn with ChaCha from the seed, so the same seed always builds the same world. The oracle
-//! (the rows a correct restore must end with) is each source table at the time of the last backup, taken
-//! straight from the workload history; it never looks at bundles or at how the protocol plans its chain.
+//! (the rows a correct restore must end with) is each source table at the time of the last backup restored (the
+//! last one, or for a point-in-time restore the last one taken by that point), taken straight from the workload
+//! history; it never looks at bundles or at how the protocol plans its chain.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use lockstep::bundle::Bundle;
-use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest};
+use lockstep::coordinator::{CoordinatorBug, CoordinatorConfig, RestoreRequest, SegmentRequest};
 use lockstep::host::HostBug;
 use lockstep::model::{
     BackupKind, BackupManifest, Change, IncrementIndex, Key, Rows, RowsIn, ShardMap, SortedRows, TableId, TableSpec,
@@ -64,6 +65,10 @@ pub struct WorldParams {
     /// Probability that a world which loses an object gets it back once its restore has failed, and restores
     /// the same tables again (which must end Done): see [`World::restore_again`].
     pub restore_again_probability: f64,
+    /// Probability that a world restores to a point in time drawn from its history, in one to three segments,
+    /// instead of to the newest backup in one go (drawn from a stream of its own, so the rest of a seed's world
+    /// is the same either way).
+    pub point_in_time_probability: f64,
     /// Deliberate bugs to run with.
     pub bugs: Bugs,
 }
@@ -79,7 +84,12 @@ pub struct Bugs {
 impl WorldParams {
     /// The default world of `cargo sim run`: everything drawn from the seed, 5% of worlds lose an object.
     pub fn sweep_default() -> Self {
-        Self { lost_object_probability: 0.05, restore_again_probability: 0.5, ..Self::default() }
+        Self {
+            lost_object_probability: 0.05,
+            restore_again_probability: 0.5,
+            point_in_time_probability: 0.25,
+            ..Self::default()
+        }
     }
 }
 
@@ -113,7 +123,10 @@ pub struct World {
     pub catalog: Arc<[BackupManifest]>,
     /// Every object in the store, intact. Shared: every run of the world reads the same bytes.
     pub objects: Arc<BTreeMap<String, bytes::Bytes>>,
-    /// Increments in the restore chain (the newest full plus the incrementals after it), from the workload.
+    /// The point in time restored to (`None`: the newest backup).
+    pub until_ms: Option<u64>,
+    /// Increments in the restore chain (the newest full taken by the point restored to, plus the incrementals
+    /// after it up to that point), from the workload.
     pub chain_len: u32,
     /// Backup id of each increment of the restore chain, from the workload.
     pub chain_backup_ids: Vec<u64>,
@@ -208,14 +221,17 @@ impl World {
         // The store lists backups in no particular time order.
         shuffle(&mut rng, &mut catalog);
 
-        let newest_full = history.backups.iter().rposition(|b| b.kind == BackupKind::Full).expect("history has a full");
-        let chain_backup_ids: Vec<u64> = history.backups[newest_full..].iter().map(|b| b.backup_id).collect();
+        let point_in_time = PointInTime::draw(seed, params.point_in_time_probability, &history.backups);
+        let target = point_in_time.as_ref().map_or(history.backups.len() - 1, |p| p.target);
+        let newest_full =
+            history.backups[..=target].iter().rposition(|b| b.kind == BackupKind::Full).expect("history has a full");
+        let chain_backup_ids: Vec<u64> = history.backups[newest_full..=target].iter().map(|b| b.backup_id).collect();
         let chain_len = u32::try_from(chain_backup_ids.len()).expect("short chain");
         let tables: Vec<WorldTable> = specs
             .into_iter()
             .map(|(spec, shard_map, source, is_index)| {
-                // The workload's flat copy of the table at the last backup, already in key order.
-                let rows = &history.snapshots.last().expect("a history has backups")[source];
+                // The workload's flat copy of the table at the last backup restored, already in key order.
+                let rows = &history.snapshots[target][source];
                 let rows: SortedRows =
                     if is_index { index_pairs(rows).into_iter().collect() } else { rows.iter().copied().collect() };
                 WorldTable { spec, shard_map, expected_rows: Arc::new(rows) }
@@ -260,6 +276,7 @@ impl World {
             tables,
             catalog: catalog.into(),
             objects: Arc::new(objects),
+            until_ms: point_in_time.as_ref().and_then(|p| *p.points.last().expect("a segment at least")),
             chain_len,
             chain_backup_ids,
             lost_objects: lost_object.into_iter().collect(),
@@ -275,13 +292,52 @@ impl World {
             download_timeout_ms: 1_000,
         };
         world.liveness_bound_ms = world.work_liveness_bound_ms();
-        let call = ClientCall::Start(world.restore_request());
-        world.calls.push(PlannedCall { at_ms: 0, after_end_of: None, call, expect: CallExpect::Started });
+        match &point_in_time {
+            None => {
+                let call = ClientCall::Start(world.restore_request());
+                world.calls.push(PlannedCall::at(0, call, CallExpect::Started));
+            }
+            Some(point_in_time) => world.plan_segments(&point_in_time.points, &history.backups[newest_full..=target]),
+        }
         // Drawn last, so that every other world of a seed is the one it was before restores were retried.
         if !world.lost_objects.is_empty() && rng.gen_bool(params.restore_again_probability) {
             world.restore_again(rng.gen_range(0..100));
         }
         world
+    }
+
+    /// Plans the client's calls of a restore in segments to `points` (one per segment, in order, the last the
+    /// point restored to): a start to the first, then for every further segment a continue once the one before
+    /// has ended. `chain` holds the backups restored, in order. A continue that comes after the segment in which
+    /// the world loses an object for good finds the operation failed, and must be refused as ended.
+    fn plan_segments(&mut self, points: &[Option<u64>], chain: &[TakenBackup]) {
+        let last = points.len() - 1;
+        let first = RestoreRequest { until_ms: points[0], last_segment: last == 0, ..self.restore_request() };
+        self.calls.push(PlannedCall::at(0, ClientCall::Start(first), CallExpect::Started));
+        // The segment each increment belongs to, counted from 1.
+        let segment_of = |increment: IncrementIndex| {
+            let taken_at = chain[increment as usize].taken_at_ms;
+            1 + points.iter().take(last).filter(|p| p.is_some_and(|p| p < taken_at)).count() as u32
+        };
+        let failed_in =
+            self.lost_objects.iter().filter(|l| l.until_end_of.is_none()).map(|l| segment_of(l.increment)).min();
+        for (at, point) in points.iter().enumerate().skip(1) {
+            let segment = u32::try_from(at + 1).expect("few segments");
+            let request = SegmentRequest {
+                op: OPERATION_ID,
+                segment,
+                until_ms: *point,
+                last_segment: at == last,
+                catalog: self.catalog.clone(),
+            };
+            let expect = match failed_in {
+                Some(failed) if failed < segment => CallExpect::ContinueRefused("ended".to_string()),
+                _ => CallExpect::Continued,
+            };
+            let mut call = PlannedCall::at(0, ClientCall::Continue(request), expect);
+            call.after_segment = Some((OPERATION_ID, segment - 1));
+            self.calls.push(call);
+        }
     }
 
     /// Makes this world's lost object come back once the restore that met its loss has failed, and the client
@@ -292,13 +348,10 @@ impl World {
         for lost in &mut self.lost_objects {
             lost.until_end_of = Some(OPERATION_ID);
         }
+        // In one go, to the point the first restore was going to.
         let request = RestoreRequest { op: RESTORED_AGAIN_ID, ..self.restore_request() };
-        let call = PlannedCall {
-            at_ms: delay_ms,
-            after_end_of: Some(OPERATION_ID),
-            call: ClientCall::Start(request),
-            expect: CallExpect::Started,
-        };
+        let mut call = PlannedCall::at(delay_ms, ClientCall::Start(request), CallExpect::Started);
+        call.after_end_of = Some(OPERATION_ID);
         self.calls.push(call);
         self.expected_ops.insert(RESTORED_AGAIN_ID, OpExpect::Done);
     }
@@ -310,7 +363,8 @@ impl World {
         let last_call = self.calls.iter().map(|call| call.at_ms).max().unwrap_or(0);
         // A call that waits for an operation to end may come as late as that operation's own bound, and what it
         // starts gets the whole bound too.
-        let waits = self.calls.iter().filter(|call| call.after_end_of.is_some()).count() as u64;
+        let waits =
+            self.calls.iter().filter(|call| call.after_end_of.is_some() || call.after_segment.is_some()).count() as u64;
         let bound = self.liveness_bound_ms.saturating_mul(1 + waits);
         self.faults.heal_at_ms.max(last_call).saturating_add(bound)
     }
@@ -321,6 +375,15 @@ impl World {
         let tablets: u64 = self.tables.iter().map(|table| u64::from(table.spec.shard_count)).sum();
         let applies = tablets * u64::from(self.chain_len);
         BASE_LIVENESS_BOUND_MS.max(applies * LIVENESS_BOUND_PER_APPLY_MS)
+    }
+
+    /// The segments of the world's first restore: one, unless the client continues it.
+    pub fn segments(&self) -> u32 {
+        1 + self
+            .calls
+            .iter()
+            .filter(|call| matches!(&call.call, ClientCall::Continue(r) if r.op == OPERATION_ID))
+            .count() as u32
     }
 
     /// The tables operation `op` restores, from the client's start call for it.
@@ -363,12 +426,15 @@ impl World {
         }
     }
 
+    /// The restore of every table of the world to its point in time, in one go.
     pub fn restore_request(&self) -> RestoreRequest {
         RestoreRequest {
             op: OPERATION_ID,
             collection: COLLECTION.to_string(),
             tables: self.tables.iter().map(|t| t.spec.clone()).collect(),
             catalog: self.catalog.clone(),
+            until_ms: self.until_ms,
+            last_segment: true,
         }
     }
 
@@ -440,6 +506,10 @@ impl World {
                 None => format!("at {} ms", call.at_ms),
                 Some(op) => format!("{} ms after operation {op} ended", call.at_ms),
             };
+            let when = match call.after_segment {
+                None => when,
+                Some((op, segment)) => format!("{} ms after segment {segment} of operation {op} ended", call.at_ms),
+            };
             text.push_str(&format!("client {when}: {} (expect {})\n", describe_call(&call.call), call.expect));
         }
         for (op, expect) in &self.expected_ops {
@@ -462,11 +532,69 @@ fn describe_call(call: &ClientCall) -> String {
     match call {
         ClientCall::Start(request) => {
             let tables: Vec<&str> = request.tables.iter().map(|t| t.name.as_str()).collect();
-            format!("start operation {} of collection {} onto {}", request.op, request.collection, tables.join(", "))
+            let segments = if request.last_segment { "" } else { ", the first of several segments" };
+            format!(
+                "start operation {} of collection {} onto {} to {}{segments}",
+                request.op,
+                request.collection,
+                tables.join(", "),
+                point(request.until_ms)
+            )
+        }
+        ClientCall::Continue(request) => {
+            let last = if request.last_segment { ", the last" } else { "" };
+            format!(
+                "continue operation {} with segment {} to {}{last}",
+                request.op,
+                request.segment,
+                point(request.until_ms)
+            )
         }
         ClientCall::Status { op } => format!("status of operation {op}"),
         ClientCall::List => "list operations".to_string(),
         ClientCall::Forget { op } => format!("forget operation {op}"),
+    }
+}
+
+/// A point in time as a description says it.
+fn point(until_ms: Option<u64>) -> String {
+    until_ms.map_or_else(|| "the newest backup".to_string(), |ms| format!("{ms} ms"))
+}
+
+/// A restore to a point in time, in segments, as drawn for a world.
+struct PointInTime {
+    /// The backup of the history the point falls after: the last one restored.
+    target: usize,
+    /// The point each segment restores to, in order; the last is the point of the whole restore (`None`: the
+    /// newest backup, when that is the target).
+    points: Vec<Option<u64>>,
+}
+
+impl PointInTime {
+    /// Draws, with `probability`, a point somewhere in the history of `backups` (before the newest full backup
+    /// too, where the restore starts from the full before it) and one to three segments up to it, each ending at
+    /// a point drawn between two backups of the chain (two may end at the same backup, leaving one empty). From a
+    /// generator of its own, seeded from `seed`.
+    fn draw(seed: u64, probability: f64, backups: &[TakenBackup]) -> Option<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e9a_11d3_c0de_5e65);
+        if !rng.gen_bool(probability) {
+            return None;
+        }
+        let target = rng.gen_range(0..backups.len());
+        let full = backups[..=target].iter().rposition(|b| b.kind == BackupKind::Full).expect("history starts full");
+        // A point at or after a backup and before the next one.
+        let after = |at: usize, rng: &mut ChaCha8Rng| {
+            let gap = backups.get(at + 1).map_or(10_000, |next| next.taken_at_ms - backups[at].taken_at_ms);
+            backups[at].taken_at_ms + rng.gen_range(0..gap)
+        };
+        let until = if target + 1 == backups.len() && rng.gen_bool(0.5) { None } else { Some(after(target, &mut rng)) };
+        let segments = rng.gen_range(1..=3);
+        let mut points: Vec<Option<u64>> = (1..segments)
+            .map(|_| Some(after(rng.gen_range(full..=target), &mut rng).min(until.unwrap_or(u64::MAX))))
+            .collect();
+        points.sort_unstable();
+        points.push(until);
+        Some(Self { target, points })
     }
 }
 
@@ -663,11 +791,29 @@ mod tests {
 
     #[test]
     fn replaying_the_planned_chain_gives_the_oracle() {
-        for seed in 0..50 {
-            let world = World::generate(seed, &WorldParams::sweep_default());
+        let params = WorldParams { point_in_time_probability: 0.5, ..WorldParams::sweep_default() };
+        for seed in 0..60 {
+            let world = World::generate(seed, &params);
             let request = world.restore_request();
-            let chain = RestoreChain::plan(&world.catalog, &request.tables).unwrap();
+            let chain = RestoreChain::plan_until(&world.catalog, &request.tables, world.until_ms).unwrap();
             assert_eq!(chain.len(), world.chain_len, "seed {seed}");
+            // The segments the client asks for, one after another, plan the same chain.
+            let mut segments = Vec::new();
+            for call in &world.calls {
+                match &call.call {
+                    ClientCall::Start(start) if start.op == OPERATION_ID => {
+                        let first = RestoreChain::plan_until(&world.catalog, &start.tables, start.until_ms).unwrap();
+                        segments.extend(first.backups().iter().cloned());
+                    }
+                    ClientCall::Continue(next) => {
+                        let last = segments.last().map(|m: &BackupManifest| (m.taken_at_ms, m.backup_id)).unwrap();
+                        let more = RestoreChain::plan_segment(&next.catalog, &request.tables, last, next.until_ms);
+                        segments.extend(more.unwrap().backups().iter().cloned());
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(segments, chain.backups(), "seed {seed}");
             for tablet in world.tablets() {
                 let mut rows = Rows::new();
                 for manifest in chain.backups() {

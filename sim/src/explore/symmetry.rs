@@ -525,19 +525,29 @@ impl<'a> Encoder<'a> {
     }
 
     fn operation(&mut self, operation: &Operation) {
-        let Operation { op, collection, tables, backup_ids, started_at_ms, deadline_at_ms, status } = operation;
+        let Operation { op, collection, tables, backup_ids, segments, started_at_ms, deadline_at_ms, status } =
+            operation;
         self.word(*op);
         self.string(collection);
-        // Table specs hold no tablet, and no renaming touches a table name.
+        // Table specs and segments hold no tablet, and no renaming touches a table name.
         self.raw(tables);
         self.raw(backup_ids);
+        self.raw(segments);
         self.word(*started_at_ms);
         self.word(*deadline_at_ms);
         match status {
             OperationStatus::Running(running) => {
                 self.word(0);
-                let RunningState { chain, increment, increment_deadline_at_ms, increment_limit_ms, done, retries } =
-                    running;
+                let RunningState {
+                    chain,
+                    first_increment,
+                    increment,
+                    increment_deadline_at_ms,
+                    increment_limit_ms,
+                    done,
+                    retries,
+                } = running;
+                self.word(u64::from(*first_increment));
                 assert!(
                     Arc::ptr_eq(chain, self.chain) || chain == self.chain,
                     "the explored restore plans one chain, which every kept renaming maps onto itself"
@@ -560,6 +570,12 @@ impl<'a> Encoder<'a> {
                 self.word(2);
                 self.restore_error(error);
                 self.word(*failed_at_ms);
+            }
+            OperationStatus::AwaitingSegment { reached, since_ms } => {
+                self.word(3);
+                self.word(reached.0);
+                self.word(reached.1);
+                self.word(*since_ms);
             }
         }
     }
