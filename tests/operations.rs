@@ -941,7 +941,7 @@ fn a_segment_is_refused_unless_it_continues_a_waiting_restore_in_order_and_forwa
     let tables = vec![table(1, 1)];
     let mut coordinator = boot(config());
     let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(2_000), false));
-    let mut refuse = |coordinator: &mut Coordinator, request: SegmentRequest| {
+    let refuse = |coordinator: &mut Coordinator, request: SegmentRequest| {
         let before = coordinator.durable().clone();
         let error = coordinator.continue_segment(50, request).expect_err("the segment is refused");
         assert_eq!(coordinator.durable(), &before, "a refused segment changes no durable state");

@@ -112,6 +112,51 @@ fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_
     }
 }
 
+#[test]
+fn restores_to_a_point_in_time_in_segments_pass_under_every_fault_and_end_at_the_point() {
+    let params = WorldParams {
+        point_in_time_probability: 1.0,
+        faults: Some(FaultPlan::all(8_000)),
+        ..WorldParams::sweep_default()
+    };
+    let summary = sweep(0, 150, params.clone());
+    assert!(summary.failures.is_empty(), "{}", describe(&summary));
+    assert_eq!(summary.point_in_time_worlds, 150);
+    assert!(summary.segmented_worlds >= 60, "{} segmented worlds", summary.segmented_worlds);
+    // Some points fall before the newest full backup (the chain then starts from the full before it), and some
+    // before the last backup: the oracle is the source at the point, not at the end of the history.
+    let worlds: Vec<World> = (0..150).map(|seed| World::generate(seed, &params)).collect();
+    let newest_full = |world: &World| {
+        let fulls = world.catalog.iter().filter(|m| m.kind == lockstep::model::BackupKind::Full);
+        fulls.map(|m| m.backup_id).max().expect("a full backup")
+    };
+    assert!(worlds.iter().any(|w| w.chain_backup_ids[0] != newest_full(w)), "no point before the newest full");
+    let last_backup = |world: &World| world.catalog.iter().map(|m| m.backup_id).max().expect("backups");
+    assert!(worlds.iter().any(|w| w.chain_backup_ids.last() != Some(&last_backup(w))), "no point before the end");
+}
+
+#[test]
+fn the_segment_bugs_are_caught_by_the_invariant_each_breaks_and_reproduced() {
+    let coordinator = |bug| Bugs { coordinator: Some(bug), shard: None, host: None };
+    assert_caught_and_reproducible(coordinator(CoordinatorBug::FinalWorkEverySegment), &[Invariant::FinalWorkAtTheEnd]);
+    assert_caught_and_reproducible(
+        coordinator(CoordinatorBug::SegmentEndIsDone),
+        &[Invariant::NoFalseSuccess, Invariant::NoLostIncrement, Invariant::ExpectedOutcome],
+    );
+    assert_caught_and_reproducible(
+        coordinator(CoordinatorBug::SegmentRestartsChain),
+        &[Invariant::ProgressNeverBackwards],
+    );
+    // Restores in one go never end a segment early: the bugs cannot show there.
+    for bug in
+        [CoordinatorBug::FinalWorkEverySegment, CoordinatorBug::SegmentEndIsDone, CoordinatorBug::SegmentRestartsChain]
+    {
+        let params =
+            WorldParams { bugs: coordinator(bug), point_in_time_probability: 0.0, ..WorldParams::sweep_default() };
+        assert!(first_failure(&params, 60).is_none(), "{bug:?} caught in a world without segments");
+    }
+}
+
 /// Sweeps seeds until one fails; returns it with its outcome.
 fn first_failure(params: &WorldParams, budget: u64) -> Option<(World, SeedOutcome)> {
     (0..budget).find_map(|seed| {

@@ -93,6 +93,27 @@ fn a_table_that_runs_ahead_of_the_others_breaks_in_order_apply() {
 }
 
 #[test]
+fn a_restore_to_a_point_in_time_in_three_segments_through_a_coordinator_reboot() {
+    let mut faults = FaultPlan::none();
+    faults.heal_at_ms = 8_000;
+    faults.set_rate(FaultKind::CoordinatorReboot, 0.3);
+    let params = WorldParams { point_in_time_probability: 1.0, incrementals: Some(4), ..small(faults) };
+    // The first seed whose world goes in three segments to a point before its last backup.
+    let world = (0..)
+        .map(|seed| World::generate(seed, &params))
+        .find(|world| {
+            let last = world.catalog.iter().map(|m| m.backup_id).max();
+            world.segments() == 3 && world.chain_backup_ids.last().copied() < last && world.chain_len >= 3
+        })
+        .expect("such a world");
+    let text = transcript(&world, &run_seed(&world, Keep::Log));
+    assert_ends_with(&text, "operation 1: Done");
+    assert_ends_with(&text, "every invariant held");
+    assert!(text.contains("waiting for segment 3"), "{text}");
+    insta::assert_snapshot!(text);
+}
+
+#[test]
 fn replication_through_failed_puts_slow_answers_and_a_replica_reboot() {
     use lockstep_sim::replication::{ReplicationBugs, ReplicationWorld, run_replication, transcript};
     let world = ReplicationWorld::generate(4, ReplicationBugs::default());

@@ -532,13 +532,13 @@ fn describe_call(call: &ClientCall) -> String {
     match call {
         ClientCall::Start(request) => {
             let tables: Vec<&str> = request.tables.iter().map(|t| t.name.as_str()).collect();
+            let until = request.until_ms.map(|ms| format!(" to {ms} ms")).unwrap_or_default();
             let segments = if request.last_segment { "" } else { ", the first of several segments" };
             format!(
-                "start operation {} of collection {} onto {} to {}{segments}",
+                "start operation {} of collection {} onto {}{until}{segments}",
                 request.op,
                 request.collection,
-                tables.join(", "),
-                point(request.until_ms)
+                tables.join(", ")
             )
         }
         ClientCall::Continue(request) => {
