@@ -562,7 +562,7 @@ impl fmt::Display for ProgressMark {
                 write!(f, "op {op} running increment {increment}, {tablets_done} tablet(s) done")
             }
             ProgressMark::AwaitingSegment { op, segment, increments, released } => {
-                write!(f, "op {op} waiting for segment {} after {increments} increments", segment + 1)?;
+                write!(f, "op {op} waiting for segment {} after {increments} increment(s)", segment + 1)?;
                 if *released { f.write_str(", its tables released") } else { Ok(()) }
             }
             ProgressMark::Done { op, increments } => write!(f, "op {op} done after {increments} increments"),
@@ -1440,7 +1440,7 @@ impl Coordinator {
         self.in_flight.retain(|_, f| f.op != op);
         self.persist(out);
         out.push(Output::Report(format!(
-            "operation {op}: segment {segment} done, {increments} increments applied on every tablet; waiting for \
+            "operation {op}: segment {segment} done, {increments} increment(s) applied on every tablet; waiting for \
              segment {}",
             segment + 1
         )));

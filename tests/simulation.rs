@@ -121,7 +121,7 @@ fn restores_to_a_point_in_time_in_segments_pass_under_every_fault_and_end_at_the
     };
     let summary = sweep(0, 150, params.clone());
     assert!(summary.failures.is_empty(), "{}", describe(&summary));
-    assert_eq!(summary.point_in_time_worlds, 150);
+    assert!(summary.point_in_time_worlds >= 120, "{} worlds to a point in time", summary.point_in_time_worlds);
     assert!(summary.segmented_worlds >= 60, "{} segmented worlds", summary.segmented_worlds);
     // Some points fall before the newest full backup (the chain then starts from the full before it), and some
     // before the last backup: the oracle is the source at the point, not at the end of the history.

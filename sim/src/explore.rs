@@ -10,7 +10,9 @@
 //! - crash a node (bounded): it loses everything not persisted and reboots from its durable state;
 //! - fire a pending timer, advancing the clock to it — only when nothing else is in flight, as timeouts are long
 //!   next to message and download latency. Deadline timers never fire: the explorer checks the protocol's
-//!   safety and progress, not its deadlines.
+//!   safety and progress, not its deadlines;
+//! - in a world restored in segments, the client's call for the next segment, once the coordinator waits for it
+//!   (again after a crash lost a call whose effect was not yet durable, as a client retries until answered).
 //!
 //! States are deduplicated by a 64-bit fingerprint. Breadth-first search gives the shortest path to a
 //! violation. After the search, a liveness check: from every reachable state, with no more faults, the
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer, OperationStatus,
-    ProgressMark, RestoreRequest,
+    ProgressMark, RestoreRequest, SegmentRequest,
 };
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, Change, Rows, TableId, TableSpec, TabletId, apply_changes};
@@ -54,6 +56,8 @@ pub struct ExploreConfig {
     pub shards: u32,
     /// Increments in the restore chain: the full backup and `increments - 1` incrementals.
     pub increments: u32,
+    /// Segments the restore is done in (1 to `increments`), each ending at a backup, the chain split evenly.
+    pub segments: u32,
     /// Node crashes (each followed by a reboot from durable state).
     pub max_crashes: u32,
     pub max_drops: u32,
@@ -77,6 +81,7 @@ impl Default for ExploreConfig {
             tables: 1,
             shards: 2,
             increments: 2,
+            segments: 1,
             max_crashes: 1,
             max_drops: 1,
             max_duplicates: 1,
@@ -123,6 +128,7 @@ impl ExploreWorld {
             config.tables > 0 && config.shards > 0 && config.increments > 0,
             "a world has a tablet and a full backup"
         );
+        assert!((1..=config.increments).contains(&config.segments), "every segment ends at a backup of the chain");
         let tables: Vec<TableSpec> = (0..config.tables)
             .map(|t| TableSpec { id: TableId(t), name: format!("t{t}"), shard_count: config.shards, index_of: None })
             .collect();
@@ -228,13 +234,32 @@ impl ExploreWorld {
     }
 
     pub fn request(&self) -> RestoreRequest {
+        let segmented = self.config.segments > 1;
         RestoreRequest {
             op: OP,
             collection: "explore".to_string(),
             tables: self.tables.clone(),
             catalog: self.catalog.clone(),
-            until_ms: None,
-            last_segment: true,
+            until_ms: segmented.then(|| self.segment_points()[0]),
+            last_segment: !segmented,
+        }
+    }
+
+    /// The point each segment restores to: the time of the backup it ends at, the chain split as evenly as it
+    /// goes (segment i of n ends at backup `i * increments / n`), the last at the last backup.
+    pub fn segment_points(&self) -> Vec<u64> {
+        let (n, m) = (self.config.segments, self.config.increments);
+        (1..=n).map(|i| self.catalog[(i * m / n - 1) as usize].taken_at_ms).collect()
+    }
+
+    /// The client's call for segment `segment` (2 and later).
+    fn continuation(&self, segment: u32) -> SegmentRequest {
+        SegmentRequest {
+            op: OP,
+            segment,
+            until_ms: Some(self.segment_points()[segment as usize - 1]),
+            last_segment: segment == self.config.segments,
+            catalog: self.catalog.clone(),
         }
     }
 
@@ -358,6 +383,8 @@ pub enum Step {
     FireShardTimer(usize, usize),
     Download(usize, usize, Fate),
     Crash(Option<usize>),
+    /// The client asks for the next segment of the restore.
+    Continue,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -403,6 +430,7 @@ impl fmt::Display for Step {
             Step::FireShardTimer(s, i) => write!(f, "shard node #{s} timer #{i} fires"),
             Step::Download(s, i, fate) => write!(f, "shard node #{s} download #{i} comes back {fate:?}"),
             Step::Crash(n) => write!(f, "{} crashes and reboots", node(n)),
+            Step::Continue => f.write_str("the client asks for the next segment"),
         }
     }
 }
@@ -410,6 +438,16 @@ impl fmt::Display for Step {
 /// The furthest progress among `marks` ([`ProgressMark::rank`]).
 fn rank(marks: &[ProgressMark]) -> (u8, u32, u8) {
     marks.iter().map(|mark| mark.rank()).max().unwrap_or((0, 0, 0))
+}
+
+/// A progress rank in words.
+fn describe_rank(rank: (u8, u32, u8)) -> String {
+    match rank {
+        (0, ..) => "no progress".to_string(),
+        (1, increment, 0) => format!("running increment {increment}"),
+        (1, increment, _) => format!("a segment that ended after increment {increment}"),
+        _ => "the end of the operation".to_string(),
+    }
 }
 
 impl State {
@@ -458,6 +496,9 @@ impl State {
                 }
             }
         }
+        if self.awaits_next_segment(world).is_some() {
+            steps.push(Step::Continue);
+        }
         if self.operation_running() && self.used.crashes < config.max_crashes {
             steps.push(Step::Crash(None));
             steps.extend((0..self.shards.len()).map(|s| Step::Crash(Some(s))));
@@ -472,15 +513,27 @@ impl State {
         steps
     }
 
+    /// Whether the operation has not ended (it runs, waits for a segment, or is not durably started yet).
     fn operation_running(&self) -> bool {
         let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP));
-        operation.is_none_or(|o| matches!(o.status, OperationStatus::Running(_)))
+        operation
+            .is_none_or(|o| matches!(o.status, OperationStatus::Running(_) | OperationStatus::AwaitingSegment { .. }))
+    }
+
+    /// The segment the client asks for next, if the coordinator waits for one and has carried out what ending
+    /// the last one asked (the client learns of the wait from the durable status).
+    fn awaits_next_segment(&self, world: &ExploreWorld) -> Option<u32> {
+        let operation = self.coordinator.machine.operation(OP)?;
+        let waiting = matches!(operation.status, OperationStatus::AwaitingSegment { .. });
+        let next = operation.segment() + 1;
+        (waiting && self.coordinator.outbox.is_empty() && next <= world.config.segments).then_some(next)
     }
 
     /// How the operation ended, from the coordinator's disk.
     pub fn outcome(&self) -> Option<&OperationStatus> {
         let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP))?;
-        (!matches!(operation.status, OperationStatus::Running(_))).then_some(&operation.status)
+        matches!(operation.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. })
+            .then_some(&operation.status)
     }
 
     /// Whether `step` uses a fault.
@@ -557,6 +610,14 @@ impl State {
                 let out = shard.machine.handle_download(now_ms, result);
                 shard.outbox.extend(out);
                 next.flush_shard(world, s, broken);
+            }
+            Step::Continue => {
+                let segment = next.awaits_next_segment(world).expect("a continue is taken only when it is possible");
+                let now_ms = next.now_ms;
+                let coordinator = next.coordinator_mut();
+                let out = coordinator.machine.continue_segment(now_ms, world.continuation(segment));
+                coordinator.outbox.extend(out.expect("the explored segments continue"));
+                next.flush_coordinator(world, broken);
             }
             Step::Crash(node) => {
                 next.used.crashes += 1;
@@ -749,10 +810,26 @@ impl State {
     fn check_progress(&mut self, world: &ExploreWorld, marks: &[ProgressMark], broken: &mut Vec<Broken>) {
         let now = rank(marks);
         if now < self.ghost.progress {
-            let detail = format!("coordinator persisted {marks:?} after rank {:?}", self.ghost.progress);
+            let detail = format!("coordinator persisted {marks:?} after {}", describe_rank(self.ghost.progress));
             broken.push(Broken { invariant: "progress-never-backwards", detail });
         }
         self.ghost.progress = self.ghost.progress.max(now);
+        for mark in marks {
+            let ProgressMark::AwaitingSegment { segment, increments, released, .. } = *mark else { continue };
+            if released {
+                let detail = format!("segment {segment} ended with the operation's tables or collection released");
+                broken.push(Broken { invariant: "final-work-at-the-end", detail });
+            }
+            for shard in &self.shards {
+                let holds = shard.durable.as_ref().and_then(|d| d.applied_through);
+                if holds.is_none_or(|k| k + 1 < increments) {
+                    let tablet = shard.machine.id();
+                    let detail =
+                        format!("segment {segment} ended at {increments} increment(s) while {tablet} holds {holds:?}");
+                    broken.push(Broken { invariant: "no-false-success", detail });
+                }
+            }
+        }
         if marks.iter().any(|m| matches!(m, ProgressMark::Done { .. })) {
             let last = world.config.increments - 1;
             for (s, shard) in self.shards.iter().enumerate() {
@@ -1072,6 +1149,12 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
                 deletes.join(", ")
             );
         }
+    }
+    if config.segments > 1 {
+        let points = world.segment_points();
+        let (last, earlier) = points.split_last().expect("a segment at least");
+        let earlier: Vec<String> = earlier.iter().map(u64::to_string).collect();
+        let _ = writeln!(w, "\n[[restore]]\nop = {OP}\nuntil_ms = {last}\nsegments = [{}]", earlier.join(", "));
     }
     // The path's drops and duplicates become rates: the simulation picks which messages.
     // A crash inside a sync stretches the windows the explorer reached by choosing the order of events.

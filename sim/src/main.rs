@@ -181,6 +181,10 @@ mod cli {
         /// Increments in the chain: a full backup and the incrementals after it.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=6))]
         increments: u32,
+        /// Restore in this many segments (1 to --increments), the chain split evenly; the client asks for each
+        /// next segment once the coordinator waits for it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=6))]
+        segments: u32,
         /// Node crashes (each one reboots from durable state).
         #[arg(long, default_value_t = 1)]
         crashes: u32,
@@ -707,10 +711,18 @@ mod cli {
             );
             return 2;
         }
+        if args.segments > args.increments {
+            eprintln!(
+                "error: --segments {} is more than --increments {}: every segment ends at a backup of the chain",
+                args.segments, args.increments
+            );
+            return 2;
+        }
         let config = ExploreConfig {
             tables: args.tables,
             shards: args.shards,
             increments: args.increments,
+            segments: args.segments,
             max_crashes: args.crashes,
             max_drops: args.drops,
             max_duplicates: args.duplicates,
@@ -722,10 +734,11 @@ mod cli {
             symmetry: args.symmetry,
         };
         println!(
-            "lockstep check: {} table(s) x {} shard(s), {} increment(s); at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
+            "lockstep check: {} table(s) x {} shard(s), {} increment(s){}; at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
             config.tables,
             config.shards,
             config.increments,
+            if config.segments > 1 { format!(" in {} segments", config.segments) } else { String::new() },
             config.max_crashes,
             config.max_drops,
             config.max_duplicates,
@@ -1391,6 +1404,18 @@ mod cli {
         }
 
         const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/second-restore-refused.toml");
+
+        #[test]
+        fn more_segments_than_increments_are_refused_and_segments_find_their_bugs() {
+            assert_eq!(check(check_args(&["--segments", "3"])), 2);
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let emit = dir.path().join("cex.toml");
+            let emit = emit.to_str().expect("a utf-8 path");
+            let args = ["--segments", "2", "--bug", "final-work-every-segment", "--emit", emit];
+            assert_eq!(check(check_args(&args)), 1);
+            let written = std::fs::read_to_string(emit).expect("the counterexample is written");
+            assert!(written.contains("until_ms = 2000\nsegments = [1000]"), "{written}");
+        }
 
         #[test]
         fn a_start_the_pinned_seeds_of_a_scenario_would_ignore_is_refused() {

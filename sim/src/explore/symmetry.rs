@@ -83,7 +83,9 @@ const MAX_CANDIDATES: usize = 5_040;
 #[derive(Clone, Debug)]
 pub struct Symmetry {
     renamings: Vec<Renaming>,
-    /// The chain every state's running operation carries: renamed onto itself (its objects map to each other).
+    /// The explored restore's whole chain: every state's running operation carries it, or in a restore done in
+    /// segments the stretch of it its segment holds (told apart by where the stretch begins). Renamed onto itself
+    /// (its objects map to each other).
     chain: Arc<RestoreChain>,
 }
 
@@ -104,7 +106,10 @@ impl Symmetry {
     pub fn of(world: &ExploreWorld) -> Self {
         let tablets: Vec<TabletId> = world.tables.iter().flat_map(TableSpec::tablets).collect();
         let chain = match &world.initial().coordinator.machine.durable().operations[&OP].status {
-            OperationStatus::Running(running) => running.chain.clone(),
+            OperationStatus::Running(running) if world.config.segments == 1 => running.chain.clone(),
+            OperationStatus::Running(_) => {
+                Arc::new(RestoreChain::plan(&world.catalog, &world.tables).expect("the explored chain plans"))
+            }
             other => panic!("the explored restore starts running, not {other:?}"),
         };
         let identity: Vec<usize> = (0..tablets.len()).collect();
@@ -548,8 +553,10 @@ impl<'a> Encoder<'a> {
                     retries,
                 } = running;
                 self.word(u64::from(*first_increment));
+                let first = *first_increment as usize;
                 assert!(
-                    Arc::ptr_eq(chain, self.chain) || chain == self.chain,
+                    Arc::ptr_eq(chain, self.chain)
+                        || self.chain.backups().get(first..first + chain.len() as usize) == Some(chain.backups()),
                     "the explored restore plans one chain, which every kept renaming maps onto itself"
                 );
                 self.word(u64::from(*increment));
