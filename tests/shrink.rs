@@ -100,6 +100,35 @@ fn a_world_that_restores_again_after_a_failure_shrinks_to_a_scenario_that_restor
     assert!(fixed.violations.is_empty(), "without the bug: {:?}", fixed.violations);
 }
 
+/// A restore to a point in time in segments shrinks too: the file keeps the point and the segments (the bugs of
+/// segments need at least two), loads, breaks the same invariant at the same seed, and passes without the bug.
+#[test]
+fn a_failing_restore_in_segments_shrinks_to_a_scenario_that_restores_in_segments() {
+    for name in ["segment-end-is-done", "final-work-every-segment", "segment-restarts-chain"] {
+        let known = catalog::by_name(name).expect("catalogued");
+        let (seed, invariants) =
+            first_detection(known.bugs, known.budget_seeds().expect("a sweep budget"), 2).expect("the sweep finds it");
+        let params = WorldParams { bugs: known.bugs, ..WorldParams::sweep_default() };
+        let world = World::generate(seed, &params);
+        assert!(world.segments() > 1, "{name}: seed {seed} restores in one go");
+        let shrunk = shrink(&world, None, "test", 2_000, Box::new(|_, _| {})).expect("the seed shrinks");
+        assert_eq!(shrunk.invariant, invariants[0], "{name}");
+        let (before, after) = (shrunk.before, shrunk.after);
+        assert!(after.events < before.events && after.tablets <= before.tablets, "{name}: {before} -> {after}");
+        assert!(shrunk.scenario.contains("\nsegments = ["), "{name}: no segments in:\n{}", shrunk.scenario);
+
+        let scenario = Scenario::parse(name, "shrunk.toml", &shrunk.scenario).expect("the shrunk file loads");
+        assert_eq!(scenario.expect_violation, Some(shrunk.invariant));
+        let written = scenario.world(seed);
+        assert!(written.segments() > 1, "{name}: the file restores in one go");
+        let outcome = run_seed(&written, Keep::Verdict);
+        assert!(outcome.violations.iter().any(|v| v.invariant == shrunk.invariant), "{name}: {:?}", outcome.violations);
+        assert_eq!(outcome.events, after.events, "{name}: the file is the case last seen failing");
+        let fixed = run_seed(&scenario.without_bugs().world(seed), Keep::Verdict);
+        assert!(fixed.violations.is_empty(), "{name} without the bug: {:?}", fixed.violations);
+    }
+}
+
 #[test]
 fn a_passing_seed_has_nothing_to_shrink() {
     let world = World::generate(3, &WorldParams::sweep_default());

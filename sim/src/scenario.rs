@@ -33,7 +33,8 @@ use crate::plan::{
 };
 use crate::tape::{Chance, Decision, Reboot, Tape};
 use crate::world::{
-    Bugs, COLLECTION, LostObject, MAX_SHARDS_PER_TABLE, MAX_TABLES, World, WorldParams, WorldTable, index_rows,
+    Bugs, COLLECTION, LostObject, MAX_SHARDS_PER_TABLE, MAX_TABLES, OPERATION_ID, World, WorldParams, WorldTable,
+    continue_calls, index_rows,
 };
 
 /// A scenario file that did not load: where, and what is wrong.
@@ -84,6 +85,8 @@ struct ExplicitWorld {
     tables: Vec<WorldTable>,
     catalog: Arc<[BackupManifest]>,
     objects: Arc<BTreeMap<String, bytes::Bytes>>,
+    /// The point in time every restore the scenario starts goes to (`None`: the newest backup).
+    until_ms: Option<u64>,
     chain_backup_ids: Vec<u64>,
 }
 
@@ -175,6 +178,9 @@ struct GenerateDecl {
     initial_rows: Option<u32>,
     #[serde(default)]
     lose_object: bool,
+    /// The world restores to a point in time drawn from the seed, in one to three segments.
+    #[serde(default)]
+    point_in_time: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -247,6 +253,14 @@ struct RestoreDecl {
     collection: Option<String>,
     /// Table names; every table when absent. A table's index tables always come with it.
     tables: Option<Vec<Spanned<String>>>,
+    /// The point in time to restore to: the newest full backup taken at or before it, then the incrementals
+    /// after that full up to it. The newest backup when absent.
+    until_ms: Option<Spanned<u64>>,
+    /// A restore in segments: the first restores to the first point, the next to the next, and a last one to
+    /// `until_ms` (or the newest backup).
+    segments: Option<Spanned<Vec<u64>>>,
+    /// How long after a segment has ended the client continues with the next one (default 0).
+    continue_after_ms: Option<Spanned<u64>>,
     /// `started` or `refused:<refusal>`.
     #[serde(default = "started")]
     expect: Spanned<String>,
@@ -442,10 +456,45 @@ impl Scenario {
                         "with `lose_object` the lost bundle may belong to any table, so restores must restore every table",
                     ));
                 }
+                // A generated world draws when its backups are taken: a point in time, and the segments up to it,
+                // are drawn too.
+                for restore in &decl.restores {
+                    let r = restore.get_ref();
+                    let key = [
+                        ("until_ms", r.until_ms.as_ref().map(Spanned::span)),
+                        ("segments", r.segments.as_ref().map(Spanned::span)),
+                        ("continue_after_ms", r.continue_after_ms.as_ref().map(Spanned::span)),
+                    ]
+                    .into_iter()
+                    .find_map(|(key, span)| span.map(|span| (key, span)));
+                    if let Some((key, span)) = key {
+                        return Err(problem(
+                            span,
+                            format!(
+                                "a generated world draws when its backups are taken, so a `[[restore]]` of it takes \
+                                 no `{key}`; `[generate] point_in_time = true` restores it to a point drawn from the \
+                                 seed, in one to three segments"
+                            ),
+                        ));
+                    }
+                    if g.point_in_time {
+                        return Err(problem(
+                            restore.span(),
+                            "with `point_in_time` the generated world plans its own restore (to a point, in segments, \
+                             drawn from the seed); leave out `[[restore]]`",
+                        ));
+                    }
+                }
                 let names_increments = decl.scheduled.iter().any(|f| {
                     let f = f.get_ref();
                     f.increment.is_some() || f.after.as_ref().is_some_and(|a| a.increment.is_some())
                 });
+                if names_increments && g.point_in_time {
+                    return Err(problem(
+                        generate.span(),
+                        "with `point_in_time` the chain restored is drawn from the seed, so faults cannot name increments",
+                    ));
+                }
                 if names_increments && g.incrementals.is_none() {
                     return Err(problem(
                         generate.span(),
@@ -460,6 +509,7 @@ impl Scenario {
                     initial_rows: g.initial_rows,
                     faults: Some(FaultPlan::none()),
                     lost_object_probability: if g.lose_object { 1.0 } else { 0.0 },
+                    point_in_time_probability: if g.point_in_time { 1.0 } else { 0.0 },
                     ..WorldParams::default()
                 })
             }
@@ -593,6 +643,7 @@ impl Scenario {
                 world.tables = explicit.tables.clone();
                 world.catalog = explicit.catalog.clone();
                 world.objects = explicit.objects.clone();
+                world.until_ms = explicit.until_ms;
                 world.chain_backup_ids = explicit.chain_backup_ids.clone();
                 world.chain_len = u32::try_from(explicit.chain_backup_ids.len()).expect("short chain");
                 world.lost_objects.clear();
@@ -838,7 +889,8 @@ impl Scenario {
         let mut expected_ops = BTreeMap::new();
         let restores: Vec<&Spanned<RestoreDecl>> = self.plan.restores.iter().collect();
         if restores.is_empty() {
-            // No restore declared: restore every table once, at time zero.
+            // No restore declared: restore every table once, at time zero (a generated world drawn to restore to a
+            // point in time does so in the segments it drew).
             let request = world.restore_request();
             let expect = match world.lost_objects.first() {
                 Some(lost) => {
@@ -846,8 +898,13 @@ impl Scenario {
                 }
                 None => OpExpect::Done,
             };
-            expected_ops.insert(request.op, expect);
-            calls.push(PlannedCall::at(0, ClientCall::Start(request), CallExpect::Started));
+            let points = match &self.source {
+                Source::Generated(_) => drawn_points(world),
+                Source::Explicit(_) => vec![world.until_ms],
+            };
+            let start = PlannedCall::at(0, ClientCall::Start(request), CallExpect::Started);
+            calls.extend(in_segments(world, start, &points, &expect, 0));
+            expected_ops.insert(OPERATION_ID, expect);
         }
         let mut ops = BTreeSet::new();
         for restore in restores {
@@ -881,17 +938,20 @@ impl Scenario {
                 collection: decl.collection.clone().unwrap_or_else(|| COLLECTION.to_string()),
                 tables,
                 catalog: world.catalog.clone(),
-                until_ms: None,
+                until_ms: decl.until_ms.as_ref().map(|u| *u.get_ref()),
                 last_segment: true,
             };
             let expect =
                 call_expect(&decl.expect, "started", &REFUSAL_NAMES, CallExpect::Started, CallExpect::StartRefused)?;
+            let mut op_expect = OpExpect::Done;
             if expect == CallExpect::Started {
                 if !ops.insert(decl.op) {
                     return Err(problem(restore.span(), format!("operation {} is started twice", decl.op)));
                 }
-                expected_ops.insert(decl.op, outcome(world, &request, &decl.outcome)?);
+                op_expect = outcome(world, &request, &decl.outcome)?;
+                expected_ops.insert(decl.op, op_expect.clone());
             }
+            let points = segment_points(world, decl, &expect)?;
             let after_end_of = match &decl.after_ended {
                 Some(op) if *op.get_ref() == decl.op => {
                     return Err(problem(op.span(), format!("operation {} cannot wait for its own end", decl.op)));
@@ -900,7 +960,9 @@ impl Scenario {
                 None => None,
             };
             let call = ClientCall::Start(request);
-            calls.push(PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect });
+            let start = PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect };
+            let continue_after_ms = decl.continue_after_ms.as_ref().map_or(0, |ms| *ms.get_ref());
+            calls.extend(in_segments(world, start, &points, &op_expect, continue_after_ms));
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
@@ -941,13 +1003,152 @@ impl Scenario {
             };
             calls.push(PlannedCall::at(decl.at_ms, client_call, expect));
         }
-        // The client makes its calls one after another: those at a time in time order, then those that wait for
-        // an operation to end; the file's order breaks ties.
-        calls.sort_by_key(|c| (c.after_end_of.is_some(), c.at_ms));
-        world.calls = calls;
+        world.calls = client_order(calls)?;
         world.expected_ops = expected_ops;
         Ok(())
     }
+}
+
+/// The point each segment of a `[[restore]]` goes to, in order: its `segments`, then its `until_ms` (`None`: the
+/// newest backup); one point for a restore in one go. Refuses points that decrease, go past `until_ms`, or do not
+/// reach the full backup the restore starts from (a later segment cannot pass a full backup: its start would be
+/// refused, or a continue), and what a restore in segments cannot expect.
+fn segment_points(world: &World, decl: &RestoreDecl, expect: &CallExpect) -> Result<Vec<Option<u64>>, Problem> {
+    let until_ms = decl.until_ms.as_ref().map(|u| *u.get_ref());
+    let Some(segments) = &decl.segments else {
+        if let Some(after) = &decl.continue_after_ms {
+            return Err(problem(
+                after.span(),
+                "`continue_after_ms` is for a restore in `segments`; remove it (it would be ignored)",
+            ));
+        }
+        return Ok(vec![until_ms]);
+    };
+    let span = segments.span();
+    let points = segments.get_ref();
+    if *expect != CallExpect::Started {
+        return Err(problem(span, "a restore expected refused never starts, so it has no segments; remove `segments`"));
+    }
+    let Some(&first) = points.first() else {
+        return Err(problem(span, "`segments = []` lists no point; leave it out for a restore in one go"));
+    };
+    if let Some(pair) = points.windows(2).find(|pair| pair[1] < pair[0]) {
+        return Err(problem(
+            span,
+            format!("segment points must not decrease: {} ms comes after {} ms", pair[1], pair[0]),
+        ));
+    }
+    if let Some(until_ms) = until_ms
+        && let Some(point) = points.iter().find(|&&point| point > until_ms)
+    {
+        return Err(problem(
+            span,
+            format!(
+                "segment point {point} ms is after `until_ms = {until_ms}`: a segment cannot go past the point of \
+                 the whole restore"
+            ),
+        ));
+    }
+    let full = world.chain_backup_ids.first().and_then(|id| world.catalog.iter().find(|m| m.backup_id == *id));
+    if let Some(full) = full
+        && first < full.taken_at_ms
+    {
+        let to = until_ms.map_or_else(|| "the newest backup".to_string(), |ms| format!("{ms} ms"));
+        return Err(problem(
+            span,
+            format!(
+                "the first segment restores to {first} ms, before full backup {} (at {} ms), which a restore to \
+                 {to} starts from: a later segment cannot pass a full backup, so the first must reach it",
+                full.backup_id, full.taken_at_ms
+            ),
+        ));
+    }
+    if decl.outcome.get_ref() == "failed:timeout" {
+        return Err(problem(
+            decl.outcome.span(),
+            "which segment a timeout ends is up to the run, so a restore in `segments` cannot expect `failed:timeout`",
+        ));
+    }
+    Ok(points.iter().map(|&point| Some(point)).chain([until_ms]).collect())
+}
+
+/// The points of the segments a generated world drew for its own restore (operation 1), in order.
+fn drawn_points(world: &World) -> Vec<Option<u64>> {
+    let points: Vec<Option<u64>> = world
+        .calls
+        .iter()
+        .filter_map(|call| match &call.call {
+            ClientCall::Start(request) if request.op == OPERATION_ID => Some(request.until_ms),
+            ClientCall::Continue(request) if request.op == OPERATION_ID => Some(request.until_ms),
+            _ => None,
+        })
+        .collect();
+    if points.is_empty() { vec![world.until_ms] } else { points }
+}
+
+/// `start`, a start call, made a restore in segments to `points` (one per segment): its request goes to the
+/// first, and a continue follows for every further one. An operation that must fail at a lost object finds every
+/// continue after that object's segment refused, as it has ended.
+fn in_segments(
+    world: &World,
+    mut start: PlannedCall,
+    points: &[Option<u64>],
+    op_expect: &OpExpect,
+    continue_after_ms: u64,
+) -> Vec<PlannedCall> {
+    let ClientCall::Start(request) = &mut start.call else { return vec![start] };
+    request.until_ms = points.first().copied().flatten();
+    request.last_segment = points.len() <= 1;
+    let (op, catalog) = (request.op, request.catalog.clone());
+    let taken_at_ms: Vec<u64> = world
+        .chain_backup_ids
+        .iter()
+        .map(|id| world.catalog.iter().find(|m| m.backup_id == *id).map_or(0, |m| m.taken_at_ms))
+        .collect();
+    let fails_at = match op_expect {
+        OpExpect::Failed(FailureExpect::ObjectMissing { increment, .. }) => Some(*increment),
+        _ => None,
+    };
+    let mut calls = vec![start];
+    calls.extend(continue_calls(op, &catalog, points, &taken_at_ms, fails_at, continue_after_ms));
+    calls
+}
+
+/// The order the client makes its calls in, one after another: those at a time in time order, then those that
+/// wait (for an operation, or a segment of one, to end) in the order of their delays, the file's order breaking
+/// ties, each once what it waits for has been asked: the start of that operation, and its continues up to that
+/// segment (every one, for its end).
+fn client_order(mut calls: Vec<PlannedCall>) -> Result<Vec<PlannedCall>, Problem> {
+    let waits = |call: &PlannedCall| call.after_end_of.is_some() || call.after_segment.is_some();
+    calls.sort_by_key(|call| (waits(call), call.at_ms));
+    // The operation and segment a call asks to run: 1 for a start, the segment of a continue.
+    let asks = |call: &PlannedCall| match &call.call {
+        ClientCall::Start(request) if call.expect == CallExpect::Started => Some((request.op, 1)),
+        ClientCall::Continue(request) => Some((request.op, request.segment)),
+        _ => None,
+    };
+    let every: BTreeSet<(OperationId, u32)> = calls.iter().filter_map(asks).collect();
+    let (mut ordered, mut waiting): (Vec<PlannedCall>, Vec<PlannedCall>) = calls.into_iter().partition(|c| !waits(c));
+    let mut asked: BTreeSet<(OperationId, u32)> = ordered.iter().filter_map(asks).collect();
+    while !waiting.is_empty() {
+        let ready = |call: &PlannedCall| match (call.after_segment, call.after_end_of) {
+            (Some(segment), _) => asked.contains(&segment),
+            (None, Some(op)) => every.iter().filter(|(o, _)| *o == op).all(|asks| asked.contains(asks)),
+            (None, None) => true,
+        };
+        let Some(next) = waiting.iter().position(ready) else {
+            let ops: BTreeSet<String> =
+                waiting.iter().filter_map(|c| c.after_end_of).map(|op| op.to_string()).collect();
+            return Err(unplaced(format!(
+                "the client would wait forever: each restore left waits for another to end (operations {})",
+                ops.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let call = waiting.remove(next);
+        asked.extend(asks(&call));
+        ordered.push(call);
+    }
+    Ok(ordered)
 }
 
 /// The actions a `[[fault]]` may take.
@@ -1232,6 +1433,20 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
     if decl.backups.is_empty() {
         return Err(unplaced("a scenario declares at least one [[backup]]"));
     }
+    let until = point_of(&decl.restores)?;
+    let until_ms = until.as_ref().map(|u| *u.get_ref());
+    // The last backup restored: the newest taken at or before the point (the file's order is time order, as the
+    // loop below checks).
+    let target = decl.backups.iter().rposition(|b| until_ms.is_none_or(|u| b.get_ref().at_ms <= u));
+    let Some(target) = target else {
+        let until = until.expect("every backup is at or before no point");
+        return Err(problem(
+            until.span(),
+            format!("`until_ms = {}` is before every backup: there is nothing to restore to", until.get_ref()),
+        ));
+    };
+    // Each base table's source when the last backup restored was taken.
+    let mut at_point: Vec<Rows> = Vec::new();
     let mut ids = BTreeSet::new();
     let mut last_at: Option<u64> = None;
     let mut catalog = Vec::new();
@@ -1334,15 +1549,33 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
         }
         catalog.push(BackupManifest { backup_id: b.id, kind, taken_at_ms: b.at_ms, tables: manifest_tables });
         previous = Some(sources.clone());
+        if catalog.len() == target + 1 {
+            at_point = sources.clone();
+        }
     }
-    let newest_full = decl.backups.iter().rposition(|b| b.get_ref().kind == KindDecl::Full).ok_or_else(|| {
-        problem(decl.backups[0].span(), "no full backup: a restore starts from the newest full backup")
-    })?;
-    let chain_backup_ids: Vec<u64> = decl.backups[newest_full..].iter().map(|b| b.get_ref().id).collect();
+    let newest_full = decl.backups[..=target].iter().rposition(|b| b.get_ref().kind == KindDecl::Full).ok_or_else(
+        || match &until {
+            Some(until) if decl.backups.iter().any(|b| b.get_ref().kind == KindDecl::Full) => problem(
+                until.span(),
+                format!(
+                    "no full backup is taken at or before `until_ms = {}`: a restore to that point has none to \
+                     start from",
+                    until.get_ref()
+                ),
+            ),
+            _ => problem(decl.backups[0].span(), "no full backup: a restore starts from the newest full backup"),
+        },
+    )?;
+    let chain_backup_ids: Vec<u64> = decl.backups[newest_full..=target].iter().map(|b| b.get_ref().id).collect();
+    // What the restore must end with is the source at the last backup restored, which `expect_rows` must match.
+    let at = match until_ms {
+        Some(until_ms) => format!(" up to `until_ms = {until_ms}`"),
+        None => String::new(),
+    };
     let mut world_tables = Vec::new();
     for (spec, shard_map) in tables {
         let base = base_of[&spec.id];
-        let rows = if spec.index_of.is_some() { index_rows(&sources[base]) } else { sources[base].clone() };
+        let rows = if spec.index_of.is_some() { index_rows(&at_point[base]) } else { at_point[base].clone() };
         if spec.index_of.is_none()
             && let Some(expect) = &decl.tables[base].get_ref().expect_rows
         {
@@ -1359,13 +1592,46 @@ fn explicit_world(decl: &FileDecl) -> Result<ExplicitWorld, Problem> {
                 let detail = first_mismatch(&declared, &rows);
                 return Err(problem(
                     expect.span(),
-                    format!("`expect_rows` of `{}` contradicts the backups: {detail}", spec.name),
+                    format!("`expect_rows` of `{}` contradicts the backups{at}: {detail}", spec.name),
                 ));
             }
         }
         world_tables.push(WorldTable { spec, shard_map, expected_rows: Arc::new(SortedRows::from(&rows)) });
     }
-    Ok(ExplicitWorld { tables: world_tables, catalog: catalog.into(), objects: Arc::new(objects), chain_backup_ids })
+    Ok(ExplicitWorld {
+        tables: world_tables,
+        catalog: catalog.into(),
+        objects: Arc::new(objects),
+        until_ms,
+        chain_backup_ids,
+    })
+}
+
+/// The point in time every restore the scenario starts goes to (`None`: the newest backup), as the first of them
+/// gives it. It is one for the whole file: the rows there are what each restore must end with. A restore the file
+/// expects refused may give any point.
+fn point_of(restores: &[Spanned<RestoreDecl>]) -> Result<Option<Spanned<u64>>, Problem> {
+    let mut started = restores.iter().map(Spanned::get_ref).filter(|r| r.expect.get_ref() == "started");
+    let Some(first) = started.next() else { return Ok(None) };
+    let point = |r: &RestoreDecl| r.until_ms.as_ref().map(|u| *u.get_ref());
+    let said = |point: Option<u64>| point.map_or_else(|| "the newest backup".to_string(), |ms| format!("{ms} ms"));
+    for other in started {
+        if point(other) != point(first) {
+            let span = other.until_ms.as_ref().or(first.until_ms.as_ref()).map(Spanned::span).unwrap_or_default();
+            return Err(problem(
+                span,
+                format!(
+                    "operation {} restores to {}, operation {} to {}: every restore a scenario starts goes to the \
+                     same point in time (the rows there are what each must end with)",
+                    other.op,
+                    said(point(other)),
+                    first.op,
+                    said(point(first))
+                ),
+            ));
+        }
+    }
+    Ok(first.until_ms.clone())
 }
 
 fn shard_map_of(table: &Spanned<TableDecl>) -> Result<ShardMap, Problem> {
@@ -1605,6 +1871,219 @@ at_ms = 1000
     fn a_scenario_without_a_full_backup_is_refused() {
         let error = error_of(&MINIMAL.replace("kind = \"full\"", "kind = \"incremental\""));
         assert!(error.message.contains("no full backup"), "{error}");
+    }
+
+    /// A full, two incrementals, and a newer full: points in time fall between them.
+    const HISTORY: &str = r#"
+description = "a history"
+[[table]]
+name = "orders"
+shards = 2
+rows = [[1, 10], [600, 60]]
+[[backup]]
+id = 1
+kind = "full"
+at_ms = 1000
+[[backup]]
+id = 2
+kind = "incremental"
+at_ms = 2000
+[[backup.change]]
+table = "orders"
+upsert = [[2, 20]]
+[[backup]]
+id = 3
+kind = "incremental"
+at_ms = 3000
+[[backup.change]]
+table = "orders"
+upsert = [[3, 30]]
+[[backup]]
+id = 4
+kind = "full"
+at_ms = 4000
+[[backup.change]]
+table = "orders"
+upsert = [[4, 40]]
+"#;
+
+    /// A call as `(what, at_ms, after_segment, expect)`.
+    type Step = (String, u64, Option<(OperationId, u32)>, String);
+
+    /// Calls as steps, for comparing plans.
+    fn plan_of(world: &World) -> Vec<Step> {
+        world
+            .calls
+            .iter()
+            .map(|call| {
+                let what = match &call.call {
+                    ClientCall::Start(r) => format!("start {} to {:?} last {}", r.op, r.until_ms, r.last_segment),
+                    ClientCall::Continue(r) => {
+                        format!("continue {} segment {} to {:?} last {}", r.op, r.segment, r.until_ms, r.last_segment)
+                    }
+                    other => format!("{other:?}"),
+                };
+                (what, call.at_ms, call.after_segment, call.expect.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_restore_to_a_point_in_segments_plans_a_start_and_a_continue_per_segment_with_the_rows_at_the_point() {
+        let text =
+            format!("{HISTORY}[[restore]]\nop = 1\nuntil_ms = 2500\nsegments = [1500, 2000]\ncontinue_after_ms = 40\n");
+        let world = parse(&text).unwrap().world(0);
+        assert_eq!(world.until_ms, Some(2500));
+        assert_eq!(world.chain_backup_ids, vec![1, 2], "the newest full by the point, then incrementals up to it");
+        assert_eq!(world.chain_len, 2);
+        assert_eq!(world.expected_rows_of(TabletId::new(0, 0)), Rows::from([(1, 10), (2, 20)]));
+        assert_eq!(world.segments(), 3);
+        let plan = plan_of(&world);
+        let expected = [
+            ("start 1 to Some(1500) last false", 0, None, "started"),
+            ("continue 1 segment 2 to Some(2000) last false", 40, Some((1, 1)), "continued"),
+            ("continue 1 segment 3 to Some(2500) last true", 40, Some((1, 2)), "continued"),
+        ];
+        let expected: Vec<_> =
+            expected.into_iter().map(|(w, at, after, e)| (w.to_string(), at, after, e.to_string())).collect();
+        assert_eq!(plan, expected);
+        // Waiting for two segments adds the bound twice.
+        assert_eq!(world.gives_up_at_ms(), 40 + 3 * world.liveness_bound_ms);
+
+        // `expect_rows` is checked against the rows at the point, not at the newest backup.
+        let rows = |expect: &str| {
+            text.replace("rows = [[1, 10], [600, 60]]", &format!("rows = [[1, 10], [600, 60]]\nexpect_rows = {expect}"))
+        };
+        assert!(parse(&rows("[[1, 10], [2, 20], [600, 60]]")).is_ok());
+        let error = error_of(&rows("[[1, 10], [2, 20], [3, 30], [600, 60]]"));
+        assert!(error.message.contains("contradicts the backups up to `until_ms = 2500`: key 3"), "{error}");
+
+        // Without segments, one start to the point; without a point, the newest backup: the newer full on.
+        let world = parse(&format!("{HISTORY}[[restore]]\nop = 1\nuntil_ms = 3000\n")).unwrap().world(0);
+        assert_eq!((world.chain_backup_ids.clone(), world.segments()), (vec![1, 2, 3], 1));
+        assert_eq!(plan_of(&world)[0].0, "start 1 to Some(3000) last true");
+        let world = parse(HISTORY).unwrap().world(0);
+        assert_eq!((world.until_ms, world.chain_backup_ids.clone()), (None, vec![4]));
+        // A segment may end where the one before did (it is empty), and at the point itself.
+        let world = parse(&format!("{HISTORY}[[restore]]\nop = 1\nsegments = [4000, 4000, 5000]\n")).unwrap().world(0);
+        assert_eq!(world.segments(), 4);
+        assert_eq!(plan_of(&world)[3].0, "continue 1 segment 4 to None last true");
+    }
+
+    #[test]
+    fn a_continue_after_the_segment_that_meets_a_lost_object_is_expected_refused_as_ended() {
+        let text = |increment: u32| {
+            format!(
+                "{HISTORY}[[restore]]\nop = 1\nuntil_ms = 3500\nsegments = [1500, 2500]\noutcome = \"failed:object-missing\"\n\
+                 [[fault]]\ndo = \"lose-object\"\ntablet = \"orders/1\"\nincrement = {increment}\n"
+            )
+        };
+        let expects = |increment: u32| -> Vec<String> {
+            plan_of(&parse(&text(increment)).unwrap().world(0)).into_iter().map(|(.., e)| e).collect()
+        };
+        let refused = "continue refused (ended)";
+        assert_eq!(expects(0), ["started", refused, refused]);
+        assert_eq!(expects(1), ["started", "continued", refused]);
+        assert_eq!(expects(2), ["started", "continued", "continued"]);
+        let error = error_of(&text(3));
+        assert!(error.message.contains("increment 3 is past the chain of 3 increments"), "{error}");
+    }
+
+    #[test]
+    fn bad_points_in_time_and_segments_are_refused_naming_the_place() {
+        let restore = |keys: &str| format!("{HISTORY}[[restore]]\nop = 1\n{keys}\n");
+        let cases = [
+            (
+                "until_ms = 2500\nsegments = [2000, 1500]",
+                "segment points must not decrease: 1500 ms comes after 2000 ms",
+            ),
+            ("until_ms = 2500\nsegments = [3000]", "segment point 3000 ms is after `until_ms = 2500`"),
+            ("segments = []", "`segments = []` lists no point; leave it out"),
+            ("segments = [3000]", "the first segment restores to 3000 ms, before full backup 4 (at 4000 ms)"),
+            ("until_ms = 500", "`until_ms = 500` is before every backup"),
+            ("continue_after_ms = 10", "`continue_after_ms` is for a restore in `segments`"),
+            ("until_ms = 2500\nsegments = [1500]\noutcome = \"failed:timeout\"", "cannot expect `failed:timeout`"),
+            ("segments = [1500]\nexpect = \"refused:chain\"", "a restore expected refused never starts"),
+            ("until_ms = -1", "invalid value"),
+        ];
+        for (keys, message) in cases {
+            let error = error_of(&restore(keys));
+            assert!(error.message.contains(message), "{keys}: {error}");
+            assert!(error.line > 30, "{keys}: the error points at the restore: {error}");
+        }
+        // No full backup by the point, while there is one later.
+        let early = HISTORY.replacen("kind = \"full\"", "kind = \"incremental\"", 1);
+        let error = error_of(&format!("{early}[[restore]]\nop = 1\nuntil_ms = 3500\n"));
+        assert!(error.message.contains("no full backup is taken at or before `until_ms = 3500`"), "{error}");
+        assert!(parse(&format!("{early}[[restore]]\nop = 1\nuntil_ms = 3500\nexpect = \"refused:chain\"\n")).is_ok());
+        // Every restore started goes to one point: its rows are the oracle.
+        let two = format!(
+            "{HISTORY}[[restore]]\nop = 1\nuntil_ms = 2500\n[[restore]]\nop = 2\nafter_ended = 1\nuntil_ms = 3500\n"
+        );
+        let error = error_of(&two);
+        assert!(error.message.contains("operation 2 restores to 3500 ms, operation 1 to 2500 ms"), "{error}");
+        assert!(parse(&two.replace("until_ms = 3500", "until_ms = 2500")).is_ok());
+    }
+
+    #[test]
+    fn a_call_that_waits_comes_once_what_it_waits_for_was_asked() {
+        // Operation 2 waits for operation 1's end, a shorter delay than operation 1's continue: the continue still
+        // comes first, or the client would wait for an end that never comes.
+        let text = format!(
+            "{HISTORY}[[restore]]\nop = 2\nafter_ended = 1\nat_ms = 30\nuntil_ms = 2500\n\
+             [[restore]]\nop = 1\nuntil_ms = 2500\nsegments = [1500]\ncontinue_after_ms = 100\n"
+        );
+        let world = parse(&text).unwrap().world(0);
+        let order: Vec<String> = plan_of(&world).into_iter().map(|(what, ..)| what).collect();
+        assert_eq!(
+            order,
+            [
+                "start 1 to Some(1500) last false",
+                "continue 1 segment 2 to Some(2500) last true",
+                "start 2 to Some(2500) last true"
+            ]
+        );
+        // Two restores that each wait for the other to end would never start.
+        let circle = format!("{HISTORY}[[restore]]\nop = 1\nafter_ended = 2\n[[restore]]\nop = 2\nafter_ended = 1\n");
+        let error = error_of(&circle);
+        assert!(error.message.contains("the client would wait forever"), "{error}");
+    }
+
+    #[test]
+    fn a_generated_world_restores_to_a_point_in_segments_when_asked_and_draws_the_point_itself() {
+        let text = "description = \"x\"\nseeds = [0, 1, 2, 3]\n[generate]\ntables = 1\npoint_in_time = true\n";
+        let scenario = parse(text).unwrap();
+        let mut segmented = 0;
+        for seed in 0..20 {
+            let world = scenario.world(seed);
+            let drawn = World::generate(
+                seed,
+                &WorldParams { point_in_time_probability: 1.0, tables: Some(1), ..WorldParams::default() },
+            );
+            assert_eq!(plan_of(&world), plan_of(&drawn), "seed {seed}");
+            assert_eq!((world.until_ms, &world.chain_backup_ids), (drawn.until_ms, &drawn.chain_backup_ids));
+            segmented += usize::from(world.segments() > 1);
+        }
+        assert!(segmented >= 5, "{segmented} of 20 seeds restore in segments");
+        assert_eq!(parse(&text.replace("true", "false")).unwrap().world(0).segments(), 1);
+        let cases = [
+            (format!("{text}[[restore]]\nop = 1\n"), "with `point_in_time` the generated world plans its own restore"),
+            (
+                "description = \"x\"\n[generate]\n[[restore]]\nop = 1\nuntil_ms = 5\n".to_string(),
+                "a `[[restore]]` of it takes no `until_ms`",
+            ),
+            (
+                format!(
+                    "{text}incrementals = 3\nshards = 1\nindexes = false\n[[fault]]\ndo = \"corrupt-download\"\ntablet = \"table0/0\"\nincrement = 1\n"
+                ),
+                "with `point_in_time` the chain restored is drawn from the seed",
+            ),
+        ];
+        for (text, message) in cases {
+            let error = error_of(&text);
+            assert!(error.message.contains(message), "{error}");
+            assert!(error.line > 0, "{error}");
+        }
     }
 
     #[test]

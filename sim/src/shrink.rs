@@ -7,7 +7,9 @@
 //! - fault decisions (every decision the run never used, then chunks of the rest, down to single ones);
 //! - whole tables, index tables, shards (the last shard of a table merges into the one before), backups;
 //! - source rows and the changes of each backup, in chunks down to single ones;
-//! - a lost object (when the failure does not need it).
+//! - a lost object (when the failure does not need it);
+//! - segments of a restore in segments (its point in time stays: points are times, so backups can go around
+//!   them; a candidate whose first segment no longer reaches a full backup does not load, and is not kept).
 //!
 //! Every candidate is checked by writing it as a scenario file, loading that file as the loader does, and
 //! running it; so the file the shrinker writes is exactly what was last seen failing. Passes repeat until
@@ -127,6 +129,10 @@ struct Case {
     lost: Option<(String, u32)>,
     /// The lost bundle is back once the restore has failed, and the client restores again this long after.
     again_after_ms: Option<u64>,
+    /// The point in time restored to (`None`: the newest backup).
+    until_ms: Option<u64>,
+    /// The points of the segments before the last, in order, for a restore in segments (else empty).
+    segments: Vec<u64>,
     max_in_flight_shards: u32,
     max_in_flight_tables: u32,
     download_chunk_bytes: u64,
@@ -139,27 +145,10 @@ impl Case {
     /// Writes down a generated world with the decisions its run made.
     fn of(world: &World, decisions: &[Decision]) -> Result<Self, ShrinkError> {
         let not_writable = |why: &str| ShrinkError::NotWritable(why.to_string());
-        let only_start = world.calls.len() == 1
-            && matches!(world.calls[0].expect, CallExpect::Started)
-            && world.calls[0].at_ms == 0
-            && world.expected_ops.keys().eq([OPERATION_ID].iter());
-        // Or the same, then the lost object back and a restore again once the first has failed.
-        let again_after_ms = match world.calls.as_slice() {
-            [_, again]
-                if again.after_end_of == Some(OPERATION_ID)
-                    && matches!(&again.call, ClientCall::Start(r) if r.op == RESTORED_AGAIN_ID)
-                    && world.lost_objects.iter().all(|lost| lost.until_end_of == Some(OPERATION_ID)) =>
-            {
-                Some(again.at_ms)
-            }
-            _ => None,
-        };
-        let only_start = only_start
-            || (again_after_ms.is_some()
-                && matches!(world.calls[0].expect, CallExpect::Started)
-                && world.calls[0].at_ms == 0
-                && world.expected_ops.keys().eq([OPERATION_ID, RESTORED_AGAIN_ID].iter()));
-        if !only_start || !world.scheduled.is_empty() || world.decisions.is_some() {
+        let (until_ms, segments, again_after_ms) = Case::restore_of(world).ok_or_else(|| {
+            not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink")
+        })?;
+        if !world.scheduled.is_empty() || world.decisions.is_some() {
             return Err(not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink"));
         }
         let mut tables: Vec<CaseTable> = Vec::new();
@@ -262,6 +251,8 @@ impl Case {
             backups,
             lost,
             again_after_ms,
+            until_ms,
+            segments,
             max_in_flight_shards: world.coordinator.max_in_flight_shards,
             max_in_flight_tables: world.coordinator.max_in_flight_tables,
             download_chunk_bytes: world.shard.download_chunk_bytes,
@@ -269,6 +260,72 @@ impl Case {
             liveness_bound_ms: world.liveness_bound_ms,
             decisions: case_decisions,
         })
+    }
+
+    /// The restore of a generated world, as a case writes it: the point restored to, the points of the segments
+    /// before the last, and when the client restores again after the lost object is back. `None` when the world's
+    /// calls are not those of a generated world: a start of operation 1 at 0 ms of every table, to the first
+    /// point, a continue of it for every further segment once the one before has ended, then perhaps a start of
+    /// operation 2 (to the same point, in one go) once operation 1 has ended.
+    fn restore_of(world: &World) -> Option<(Option<u64>, Vec<u64>, Option<u64>)> {
+        let mut calls = world.calls.iter().peekable();
+        let start = calls.next()?;
+        let ClientCall::Start(first) = &start.call else { return None };
+        let one_start = first.op == OPERATION_ID
+            && start.expect == CallExpect::Started
+            && start.at_ms == 0
+            && start.after_end_of.is_none()
+            && start.after_segment.is_none();
+        if !one_start {
+            return None;
+        }
+        let mut points = vec![first.until_ms];
+        let mut last_segment = first.last_segment;
+        while let Some(call) = calls.next_if(|call| matches!(call.call, ClientCall::Continue(_))) {
+            let ClientCall::Continue(next) = &call.call else { return None };
+            let segment = u32::try_from(points.len() + 1).ok()?;
+            let in_order = next.op == OPERATION_ID
+                && next.segment == segment
+                && !last_segment
+                && call.at_ms == 0
+                && call.after_segment == Some((OPERATION_ID, segment - 1));
+            if !in_order {
+                return None;
+            }
+            points.push(next.until_ms);
+            last_segment = next.last_segment;
+        }
+        if !last_segment {
+            return None;
+        }
+        // Or the same, then the lost object back and a restore again once the first has failed.
+        let again_after_ms = match calls.next() {
+            None => None,
+            Some(again)
+                if again.after_end_of == Some(OPERATION_ID)
+                    && matches!(&again.call, ClientCall::Start(r) if r.op == RESTORED_AGAIN_ID
+                        && r.until_ms == world.until_ms && r.last_segment)
+                    && again.expect == CallExpect::Started
+                    && world.lost_objects.iter().all(|lost| lost.until_end_of == Some(OPERATION_ID)) =>
+            {
+                Some(again.at_ms)
+            }
+            Some(_) => return None,
+        };
+        if calls.next().is_some() {
+            return None;
+        }
+        let ops: &[u64] = if again_after_ms.is_some() { &[OPERATION_ID, RESTORED_AGAIN_ID] } else { &[OPERATION_ID] };
+        if !world.expected_ops.keys().eq(ops.iter()) {
+            return None;
+        }
+        // A scenario names a point for every segment but the last: the newest backup is a point only at the end.
+        let until_ms = points.pop().flatten();
+        if until_ms != world.until_ms {
+            return None;
+        }
+        let segments: Option<Vec<u64>> = points.into_iter().collect();
+        Some((until_ms, segments?, again_after_ms))
     }
 
     fn size(&self, events: usize) -> Size {
@@ -336,12 +393,24 @@ impl Case {
                 }
             }
         }
+        // Every restore goes to the point; the first in its segments.
+        let until = self.until_ms.map(|ms| format!("until_ms = {ms}\n")).unwrap_or_default();
+        let segments = if self.segments.is_empty() {
+            String::new()
+        } else {
+            let points: Vec<String> = self.segments.iter().map(u64::to_string).collect();
+            format!("segments = [{}]\n", points.join(", "))
+        };
+        if self.lost.is_none() && (self.until_ms.is_some() || !self.segments.is_empty()) {
+            let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
+        }
         if let Some((tablet, increment)) = &self.lost {
-            let _ = writeln!(text, "\n[[restore]]\nop = {OPERATION_ID}\noutcome = \"failed:object-missing\"");
+            let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
+            let _ = writeln!(text, "outcome = \"failed:object-missing\"");
             if let Some(at_ms) = self.again_after_ms {
                 let _ = writeln!(
                     text,
-                    "\n[[restore]]\nop = {RESTORED_AGAIN_ID}\nafter_ended = {OPERATION_ID}\nat_ms = {at_ms}\noutcome = \"done\""
+                    "\n[[restore]]\nop = {RESTORED_AGAIN_ID}\nafter_ended = {OPERATION_ID}\nat_ms = {at_ms}\n{until}outcome = \"done\""
                 );
             }
             let _ = writeln!(
@@ -654,6 +723,18 @@ impl Shrinker {
         self.best.backups.len() < before
     }
 
+    /// Fewer segments: points taken away (each joins its segment to the next), for as long as it still fails.
+    fn pass_segments(&mut self) -> bool {
+        let before = self.best.segments.len();
+        let items = self.best.segments.clone();
+        shrink_list(items, |list| {
+            let mut case = self.best.clone();
+            case.segments = list.to_vec();
+            self.accept(case)
+        });
+        self.best.segments.len() < before
+    }
+
     /// Knobs down to the smallest that still fail: one request and one table in flight at a time.
     fn pass_knobs(&mut self) -> bool {
         let mut changed = false;
@@ -788,6 +869,7 @@ pub fn shrink(
         changed |= shrinker.pass_decisions();
         changed |= shrinker.pass_earlier_chances();
         changed |= shrinker.pass_backups();
+        changed |= shrinker.pass_segments();
         changed |= shrinker.pass_shards();
         changed |= shrinker.pass_rows();
         changed |= shrinker.pass_knobs();
@@ -808,4 +890,64 @@ pub fn shrink(
     let header = vec![format!("Shrunk from: {command}"), format!("before: {before}"), format!("after:  {after}")];
     let scenario = shrinker.best.to_toml(&header, &description, Some(invariant));
     Ok(Shrunk { seed, invariant, before, after, runs: shrinker.runs, scenario })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultPlan;
+    use crate::plan::PlannedCall;
+    use crate::world::WorldParams;
+
+    /// What a planned call asks and expects, without the catalog it carries (the written file lists backups in
+    /// time order, a generated store in none).
+    fn asked(call: &PlannedCall) -> String {
+        let what = match &call.call {
+            ClientCall::Start(r) => {
+                let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
+                format!("start {} of {tables:?} to {:?}, last {}", r.op, r.until_ms, r.last_segment)
+            }
+            ClientCall::Continue(r) => {
+                format!("continue {} segment {} to {:?}, last {}", r.op, r.segment, r.until_ms, r.last_segment)
+            }
+            other => format!("{other:?}"),
+        };
+        format!("{what} at {} after {:?}/{:?}: {}", call.at_ms, call.after_end_of, call.after_segment, call.expect)
+    }
+
+    /// A generated world that restores to a point in time, in segments, with or without a lost object and a
+    /// restore again, written down as a case and loaded back is the same restore: the same calls, expectations,
+    /// chain, point and oracle.
+    #[test]
+    fn a_world_restored_to_a_point_in_segments_is_written_down_as_the_same_restore() {
+        let params = WorldParams {
+            faults: Some(FaultPlan::none()),
+            lost_object_probability: 0.5,
+            restore_again_probability: 0.5,
+            point_in_time_probability: 1.0,
+            ..WorldParams::default()
+        };
+        let (mut segmented, mut lost_in_segments, mut again) = (0, 0, 0);
+        for seed in 0..60 {
+            let world = World::generate(seed, &params);
+            let case = Case::of(&world, &[]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let text = case.to_toml(&[], "round trip", None);
+            let scenario =
+                Scenario::parse("case", "case.toml", &text).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{text}"));
+            let written = scenario.world(seed);
+            let calls = |w: &World| w.calls.iter().map(asked).collect::<Vec<_>>();
+            assert_eq!(calls(&written), calls(&world), "seed {seed}:\n{text}");
+            assert_eq!(written.expected_ops, world.expected_ops, "seed {seed}");
+            assert_eq!(written.until_ms, world.until_ms, "seed {seed}");
+            assert_eq!(written.chain_backup_ids, world.chain_backup_ids, "seed {seed}");
+            assert_eq!(written.lost_objects, world.lost_objects, "seed {seed}");
+            for (a, b) in written.tables.iter().zip(&world.tables) {
+                assert_eq!((&a.spec.name, &a.expected_rows), (&b.spec.name, &b.expected_rows), "seed {seed}");
+            }
+            segmented += usize::from(world.segments() > 1);
+            lost_in_segments += usize::from(world.segments() > 1 && !world.lost_objects.is_empty());
+            again += usize::from(world.expected_ops.len() > 1);
+        }
+        assert!(segmented > 20 && lost_in_segments > 5 && again > 5, "{segmented} {lost_in_segments} {again}");
+    }
 }

@@ -311,33 +311,12 @@ impl World {
     /// has ended. `chain` holds the backups restored, in order. A continue that comes after the segment in which
     /// the world loses an object for good finds the operation failed, and must be refused as ended.
     fn plan_segments(&mut self, points: &[Option<u64>], chain: &[TakenBackup]) {
-        let last = points.len() - 1;
-        let first = RestoreRequest { until_ms: points[0], last_segment: last == 0, ..self.restore_request() };
+        let first = RestoreRequest { until_ms: points[0], last_segment: points.len() == 1, ..self.restore_request() };
         self.calls.push(PlannedCall::at(0, ClientCall::Start(first), CallExpect::Started));
-        // The segment each increment belongs to, counted from 1.
-        let segment_of = |increment: IncrementIndex| {
-            let taken_at = chain[increment as usize].taken_at_ms;
-            1 + points.iter().take(last).filter(|p| p.is_some_and(|p| p < taken_at)).count() as u32
-        };
-        let failed_in =
-            self.lost_objects.iter().filter(|l| l.until_end_of.is_none()).map(|l| segment_of(l.increment)).min();
-        for (at, point) in points.iter().enumerate().skip(1) {
-            let segment = u32::try_from(at + 1).expect("few segments");
-            let request = SegmentRequest {
-                op: OPERATION_ID,
-                segment,
-                until_ms: *point,
-                last_segment: at == last,
-                catalog: self.catalog.clone(),
-            };
-            let expect = match failed_in {
-                Some(failed) if failed < segment => CallExpect::ContinueRefused("ended".to_string()),
-                _ => CallExpect::Continued,
-            };
-            let mut call = PlannedCall::at(0, ClientCall::Continue(request), expect);
-            call.after_segment = Some((OPERATION_ID, segment - 1));
-            self.calls.push(call);
-        }
+        let taken_at_ms: Vec<u64> = chain.iter().map(|b| b.taken_at_ms).collect();
+        let fails_at = self.lost_objects.iter().filter(|l| l.until_end_of.is_none()).map(|l| l.increment).min();
+        let continues = continue_calls(OPERATION_ID, &self.catalog, points, &taken_at_ms, fails_at, 0);
+        self.calls.extend(continues);
     }
 
     /// Makes this world's lost object come back once the restore that met its loss has failed, and the client
@@ -554,6 +533,46 @@ fn describe_call(call: &ClientCall) -> String {
         ClientCall::List => "list operations".to_string(),
         ClientCall::Forget { op } => format!("forget operation {op}"),
     }
+}
+
+/// The segment, counted from 1, of a restore in segments to `points` (one per segment, in order) that applies
+/// `increment` of its chain, whose backups were taken at `chain_taken_at_ms`: the first segment whose point is at
+/// or after the backup (the last, for an increment past the chain).
+fn segment_of(points: &[Option<u64>], chain_taken_at_ms: &[u64], increment: IncrementIndex) -> u32 {
+    let taken_at = chain_taken_at_ms.get(increment as usize).copied().unwrap_or(u64::MAX);
+    let before_last = &points[..points.len().saturating_sub(1)];
+    1 + before_last.iter().filter(|p| p.is_some_and(|p| p < taken_at)).count() as u32
+}
+
+/// The continue calls of operation `op`, a restore in segments to `points` (one per segment, in order, the last
+/// the point of the whole restore) of a chain whose backups were taken at `chain_taken_at_ms`: for every segment
+/// after the first, a continue `after_ms` after the segment before it has ended. When the operation fails for
+/// good at increment `fails_at` (a lost object), every continue after the segment of that increment finds it
+/// ended, and must be refused so.
+pub(crate) fn continue_calls(
+    op: OperationId,
+    catalog: &Arc<[BackupManifest]>,
+    points: &[Option<u64>],
+    chain_taken_at_ms: &[u64],
+    fails_at: Option<IncrementIndex>,
+    after_ms: u64,
+) -> Vec<PlannedCall> {
+    let last = points.len().saturating_sub(1);
+    let failed_in = fails_at.map(|increment| segment_of(points, chain_taken_at_ms, increment));
+    let mut calls = Vec::new();
+    for (at, point) in points.iter().enumerate().skip(1) {
+        let segment = u32::try_from(at + 1).expect("few segments");
+        let request =
+            SegmentRequest { op, segment, until_ms: *point, last_segment: at == last, catalog: catalog.clone() };
+        let expect = match failed_in {
+            Some(failed) if failed < segment => CallExpect::ContinueRefused("ended".to_string()),
+            _ => CallExpect::Continued,
+        };
+        let mut call = PlannedCall::at(after_ms, ClientCall::Continue(request), expect);
+        call.after_segment = Some((op, segment - 1));
+        calls.push(call);
+    }
+    calls
 }
 
 /// A point in time as a description says it.
