@@ -13,14 +13,17 @@ use std::time::Duration;
 
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
-    CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, RestoreRequest,
+    CoordinatorConfig, CoordinatorDurable, OperationStatus, ProgressMark, RestoreError, RestoreRequest, SegmentRequest,
 };
 use lockstep::host::{HostEvent, HostIo, Observer, STATE_FILE};
+use lockstep::io::Transport;
 use lockstep::io::{DirStore, Disk, FileDisk, ObjectStoreRemote, RemoteStore, StateFile};
 use lockstep::model::{
     BackupKind, BackupManifest, CHAIN_FILE_PREFIX, Change, Rows, ShardMap, TableId, TableSpec, TabletId, apply_changes,
 };
-use lockstep::protocol::{NodeAddr, PersistNote, decode_frame};
+use lockstep::protocol::{
+    ClientAnswer, ClientCall, ClientRequest, Message, NodeAddr, PersistNote, decode_frame, encode_frame,
+};
 use lockstep::shard::{ShardConfig, ShardDurable};
 use lockstep::tcp::TcpTransport;
 use tokio::net::TcpListener;
@@ -29,18 +32,30 @@ use tokio::sync::mpsc;
 #[path = "support/s3.rs"]
 mod s3;
 
-/// Keeps what the hosts report and signals when the operation ends.
+/// Keeps what the hosts report and signals when the operation ends, and when a segment of it ends.
 struct Recorder {
     events: RefCell<Vec<(NodeAddr, HostEvent)>>,
     finished: mpsc::UnboundedSender<()>,
+    segment_ended: Option<mpsc::UnboundedSender<()>>,
+}
+
+impl Recorder {
+    fn new(finished: mpsc::UnboundedSender<()>) -> Self {
+        Self { events: RefCell::new(Vec::new()), finished, segment_ended: None }
+    }
 }
 
 impl Observer for Recorder {
     fn record(&self, node: NodeAddr, event: HostEvent) {
-        if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event
-            && marks.iter().any(|m| matches!(m, ProgressMark::Done { .. } | ProgressMark::Failed { .. }))
-        {
-            let _ = self.finished.send(());
+        if let HostEvent::Persisted(PersistNote::Coordinator(marks)) = &event {
+            if marks.iter().any(|m| matches!(m, ProgressMark::Done { .. } | ProgressMark::Failed { .. })) {
+                let _ = self.finished.send(());
+            }
+            if let Some(segment_ended) = &self.segment_ended
+                && marks.iter().any(|m| matches!(m, ProgressMark::AwaitingSegment { .. }))
+            {
+                let _ = segment_ended.send(());
+            }
         }
         self.events.borrow_mut().push((node, event));
     }
@@ -86,29 +101,47 @@ fn tablets(map: &ShardMap) -> impl Iterator<Item = TabletId> + use<> {
 
 #[test]
 fn real_hosts_restore_every_increment_onto_files() {
-    restore_onto_files(|dir| DirStore::open(dir).expect("store directory"));
+    restore_onto_files(|dir| DirStore::open(dir).expect("store directory"), InSegments::No);
+}
+
+/// The same restore in two segments: to the full backup's time first, then, once the coordinator has durably
+/// ended that segment, on to the newest backup at a client's call over TCP.
+#[test]
+fn real_hosts_restore_in_two_segments_at_a_clients_call() {
+    restore_onto_files(|dir| DirStore::open(dir).expect("store directory"), InSegments::Two);
+}
+
+/// Whether [`restore_onto_files`] restores in one go or in two segments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InSegments {
+    No,
+    Two,
 }
 
 /// The same restore with its bundles in an object store (the `object_store` crate's local files here; S3, GCS
 /// or Azure the same way with that crate's features).
 #[test]
 fn real_hosts_restore_every_increment_from_an_object_store() {
-    restore_onto_files(|dir| {
-        std::fs::create_dir_all(dir).expect("store directory");
-        let local = object_store::local::LocalFileSystem::new_with_prefix(dir).expect("a local object store");
-        ObjectStoreRemote::new(std::sync::Arc::new(local))
-    });
+    restore_onto_files(
+        |dir| {
+            std::fs::create_dir_all(dir).expect("store directory");
+            let local = object_store::local::LocalFileSystem::new_with_prefix(dir).expect("a local object store");
+            ObjectStoreRemote::new(std::sync::Arc::new(local))
+        },
+        InSegments::No,
+    );
 }
 
 /// The same restore with its bundles in S3: a local S3 server (s3s) reached over HTTP by `object_store`'s S3
 /// client, as a restore from AWS would be.
 #[test]
 fn real_hosts_restore_every_increment_from_s3() {
-    restore_onto_files(|dir| ObjectStoreRemote::new(std::sync::Arc::new(s3::client(&s3::serve(dir)))));
+    restore_onto_files(|dir| ObjectStoreRemote::new(std::sync::Arc::new(s3::client(&s3::serve(dir)))), InSegments::No);
 }
 
-/// Restores a full backup and two incrementals with the bundles in the store `open_store` opens on a directory.
-fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::path::Path) -> S) {
+/// Restores a full backup and two incrementals with the bundles in the store `open_store` opens on a directory,
+/// in one go or in two segments.
+fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::path::Path) -> S, segments: InSegments) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
     let local = tokio::task::LocalSet::new();
@@ -117,10 +150,15 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         let store = Rc::new(open_store(&dir.path().join("store")));
         let (catalog, expected) = write_backups(&*store, &map).await;
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
-        let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished: finished_tx });
+        let (segment_tx, mut segment_rx) = mpsc::unbounded_channel();
+        let recorder = Rc::new(Recorder {
+            segment_ended: (segments == InSegments::Two).then_some(segment_tx),
+            ..Recorder::new(finished_tx)
+        });
 
+        let client = (segments == InSegments::Two).then_some(NodeAddr::Client);
         let nodes: Vec<NodeAddr> =
-            std::iter::once(NodeAddr::Coordinator).chain(tablets(&map).map(NodeAddr::Shard)).collect();
+            std::iter::once(NodeAddr::Coordinator).chain(tablets(&map).map(NodeAddr::Shard)).chain(client).collect();
         let mut listeners = BTreeMap::new();
         for node in &nodes {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
@@ -153,8 +191,9 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                         collection,
                         tables: vec![table],
                         catalog: catalog.clone().into(),
-                        until_ms: None,
-                        last_segment: true,
+                        // In two segments: to the full backup's time first.
+                        until_ms: (segments == InSegments::Two).then_some(catalog[0].taken_at_ms),
+                        last_segment: segments == InSegments::No,
                     };
                     let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
                     tokio::task::spawn_local(io.run_coordinator(config, 1, Some(request)));
@@ -163,8 +202,28 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
                     let config = ShardConfig { download_chunk_bytes: 64, ..ShardConfig::default() };
                     tokio::task::spawn_local(io.run_shard(shard, config));
                 }
-                NodeAddr::Client | NodeAddr::Publisher | NodeAddr::Replica => {
-                    unreachable!("this test starts its restore at boot, with no client and no replication")
+                NodeAddr::Client => {
+                    // Once the first segment has durably ended, the last one, to the newest backup.
+                    segment_rx.recv().await.expect("the recorder is alive");
+                    let call = ClientCall::Continue(SegmentRequest {
+                        op: 7,
+                        segment: 2,
+                        until_ms: None,
+                        last_segment: true,
+                        catalog: catalog.clone().into(),
+                    });
+                    let msg = Message::Client(ClientRequest { call_id: 1, call });
+                    io.transport.send(NodeAddr::Coordinator, encode_frame(&msg)).await;
+                    let (from, frame) = io.transport.recv().await.expect("an answer");
+                    let answer = decode_frame::<Message>(&frame).expect("a message");
+                    let Message::ClientReply(reply) = answer else { panic!("not an answer: {answer}") };
+                    assert_eq!(
+                        (from, reply.answer),
+                        (NodeAddr::Coordinator, ClientAnswer::Continued { op: 7, segment: 2 })
+                    );
+                }
+                NodeAddr::Publisher | NodeAddr::Replica => {
+                    unreachable!("this test runs no replication")
                 }
             }
         }
@@ -207,6 +266,12 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         .filter(|(_, e)| matches!(e, HostEvent::Persisted(PersistNote::ShardApplied { .. })))
         .count();
     assert_eq!(applied, 3 * SHARDS as usize, "each shard applies each increment exactly once");
+    // In two segments the operation waited after the first, its table still restoring (nothing released).
+    let waited = recorder.events.borrow().iter().any(|(_, event)| {
+        let HostEvent::Persisted(PersistNote::Coordinator(marks)) = event else { return false };
+        marks.contains(&ProgressMark::AwaitingSegment { op: 7, segment: 1, increments: 1, released: false })
+    });
+    assert_eq!(waited, segments == InSegments::Two);
 }
 
 /// Writes two synced states of a shard into `dir` and returns the paths of the two copies.
@@ -250,7 +315,7 @@ fn fatal_of_a_shard_booting_from(dir: &std::path::Path) -> String {
     let shard = TabletId { table: TABLE, shard: lockstep::model::ShardId(0) };
     let node = NodeAddr::Shard(shard);
     let (finished, _) = mpsc::unbounded_channel();
-    let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
+    let recorder = Rc::new(Recorder::new(finished));
     local.block_on(&runtime, async {
         let io = lone_host(node, dir, recorder.clone()).await;
         tokio::time::timeout(Duration::from_secs(5), io.run_shard(shard, ShardConfig::default()))
@@ -279,7 +344,7 @@ fn a_coordinator_removes_at_boot_the_chain_files_no_operation_refers_to() {
     });
     let local = tokio::task::LocalSet::new();
     let (finished, _) = mpsc::unbounded_channel();
-    let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished });
+    let recorder = Rc::new(Recorder::new(finished));
     local.block_on(&runtime, async {
         let io = lone_host(NodeAddr::Coordinator, dir.path(), recorder.clone()).await;
         let run = io.run_coordinator(CoordinatorConfig::default(), 1, None);
@@ -362,7 +427,7 @@ fn a_restarted_coordinator_fails_at_the_deadline_it_persisted_not_later() {
             let store = Rc::new(DirStore::open(dir.path().join("store")).expect("a store"));
             let (catalog, _) = write_backups(&*store, &map).await;
             let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
-            let recorder = Rc::new(Recorder { events: RefCell::new(Vec::new()), finished: finished_tx });
+            let recorder = Rc::new(Recorder::new(finished_tx));
             let config = CoordinatorConfig { increment_deadline_ms: LIMIT_MS, ..CoordinatorConfig::default() };
             let began = tokio::time::Instant::now();
             let process = |started_after_ms: u64, listener: TcpListener| HostIo {
