@@ -33,10 +33,14 @@ pub enum Probe {
     ObjectMissingReported,
     /// A tablet applied a newer operation's rows over those of an older one (a restore again after a failure).
     RestoredAgain,
+    /// The coordinator took the client's call for the next segment of a restore in segments.
+    SegmentContinued,
+    /// The coordinator rebooted into an operation waiting for its next segment.
+    RebootBetweenSegments,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 10] = [
+    pub const ALL: [Probe; 12] = [
         Probe::PartialDownloadResumed,
         Probe::RebootMidApply,
         Probe::DuplicateAnsweredFromMarker,
@@ -47,6 +51,8 @@ impl Probe {
         Probe::CleanFailedReached,
         Probe::ObjectMissingReported,
         Probe::RestoredAgain,
+        Probe::SegmentContinued,
+        Probe::RebootBetweenSegments,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +67,8 @@ impl Probe {
             Probe::CleanFailedReached => "clean-failed-reached",
             Probe::ObjectMissingReported => "object-missing-reported",
             Probe::RestoredAgain => "restored-again",
+            Probe::SegmentContinued => "segment-continued",
+            Probe::RebootBetweenSegments => "reboot-between-segments",
         }
     }
 
@@ -116,6 +124,9 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
                     if progress.iter().any(|m| matches!(m, ProgressMark::Running { .. })) {
                         hit.insert(Probe::OperationResumed);
                     }
+                    if progress.iter().any(|m| matches!(m, ProgressMark::AwaitingSegment { .. })) {
+                        hit.insert(Probe::RebootBetweenSegments);
+                    }
                     if torn.contains(&node) && loaded.is_some() {
                         hit.insert(Probe::TornWriteSurvived);
                     }
@@ -152,6 +163,11 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
                     if reply.generation < generation =>
                 {
                     hit.insert(Probe::StaleResponseIgnored);
+                }
+                (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::ClientReply(reply), .. })
+                    if matches!(reply.answer, lockstep::protocol::ClientAnswer::Continued { .. }) =>
+                {
+                    hit.insert(Probe::SegmentContinued);
                 }
                 (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::Apply(request), .. }) => {
                     let key = (request.tablet, request.increment);
