@@ -1233,18 +1233,23 @@ mod tests {
         TableSpec { id: TableId(id), name: format!("table{id}"), shard_count, index_of: None }
     }
 
-    #[test]
-    fn chain_starts_at_the_newest_full_and_ignores_older_incrementals() {
-        let catalog = vec![
+    /// Full 1 and incremental 2, then full 3 and incrementals 4 and 5, taken at ten times their ids, listed out
+    /// of order.
+    fn two_chains() -> Vec<BackupManifest> {
+        vec![
             manifest(4, BackupKind::Incremental, 40),
             manifest(1, BackupKind::Full, 10),
             manifest(2, BackupKind::Incremental, 20),
             manifest(3, BackupKind::Full, 30),
             manifest(5, BackupKind::Incremental, 50),
-        ];
+        ]
+    }
+
+    #[test]
+    fn chain_starts_at_the_newest_full_and_ignores_older_incrementals() {
+        let catalog = two_chains();
         let chain = RestoreChain::plan(&catalog, &[table(0, 1)]).unwrap();
-        let ids: Vec<u64> = chain.backups.iter().map(|m| m.backup_id).collect();
-        assert_eq!(ids, vec![3, 4, 5]);
+        assert_eq!(ids(&chain), vec![3, 4, 5]);
     }
 
     fn ids(chain: &RestoreChain) -> Vec<u64> {
@@ -1253,13 +1258,7 @@ mod tests {
 
     #[test]
     fn a_chain_to_a_point_in_time_ends_at_the_last_backup_taken_by_then() {
-        let catalog = vec![
-            manifest(4, BackupKind::Incremental, 40),
-            manifest(1, BackupKind::Full, 10),
-            manifest(2, BackupKind::Incremental, 20),
-            manifest(3, BackupKind::Full, 30),
-            manifest(5, BackupKind::Incremental, 50),
-        ];
+        let catalog = two_chains();
         let plan = |until| RestoreChain::plan_until(&catalog, &[table(0, 1)], Some(until)).map(|c| ids(&c));
         assert_eq!(plan(45), Ok(vec![3, 4]));
         assert_eq!(plan(40), Ok(vec![3, 4]), "a backup taken at the point itself is in");
@@ -1272,14 +1271,8 @@ mod tests {
 
     #[test]
     fn a_segment_holds_the_incrementals_after_the_last_applied_backup_up_to_its_point() {
-        let catalog = vec![
-            manifest(4, BackupKind::Incremental, 40),
-            manifest(1, BackupKind::Full, 10),
-            manifest(2, BackupKind::Incremental, 20),
-            manifest(3, BackupKind::Full, 30),
-            manifest(5, BackupKind::Incremental, 50),
-            manifest(6, BackupKind::Incremental, 60),
-        ];
+        let mut catalog = two_chains();
+        catalog.push(manifest(6, BackupKind::Incremental, 60));
         let segment = |reached, until| RestoreChain::plan_segment(&catalog, &[table(0, 1)], reached, until);
         assert_eq!(segment((30, 3), Some(55)).map(|c| ids(&c)), Ok(vec![4, 5]));
         assert_eq!(segment((40, 4), None).map(|c| ids(&c)), Ok(vec![5, 6]));
