@@ -610,6 +610,53 @@ mod tests {
         assert_eq!(invariants(&world, &clean_log(&world), &done_state(&world)), vec![]);
     }
 
+    /// The clean log with the operation waiting for a second segment after increment `after`, as `mark` says.
+    fn with_a_wait(world: &World, after: u32, released: bool) -> Vec<Event> {
+        let mut log = clean_log(world);
+        // Right after the two shards' applies of `after`.
+        let at = 1 + 3 * (after as usize + 1);
+        let mark = ProgressMark::AwaitingSegment { op: 1, segment: 1, increments: after + 1, released };
+        log.insert(at, progress(mark));
+        log
+    }
+
+    #[test]
+    fn a_segment_ended_with_every_increment_up_to_it_applied_and_nothing_released_breaks_nothing() {
+        let world = world();
+        assert_eq!(invariants(&world, &with_a_wait(&world, 1, false), &done_state(&world)), vec![]);
+    }
+
+    #[test]
+    fn a_segment_that_lets_go_of_its_tables_breaks_final_work_at_the_end() {
+        let world = world();
+        let log = with_a_wait(&world, 1, true);
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::FinalWorkAtTheEnd]);
+    }
+
+    #[test]
+    fn a_segment_ended_before_every_tablet_holds_its_increments_breaks_no_false_success() {
+        let world = world();
+        let mut log = with_a_wait(&world, 1, false);
+        // The wait comes before the last shard's apply of increment 1.
+        let wait = log.remove(7);
+        log.insert(6, wait);
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::NoFalseSuccess]);
+    }
+
+    #[test]
+    fn an_operation_still_waiting_for_a_segment_at_the_end_breaks_liveness() {
+        let world = world();
+        let mut final_state = done_state(&world);
+        let operation =
+            std::sync::Arc::make_mut(&mut final_state.coordinator.as_mut().unwrap().operations).get_mut(&1).unwrap();
+        operation.status = OperationStatus::AwaitingSegment { reached: (1, 1), since_ms: 1 };
+        let mut log = with_a_wait(&world, world.chain_len - 1, false);
+        log.pop(); // No Done.
+        let violations = check(&world, &log, &final_state);
+        assert_eq!(violations.iter().map(|v| v.invariant).collect::<Vec<_>>(), vec![Invariant::Liveness]);
+        assert!(violations[0].detail.contains("still waits for segment 2"), "{}", violations[0].detail);
+    }
+
     #[test]
     fn a_chain_file_left_behind_by_an_ended_operation_breaks_cleaned_up() {
         let world = world();
