@@ -236,6 +236,8 @@ pub enum LifecycleError {
     NotFound { op: OperationId },
     #[error("operation {op} is still running; it can be forgotten only once it is done or failed")]
     StillRunning { op: OperationId },
+    #[error("operation {op} has already ended; only an operation under way can be cancelled")]
+    AlreadyEnded { op: OperationId },
 }
 
 /// The coordinator's durable state: what survives a reboot.
@@ -475,6 +477,8 @@ pub enum RestoreError {
         NotDone(not_done)
     )]
     IncrementDeadlineExceeded { increment: IncrementIndex, limit_ms: u64, not_done: Vec<TabletNotDone> },
+    #[error("cancelled by the operator with {applied} increment(s) applied on every tablet")]
+    Cancelled { applied: u32 },
 }
 
 /// A tablet that had not reported the current increment done when a deadline passed, how many of its attempts at
@@ -985,6 +989,27 @@ impl Coordinator {
             .collect()
     }
 
+    /// Cancels an operation under way (running a segment or waiting for the next): it ends Failed with
+    /// [`RestoreError::Cancelled`], its tables left not readable and free for a new restore, its collection
+    /// released, its working state dropped. Requests still on their way to the shards may yet be applied there;
+    /// a new restore of the tables has a higher operation id, and a shard refuses an older operation's requests
+    /// once it holds the newer one's rows. Cancelling a cancelled operation again is a no-op, so a client may
+    /// retry; an operation that ended otherwise is refused.
+    pub fn cancel(&mut self, now_ms: u64, op: OperationId) -> Result<Vec<CoordinatorOutput>, LifecycleError> {
+        let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
+        let applied = match &operation.status {
+            OperationStatus::Running(running) => running.increment,
+            OperationStatus::AwaitingSegment { .. } => u32::try_from(operation.backup_ids.len()).expect("short chain"),
+            OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. } => return Ok(Vec::new()),
+            OperationStatus::Done { .. } | OperationStatus::Failed { .. } => {
+                return Err(LifecycleError::AlreadyEnded { op });
+            }
+        };
+        let mut out = Vec::new();
+        self.fail(now_ms, op, RestoreError::Cancelled { applied }, &mut out);
+        Ok(out)
+    }
+
     /// Forgets a finished operation: it is gone from status and list. Refused while it runs.
     pub fn forget(&mut self, op: OperationId) -> Result<Vec<CoordinatorOutput>, LifecycleError> {
         let operation = self.durable.operations.get(&op).ok_or(LifecycleError::NotFound { op })?;
@@ -1043,6 +1068,13 @@ impl Coordinator {
                     }
                 }
             }
+            ClientCall::Cancel { op } => match self.cancel(now_ms, op) {
+                Ok(more) => {
+                    out.extend(more);
+                    ClientAnswer::Cancelled { op }
+                }
+                Err(error) => ClientAnswer::CancelRefused(error),
+            },
             ClientCall::Status { op } => ClientAnswer::Status(self.status(op)),
             ClientCall::List => ClientAnswer::List(self.list()),
             ClientCall::Forget { op } => match self.forget(op) {

@@ -72,6 +72,10 @@ pub enum ClientCall {
     Forget {
         op: OperationId,
     },
+    /// Ends an operation under way as Failed (cancelled), freeing its tables for a new restore.
+    Cancel {
+        op: OperationId,
+    },
 }
 
 /// The coordinator's answer to one [`ClientRequest`].
@@ -100,6 +104,11 @@ pub enum ClientAnswer {
         op: OperationId,
     },
     ForgetRefused(LifecycleError),
+    /// The operation is durably cancelled (or was already).
+    Cancelled {
+        op: OperationId,
+    },
+    CancelRefused(LifecycleError),
 }
 
 /// "Apply increment `increment` of operation `op` to your rows."
@@ -362,6 +371,7 @@ impl fmt::Display for Message {
                     ClientCall::Status { op } => write!(f, "status op={op}"),
                     ClientCall::List => f.write_str("list"),
                     ClientCall::Forget { op } => write!(f, "forget op={op}"),
+                    ClientCall::Cancel { op } => write!(f, "cancel op={op}"),
                 }
             }
             Message::ClientReply(reply) => {
@@ -389,6 +399,8 @@ impl fmt::Display for Message {
                     }
                     ClientAnswer::Forgotten { op } => write!(f, "forgot op={op}"),
                     ClientAnswer::ForgetRefused(error) => write!(f, "forget refused: {error}"),
+                    ClientAnswer::Cancelled { op } => write!(f, "cancelled op={op}"),
+                    ClientAnswer::CancelRefused(error) => write!(f, "cancel refused: {error}"),
                 }
             }
             Message::Apply(r) => write!(

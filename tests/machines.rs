@@ -8,8 +8,8 @@ use bytes::Bytes;
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     AttemptFailure, Coordinator, CoordinatorBug, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput,
-    CoordinatorTimer, OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, StartError,
-    TabletNotDone, backoff_ms,
+    CoordinatorTimer, OperationStatus, ProgressMark, RestoreError, RestoreRequest, Retry, RunningState, SegmentRequest,
+    StartError, TabletNotDone, backoff_ms,
 };
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, ChainError, Change, SortedRows, TableId, TableSpec, TabletId};
@@ -1890,12 +1890,28 @@ mod hostile {
         let forged = (any_node(), reply).prop_map(|(from, reply)| CoordinatorInput::Forged(from, reply));
         let stray = (any_node(), any_apply_request())
             .prop_map(|(from, request)| CoordinatorInput::Stray(from, Message::Apply(request)));
+        // Points in time around the backups of `restore_request` (taken every 10 ms from 10 ms), and none.
+        let point = prop_oneof![1 => Just(None), 3 => (0u64..50).prop_map(Some)];
         let call = prop_oneof![
             ops.clone().prop_map(|op| ClientCall::Status { op }),
             Just(ClientCall::List),
             ops.clone().prop_map(|op| ClientCall::Forget { op }),
+            ops.clone().prop_map(|op| ClientCall::Cancel { op }),
             (ops.clone(), 0u32..4, 0u32..4)
                 .prop_map(|(op, shards, increments)| ClientCall::Start(restore_request(op, shards, increments))),
+            (ops.clone(), 0u32..4, 0u32..4, point.clone(), any::<bool>()).prop_map(
+                |(op, shards, increments, until_ms, last_segment)| {
+                    ClientCall::Start(RestoreRequest {
+                        until_ms,
+                        last_segment,
+                        ..restore_request(op, shards, increments)
+                    })
+                }
+            ),
+            (ops.clone(), 0u32..4, point, any::<bool>()).prop_map(|(op, segment, until_ms, last_segment)| {
+                let catalog = restore_request(op, 2, 4).catalog;
+                ClientCall::Continue(SegmentRequest { op, segment, until_ms, last_segment, catalog })
+            }),
         ];
         let caller = prop_oneof![9 => Just(NodeAddr::Client), 1 => any_node()];
         let client = (caller, call).prop_map(|(from, call)| CoordinatorInput::Client(from, call));

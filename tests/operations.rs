@@ -1034,3 +1034,56 @@ fn the_segment_bugs_do_what_they_say() {
     let first: Vec<IncrementIndex> = applies(&next(&mut coordinator).unwrap()).iter().map(|r| r.increment).collect();
     assert_eq!(first, vec![0], "the chain starts over from the full backup");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cancel
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn a_cancelled_restore_ends_failed_frees_its_tables_and_ignores_the_replies_still_coming() {
+    let tables = vec![table(1, 2)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, request(1, COLLECTION, tables.clone(), 3));
+    let out = applied(&mut coordinator, 20, &sent[0]);
+    assert!(applies(&out).is_empty(), "the other tablet is still at increment 0");
+    let out = coordinator.cancel(30, 1).expect("a running operation is cancelled");
+    assert_eq!(last_persisted(&out).as_ref(), Some(coordinator.durable()), "the cancel is durable");
+    assert_eq!(error_of(&coordinator, 1), RestoreError::Cancelled { applied: 0 });
+    assert_eq!(table_state(&coordinator, 1), Some(TableState::RestoreFailed { op: 1 }));
+    assert!(!coordinator.durable().sources_in_use.contains_key(COLLECTION), "the collection is released");
+    assert_eq!(coordinator.durable().chains().count(), 0, "no working state is left");
+    // The reply of the request still on its way changes nothing and asks for nothing.
+    let late = applied(&mut coordinator, 40, &sent[1]);
+    assert!(applies(&late).is_empty() && last_persisted(&late).is_none(), "{late:?}");
+    // Cancelling again is answered the same; the tables take a new restore.
+    assert_eq!(coordinator.cancel(50, 1), Ok(Vec::new()));
+    start(&mut coordinator, 60, request(2, COLLECTION, tables, 3));
+    assert_eq!(state(&coordinator, 2), OperationState::Running);
+}
+
+#[test]
+fn a_restore_waiting_for_its_next_segment_can_be_cancelled_and_then_not_continued() {
+    let tables = vec![table(1, 1)];
+    let mut coordinator = boot(config());
+    let sent = start(&mut coordinator, 10, to_point(1, tables.clone(), Some(2_000), false));
+    apply_everything(&mut coordinator, 20, sent);
+    coordinator.cancel(30, 1).expect("a waiting operation is cancelled");
+    assert_eq!(error_of(&coordinator, 1), RestoreError::Cancelled { applied: 2 });
+    assert_eq!(table_state(&coordinator, 1), Some(TableState::RestoreFailed { op: 1 }));
+    let next = coordinator.continue_segment(40, segment(1, 2, None, true, &tables));
+    assert_eq!(next, Err(SegmentError::Ended { op: 1 }));
+    assert!(coordinator.forget(1).is_ok(), "a cancelled operation is over and can be forgotten");
+}
+
+#[test]
+fn only_an_operation_under_way_can_be_cancelled() {
+    let mut coordinator = boot(config());
+    assert_eq!(coordinator.cancel(5, 9), Err(LifecycleError::NotFound { op: 9 }));
+    let sent = start(&mut coordinator, 10, request(1, COLLECTION, vec![table(1, 1)], 1));
+    apply_everything(&mut coordinator, 20, sent);
+    assert_eq!(state(&coordinator, 1), OperationState::Done);
+    let before = coordinator.durable().clone();
+    assert_eq!(coordinator.cancel(30, 1), Err(LifecycleError::AlreadyEnded { op: 1 }));
+    assert_eq!(coordinator.durable(), &before, "a refused cancel changes nothing");
+    assert!(LifecycleError::AlreadyEnded { op: 1 }.to_string().contains("already ended"));
+}

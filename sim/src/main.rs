@@ -1144,8 +1144,9 @@ mod cli {
             summary.restored_again_worlds
         );
         println!(
-            "point in time    {} world(s) restored to a point in time, {} of them in two or three segments",
-            summary.point_in_time_worlds, summary.segmented_worlds
+            "point in time    {} world(s) restored to a point in time, {} of them in two or three segments, of \
+             which {} cancelled before the last",
+            summary.point_in_time_worlds, summary.segmented_worlds, summary.cancelled_worlds
         );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
         let mut never = Vec::new();

@@ -40,6 +40,9 @@ pub enum CallExpect {
     StartRefused(String),
     Forgotten,
     Continued,
+    Cancelled,
+    /// Cancel refused, with the error of this name (see [`lifecycle_error_name`]).
+    CancelRefused(String),
     /// Continue refused, with the refusal of this name (see [`segment_error_name`]).
     ContinueRefused(String),
     /// Forget refused, with the error of this name (see [`lifecycle_error_name`]).
@@ -57,6 +60,10 @@ impl CallExpect {
             (CallExpect::StartRefused(name), ClientAnswer::StartRefused(error)) => refusal_name(error) == name,
             (CallExpect::Forgotten, ClientAnswer::Forgotten { .. }) => true,
             (CallExpect::Continued, ClientAnswer::Continued { .. }) => true,
+            (CallExpect::Cancelled, ClientAnswer::Cancelled { .. }) => true,
+            (CallExpect::CancelRefused(name), ClientAnswer::CancelRefused(error)) => {
+                lifecycle_error_name(error) == name
+            }
             (CallExpect::ContinueRefused(name), ClientAnswer::ContinueRefused(error)) => {
                 segment_error_name(error) == name
             }
@@ -77,6 +84,8 @@ impl fmt::Display for CallExpect {
             CallExpect::StartRefused(name) => write!(f, "start refused ({name})"),
             CallExpect::Forgotten => f.write_str("forgotten"),
             CallExpect::Continued => f.write_str("continued"),
+            CallExpect::Cancelled => f.write_str("cancelled"),
+            CallExpect::CancelRefused(name) => write!(f, "cancel refused ({name})"),
             CallExpect::ContinueRefused(name) => write!(f, "continue refused ({name})"),
             CallExpect::ForgetRefused(name) => write!(f, "forget refused ({name})"),
             CallExpect::StatusRefused(name) => write!(f, "status refused ({name})"),
@@ -114,12 +123,13 @@ pub fn refusal_name(error: &StartError) -> &'static str {
 }
 
 /// The names scenario files use for lifecycle refusals.
-pub const LIFECYCLE_ERROR_NAMES: [&str; 2] = ["not-found", "still-running"];
+pub const LIFECYCLE_ERROR_NAMES: [&str; 3] = ["not-found", "still-running", "already-ended"];
 
 pub fn lifecycle_error_name(error: &LifecycleError) -> &'static str {
     match error {
         LifecycleError::NotFound { .. } => "not-found",
         LifecycleError::StillRunning { .. } => "still-running",
+        LifecycleError::AlreadyEnded { .. } => "already-ended",
     }
 }
 
@@ -151,6 +161,8 @@ pub enum FailureExpect {
     ObjectMissing { increment: IncrementIndex, tablet: TabletId },
     /// A deadline passed (the operation's or an increment's).
     Timeout,
+    /// The client cancelled it.
+    Cancelled,
 }
 
 impl OpExpect {
@@ -166,6 +178,7 @@ impl OpExpect {
             OpExpect::Failed(FailureExpect::Timeout) => {
                 matches!(error, RestoreError::DeadlineExceeded { .. } | RestoreError::IncrementDeadlineExceeded { .. })
             }
+            OpExpect::Failed(FailureExpect::Cancelled) => matches!(error, RestoreError::Cancelled { .. }),
         }
     }
 }
@@ -178,6 +191,7 @@ impl fmt::Display for OpExpect {
                 write!(f, "Failed: object of increment {increment} on {tablet} missing")
             }
             OpExpect::Failed(FailureExpect::Timeout) => f.write_str("Failed: timeout"),
+            OpExpect::Failed(FailureExpect::Cancelled) => f.write_str("Failed: cancelled"),
         }
     }
 }

@@ -37,10 +37,12 @@ pub enum Probe {
     SegmentContinued,
     /// The coordinator rebooted into an operation waiting for its next segment.
     RebootBetweenSegments,
+    /// The coordinator cancelled an operation at the client's call.
+    OperationCancelled,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 12] = [
+    pub const ALL: [Probe; 13] = [
         Probe::PartialDownloadResumed,
         Probe::RebootMidApply,
         Probe::DuplicateAnsweredFromMarker,
@@ -53,6 +55,7 @@ impl Probe {
         Probe::RestoredAgain,
         Probe::SegmentContinued,
         Probe::RebootBetweenSegments,
+        Probe::OperationCancelled,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +72,7 @@ impl Probe {
             Probe::RestoredAgain => "restored-again",
             Probe::SegmentContinued => "segment-continued",
             Probe::RebootBetweenSegments => "reboot-between-segments",
+            Probe::OperationCancelled => "operation-cancelled",
         }
     }
 
@@ -164,10 +168,12 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
                 {
                     hit.insert(Probe::StaleResponseIgnored);
                 }
-                (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::ClientReply(reply), .. })
-                    if matches!(reply.answer, lockstep::protocol::ClientAnswer::Continued { .. }) =>
-                {
-                    hit.insert(Probe::SegmentContinued);
+                (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::ClientReply(reply), .. }) => {
+                    match reply.answer {
+                        lockstep::protocol::ClientAnswer::Continued { .. } => hit.insert(Probe::SegmentContinued),
+                        lockstep::protocol::ClientAnswer::Cancelled { .. } => hit.insert(Probe::OperationCancelled),
+                        _ => {}
+                    }
                 }
                 (NodeAddr::Coordinator, HostEvent::Sent { msg: Message::Apply(request), .. }) => {
                     let key = (request.tablet, request.increment);

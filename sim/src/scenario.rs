@@ -27,14 +27,11 @@ use toml::Spanned;
 
 use crate::checkers::Invariant;
 use crate::faults::{FaultKind, FaultPlan};
-use crate::plan::{
-    Action, CallExpect, FailureExpect, LIFECYCLE_ERROR_NAMES, Moment, OpExpect, PlannedCall, REFUSAL_NAMES,
-    ScheduledFault,
-};
+use crate::plan::{Action, CallExpect, FailureExpect, Moment, OpExpect, PlannedCall, REFUSAL_NAMES, ScheduledFault};
 use crate::tape::{Chance, Decision, Reboot, Tape};
 use crate::world::{
     Bugs, COLLECTION, LostObject, MAX_SHARDS_PER_TABLE, MAX_TABLES, OPERATION_ID, World, WorldParams, WorldTable,
-    continue_calls, index_rows,
+    cancelled_before_failing, continue_calls, index_rows,
 };
 
 /// A scenario file that did not load: where, and what is wrong.
@@ -261,10 +258,13 @@ struct RestoreDecl {
     segments: Option<Spanned<Vec<u64>>>,
     /// How long after a segment has ended the client continues with the next one (default 0).
     continue_after_ms: Option<Spanned<u64>>,
+    /// With `segments`: the client cancels the restore instead of asking for its last segment (to `until_ms`).
+    cancel: Option<Spanned<bool>>,
     /// `started` or `refused:<refusal>`.
     #[serde(default = "started")]
     expect: Spanned<String>,
-    /// For a started restore: `done`, `failed:timeout` or `failed:object-missing`.
+    /// For a started restore: `done`, `failed:timeout`, `failed:object-missing` or (with `cancel`)
+    /// `failed:cancelled`.
     #[serde(default = "done")]
     outcome: Spanned<String>,
 }
@@ -284,9 +284,10 @@ struct CallDecl {
     at_ms: u64,
     status: Option<u64>,
     forget: Option<u64>,
+    cancel: Option<u64>,
     #[serde(default)]
     list: bool,
-    /// `answered`, `forgotten` or `refused:<error>`.
+    /// `answered`, `forgotten`, `cancelled` or `refused:<error>`.
     #[serde(default = "answered")]
     expect: Spanned<String>,
 }
@@ -898,12 +899,13 @@ impl Scenario {
                 }
                 None => OpExpect::Done,
             };
-            let points = match &self.source {
-                Source::Generated(_) => drawn_points(world),
-                Source::Explicit(_) => vec![world.until_ms],
+            let (points, cancel) = match &self.source {
+                Source::Generated(_) => drawn_plan(world),
+                Source::Explicit(_) => (vec![world.until_ms], false),
             };
             let start = PlannedCall::at(0, ClientCall::Start(request), CallExpect::Started);
-            calls.extend(in_segments(world, start, &points, &expect, 0));
+            let (planned, expect) = in_segments(world, start, &points, &expect, 0, cancel);
+            calls.extend(planned);
             expected_ops.insert(OPERATION_ID, expect);
         }
         let mut ops = BTreeSet::new();
@@ -949,9 +951,30 @@ impl Scenario {
                     return Err(problem(restore.span(), format!("operation {} is started twice", decl.op)));
                 }
                 op_expect = outcome(world, &request, &decl.outcome)?;
-                expected_ops.insert(decl.op, op_expect.clone());
             }
             let points = segment_points(world, decl, &expect)?;
+            let cancel = decl.cancel.as_ref().is_some_and(|c| *c.get_ref());
+            match (&decl.cancel, decl.segments.is_some(), &op_expect) {
+                (Some(flag), false, _) => {
+                    return Err(problem(
+                        flag.span(),
+                        "`cancel` gives up a restore in `segments` before its last one; add `segments` or remove it",
+                    ));
+                }
+                (_, _, OpExpect::Failed(FailureExpect::Cancelled)) if !cancel => {
+                    return Err(problem(
+                        decl.outcome.span(),
+                        "outcome `failed:cancelled` needs `cancel = true` (the client cancels before the last segment)",
+                    ));
+                }
+                (Some(flag), true, OpExpect::Done) if cancel => {
+                    return Err(problem(
+                        flag.span(),
+                        "a restore the client cancels cannot end done; set `outcome = \"failed:cancelled\"`",
+                    ));
+                }
+                _ => {}
+            }
             let after_end_of = match &decl.after_ended {
                 Some(op) if *op.get_ref() == decl.op => {
                     return Err(problem(op.span(), format!("operation {} cannot wait for its own end", decl.op)));
@@ -960,20 +983,26 @@ impl Scenario {
                 None => None,
             };
             let call = ClientCall::Start(request);
+            let started = expect == CallExpect::Started;
             let start = PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect };
             let continue_after_ms = decl.continue_after_ms.as_ref().map_or(0, |ms| *ms.get_ref());
-            calls.extend(in_segments(world, start, &points, &op_expect, continue_after_ms));
+            let (planned, op_expect) = in_segments(world, start, &points, &op_expect, continue_after_ms, cancel);
+            calls.extend(planned);
+            if started {
+                expected_ops.insert(decl.op, op_expect);
+            }
         }
         for call in &self.plan.calls {
             let decl = call.get_ref();
-            let client_call = match (decl.status, decl.forget, decl.list) {
-                (Some(op), None, false) => ClientCall::Status { op },
-                (None, Some(op), false) => ClientCall::Forget { op },
-                (None, None, true) => ClientCall::List,
+            let client_call = match (decl.status, decl.forget, decl.cancel, decl.list) {
+                (Some(op), None, None, false) => ClientCall::Status { op },
+                (None, Some(op), None, false) => ClientCall::Forget { op },
+                (None, None, Some(op), false) => ClientCall::Cancel { op },
+                (None, None, None, true) => ClientCall::List,
                 _ => {
                     return Err(problem(
                         call.span(),
-                        "a call is exactly one of `status = <op>`, `forget = <op>`, `list = true`",
+                        "a call is exactly one of `status = <op>`, `forget = <op>`, `cancel = <op>`, `list = true`",
                     ));
                 }
             };
@@ -982,9 +1011,16 @@ impl Scenario {
                 (ClientCall::Forget { .. }, _) => call_expect(
                     &decl.expect,
                     "forgotten",
-                    &LIFECYCLE_ERROR_NAMES,
+                    &["not-found", "still-running"],
                     CallExpect::Forgotten,
                     CallExpect::ForgetRefused,
+                )?,
+                (ClientCall::Cancel { .. }, _) => call_expect(
+                    &decl.expect,
+                    "cancelled",
+                    &["not-found", "already-ended"],
+                    CallExpect::Cancelled,
+                    CallExpect::CancelRefused,
                 )?,
                 // A status is refused only for an operation it does not know.
                 (ClientCall::Status { .. }, _) => call_expect(
@@ -1072,9 +1108,10 @@ fn segment_points(world: &World, decl: &RestoreDecl, expect: &CallExpect) -> Res
     Ok(points.iter().map(|&point| Some(point)).chain([until_ms]).collect())
 }
 
-/// The points of the segments a generated world drew for its own restore (operation 1), in order.
-fn drawn_points(world: &World) -> Vec<Option<u64>> {
-    let points: Vec<Option<u64>> = world
+/// The points of the segments a generated world drew for its own restore (operation 1), in order, and whether
+/// the client cancels it instead of asking for the last one.
+fn drawn_plan(world: &World) -> (Vec<Option<u64>>, bool) {
+    let mut points: Vec<Option<u64>> = world
         .calls
         .iter()
         .filter_map(|call| match &call.call {
@@ -1083,7 +1120,11 @@ fn drawn_points(world: &World) -> Vec<Option<u64>> {
             _ => None,
         })
         .collect();
-    if points.is_empty() { vec![world.until_ms] } else { points }
+    let cancel = world.calls.iter().any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID });
+    if cancel {
+        points.push(world.until_ms);
+    }
+    if points.is_empty() { (vec![world.until_ms], false) } else { (points, cancel) }
 }
 
 /// `start`, a start call, made a restore in segments to `points` (one per segment): its request goes to the
@@ -1095,8 +1136,9 @@ fn in_segments(
     points: &[Option<u64>],
     op_expect: &OpExpect,
     continue_after_ms: u64,
-) -> Vec<PlannedCall> {
-    let ClientCall::Start(request) = &mut start.call else { return vec![start] };
+    cancel: bool,
+) -> (Vec<PlannedCall>, OpExpect) {
+    let ClientCall::Start(request) = &mut start.call else { return (vec![start], op_expect.clone()) };
     request.until_ms = points.first().copied().flatten();
     request.last_segment = points.len() <= 1;
     let (op, catalog) = (request.op, request.catalog.clone());
@@ -1110,8 +1152,13 @@ fn in_segments(
         _ => None,
     };
     let mut calls = vec![start];
-    calls.extend(continue_calls(op, &catalog, points, &taken_at_ms, fails_at, continue_after_ms));
-    calls
+    calls.extend(continue_calls(op, &catalog, points, &taken_at_ms, fails_at, continue_after_ms, cancel));
+    let op_expect = if cancel && cancelled_before_failing(points, &taken_at_ms, fails_at) {
+        OpExpect::Failed(FailureExpect::Cancelled)
+    } else {
+        op_expect.clone()
+    };
+    (calls, op_expect)
 }
 
 /// The order the client makes its calls in, one after another: those at a time in time order, then those that
@@ -1121,10 +1168,13 @@ fn in_segments(
 fn client_order(mut calls: Vec<PlannedCall>) -> Result<Vec<PlannedCall>, Problem> {
     let waits = |call: &PlannedCall| call.after_end_of.is_some() || call.after_segment.is_some();
     calls.sort_by_key(|call| (waits(call), call.at_ms));
-    // The operation and segment a call asks to run: 1 for a start, the segment of a continue.
-    let asks = |call: &PlannedCall| match &call.call {
-        ClientCall::Start(request) if call.expect == CallExpect::Started => Some((request.op, 1)),
-        ClientCall::Continue(request) => Some((request.op, request.segment)),
+    // The operation and segment a call asks to run: 1 for a start, the segment of a continue (or of a cancel in
+    // its place).
+    let asks = |call: &PlannedCall| match (&call.call, call.after_segment) {
+        (ClientCall::Start(request), _) if call.expect == CallExpect::Started => Some((request.op, 1)),
+        (ClientCall::Continue(request), _) => Some((request.op, request.segment)),
+        // A cancel in place of a segment ends the operation there: what waits for its end comes after it.
+        (ClientCall::Cancel { op }, Some((_, segment))) => Some((*op, segment + 1)),
         _ => None,
     };
     let every: BTreeSet<(OperationId, u32)> = calls.iter().filter_map(asks).collect();
@@ -1287,6 +1337,7 @@ fn outcome(world: &World, request: &RestoreRequest, text: &Spanned<String>) -> R
     match text.get_ref().as_str() {
         "done" => Ok(OpExpect::Done),
         "failed:timeout" => Ok(OpExpect::Failed(FailureExpect::Timeout)),
+        "failed:cancelled" => Ok(OpExpect::Failed(FailureExpect::Cancelled)),
         "failed:object-missing" => {
             let tablets: Vec<TabletId> = request.tables.iter().flat_map(TableSpec::tablets).collect();
             let lost = world.lost_objects.iter().filter(|l| tablets.contains(&l.tablet)).min_by_key(|l| l.increment);
@@ -1297,7 +1348,9 @@ fn outcome(world: &World, request: &RestoreRequest, text: &Spanned<String>) -> R
         }
         other => Err(problem(
             text.span(),
-            format!("unknown outcome `{other}`; expected done, failed:timeout or failed:object-missing"),
+            format!(
+                "unknown outcome `{other}`; expected done, failed:timeout, failed:object-missing or failed:cancelled"
+            ),
         )),
     }
 }

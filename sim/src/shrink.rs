@@ -24,7 +24,7 @@ use lockstep::protocol::{ClientCall, NodeAddr};
 
 use crate::checkers::Invariant;
 use crate::faults::FaultKind;
-use crate::plan::CallExpect;
+use crate::plan::{CallExpect, PlannedCall};
 use crate::runner::{Keep, run_seed};
 use crate::scenario::Scenario;
 use crate::tape::Decision;
@@ -133,6 +133,8 @@ struct Case {
     until_ms: Option<u64>,
     /// The points of the segments before the last, in order, for a restore in segments (else empty).
     segments: Vec<u64>,
+    /// The client cancels the restore in segments instead of asking for its last one.
+    cancel: bool,
     max_in_flight_shards: u32,
     max_in_flight_tables: u32,
     download_chunk_bytes: u64,
@@ -141,11 +143,19 @@ struct Case {
     decisions: Vec<CaseDecision>,
 }
 
+/// The restore of a generated world, as a case writes it ([`Case::restore_of`]).
+struct CaseRestore {
+    until_ms: Option<u64>,
+    segments: Vec<u64>,
+    cancel: bool,
+    again_after_ms: Option<u64>,
+}
+
 impl Case {
     /// Writes down a generated world with the decisions its run made.
     fn of(world: &World, decisions: &[Decision]) -> Result<Self, ShrinkError> {
         let not_writable = |why: &str| ShrinkError::NotWritable(why.to_string());
-        let (until_ms, segments, again_after_ms) = Case::restore_of(world).ok_or_else(|| {
+        let CaseRestore { until_ms, segments, cancel, again_after_ms } = Case::restore_of(world).ok_or_else(|| {
             not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink")
         })?;
         if !world.scheduled.is_empty() || world.decisions.is_some() {
@@ -253,6 +263,7 @@ impl Case {
             again_after_ms,
             until_ms,
             segments,
+            cancel,
             max_in_flight_shards: world.coordinator.max_in_flight_shards,
             max_in_flight_tables: world.coordinator.max_in_flight_tables,
             download_chunk_bytes: world.shard.download_chunk_bytes,
@@ -263,11 +274,12 @@ impl Case {
     }
 
     /// The restore of a generated world, as a case writes it: the point restored to, the points of the segments
-    /// before the last, and when the client restores again after the lost object is back. `None` when the world's
-    /// calls are not those of a generated world: a start of operation 1 at 0 ms of every table, to the first
-    /// point, a continue of it for every further segment once the one before has ended, then perhaps a start of
+    /// before the last, whether the client cancels it instead of asking for the last, and when the client
+    /// restores again after the lost object is back. `None` when the world's calls are not those of a generated
+    /// world: a start of operation 1 at 0 ms of every table, to the first point, a continue of it for every
+    /// further segment once the one before has ended (or a cancel instead of the last), then perhaps a start of
     /// operation 2 (to the same point, in one go) once operation 1 has ended.
-    fn restore_of(world: &World) -> Option<(Option<u64>, Vec<u64>, Option<u64>)> {
+    fn restore_of(world: &World) -> Option<CaseRestore> {
         let mut calls = world.calls.iter().peekable();
         let start = calls.next()?;
         let ClientCall::Start(first) = &start.call else { return None };
@@ -295,7 +307,16 @@ impl Case {
             points.push(next.until_ms);
             last_segment = next.last_segment;
         }
-        if !last_segment {
+        let cancelled = |call: &&PlannedCall| {
+            call.call == ClientCall::Cancel { op: OPERATION_ID }
+                && call.at_ms == 0
+                && call.after_segment == u32::try_from(points.len()).ok().map(|segment| (OPERATION_ID, segment))
+        };
+        let cancel = !last_segment && calls.next_if(cancelled).is_some();
+        if cancel {
+            // The last segment, never asked for, went to the point of the whole restore.
+            points.push(world.until_ms);
+        } else if !last_segment {
             return None;
         }
         // Or the same, then the lost object back and a restore again once the first has failed.
@@ -325,7 +346,7 @@ impl Case {
             return None;
         }
         let segments: Option<Vec<u64>> = points.into_iter().collect();
-        Some((until_ms, segments?, again_after_ms))
+        Some(CaseRestore { until_ms, segments: segments?, cancel, again_after_ms })
     }
 
     fn size(&self, events: usize) -> Size {
@@ -399,10 +420,14 @@ impl Case {
             String::new()
         } else {
             let points: Vec<String> = self.segments.iter().map(u64::to_string).collect();
-            format!("segments = [{}]\n", points.join(", "))
+            let cancel = if self.cancel { "cancel = true\n" } else { "" };
+            format!("segments = [{}]\n{cancel}", points.join(", "))
         };
         if self.lost.is_none() && (self.until_ms.is_some() || !self.segments.is_empty()) {
             let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
+            if self.cancel {
+                let _ = writeln!(text, "outcome = \"failed:cancelled\"");
+            }
         }
         if let Some((tablet, increment)) = &self.lost {
             let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
@@ -896,7 +921,6 @@ pub fn shrink(
 mod tests {
     use super::*;
     use crate::faults::FaultPlan;
-    use crate::plan::PlannedCall;
     use crate::world::WorldParams;
 
     /// What a planned call asks and expects, without the catalog it carries (the written file lists backups in
@@ -915,8 +939,8 @@ mod tests {
         format!("{what} at {} after {:?}/{:?}: {}", call.at_ms, call.after_end_of, call.after_segment, call.expect)
     }
 
-    /// A generated world that restores to a point in time, in segments, with or without a lost object and a
-    /// restore again, written down as a case and loaded back is the same restore: the same calls, expectations,
+    /// A generated world that restores to a point in time, in segments (cancelled before the last, or not), with
+    /// or without a lost object and a restore again, written down as a case and loaded back is the same restore: the same calls, expectations,
     /// chain, point and oracle.
     #[test]
     fn a_world_restored_to_a_point_in_segments_is_written_down_as_the_same_restore() {
@@ -927,7 +951,7 @@ mod tests {
             point_in_time_probability: 1.0,
             ..WorldParams::default()
         };
-        let (mut segmented, mut lost_in_segments, mut again) = (0, 0, 0);
+        let (mut segmented, mut lost_in_segments, mut again, mut cancelled) = (0, 0, 0, 0);
         for seed in 0..60 {
             let world = World::generate(seed, &params);
             let case = Case::of(&world, &[]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -947,7 +971,11 @@ mod tests {
             segmented += usize::from(world.segments() > 1);
             lost_in_segments += usize::from(world.segments() > 1 && !world.lost_objects.is_empty());
             again += usize::from(world.expected_ops.len() > 1);
+            cancelled += usize::from(world.calls.iter().any(|c| matches!(c.call, ClientCall::Cancel { .. })));
         }
-        assert!(segmented > 20 && lost_in_segments > 5 && again > 5, "{segmented} {lost_in_segments} {again}");
+        assert!(
+            segmented > 20 && lost_in_segments > 5 && again > 5 && cancelled > 2,
+            "{segmented} {lost_in_segments} {again} {cancelled}"
+        );
     }
 }

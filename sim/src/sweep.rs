@@ -459,6 +459,8 @@ pub struct SweepSummary {
     /// Worlds that restored to a point in time, and of those the ones that did it in two or three segments.
     pub point_in_time_worlds: u64,
     pub segmented_worlds: u64,
+    /// Of those, the worlds whose client cancels the restore instead of asking for its last segment.
+    pub cancelled_worlds: u64,
     /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
@@ -507,6 +509,9 @@ impl SweepSummary {
         }
         if world.segments() > 1 {
             self.segmented_worlds += 1;
+        }
+        if world.cancels() {
+            self.cancelled_worlds += 1;
         }
         match outcome.end {
             RunEnd::Done => self.ended_done += 1,
@@ -576,6 +581,7 @@ impl SweepSummary {
         self.restored_again_worlds += other.restored_again_worlds;
         self.point_in_time_worlds += other.point_in_time_worlds;
         self.segmented_worlds += other.segmented_worlds;
+        self.cancelled_worlds += other.cancelled_worlds;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
         self.ended_unfinished += other.ended_unfinished;

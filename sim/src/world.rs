@@ -297,7 +297,9 @@ impl World {
                 let call = ClientCall::Start(world.restore_request());
                 world.calls.push(PlannedCall::at(0, call, CallExpect::Started));
             }
-            Some(point_in_time) => world.plan_segments(&point_in_time.points, &history.backups[newest_full..=target]),
+            Some(point_in_time) => {
+                world.plan_segments(&point_in_time.points, &history.backups[newest_full..=target], point_in_time.cancel)
+            }
         }
         // Drawn last, so that every other world of a seed is the one it was before restores were retried.
         if !world.lost_objects.is_empty() && rng.gen_bool(params.restore_again_probability) {
@@ -308,15 +310,19 @@ impl World {
 
     /// Plans the client's calls of a restore in segments to `points` (one per segment, in order, the last the
     /// point restored to): a start to the first, then for every further segment a continue once the one before
-    /// has ended. `chain` holds the backups restored, in order. A continue that comes after the segment in which
-    /// the world loses an object for good finds the operation failed, and must be refused as ended.
-    fn plan_segments(&mut self, points: &[Option<u64>], chain: &[TakenBackup]) {
+    /// has ended, or with `cancel` a cancel instead of the last one. `chain` holds the backups restored, in order.
+    /// A call that comes after the segment in which the world loses an object for good finds the operation failed,
+    /// and must be refused as ended.
+    fn plan_segments(&mut self, points: &[Option<u64>], chain: &[TakenBackup], cancel: bool) {
         let first = RestoreRequest { until_ms: points[0], last_segment: points.len() == 1, ..self.restore_request() };
         self.calls.push(PlannedCall::at(0, ClientCall::Start(first), CallExpect::Started));
         let taken_at_ms: Vec<u64> = chain.iter().map(|b| b.taken_at_ms).collect();
         let fails_at = self.lost_objects.iter().filter(|l| l.until_end_of.is_none()).map(|l| l.increment).min();
-        let continues = continue_calls(OPERATION_ID, &self.catalog, points, &taken_at_ms, fails_at, 0);
+        let continues = continue_calls(OPERATION_ID, &self.catalog, points, &taken_at_ms, fails_at, 0, cancel);
         self.calls.extend(continues);
+        if cancel && cancelled_before_failing(points, &taken_at_ms, fails_at) {
+            self.expected_ops.insert(OPERATION_ID, OpExpect::Failed(FailureExpect::Cancelled));
+        }
     }
 
     /// Makes this world's lost object come back once the restore that met its loss has failed, and the client
@@ -356,13 +362,21 @@ impl World {
         BASE_LIVENESS_BOUND_MS.max(applies * LIVENESS_BOUND_PER_APPLY_MS)
     }
 
-    /// The segments of the world's first restore: one, unless the client continues it.
+    /// The segments planned for the world's first restore: one, unless the client continues it (or cancels it
+    /// instead of asking for its last).
     pub fn segments(&self) -> u32 {
-        1 + self
-            .calls
-            .iter()
-            .filter(|call| matches!(&call.call, ClientCall::Continue(r) if r.op == OPERATION_ID))
-            .count() as u32
+        let planned = |call: &&PlannedCall| match &call.call {
+            ClientCall::Continue(request) => request.op == OPERATION_ID,
+            // A cancel in place of the last segment.
+            ClientCall::Cancel { op } => call.after_segment.is_some() && *op == OPERATION_ID,
+            _ => false,
+        };
+        1 + self.calls.iter().filter(planned).count() as u32
+    }
+
+    /// Whether the client cancels the world's first restore instead of asking for its last segment.
+    pub fn cancels(&self) -> bool {
+        self.calls.iter().any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID })
     }
 
     /// The tables operation `op` restores, from the client's start call for it.
@@ -532,6 +546,7 @@ fn describe_call(call: &ClientCall) -> String {
         ClientCall::Status { op } => format!("status of operation {op}"),
         ClientCall::List => "list operations".to_string(),
         ClientCall::Forget { op } => format!("forget operation {op}"),
+        ClientCall::Cancel { op } => format!("cancel operation {op}"),
     }
 }
 
@@ -546,8 +561,9 @@ fn segment_of(points: &[Option<u64>], chain_taken_at_ms: &[u64], increment: Incr
 
 /// The continue calls of operation `op`, a restore in segments to `points` (one per segment, in order, the last
 /// the point of the whole restore) of a chain whose backups were taken at `chain_taken_at_ms`: for every segment
-/// after the first, a continue `after_ms` after the segment before it has ended. When the operation fails for
-/// good at increment `fails_at` (a lost object), every continue after the segment of that increment finds it
+/// after the first, a continue `after_ms` after the segment before it has ended; with `cancel`, the last segment's
+/// continue is a cancel instead (the operator gives the restore up before its last segment). When the operation
+/// fails for good at increment `fails_at` (a lost object), every call after the segment of that increment finds it
 /// ended, and must be refused so.
 pub(crate) fn continue_calls(
     op: OperationId,
@@ -556,23 +572,40 @@ pub(crate) fn continue_calls(
     chain_taken_at_ms: &[u64],
     fails_at: Option<IncrementIndex>,
     after_ms: u64,
+    cancel: bool,
 ) -> Vec<PlannedCall> {
     let last = points.len().saturating_sub(1);
     let failed_in = fails_at.map(|increment| segment_of(points, chain_taken_at_ms, increment));
     let mut calls = Vec::new();
     for (at, point) in points.iter().enumerate().skip(1) {
         let segment = u32::try_from(at + 1).expect("few segments");
-        let request =
-            SegmentRequest { op, segment, until_ms: *point, last_segment: at == last, catalog: catalog.clone() };
-        let expect = match failed_in {
-            Some(failed) if failed < segment => CallExpect::ContinueRefused("ended".to_string()),
-            _ => CallExpect::Continued,
+        let ended = failed_in.is_some_and(|failed| failed < segment);
+        let (call, expect) = if cancel && at == last {
+            let expect =
+                if ended { CallExpect::CancelRefused("already-ended".to_string()) } else { CallExpect::Cancelled };
+            (ClientCall::Cancel { op }, expect)
+        } else {
+            let request =
+                SegmentRequest { op, segment, until_ms: *point, last_segment: at == last, catalog: catalog.clone() };
+            let expect = if ended { CallExpect::ContinueRefused("ended".to_string()) } else { CallExpect::Continued };
+            (ClientCall::Continue(request), expect)
         };
-        let mut call = PlannedCall::at(after_ms, ClientCall::Continue(request), expect);
+        let mut call = PlannedCall::at(after_ms, call, expect);
         call.after_segment = Some((op, segment - 1));
         calls.push(call);
     }
     calls
+}
+
+/// Whether a restore in segments to `points` that the client cancels before its last segment is cancelled: it has
+/// not failed for good before (at increment `fails_at`, a lost object) in one of the segments it ran.
+pub(crate) fn cancelled_before_failing(
+    points: &[Option<u64>],
+    chain_taken_at_ms: &[u64],
+    fails_at: Option<IncrementIndex>,
+) -> bool {
+    let last = u32::try_from(points.len()).expect("few segments");
+    fails_at.is_none_or(|increment| segment_of(points, chain_taken_at_ms, increment) >= last)
 }
 
 /// A point in time as a description says it.
@@ -587,6 +620,8 @@ struct PointInTime {
     /// The point each segment restores to, in order; the last is the point of the whole restore (`None`: the
     /// newest backup, when that is the target).
     points: Vec<Option<u64>>,
+    /// The client cancels the restore instead of asking for its last segment.
+    cancel: bool,
 }
 
 impl PointInTime {
@@ -613,7 +648,9 @@ impl PointInTime {
             .collect();
         points.sort_unstable();
         points.push(until);
-        Some(Self { target, points })
+        // Drawn last, so that the points of a seed are the ones they were before cancels were drawn.
+        let cancel = segments > 1 && rng.gen_bool(0.2);
+        Some(Self { target, points, cancel })
     }
 }
 
@@ -827,6 +864,12 @@ mod tests {
                     ClientCall::Continue(next) => {
                         let last = segments.last().map(|m: &BackupManifest| (m.taken_at_ms, m.backup_id)).unwrap();
                         let more = RestoreChain::plan_segment(&next.catalog, &request.tables, last, next.until_ms);
+                        segments.extend(more.unwrap().backups().iter().cloned());
+                    }
+                    // Cancelled before the last segment, which would have gone to the point of the whole restore.
+                    ClientCall::Cancel { .. } => {
+                        let last = segments.last().map(|m: &BackupManifest| (m.taken_at_ms, m.backup_id)).unwrap();
+                        let more = RestoreChain::plan_segment(&world.catalog, &request.tables, last, world.until_ms);
                         segments.extend(more.unwrap().backups().iter().cloned());
                     }
                     _ => {}

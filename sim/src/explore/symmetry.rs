@@ -606,6 +606,10 @@ impl<'a> Encoder<'a> {
                 self.raw(&(increment, limit_ms));
                 self.not_done(not_done);
             }
+            RestoreError::Cancelled { applied } => {
+                self.word(3);
+                self.word(u64::from(*applied));
+            }
         }
     }
 
