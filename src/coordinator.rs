@@ -110,6 +110,9 @@ pub enum CoordinatorBug {
     /// Plans a continued segment from the full backup again, as if nothing carried over from the segments
     /// before: the shards answer what they hold without applying it again, so only progress goes backwards.
     SegmentRestartsChain,
+    /// Ends a cancelled operation as Failed but keeps its tables Restoring and its collection in use, so nothing
+    /// can restore them again.
+    CancelKeepsHold,
 }
 
 /// Whether `reply` may count as the word of the tablet it names. It must come from that tablet; the one exception
@@ -1007,6 +1010,16 @@ impl Coordinator {
         };
         let mut out = Vec::new();
         self.fail(now_ms, op, RestoreError::Cancelled { applied }, &mut out);
+        if has(&self.config, CoordinatorBug::CancelKeepsHold) {
+            let operation = &self.durable.operations[&op];
+            let (tables, collection) = (operation.tables.clone(), operation.collection.clone());
+            let held = Arc::make_mut(&mut self.durable.tables);
+            for table in &tables {
+                held.insert(table.id, TableState::Restoring { op });
+            }
+            Arc::make_mut(&mut self.durable.sources_in_use).insert(collection, op);
+            self.persist(&mut out);
+        }
         Ok(out)
     }
 

@@ -58,7 +58,7 @@ const fn host(bug: HostBug) -> Bugs {
     Bugs { coordinator: None, shard: None, host: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 17] = [
+pub const CATALOG: [KnownBug; 18] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -124,6 +124,12 @@ pub const CATALOG: [KnownBug; 17] = [
         summary: "a continued segment starts the chain over from the full backup instead of where the last one ended",
         bugs: coordinator(CoordinatorBug::SegmentRestartsChain),
         caught_in: sweep(50),
+    },
+    KnownBug {
+        name: "cancel-keeps-hold",
+        summary: "a cancelled restore ends Failed but keeps its tables restoring and its collection in use",
+        bugs: coordinator(CoordinatorBug::CancelKeepsHold),
+        caught_in: sweep(100),
     },
     KnownBug {
         name: "skip-checksum",

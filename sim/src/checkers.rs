@@ -35,8 +35,9 @@ pub enum Invariant {
     ExpectedOutcome,
     /// After healing, the operation ends within the bound.
     Liveness,
-    /// An ended operation leaves no working file behind: at the end of the run the coordinator's disk holds no
-    /// file its durable state no longer refers to (a restore chain of an operation that has ended).
+    /// An ended operation leaves nothing held behind: at the end of the run no table is still restoring under it,
+    /// no collection is still in use by it, and the coordinator's disk holds no file its durable state no longer
+    /// refers to (a restore chain of an operation that has ended).
     CleanedUp,
     /// A restore in segments does its final work (its tables made readable, its collection released) only at the
     /// end of its last segment: never when an earlier segment ends.
@@ -475,6 +476,24 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
     if final_state.timed_out && !violations.iter().any(|v| v.invariant.is_liveness()) {
         violations.push(final_violation(Invariant::Liveness, "the run hit its time bound".to_string()));
     }
+    // What an ended operation still holds in the coordinator's final durable state.
+    if let Some(coordinator) = &final_state.coordinator {
+        let ended = |op: &OperationId| {
+            coordinator.operations.get(op).is_some_and(|operation| {
+                matches!(operation.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. })
+            })
+        };
+        let restoring = coordinator.tables.iter().find_map(|(table, state)| match state {
+            lockstep::coordinator::TableState::Restoring { op } if ended(op) => Some(format!("table {table}")),
+            _ => None,
+        });
+        let in_use =
+            coordinator.sources_in_use.iter().find(|(_, op)| ended(op)).map(|(c, _)| format!("collection {c}"));
+        if let Some(held) = restoring.or(in_use) {
+            let detail = format!("{held} is still held by an operation that has ended");
+            push(violations, Invariant::CleanedUp, detail);
+        }
+    }
     // Read off the file names, not asked of the host's own rule for what to remove.
     let running: Vec<OperationId> = final_state.coordinator.iter().flat_map(|c| c.chains().map(|(op, _)| op)).collect();
     let files = final_state.coordinator_files.iter().flatten();
@@ -655,6 +674,29 @@ mod tests {
         let violations = check(&world, &log, &final_state);
         assert_eq!(violations.iter().map(|v| v.invariant).collect::<Vec<_>>(), vec![Invariant::Liveness]);
         assert!(violations[0].detail.contains("still waits for segment 2"), "{}", violations[0].detail);
+    }
+
+    #[test]
+    fn a_table_or_collection_still_held_by_an_ended_operation_breaks_cleaned_up() {
+        let world = world();
+        let table = world.tables[0].spec.id;
+        let mut held = done_state(&world);
+        let coordinator = held.coordinator.as_mut().unwrap();
+        std::sync::Arc::make_mut(&mut coordinator.tables)
+            .insert(table, lockstep::coordinator::TableState::Restoring { op: 1 });
+        assert_eq!(invariants(&world, &clean_log(&world), &held), vec![Invariant::CleanedUp]);
+        let mut in_use = done_state(&world);
+        let coordinator = in_use.coordinator.as_mut().unwrap();
+        std::sync::Arc::make_mut(&mut coordinator.sources_in_use).insert("main".to_string(), 1);
+        let violations = check(&world, &clean_log(&world), &in_use);
+        assert_eq!(violations.iter().map(|v| v.invariant).collect::<Vec<_>>(), vec![Invariant::CleanedUp]);
+        assert!(violations[0].detail.contains("collection main"), "{}", violations[0].detail);
+        // Held by an operation still under way is no leftover (the liveness check speaks of that).
+        let mut restoring = done_state(&world);
+        let coordinator = restoring.coordinator.as_mut().unwrap();
+        std::sync::Arc::make_mut(&mut coordinator.tables)
+            .insert(table, lockstep::coordinator::TableState::Restoring { op: 7 });
+        assert_eq!(invariants(&world, &clean_log(&world), &restoring), vec![]);
     }
 
     #[test]
