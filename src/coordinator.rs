@@ -113,6 +113,12 @@ pub enum CoordinatorBug {
     /// Ends a cancelled operation as Failed but keeps its tables Restoring and its collection in use, so nothing
     /// can restore them again.
     CancelKeepsHold,
+    /// Answers a cancel of an operation that already ended Done as cancelled, leaving it Done: the client believes
+    /// the restore was given up (and may restore again, or report it so) while the tables hold it whole.
+    CancelAnswersEnded,
+    /// Cancels an operation that already ended Done: a restore that finished is turned into a failed one, its
+    /// tables unreadable, because the cancel came late.
+    CancelOverwritesEnd,
 }
 
 /// Whether `reply` may count as the word of the tablet it names. It must come from that tablet; the one exception
@@ -550,6 +556,11 @@ impl ProgressMark {
             ProgressMark::AwaitingSegment { increments, .. } => (1, increments.saturating_sub(1), 1),
             ProgressMark::Done { .. } | ProgressMark::Failed { .. } => (2, 0, 0),
         }
+    }
+
+    /// Whether the mark is an end of the operation (Done or Failed), which is final.
+    pub fn is_end(self) -> bool {
+        matches!(self, ProgressMark::Done { .. } | ProgressMark::Failed { .. })
     }
 
     pub fn op(self) -> OperationId {
@@ -1004,6 +1015,22 @@ impl Coordinator {
             OperationStatus::Running(running) => running.increment,
             OperationStatus::AwaitingSegment { .. } => u32::try_from(operation.backup_ids.len()).expect("short chain"),
             OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. } => return Ok(Vec::new()),
+            OperationStatus::Done { .. } if has(&self.config, CoordinatorBug::CancelAnswersEnded) => {
+                return Ok(Vec::new());
+            }
+            OperationStatus::Done { increments, .. } if has(&self.config, CoordinatorBug::CancelOverwritesEnd) => {
+                let (applied, mut out) = (*increments, Vec::new());
+                let operation = &mut self.operations_mut().get_mut(&op).expect("the operation was just found");
+                operation.status =
+                    OperationStatus::Failed { error: RestoreError::Cancelled { applied }, failed_at_ms: now_ms };
+                let tables: Vec<TableId> = operation.tables.iter().map(|t| t.id).collect();
+                let held = Arc::make_mut(&mut self.durable.tables);
+                for table in tables {
+                    held.insert(table, TableState::RestoreFailed { op });
+                }
+                self.persist(&mut out);
+                return Ok(out);
+            }
             OperationStatus::Done { .. } | OperationStatus::Failed { .. } => {
                 return Err(LifecycleError::AlreadyEnded { op });
             }

@@ -58,7 +58,7 @@ const fn host(bug: HostBug) -> Bugs {
     Bugs { coordinator: None, shard: None, host: Some(bug) }
 }
 
-pub const CATALOG: [KnownBug; 18] = [
+pub const CATALOG: [KnownBug; 20] = [
     KnownBug {
         name: "advance-on-first-report",
         summary: "the coordinator moves to the next increment when the first tablet reports, not the last",
@@ -129,6 +129,18 @@ pub const CATALOG: [KnownBug; 18] = [
         name: "cancel-keeps-hold",
         summary: "a cancelled restore ends Failed but keeps its tables restoring and its collection in use",
         bugs: coordinator(CoordinatorBug::CancelKeepsHold),
+        caught_in: sweep(100),
+    },
+    KnownBug {
+        name: "cancel-answers-ended",
+        summary: "a cancel that comes after the restore ended Done is answered cancelled, and the restore stays Done",
+        bugs: coordinator(CoordinatorBug::CancelAnswersEnded),
+        caught_in: sweep(100),
+    },
+    KnownBug {
+        name: "cancel-overwrites-end",
+        summary: "a cancel that comes after the restore ended Done turns it into a failed one, its tables unreadable",
+        bugs: coordinator(CoordinatorBug::CancelOverwritesEnd),
         caught_in: sweep(100),
     },
     KnownBug {

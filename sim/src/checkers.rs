@@ -8,7 +8,7 @@ use lockstep::coordinator::{CoordinatorDurable, OperationStatus, ProgressMark, p
 use lockstep::host::HostEvent;
 use lockstep::model::{BackupManifest, IncrementIndex, TabletId};
 use lockstep::protocol::OperationId;
-use lockstep::protocol::{ClientAnswer, ClientReply, Message, NodeAddr, PersistNote};
+use lockstep::protocol::{ClientAnswer, ClientCall, ClientReply, Message, NodeAddr, PersistNote};
 use lockstep::shard::ShardDurable;
 
 use crate::events::{Event, EventKind, SimNode};
@@ -306,6 +306,15 @@ impl<'a> Walker<'a> {
             let detail = format!("coordinator persisted {mark:?} after {previous:?}");
             self.violate(Invariant::ProgressNeverBackwards, index, detail);
         }
+        // An end is final: an operation that ended Done never turns Failed, nor the other way.
+        if let Some(previous) = self.progress.get(&op)
+            && previous.is_end()
+            && mark.is_end()
+            && std::mem::discriminant(previous) != std::mem::discriminant(&mark)
+        {
+            let detail = format!("coordinator persisted {mark:?} after {previous:?}: an ended operation's end changed");
+            self.violate(Invariant::ProgressNeverBackwards, index, detail);
+        }
         self.progress.insert(op, mark);
         self.last_seen.insert(op, mark);
         match mark {
@@ -395,10 +404,15 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
         }
     };
     for (op, expect) in &world.expected_ops {
+        // A cancel that raced the operation's end decides how it must end.
+        let cancel_answer = world.calls.iter().enumerate().find_map(|(index, planned)| {
+            (planned.call == ClientCall::Cancel { op: *op }).then(|| walker.answers.get(&(index as u64 + 1)))?
+        });
+        let expect = &expect.decided(cancel_answer);
         let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.get(op));
         match (operation.map(|o| &o.status), walker.last_seen.get(op)) {
             (Some(OperationStatus::Done { .. }), _) | (None, Some(ProgressMark::Done { .. })) => {
-                if *expect != OpExpect::Done {
+                if !expect.accepts_done() {
                     push(
                         violations,
                         Invariant::ExpectedOutcome,
@@ -873,6 +887,40 @@ mod tests {
         assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::ExpectedOutcome]);
         log.remove(0);
         assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::Liveness]);
+    }
+
+    #[test]
+    fn an_ended_operation_whose_end_changes_breaks_progress_never_backwards() {
+        let world = world();
+        let mut log = clean_log(&world);
+        log.push(progress(ProgressMark::Failed { op: 1 }));
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![Invariant::ProgressNeverBackwards]);
+    }
+
+    #[test]
+    fn a_cancel_that_races_the_end_decides_how_the_operation_must_end() {
+        let mut world = world();
+        world.cancel_at(100);
+        let cancelled = ClientAnswer::Cancelled { op: 1 };
+        let too_late = ClientAnswer::CancelRefused(lockstep::coordinator::LifecycleError::AlreadyEnded { op: 1 });
+        let cancelled_state = {
+            let mut state = done_state(&world);
+            let error = lockstep::coordinator::RestoreError::Cancelled { applied: 1 };
+            std::sync::Arc::make_mut(&mut state.coordinator.as_mut().unwrap().operations).get_mut(&1).unwrap().status =
+                OperationStatus::Failed { error, failed_at_ms: 1 };
+            state
+        };
+        let with_answer = |reply: &ClientAnswer| {
+            let mut log = clean_log(&world);
+            log.push(answer(2, reply.clone()));
+            log
+        };
+        // Refused as too late: the restore had ended, and as it would have without the cancel.
+        assert_eq!(invariants(&world, &with_answer(&too_late), &done_state(&world)), vec![]);
+        assert_eq!(invariants(&world, &with_answer(&too_late), &cancelled_state), vec![Invariant::ExpectedOutcome]);
+        // Answered cancelled: the restore must end cancelled, never Done.
+        assert_eq!(invariants(&world, &with_answer(&cancelled), &cancelled_state), vec![]);
+        assert_eq!(invariants(&world, &with_answer(&cancelled), &done_state(&world)), vec![Invariant::ExpectedOutcome]);
     }
 
     #[test]

@@ -285,7 +285,10 @@ mod cli {
     #[derive(Args, Clone, Default)]
     struct WorldArgs {
         /// Run the world of this scenario file instead of drawing one per seed.
-        #[arg(long, conflicts_with_all = ["tables", "shards", "indexes", "incrementals", "lost_object", "point_in_time"])]
+        #[arg(
+            long,
+            conflicts_with_all = ["tables", "shards", "indexes", "incrementals", "lost_object", "point_in_time", "cancel"]
+        )]
         scenario: Option<std::path::PathBuf>,
         /// Run with a catalogued bug (repeatable; `cargo sim mutants --list` lists them).
         #[arg(long = "bug", value_parser = bug_name)]
@@ -310,13 +313,28 @@ mod cli {
         /// Fix whether every world restores to a point in time drawn from its history, in one to three segments,
         /// instead of drawing it (a quarter of worlds): `never` or `always`.
         #[arg(long, value_enum)]
-        point_in_time: Option<PointInTimeArg>,
+        point_in_time: Option<NeverOrAlways>,
+        /// Fix whether the client cancels every restore in one go at a moment drawn from the run, racing its
+        /// end, instead of drawing it (a tenth of worlds): `never` or `always`.
+        #[arg(long, value_enum)]
+        cancel: Option<NeverOrAlways>,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-    enum PointInTimeArg {
+    enum NeverOrAlways {
         Never,
         Always,
+    }
+
+    impl NeverOrAlways {
+        /// The probability this choice fixes, or `drawn` when none is made.
+        fn probability(choice: Option<Self>, drawn: f64) -> f64 {
+            match choice {
+                None => drawn,
+                Some(NeverOrAlways::Never) => 0.0,
+                Some(NeverOrAlways::Always) => 1.0,
+            }
+        }
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -353,11 +371,9 @@ mod cli {
                 Some(LostObjectArg::ForGood) => (1.0, 0.0),
                 Some(LostObjectArg::RestoreAgain) => (1.0, 1.0),
             };
-            let point_in_time_probability = match self.point_in_time {
-                None => drawn.point_in_time_probability,
-                Some(PointInTimeArg::Never) => 0.0,
-                Some(PointInTimeArg::Always) => 1.0,
-            };
+            let point_in_time_probability =
+                NeverOrAlways::probability(self.point_in_time, drawn.point_in_time_probability);
+            let cancel_probability = NeverOrAlways::probability(self.cancel, drawn.cancel_probability);
             Ok(WorldParams {
                 tables: self.tables,
                 shard_count: self.shards,
@@ -366,6 +382,7 @@ mod cli {
                 lost_object_probability,
                 restore_again_probability,
                 point_in_time_probability,
+                cancel_probability,
                 bugs,
                 ..drawn
             })
@@ -398,6 +415,10 @@ mod cli {
             if let Some(point_in_time) = self.point_in_time {
                 let name = clap::ValueEnum::to_possible_value(&point_in_time).expect("no variant is skipped");
                 flags.push_str(&format!(" --point-in-time {}", name.get_name()));
+            }
+            if let Some(cancel) = self.cancel {
+                let name = clap::ValueEnum::to_possible_value(&cancel).expect("no variant is skipped");
+                flags.push_str(&format!(" --cancel {}", name.get_name()));
             }
             flags
         }
@@ -1147,6 +1168,13 @@ mod cli {
             "point in time    {} world(s) restored to a point in time, {} of them in two or three segments, of \
              which {} cancelled before the last",
             summary.point_in_time_worlds, summary.segmented_worlds, summary.cancelled_worlds
+        );
+        println!(
+            "cancel mid-run   {} world(s) cancelled their restore at a moment of the run: {} before it ended, {} \
+             too late (refused, the restore had ended)",
+            summary.cancel_race_worlds,
+            summary.cancel_race_won,
+            summary.cancel_race_worlds - summary.cancel_race_won
         );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
         let mut never = Vec::new();

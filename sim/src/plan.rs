@@ -41,6 +41,9 @@ pub enum CallExpect {
     Forgotten,
     Continued,
     Cancelled,
+    /// A cancel racing the operation's end: cancelled, or refused because the operation had already ended. Which
+    /// one decides how the operation must end ([`OpExpect::CancelRace`]).
+    CancelledOrEnded,
     /// Cancel refused, with the error of this name (see [`lifecycle_error_name`]).
     CancelRefused(String),
     /// Continue refused, with the refusal of this name (see [`segment_error_name`]).
@@ -60,7 +63,8 @@ impl CallExpect {
             (CallExpect::StartRefused(name), ClientAnswer::StartRefused(error)) => refusal_name(error) == name,
             (CallExpect::Forgotten, ClientAnswer::Forgotten { .. }) => true,
             (CallExpect::Continued, ClientAnswer::Continued { .. }) => true,
-            (CallExpect::Cancelled, ClientAnswer::Cancelled { .. }) => true,
+            (CallExpect::Cancelled | CallExpect::CancelledOrEnded, ClientAnswer::Cancelled { .. }) => true,
+            (CallExpect::CancelledOrEnded, ClientAnswer::CancelRefused(LifecycleError::AlreadyEnded { .. })) => true,
             (CallExpect::CancelRefused(name), ClientAnswer::CancelRefused(error)) => {
                 lifecycle_error_name(error) == name
             }
@@ -85,6 +89,7 @@ impl fmt::Display for CallExpect {
             CallExpect::Forgotten => f.write_str("forgotten"),
             CallExpect::Continued => f.write_str("continued"),
             CallExpect::Cancelled => f.write_str("cancelled"),
+            CallExpect::CancelledOrEnded => f.write_str("cancelled, or refused as already ended"),
             CallExpect::CancelRefused(name) => write!(f, "cancel refused ({name})"),
             CallExpect::ContinueRefused(name) => write!(f, "continue refused ({name})"),
             CallExpect::ForgetRefused(name) => write!(f, "forget refused ({name})"),
@@ -153,6 +158,10 @@ pub enum OpExpect {
     Done,
     /// Failed with this cause.
     Failed(FailureExpect),
+    /// The client cancels the operation while it runs, racing its end: Failed (cancelled) if the cancel was
+    /// answered so; if it was refused as already ended, the operation ended first, and as the inner expectation
+    /// says (never cancelled).
+    CancelRace(Box<OpExpect>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,10 +175,34 @@ pub enum FailureExpect {
 }
 
 impl OpExpect {
+    /// The expectation once the answer to the client's cancel of the operation is known (`None`: no answer came,
+    /// or no cancel was made): a cancel race is decided by that answer, every other expectation stays.
+    pub fn decided(&self, cancel_answer: Option<&ClientAnswer>) -> OpExpect {
+        match (self, cancel_answer) {
+            (OpExpect::CancelRace(_), Some(ClientAnswer::Cancelled { .. })) => {
+                OpExpect::Failed(FailureExpect::Cancelled)
+            }
+            (OpExpect::CancelRace(otherwise), Some(ClientAnswer::CancelRefused(_))) => otherwise.decided(None),
+            (other, _) => other.clone(),
+        }
+    }
+
+    /// Whether the operation may end Done.
+    pub fn accepts_done(&self) -> bool {
+        match self {
+            OpExpect::Done => true,
+            OpExpect::Failed(_) => false,
+            OpExpect::CancelRace(otherwise) => otherwise.accepts_done(),
+        }
+    }
+
     /// Whether `error` is the failure this expectation asks for.
     pub fn accepts_failure(&self, error: &RestoreError) -> bool {
         match self {
             OpExpect::Done => false,
+            OpExpect::CancelRace(otherwise) => {
+                matches!(error, RestoreError::Cancelled { .. }) || otherwise.accepts_failure(error)
+            }
             OpExpect::Failed(FailureExpect::ObjectMissing { increment, tablet }) => matches!(
                 error,
                 RestoreError::Shard { increment: i, tablet: t, cause: ShardFailure::ObjectMissing { .. }, .. }
@@ -192,6 +225,7 @@ impl fmt::Display for OpExpect {
             }
             OpExpect::Failed(FailureExpect::Timeout) => f.write_str("Failed: timeout"),
             OpExpect::Failed(FailureExpect::Cancelled) => f.write_str("Failed: cancelled"),
+            OpExpect::CancelRace(otherwise) => write!(f, "Failed: cancelled, or {otherwise} if it ended first"),
         }
     }
 }

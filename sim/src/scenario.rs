@@ -260,11 +260,14 @@ struct RestoreDecl {
     continue_after_ms: Option<Spanned<u64>>,
     /// With `segments`: the client cancels the restore instead of asking for its last segment (to `until_ms`).
     cancel: Option<Spanned<bool>>,
+    /// For a restore in one go: the client cancels it at this time, racing its end.
+    cancel_at_ms: Option<Spanned<u64>>,
     /// `started` or `refused:<refusal>`.
     #[serde(default = "started")]
     expect: Spanned<String>,
-    /// For a started restore: `done`, `failed:timeout`, `failed:object-missing` or (with `cancel`)
-    /// `failed:cancelled`.
+    /// For a started restore: `done`, `failed:timeout`, `failed:object-missing` or (with `cancel` or
+    /// `cancel_at_ms`) `failed:cancelled`. With `cancel_at_ms` any other outcome is the one the restore must end
+    /// with if it ends before the cancel comes.
     #[serde(default = "done")]
     outcome: Spanned<String>,
 }
@@ -961,10 +964,11 @@ impl Scenario {
                         "`cancel` gives up a restore in `segments` before its last one; add `segments` or remove it",
                     ));
                 }
-                (_, _, OpExpect::Failed(FailureExpect::Cancelled)) if !cancel => {
+                (_, _, OpExpect::Failed(FailureExpect::Cancelled)) if !cancel && decl.cancel_at_ms.is_none() => {
                     return Err(problem(
                         decl.outcome.span(),
-                        "outcome `failed:cancelled` needs `cancel = true` (the client cancels before the last segment)",
+                        "outcome `failed:cancelled` needs `cancel = true` (the client cancels before the last segment) \
+                         or `cancel_at_ms` (the client cancels at that time)",
                     ));
                 }
                 (Some(flag), true, OpExpect::Done) if cancel => {
@@ -986,8 +990,13 @@ impl Scenario {
             let started = expect == CallExpect::Started;
             let start = PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect };
             let continue_after_ms = decl.continue_after_ms.as_ref().map_or(0, |ms| *ms.get_ref());
-            let (planned, op_expect) = in_segments(world, start, &points, &op_expect, continue_after_ms, cancel);
+            let (planned, mut op_expect) = in_segments(world, start, &points, &op_expect, continue_after_ms, cancel);
             calls.extend(planned);
+            if let Some(cancel_at) = &decl.cancel_at_ms {
+                let (call, expect) = cancel_at_a_time(decl, cancel_at, started, op_expect)?;
+                calls.push(call);
+                op_expect = expect;
+            }
             if started {
                 expected_ops.insert(decl.op, op_expect);
             }
@@ -1120,7 +1129,7 @@ fn drawn_plan(world: &World) -> (Vec<Option<u64>>, bool) {
             _ => None,
         })
         .collect();
-    let cancel = world.calls.iter().any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID });
+    let cancel = world.cancels();
     if cancel {
         points.push(world.until_ms);
     }
@@ -1159,6 +1168,42 @@ fn in_segments(
         op_expect.clone()
     };
     (calls, op_expect)
+}
+
+/// The cancel of `decl`'s restore in one go at `cancel_at` (its `cancel_at_ms`), and how the restore must then end
+/// given `op_expect`, how it must end otherwise: cancelled when the file says `failed:cancelled` (the cancel must
+/// then come first), else cancelled or, if it ended before the cancel came, as the file says.
+fn cancel_at_a_time(
+    decl: &RestoreDecl,
+    cancel_at: &Spanned<u64>,
+    started: bool,
+    op_expect: OpExpect,
+) -> Result<(PlannedCall, OpExpect), Problem> {
+    let why = if decl.segments.is_some() {
+        Some("`cancel_at_ms` cancels a restore in one go; a restore in `segments` is cancelled with `cancel = true`")
+    } else if decl.after_ended.is_some() {
+        Some(
+            "`cancel_at_ms` is a time from the run's start, and a restore with `after_ended` starts at a time not known in advance",
+        )
+    } else if !started {
+        Some("a refused restore has nothing to cancel: remove `cancel_at_ms`")
+    } else if *cancel_at.get_ref() < decl.at_ms {
+        Some("`cancel_at_ms` comes before the restore starts (`at_ms`)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(problem(cancel_at.span(), why));
+    }
+    let call = ClientCall::Cancel { op: decl.op };
+    Ok(if op_expect == OpExpect::Failed(FailureExpect::Cancelled) {
+        (PlannedCall::at(*cancel_at.get_ref(), call, CallExpect::Cancelled), op_expect)
+    } else {
+        (
+            PlannedCall::at(*cancel_at.get_ref(), call, CallExpect::CancelledOrEnded),
+            OpExpect::CancelRace(Box::new(op_expect)),
+        )
+    })
 }
 
 /// The order the client makes its calls in, one after another: those at a time in time order, then those that

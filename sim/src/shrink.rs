@@ -135,6 +135,8 @@ struct Case {
     segments: Vec<u64>,
     /// The client cancels the restore in segments instead of asking for its last one.
     cancel: bool,
+    /// The client cancels the restore in one go at this time, racing its end.
+    cancel_at_ms: Option<u64>,
     max_in_flight_shards: u32,
     max_in_flight_tables: u32,
     download_chunk_bytes: u64,
@@ -148,6 +150,7 @@ struct CaseRestore {
     until_ms: Option<u64>,
     segments: Vec<u64>,
     cancel: bool,
+    cancel_at_ms: Option<u64>,
     again_after_ms: Option<u64>,
 }
 
@@ -155,9 +158,10 @@ impl Case {
     /// Writes down a generated world with the decisions its run made.
     fn of(world: &World, decisions: &[Decision]) -> Result<Self, ShrinkError> {
         let not_writable = |why: &str| ShrinkError::NotWritable(why.to_string());
-        let CaseRestore { until_ms, segments, cancel, again_after_ms } = Case::restore_of(world).ok_or_else(|| {
-            not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink")
-        })?;
+        let CaseRestore { until_ms, segments, cancel, cancel_at_ms, again_after_ms } = Case::restore_of(world)
+            .ok_or_else(|| {
+                not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink")
+            })?;
         if !world.scheduled.is_empty() || world.decisions.is_some() {
             return Err(not_writable("only generated worlds (one restore of every table, no scheduled faults) shrink"));
         }
@@ -264,6 +268,7 @@ impl Case {
             until_ms,
             segments,
             cancel,
+            cancel_at_ms,
             max_in_flight_shards: world.coordinator.max_in_flight_shards,
             max_in_flight_tables: world.coordinator.max_in_flight_tables,
             download_chunk_bytes: world.shard.download_chunk_bytes,
@@ -319,6 +324,14 @@ impl Case {
         } else if !last_segment {
             return None;
         }
+        // Or in one go, cancelled at a time.
+        let cancelled_at = |call: &&PlannedCall| {
+            call.call == ClientCall::Cancel { op: OPERATION_ID }
+                && call.expect == CallExpect::CancelledOrEnded
+                && call.after_end_of.is_none()
+                && call.after_segment.is_none()
+        };
+        let cancel_at_ms = if points.len() == 1 { calls.next_if(cancelled_at).map(|call| call.at_ms) } else { None };
         // Or the same, then the lost object back and a restore again once the first has failed.
         let again_after_ms = match calls.next() {
             None => None,
@@ -346,7 +359,7 @@ impl Case {
             return None;
         }
         let segments: Option<Vec<u64>> = points.into_iter().collect();
-        Some(CaseRestore { until_ms, segments: segments?, cancel, again_after_ms })
+        Some(CaseRestore { until_ms, segments: segments?, cancel, cancel_at_ms, again_after_ms })
     }
 
     fn size(&self, events: usize) -> Size {
@@ -423,7 +436,12 @@ impl Case {
             let cancel = if self.cancel { "cancel = true\n" } else { "" };
             format!("segments = [{}]\n{cancel}", points.join(", "))
         };
-        if self.lost.is_none() && (self.until_ms.is_some() || !self.segments.is_empty()) {
+        let segments = match self.cancel_at_ms {
+            Some(at_ms) => format!("{segments}cancel_at_ms = {at_ms}\n"),
+            None => segments,
+        };
+        let declared = self.until_ms.is_some() || !self.segments.is_empty() || self.cancel_at_ms.is_some();
+        if self.lost.is_none() && declared {
             let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
             if self.cancel {
                 let _ = writeln!(text, "outcome = \"failed:cancelled\"");
@@ -791,6 +809,16 @@ impl Shrinker {
         self.accept(case)
     }
 
+    /// No cancel: the restore runs to its end (or, in segments, the client asks for the last one).
+    fn pass_cancel(&mut self) -> bool {
+        if self.best.cancel_at_ms.is_none() && !self.best.cancel {
+            return false;
+        }
+        let mut case = self.best.clone();
+        (case.cancel_at_ms, case.cancel) = (None, false);
+        self.accept(case)
+    }
+
     fn pass_lost_object(&mut self) -> bool {
         if self.best.lost.is_none() {
             return false;
@@ -890,6 +918,7 @@ pub fn shrink(
     loop {
         let mut changed = shrinker.pass_unused_decisions();
         changed |= shrinker.pass_lost_object();
+        changed |= shrinker.pass_cancel();
         changed |= shrinker.pass_tables();
         changed |= shrinker.pass_decisions();
         changed |= shrinker.pass_earlier_chances();
@@ -939,9 +968,9 @@ mod tests {
         format!("{what} at {} after {:?}/{:?}: {}", call.at_ms, call.after_end_of, call.after_segment, call.expect)
     }
 
-    /// A generated world that restores to a point in time, in segments (cancelled before the last, or not), with
-    /// or without a lost object and a restore again, written down as a case and loaded back is the same restore: the same calls, expectations,
-    /// chain, point and oracle.
+    /// A generated world that restores to a point in time, in segments (cancelled before the last, or not) or in
+    /// one go (cancelled at a time, or not), with or without a lost object and a restore again, written down as a
+    /// case and loaded back is the same restore: the same calls, expectations, chain, point and oracle.
     #[test]
     fn a_world_restored_to_a_point_in_segments_is_written_down_as_the_same_restore() {
         let params = WorldParams {
@@ -949,9 +978,11 @@ mod tests {
             lost_object_probability: 0.5,
             restore_again_probability: 0.5,
             point_in_time_probability: 1.0,
+            cancel_probability: 0.5,
             ..WorldParams::default()
         };
         let (mut segmented, mut lost_in_segments, mut again, mut cancelled) = (0, 0, 0, 0);
+        let mut cancelled_mid_run = 0;
         for seed in 0..60 {
             let world = World::generate(seed, &params);
             let case = Case::of(&world, &[]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -971,11 +1002,12 @@ mod tests {
             segmented += usize::from(world.segments() > 1);
             lost_in_segments += usize::from(world.segments() > 1 && !world.lost_objects.is_empty());
             again += usize::from(world.expected_ops.len() > 1);
-            cancelled += usize::from(world.calls.iter().any(|c| matches!(c.call, ClientCall::Cancel { .. })));
+            cancelled += usize::from(world.cancels());
+            cancelled_mid_run += usize::from(world.cancels_mid_run());
         }
         assert!(
-            segmented > 20 && lost_in_segments > 5 && again > 5 && cancelled > 2,
-            "{segmented} {lost_in_segments} {again} {cancelled}"
+            segmented > 20 && lost_in_segments > 5 && again > 5 && cancelled > 2 && cancelled_mid_run > 5,
+            "{segmented} {lost_in_segments} {again} {cancelled} {cancelled_mid_run}"
         );
     }
 }

@@ -461,6 +461,10 @@ pub struct SweepSummary {
     pub segmented_worlds: u64,
     /// Of those, the worlds whose client cancels the restore instead of asking for its last segment.
     pub cancelled_worlds: u64,
+    /// Worlds whose client cancels their restore in one go at a moment of the run, and of those the ones where
+    /// the cancel came first (the restore ended cancelled; in the others it had already ended).
+    pub cancel_race_worlds: u64,
+    pub cancel_race_won: u64,
     /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
@@ -512,6 +516,12 @@ impl SweepSummary {
         }
         if world.cancels() {
             self.cancelled_worlds += 1;
+        }
+        if world.cancels_mid_run() {
+            self.cancel_race_worlds += 1;
+            if matches!(outcome.end, RunEnd::Failed(lockstep::coordinator::RestoreError::Cancelled { .. })) {
+                self.cancel_race_won += 1;
+            }
         }
         match outcome.end {
             RunEnd::Done => self.ended_done += 1,
@@ -582,6 +592,8 @@ impl SweepSummary {
         self.point_in_time_worlds += other.point_in_time_worlds;
         self.segmented_worlds += other.segmented_worlds;
         self.cancelled_worlds += other.cancelled_worlds;
+        self.cancel_race_worlds += other.cancel_race_worlds;
+        self.cancel_race_won += other.cancel_race_won;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
         self.ended_unfinished += other.ended_unfinished;

@@ -69,6 +69,10 @@ pub struct WorldParams {
     /// instead of to the newest backup in one go (drawn from a stream of its own, so the rest of a seed's world
     /// is the same either way).
     pub point_in_time_probability: f64,
+    /// Probability that the client cancels a world's restore in one go at a moment drawn from the run, racing its
+    /// end: it must then end cancelled, or, if the cancel is refused as too late, as it would have (drawn from a
+    /// stream of its own, so the rest of a seed's world is the same either way).
+    pub cancel_probability: f64,
     /// Deliberate bugs to run with.
     pub bugs: Bugs,
 }
@@ -88,6 +92,7 @@ impl WorldParams {
             lost_object_probability: 0.05,
             restore_again_probability: 0.5,
             point_in_time_probability: 0.25,
+            cancel_probability: 0.1,
             ..Self::default()
         }
     }
@@ -301,6 +306,11 @@ impl World {
                 world.plan_segments(&point_in_time.points, &history.backups[newest_full..=target], point_in_time.cancel)
             }
         }
+        if world.segments() == 1
+            && let Some(at_ms) = draw_cancel(seed, params.cancel_probability, world.faults.heal_at_ms)
+        {
+            world.cancel_at(at_ms);
+        }
         // Drawn last, so that every other world of a seed is the one it was before restores were retried.
         if !world.lost_objects.is_empty() && rng.gen_bool(params.restore_again_probability) {
             world.restore_again(rng.gen_range(0..100));
@@ -322,6 +332,17 @@ impl World {
         self.calls.extend(continues);
         if cancel && cancelled_before_failing(points, &taken_at_ms, fails_at) {
             self.expected_ops.insert(OPERATION_ID, OpExpect::Failed(FailureExpect::Cancelled));
+        }
+    }
+
+    /// Makes the client cancel the world's first restore `at_ms` into the run, racing its end: the cancel must be
+    /// answered cancelled, and the restore then end so, or be refused because the restore had already ended, as
+    /// planned before.
+    pub fn cancel_at(&mut self, at_ms: u64) {
+        let call = ClientCall::Cancel { op: OPERATION_ID };
+        self.calls.push(PlannedCall::at(at_ms, call, CallExpect::CancelledOrEnded));
+        if let Some(expect) = self.expected_ops.get_mut(&OPERATION_ID) {
+            *expect = OpExpect::CancelRace(Box::new(expect.clone()));
         }
     }
 
@@ -376,7 +397,16 @@ impl World {
 
     /// Whether the client cancels the world's first restore instead of asking for its last segment.
     pub fn cancels(&self) -> bool {
-        self.calls.iter().any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID })
+        self.calls
+            .iter()
+            .any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID } && call.after_segment.is_some())
+    }
+
+    /// Whether the client cancels the world's first restore at a moment of the run, racing its end.
+    pub fn cancels_mid_run(&self) -> bool {
+        self.calls
+            .iter()
+            .any(|call| call.call == ClientCall::Cancel { op: OPERATION_ID } && call.after_segment.is_none())
     }
 
     /// The tables operation `op` restores, from the client's start call for it.
@@ -606,6 +636,14 @@ pub(crate) fn cancelled_before_failing(
 ) -> bool {
     let last = u32::try_from(points.len()).expect("few segments");
     fails_at.is_none_or(|increment| segment_of(points, chain_taken_at_ms, increment) >= last)
+}
+
+/// Whether, with `probability`, the client cancels a world's restore in one go, and when: a moment up to a little
+/// after healing, so that most cancels land while the restore runs and some after it ended. From a generator of
+/// its own, seeded from `seed`.
+fn draw_cancel(seed: u64, probability: f64, heal_at_ms: u64) -> Option<u64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3c41_5ca7_0b0e_d1e5);
+    rng.gen_bool(probability).then(|| rng.gen_range(0..=heal_at_ms.saturating_add(heal_at_ms / 4)))
 }
 
 /// A point in time as a description says it.
