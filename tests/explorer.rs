@@ -78,6 +78,50 @@ fn a_restore_in_three_segments_is_explored_whole_with_no_violation_and_continues
 const SEGMENTED_STATES: u64 = 146_515;
 
 #[test]
+fn a_restore_the_client_may_cancel_at_any_moment_is_explored_whole_and_ends_cancelled_or_done() {
+    let (world, report) = run(ExploreConfig { cancel: true, ..pinned() });
+    assert!(!report.truncated);
+    assert!(report.counterexample.is_none(), "{:?}", report.counterexample);
+    assert!(report.stuck.is_none(), "{:?}", report.stuck);
+    assert_eq!(report.unique_states, CANCEL_STATES);
+    assert!(report.unique_states > PINNED_STATES, "a cancel is one more choice at every moment");
+    // Without faults: cancelled at once it ends cancelled; left alone it ends Done, and a cancel then is refused.
+    let fault_free_end = |cancel_first: bool| {
+        let mut state = world.initial();
+        let mut cancels = 0;
+        while !state.steps(&world).is_empty() {
+            let steps = state.steps(&world);
+            let step = if cancel_first && steps.contains(&Step::Cancel) {
+                Step::Cancel
+            } else {
+                steps
+                    .iter()
+                    .find(|s| !State::is_fault(s) && (**s != Step::Cancel || state.outcome().is_some()))
+                    .expect("a step")
+                    .clone()
+            };
+            cancels += usize::from(step == Step::Cancel);
+            let mut broken = Vec::new();
+            state = state.next(&world, &step, &mut broken, &mut Vec::new());
+            assert!(broken.is_empty(), "{broken:?}");
+        }
+        assert_eq!(cancels, 1);
+        state.outcome().cloned()
+    };
+    assert!(matches!(
+        fault_free_end(true),
+        Some(lockstep::coordinator::OperationStatus::Failed {
+            error: lockstep::coordinator::RestoreError::Cancelled { applied: 0 },
+            ..
+        })
+    ));
+    assert!(matches!(fault_free_end(false), Some(lockstep::coordinator::OperationStatus::Done { increments: 2, .. })));
+}
+
+/// Unique states of [`pinned`] when the client may cancel.
+const CANCEL_STATES: u64 = 40_335;
+
+#[test]
 fn depth_first_search_finds_the_same_states() {
     let (_, breadth) = run(pinned());
     let (_, depth) = run(ExploreConfig { order: SearchOrder::DepthFirst, ..pinned() });
@@ -108,15 +152,21 @@ fn bug_world(bugs: Bugs) -> ExploreConfig {
         )
     });
     let segments = if segmented { 2 } else { 1 };
-    ExploreConfig { tables, shards, segments, bugs, ..ExploreConfig::default() }
+    // The bugs of cancels show once the client may cancel.
+    let cancel = bugs.coordinator.is_some_and(|bug| {
+        matches!(
+            bug,
+            CoordinatorBug::CancelKeepsHold | CoordinatorBug::CancelAnswersEnded | CoordinatorBug::CancelOverwritesEnd
+        )
+    });
+    ExploreConfig { tables, shards, segments, bugs, cancel, ..ExploreConfig::default() }
 }
 
 /// The catalogued bugs the explorer's world can show: every one but `incrementals-before-newest-full`, which
 /// needs an older full backup than the explored world has, `apply-older-operations`, which needs a second
-/// restore of a table (the explored world runs one), `cancel-keeps-hold`, which needs a cancel (the explored
-/// client never cancels), and the host's bugs (the explorer runs no host).
+/// restore of a table (the explored world runs one), and the host's bugs (the explorer runs no host).
 fn explorable() -> impl Iterator<Item = &'static KnownBug> {
-    let unreachable = ["incrementals-before-newest-full", "apply-older-operations", "cancel-keeps-hold"];
+    let unreachable = ["incrementals-before-newest-full", "apply-older-operations"];
     CATALOG.iter().filter(move |b| b.bugs.host.is_none() && !unreachable.contains(&b.name))
 }
 

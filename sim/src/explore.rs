@@ -12,11 +12,14 @@
 //!   next to message and download latency. Deadline timers never fire: the explorer checks the protocol's
 //!   safety and progress, not its deadlines;
 //! - in a world restored in segments, the client's call for the next segment, once the coordinator waits for it
-//!   (again after a crash lost a call whose effect was not yet durable, as a client retries until answered).
+//!   (again after a crash lost a call whose effect was not yet durable, as a client retries until answered);
+//! - with `cancel`, the client's cancel of the restore, once, at any moment after it durably started (after it
+//!   ended too, when the cancel must be refused), taken when the coordinator has carried out what it was doing, so
+//!   that the answer is given once the cancel is durable.
 //!
 //! States are deduplicated by a 64-bit fingerprint. Breadth-first search gives the shortest path to a
 //! violation. After the search, a liveness check: from every reachable state, with no more faults, the
-//! operation can still end as expected (Done, or Failed when an object is lost).
+//! operation can still end as expected (Done, or Failed as cancelled once a cancel was answered so).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorDurable, CoordinatorOutput, CoordinatorTimer, OperationStatus,
-    ProgressMark, RestoreRequest, SegmentRequest,
+    ProgressMark, RestoreError, RestoreRequest, SegmentRequest, TableState,
 };
 use lockstep::io::range_of;
 use lockstep::model::{BackupKind, BackupManifest, Change, Rows, TableId, TableSpec, TabletId, apply_changes};
@@ -73,6 +76,8 @@ pub struct ExploreConfig {
     pub bugs: Bugs,
     /// Deduplicate states up to a renaming of interchangeable shards ([`symmetry`]).
     pub symmetry: bool,
+    /// The client may cancel the restore once, at any moment after it durably started.
+    pub cancel: bool,
 }
 
 impl Default for ExploreConfig {
@@ -91,6 +96,7 @@ impl Default for ExploreConfig {
             order: SearchOrder::BreadthFirst,
             bugs: Bugs::default(),
             symmetry: false,
+            cancel: false,
         }
     }
 }
@@ -289,6 +295,7 @@ impl ExploreWorld {
             network: Vec::new(),
             used: Budget::default(),
             ghost: Ghost::default(),
+            cancel: None,
         };
         let mut sink = Vec::new();
         state.flush_coordinator(self, &mut sink);
@@ -315,6 +322,9 @@ pub struct State {
     network: Vec<InFlight>,
     used: Budget,
     ghost: Ghost,
+    /// The client's cancel: not made (`None`), answered cancelled (`Some(true)`), or refused because the
+    /// operation had ended (`Some(false)`).
+    cancel: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -369,6 +379,8 @@ struct Budget {
 struct Ghost {
     /// Highest durable progress rank of the operation.
     progress: (u8, u32, u8),
+    /// How the operation durably ended: not yet (0), Done (1) or Failed (2).
+    ended: u8,
 }
 
 /// What can happen next.
@@ -385,6 +397,8 @@ pub enum Step {
     Crash(Option<usize>),
     /// The client asks for the next segment of the restore.
     Continue,
+    /// The client cancels the restore.
+    Cancel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -431,6 +445,7 @@ impl fmt::Display for Step {
             Step::Download(s, i, fate) => write!(f, "shard node #{s} download #{i} comes back {fate:?}"),
             Step::Crash(n) => write!(f, "{} crashes and reboots", node(n)),
             Step::Continue => f.write_str("the client asks for the next segment"),
+            Step::Cancel => f.write_str("the client cancels the restore"),
         }
     }
 }
@@ -499,11 +514,15 @@ impl State {
         if self.awaits_next_segment(world).is_some() {
             steps.push(Step::Continue);
         }
+        if self.may_cancel(world) {
+            steps.push(Step::Cancel);
+        }
         if self.operation_running() && self.used.crashes < config.max_crashes {
             steps.push(Step::Crash(None));
             steps.extend((0..self.shards.len()).map(|s| Step::Crash(Some(s))));
         }
-        let quiet = steps.iter().all(|s| matches!(s, Step::Crash(_)));
+        // A cancel may come at any time, timeouts too: it does not hold them back.
+        let quiet = steps.iter().all(|s| matches!(s, Step::Crash(_) | Step::Cancel));
         if quiet {
             steps.extend((0..self.coordinator.timers.len()).map(Step::FireCoordinatorTimer));
             for (s, shard) in self.shards.iter().enumerate() {
@@ -527,6 +546,23 @@ impl State {
         let waiting = matches!(operation.status, OperationStatus::AwaitingSegment { .. });
         let next = operation.segment() + 1;
         (waiting && self.coordinator.outbox.is_empty() && next <= world.config.segments).then_some(next)
+    }
+
+    /// Whether the client may cancel now: it has not, the restore is durably started, and the coordinator has
+    /// carried out its outputs (so the cancel's are carried out, its persist first, before the answer counts).
+    fn may_cancel(&self, world: &ExploreWorld) -> bool {
+        let started = self.coordinator.durable.as_ref().is_some_and(|d| d.operations.contains_key(&OP));
+        world.config.cancel && self.cancel.is_none() && self.coordinator.outbox.is_empty() && started
+    }
+
+    /// The operation ended as it must: Done, or cancelled once the client's cancel was answered so (every
+    /// increment on every shard is checked when Done is persisted).
+    fn is_good_end(&self) -> bool {
+        match self.outcome() {
+            Some(OperationStatus::Done { .. }) => true,
+            Some(OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. }) => self.cancel == Some(true),
+            _ => false,
+        }
     }
 
     /// How the operation ended, from the coordinator's disk.
@@ -618,6 +654,16 @@ impl State {
                 let out = coordinator.machine.continue_segment(now_ms, world.continuation(segment));
                 coordinator.outbox.extend(out.expect("the explored segments continue"));
                 next.flush_coordinator(world, broken);
+            }
+            Step::Cancel => {
+                let now_ms = next.now_ms;
+                let answer = next.coordinator_mut().machine.cancel(now_ms, OP);
+                next.cancel = Some(answer.is_ok());
+                if let Ok(out) = answer {
+                    next.coordinator_mut().outbox.extend(out);
+                }
+                next.flush_coordinator(world, broken);
+                next.check_cancel_answer(broken);
             }
             Step::Crash(node) => {
                 next.used.crashes += 1;
@@ -720,6 +766,7 @@ impl State {
             let output = self.coordinator_mut().outbox.remove(0);
             match output {
                 Output::Persist { state, note } => {
+                    check_cleaned_up(&state, broken);
                     self.coordinator_mut().durable = Some(state);
                     if let PersistNote::Coordinator(marks) = &note {
                         self.check_progress(world, marks, broken);
@@ -807,6 +854,23 @@ impl State {
         let _ = state;
     }
 
+    /// The client's cancel was just answered, and what answering it asked carried out: answered cancelled, the
+    /// operation has durably ended cancelled; refused, it had durably ended before.
+    fn check_cancel_answer(&self, broken: &mut Vec<Broken>) {
+        let status = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP)).map(|o| &o.status);
+        let (answer, fits) = match self.cancel {
+            Some(true) => (
+                "cancelled",
+                matches!(status, Some(OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. })),
+            ),
+            _ => ("refused", matches!(status, Some(OperationStatus::Done { .. } | OperationStatus::Failed { .. }))),
+        };
+        if !fits {
+            let detail = format!("the client's cancel was answered {answer} while the operation is durably {status:?}");
+            broken.push(Broken { invariant: "expected-outcome", detail });
+        }
+    }
+
     fn check_progress(&mut self, world: &ExploreWorld, marks: &[ProgressMark], broken: &mut Vec<Broken>) {
         let now = rank(marks);
         if now < self.ghost.progress {
@@ -814,6 +878,19 @@ impl State {
             broken.push(Broken { invariant: "progress-never-backwards", detail });
         }
         self.ghost.progress = self.ghost.progress.max(now);
+        for mark in marks {
+            let ended = match mark {
+                ProgressMark::Done { .. } => 1,
+                ProgressMark::Failed { .. } => 2,
+                _ => continue,
+            };
+            if self.ghost.ended != 0 && self.ghost.ended != ended {
+                let before = if self.ghost.ended == 1 { "Done" } else { "Failed" };
+                let detail = format!("coordinator persisted {mark:?} after the operation had ended {before}");
+                broken.push(Broken { invariant: "progress-never-backwards", detail });
+            }
+            self.ghost.ended = ended;
+        }
         for mark in marks {
             let ProgressMark::AwaitingSegment { segment, increments, released, .. } = *mark else { continue };
             if released {
@@ -952,7 +1029,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
         report.max_depth = report.max_depth.max(depth);
         let steps = state.steps(world);
         if steps.is_empty() {
-            good_end[id as usize] = is_good_end(&state);
+            good_end[id as usize] = state.is_good_end();
         }
         if depth >= world.config.max_depth {
             report.truncated |= !steps.is_empty();
@@ -1014,9 +1091,24 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     report
 }
 
-/// The operation ended as it must: Done (every increment on every shard is checked when Done is persisted).
-fn is_good_end(state: &State) -> bool {
-    matches!(state.outcome(), Some(OperationStatus::Done { .. }))
+/// What a persisted coordinator state shows of an operation that has ended: it holds nothing, no table still
+/// restoring under it and no collection in use by it.
+fn check_cleaned_up(state: &CoordinatorDurable, broken: &mut Vec<Broken>) {
+    let ended = state
+        .operations
+        .get(&OP)
+        .is_some_and(|o| matches!(o.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. }));
+    if !ended {
+        return;
+    }
+    if let Some((table, _)) = state.tables.iter().find(|(_, t)| **t == TableState::Restoring { op: OP }) {
+        let detail = format!("operation {OP} ended while table {} is still restoring under it", table.0);
+        broken.push(Broken { invariant: "cleaned-up", detail });
+    }
+    if let Some((collection, _)) = state.sources_in_use.iter().find(|(_, op)| **op == OP) {
+        let detail = format!("operation {OP} ended while collection {collection} is still in use by it");
+        broken.push(Broken { invariant: "cleaned-up", detail });
+    }
 }
 
 /// The fault-free transitions of a search, flat: a state's are pushed while it is expanded, each state is
@@ -1079,7 +1171,9 @@ fn liveness(parents: &[(u32, Option<Step>)], fault_free: &FaultFree, good_end: &
     let stuck = (0..count).find(|i| !can_end[*i])?;
     let broken = Broken {
         invariant: "liveness",
-        detail: "from this state no fault-free path ends the operation in Done".to_string(),
+        detail: "from this state no fault-free path ends the operation as it must (Done, or cancelled once a cancel \
+                 was answered so)"
+            .to_string(),
     };
     Some(Counterexample { broken, path: path_to(parents, stuck as u32) })
 }
@@ -1151,10 +1245,14 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
         }
     }
     if config.segments > 1 {
+        // A scenario file cancels a restore in segments only in place of its last segment, not at a time: a
+        // cancel on the path is left out.
         let points = world.segment_points();
         let (last, earlier) = points.split_last().expect("a segment at least");
         let earlier: Vec<String> = earlier.iter().map(u64::to_string).collect();
         let _ = writeln!(w, "\n[[restore]]\nop = {OP}\nuntil_ms = {last}\nsegments = [{}]", earlier.join(", "));
+    } else if let Some(at_ms) = cancel_moment(world, &cex.path) {
+        let _ = writeln!(w, "\n[[restore]]\nop = {OP}\ncancel_at_ms = {at_ms}");
     }
     // The path's drops and duplicates become rates: the simulation picks which messages.
     // A crash inside a sync stretches the windows the explorer reached by choosing the order of events.
@@ -1222,6 +1320,20 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
         state = state.next(world, step, &mut broken, &mut seen);
     }
     text
+}
+
+/// When a scenario's client should cancel to do what `path` does, if it cancels: at once (as soon as the restore
+/// has started) when the path cancels a running restore, a minute in (long after the emitted world's restore has
+/// ended) when it cancels one that has ended.
+fn cancel_moment(world: &ExploreWorld, path: &[Step]) -> Option<u64> {
+    let mut state = world.initial();
+    for step in path {
+        if *step == Step::Cancel {
+            return Some(if state.outcome().is_some() { 60_000 } else { 0 });
+        }
+        state = state.next(world, step, &mut Vec::new(), &mut Vec::new());
+    }
+    None
 }
 
 /// Replays `path` from the initial state, with the text of every step and what it broke.

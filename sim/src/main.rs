@@ -185,6 +185,10 @@ mod cli {
         /// next segment once the coordinator waits for it.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=6))]
         segments: u32,
+        /// The client may cancel the restore once, at any moment after it durably started (after it ended too, when
+        /// the cancel must be refused): the restore must then end cancelled if the cancel was answered so.
+        #[arg(long)]
+        cancel: bool,
         /// Node crashes (each one reboots from durable state).
         #[arg(long, default_value_t = 1)]
         crashes: u32,
@@ -753,13 +757,15 @@ mod cli {
             order: if args.dfs { SearchOrder::DepthFirst } else { SearchOrder::BreadthFirst },
             bugs,
             symmetry: args.symmetry,
+            cancel: args.cancel,
         };
         println!(
-            "lockstep check: {} table(s) x {} shard(s), {} increment(s){}; at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
+            "lockstep check: {} table(s) x {} shard(s), {} increment(s){}{}; at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
             config.tables,
             config.shards,
             config.increments,
             if config.segments > 1 { format!(" in {} segments", config.segments) } else { String::new() },
+            if config.cancel { ", the client may cancel" } else { "" },
             config.max_crashes,
             config.max_drops,
             config.max_duplicates,
