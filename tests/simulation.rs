@@ -92,7 +92,8 @@ fn a_passing_run_hashes_its_log_only_when_asked() {
 
 #[test]
 fn a_world_with_an_object_lost_for_good_ends_in_a_clean_failed_naming_increment_and_tablet() {
-    let params = WorldParams { lost_object_probability: 1.0, ..WorldParams::sweep_default() };
+    // No cancel: a cancel racing the failure could end the restore first.
+    let params = WorldParams { lost_object_probability: 1.0, cancel_probability: 0.0, ..WorldParams::sweep_default() };
     for seed in 0..60 {
         let world = World::generate(seed, &params);
         let lost = world.lost_objects.first().cloned().expect("every world loses an object");
@@ -154,6 +155,33 @@ fn the_segment_bugs_are_caught_by_the_invariant_each_breaks_and_reproduced() {
         let params =
             WorldParams { bugs: coordinator(bug), point_in_time_probability: 0.0, ..WorldParams::sweep_default() };
         assert!(first_failure(&params, 60).is_none(), "{bug:?} caught in a world without segments");
+    }
+}
+
+#[test]
+fn cancels_racing_the_end_of_a_restore_pass_under_every_fault_and_end_as_their_answer_says() {
+    let params =
+        WorldParams { cancel_probability: 1.0, faults: Some(FaultPlan::all(8_000)), ..WorldParams::sweep_default() };
+    let summary = sweep(0, 150, params);
+    assert!(summary.failures.is_empty(), "{}", describe(&summary));
+    // Every world restored in one go races a cancel; some cancels come first, some too late.
+    assert!(summary.cancel_race_worlds >= 80, "{} worlds cancelled mid-run", summary.cancel_race_worlds);
+    let too_late = summary.cancel_race_worlds - summary.cancel_race_won;
+    assert!(summary.cancel_race_won >= 20 && too_late >= 10, "{} won, {too_late} too late", summary.cancel_race_won);
+}
+
+#[test]
+fn the_bugs_of_a_late_cancel_are_caught_by_the_invariant_each_breaks_and_reproduced() {
+    let coordinator = |bug| Bugs { coordinator: Some(bug), shard: None, host: None };
+    assert_caught_and_reproducible(coordinator(CoordinatorBug::CancelAnswersEnded), &[Invariant::ExpectedOutcome]);
+    assert_caught_and_reproducible(
+        coordinator(CoordinatorBug::CancelOverwritesEnd),
+        &[Invariant::ProgressNeverBackwards],
+    );
+    // Without a cancel at a moment of the run, no cancel comes after the end: the bugs cannot show.
+    for bug in [CoordinatorBug::CancelAnswersEnded, CoordinatorBug::CancelOverwritesEnd] {
+        let params = WorldParams { bugs: coordinator(bug), cancel_probability: 0.0, ..WorldParams::sweep_default() };
+        assert!(first_failure(&params, 60).is_none(), "{bug:?} caught in a world without a cancel mid-run");
     }
 }
 
