@@ -39,10 +39,12 @@ pub enum Probe {
     RebootBetweenSegments,
     /// The coordinator cancelled an operation at the client's call.
     OperationCancelled,
+    /// The coordinator refused a cancel because the operation had already ended: a cancel that lost the race.
+    CancelTooLate,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 13] = [
+    pub const ALL: [Probe; 14] = [
         Probe::PartialDownloadResumed,
         Probe::RebootMidApply,
         Probe::DuplicateAnsweredFromMarker,
@@ -56,6 +58,7 @@ impl Probe {
         Probe::SegmentContinued,
         Probe::RebootBetweenSegments,
         Probe::OperationCancelled,
+        Probe::CancelTooLate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +76,7 @@ impl Probe {
             Probe::SegmentContinued => "segment-continued",
             Probe::RebootBetweenSegments => "reboot-between-segments",
             Probe::OperationCancelled => "operation-cancelled",
+            Probe::CancelTooLate => "cancel-too-late",
         }
     }
 
@@ -172,6 +176,9 @@ pub fn probes_of(log: &[Event]) -> ProbeSet {
                     match reply.answer {
                         lockstep::protocol::ClientAnswer::Continued { .. } => hit.insert(Probe::SegmentContinued),
                         lockstep::protocol::ClientAnswer::Cancelled { .. } => hit.insert(Probe::OperationCancelled),
+                        lockstep::protocol::ClientAnswer::CancelRefused(
+                            lockstep::coordinator::LifecycleError::AlreadyEnded { .. },
+                        ) => hit.insert(Probe::CancelTooLate),
                         _ => {}
                     }
                 }
