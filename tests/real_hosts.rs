@@ -2,7 +2,7 @@
 //! state on real files (fsync), bundles in a directory store or an object store (local files, or S3 over HTTP
 //! from a local S3 server), and messages over TCP on loopback; and a publisher and a replica replicating a
 //! tablet through an object store on local files. Shows that nothing in the hosts depends on madsim, and that a
-//! restore, and a replica, end with the right rows on disk.
+//! restore, and a replica, end with the right rows on disk, and a cancel with the restore's table free.
 #![cfg(not(madsim))]
 
 use std::cell::RefCell;
@@ -139,6 +139,93 @@ fn real_hosts_restore_every_increment_from_s3() {
     restore_onto_files(|dir| ObjectStoreRemote::new(std::sync::Arc::new(s3::client(&s3::serve(dir)))), InSegments::No);
 }
 
+/// Starts a coordinator (given `request` to start at boot) and a shard per tablet of `map` on a tokio runtime,
+/// each with its state in its own directory under `dir`, the bundles in `store`, and TCP on loopback between them
+/// and a client; returns the client's transport.
+async fn start_hosts<S: RemoteStore + 'static>(
+    dir: &std::path::Path,
+    store: Rc<S>,
+    recorder: Rc<Recorder>,
+    map: &ShardMap,
+    request: RestoreRequest,
+) -> TcpTransport {
+    let nodes: Vec<NodeAddr> = std::iter::once(NodeAddr::Coordinator)
+        .chain(tablets(map).map(NodeAddr::Shard))
+        .chain([NodeAddr::Client])
+        .collect();
+    let mut listeners = BTreeMap::new();
+    for node in &nodes {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        listeners.insert(*node, listener);
+    }
+    let peers: BTreeMap<NodeAddr, SocketAddr> =
+        listeners.iter().map(|(node, l)| (*node, l.local_addr().expect("bound"))).collect();
+    let client =
+        TcpTransport::start(NodeAddr::Client, listeners.remove(&NodeAddr::Client).expect("bound"), peers.clone());
+    let (epoch, epoch_ms) = lockstep::host::wall_clock_epoch();
+    let mut request = Some(request);
+    for (node, listener) in listeners {
+        let io = HostIo {
+            disk: Rc::new(FileDisk::open(dir.join(node_dir(node))).expect("node directory")),
+            store: store.clone(),
+            transport: Rc::new(TcpTransport::start(node, listener, peers.clone())),
+            observer: recorder.clone(),
+            epoch,
+            epoch_ms,
+            download_timeout_ms: 1_000,
+            clock: None,
+            bug: None,
+        };
+        match node {
+            NodeAddr::Coordinator => {
+                let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
+                tokio::task::spawn_local(io.run_coordinator(config, 1, request.take()));
+            }
+            NodeAddr::Shard(shard) => {
+                let config = ShardConfig { download_chunk_bytes: 64, ..ShardConfig::default() };
+                tokio::task::spawn_local(io.run_shard(shard, config));
+            }
+            other => unreachable!("{other} runs no host here"),
+        }
+    }
+    client
+}
+
+/// The client's call over `client`, retried every 200 ms until the coordinator answers it; returns the answer.
+async fn call(client: &TcpTransport, call_id: u64, call: ClientCall) -> ClientAnswer {
+    let frame = encode_frame(&Message::Client(ClientRequest { call_id, call }));
+    loop {
+        client.send(NodeAddr::Coordinator, frame.clone()).await;
+        let answer = tokio::time::timeout(Duration::from_millis(200), async {
+            loop {
+                let (from, frame) = client.recv().await.expect("the client's transport is open");
+                match decode_frame::<Message>(&frame).expect("a message") {
+                    Message::ClientReply(reply) if from == NodeAddr::Coordinator && reply.call_id == call_id => {
+                        return reply.answer;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        if let Ok(answer) = answer.await {
+            return answer;
+        }
+    }
+}
+
+/// The restore request of the tests: the table `orders` of `map`'s shards from `catalog`, as operation `op` of
+/// collection `nightly`, to the newest backup in one go.
+fn request_of(op: u64, catalog: &[BackupManifest]) -> RestoreRequest {
+    RestoreRequest {
+        op,
+        collection: "nightly".to_string(),
+        tables: vec![TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None }],
+        catalog: catalog.to_vec().into(),
+        until_ms: None,
+        last_segment: true,
+    }
+}
+
 /// Restores a full backup and two incrementals with the bundles in the store `open_store` opens on a directory,
 /// in one go or in two segments.
 fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::path::Path) -> S, segments: InSegments) {
@@ -155,77 +242,20 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
             segment_ended: (segments == InSegments::Two).then_some(segment_tx),
             ..Recorder::new(finished_tx)
         });
-
-        let client = (segments == InSegments::Two).then_some(NodeAddr::Client);
-        let nodes: Vec<NodeAddr> =
-            std::iter::once(NodeAddr::Coordinator).chain(tablets(&map).map(NodeAddr::Shard)).chain(client).collect();
-        let mut listeners = BTreeMap::new();
-        for node in &nodes {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
-            listeners.insert(*node, listener);
-        }
-        let peers: BTreeMap<NodeAddr, SocketAddr> =
-            listeners.iter().map(|(node, l)| (*node, l.local_addr().expect("bound"))).collect();
-        let (epoch, epoch_ms) = lockstep::host::wall_clock_epoch();
-        for node in nodes {
-            let listener = listeners.remove(&node).expect("one listener per node");
-            let transport = TcpTransport::start(node, listener, peers.clone());
-            let io = HostIo {
-                disk: Rc::new(FileDisk::open(dir.path().join(node_dir(node))).expect("node directory")),
-                store: store.clone(),
-                transport: Rc::new(transport),
-                observer: recorder.clone(),
-                epoch,
-                epoch_ms,
-                download_timeout_ms: 1_000,
-                clock: None,
-                bug: None,
-            };
-            match node {
-                NodeAddr::Coordinator => {
-                    let table =
-                        TableSpec { id: TABLE, name: "orders".to_string(), shard_count: SHARDS, index_of: None };
-                    let collection = "nightly".to_string();
-                    let request = RestoreRequest {
-                        op: 7,
-                        collection,
-                        tables: vec![table],
-                        catalog: catalog.clone().into(),
-                        // In two segments: to the full backup's time first.
-                        until_ms: (segments == InSegments::Two).then_some(catalog[0].taken_at_ms),
-                        last_segment: segments == InSegments::No,
-                    };
-                    let config = CoordinatorConfig { max_in_flight_shards: 2, ..CoordinatorConfig::default() };
-                    tokio::task::spawn_local(io.run_coordinator(config, 1, Some(request)));
-                }
-                NodeAddr::Shard(shard) => {
-                    let config = ShardConfig { download_chunk_bytes: 64, ..ShardConfig::default() };
-                    tokio::task::spawn_local(io.run_shard(shard, config));
-                }
-                NodeAddr::Client => {
-                    // Once the first segment has durably ended, the last one, to the newest backup.
-                    segment_rx.recv().await.expect("the recorder is alive");
-                    let call = ClientCall::Continue(SegmentRequest {
-                        op: 7,
-                        segment: 2,
-                        until_ms: None,
-                        last_segment: true,
-                        catalog: catalog.clone().into(),
-                    });
-                    let msg = Message::Client(ClientRequest { call_id: 1, call });
-                    io.transport.send(NodeAddr::Coordinator, encode_frame(&msg)).await;
-                    let (from, frame) = io.transport.recv().await.expect("an answer");
-                    let answer = decode_frame::<Message>(&frame).expect("a message");
-                    let Message::ClientReply(reply) = answer else { panic!("not an answer: {answer}") };
-                    assert_eq!(
-                        (from, reply.answer),
-                        (NodeAddr::Coordinator, ClientAnswer::Continued { op: 7, segment: 2 })
-                    );
-                }
-                NodeAddr::Publisher | NodeAddr::Replica => {
-                    unreachable!("this test runs no replication")
-                }
-            }
+        let request = RestoreRequest {
+            // In two segments: to the full backup's time first.
+            until_ms: (segments == InSegments::Two).then_some(catalog[0].taken_at_ms),
+            last_segment: segments == InSegments::No,
+            ..request_of(7, &catalog)
+        };
+        let client = start_hosts(dir.path(), store, recorder.clone(), &map, request).await;
+        if segments == InSegments::Two {
+            // Once the first segment has durably ended, the last one, to the newest backup.
+            segment_rx.recv().await.expect("the recorder is alive");
+            let next =
+                SegmentRequest { op: 7, segment: 2, until_ms: None, last_segment: true, catalog: catalog.into() };
+            let answer = call(&client, 1, ClientCall::Continue(next)).await;
+            assert_eq!(answer, ClientAnswer::Continued { op: 7, segment: 2 });
         }
         tokio::time::timeout(Duration::from_secs(20), finished_rx.recv())
             .await
@@ -272,6 +302,113 @@ fn restore_onto_files<S: RemoteStore + 'static>(open_store: impl FnOnce(&std::pa
         marks.contains(&ProgressMark::AwaitingSegment { op: 7, segment: 1, increments: 1, released: false })
     });
     assert_eq!(waited, segments == InSegments::Two);
+}
+
+/// A store whose reads of one backup's bundles wait until the gate opens: a restore held in the middle of its
+/// chain, as a slow store would hold it, for as long as a test needs.
+struct Gated<S> {
+    inner: S,
+    /// Object names with this prefix wait.
+    held: String,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S: RemoteStore> RemoteStore for Gated<S> {
+    async fn put(&self, object: &str, bytes: Vec<u8>) -> Result<(), lockstep::protocol::StoreError> {
+        self.inner.put(object, bytes).await
+    }
+
+    async fn get_range(
+        &self,
+        object: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<lockstep::protocol::RangeRead, lockstep::protocol::StoreError> {
+        if object.starts_with(&self.held) {
+            let mut open = self.open.clone();
+            open.wait_for(|open| *open).await.expect("the gate's sender lives as long as the test");
+        }
+        self.inner.get_range(object, offset, len).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, lockstep::protocol::StoreError> {
+        self.inner.list(prefix).await
+    }
+}
+
+/// An operator cancels a restore over TCP while it runs (held at its last increment by a store that does not
+/// answer reads of that backup yet): the cancel is answered, the restore ends Failed (cancelled) on disk with its
+/// table free and its collection released, and no shard applies the held increment. A second restore of the same
+/// table, once the store answers again, ends Done with the rows of the last backup on every shard.
+#[test]
+fn real_hosts_cancel_a_running_restore_then_restore_again() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    let local = tokio::task::LocalSet::new();
+    let map = ShardMap::even(SHARDS, 30);
+    let load = |node: NodeAddr| -> Vec<u8> {
+        let disk = FileDisk::open(dir.path().join(node_dir(node))).expect("node directory");
+        StateFile::load(&disk, STATE_FILE).expect("readable state").1.expect("a state")
+    };
+    let coordinator = || -> CoordinatorDurable { decode_frame(&load(NodeAddr::Coordinator)).expect("decodable") };
+    let (recorder, expected) = local.block_on(&runtime, async {
+        let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+        let inner = DirStore::open(dir.path().join("store")).expect("store directory");
+        let held = "backups/000003/".to_string();
+        let store = Rc::new(Gated { inner, held, open: open_rx });
+        let (catalog, expected) = write_backups(&*store, &map).await;
+        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
+        let recorder = Rc::new(Recorder::new(finished_tx));
+        let client = start_hosts(dir.path(), store, recorder.clone(), &map, request_of(7, &catalog)).await;
+        // Once the restore is durably at its last increment, whose reads the store holds, the operator cancels it.
+        let at_last = |recorder: &Recorder| {
+            recorder.events.borrow().iter().any(|(_, event)| {
+                let HostEvent::Persisted(PersistNote::Coordinator(marks)) = event else { return false };
+                marks.iter().any(|m| matches!(m, ProgressMark::Running { op: 7, increment: 2, .. }))
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !at_last(&recorder) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the restore reaches its last increment within 20 s");
+        assert_eq!(call(&client, 1, ClientCall::Cancel { op: 7 }).await, ClientAnswer::Cancelled { op: 7 });
+        finished_rx.recv().await.expect("the recorder is alive");
+        let durable = coordinator();
+        let status = &durable.operations.get(&7).expect("the operation").status;
+        assert!(
+            matches!(status, OperationStatus::Failed { error: RestoreError::Cancelled { applied: 2 }, .. }),
+            "{status:?}"
+        );
+        assert_eq!(durable.tables.get(&TABLE), Some(&lockstep::coordinator::TableState::RestoreFailed { op: 7 }));
+        assert!(durable.sources_in_use.is_empty(), "{:?}", durable.sources_in_use);
+        for tablet in tablets(&map) {
+            let state: ShardDurable = decode_frame(&load(NodeAddr::Shard(tablet))).expect("decodable");
+            assert_eq!(state.applied_through, Some(1), "{tablet} applied the held increment");
+        }
+        // The table is free: restore it again, the store answering again.
+        open_tx.send(true).expect("the store holds the gate");
+        assert_eq!(call(&client, 2, ClientCall::Start(request_of(8, &catalog))).await, ClientAnswer::Started { op: 8 });
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !matches!(coordinator().operations.get(&8).map(|o| &o.status), Some(OperationStatus::Done { .. })) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the second restore ends Done within 20 s");
+        (recorder, expected)
+    });
+    for tablet in tablets(&map) {
+        let state: ShardDurable = decode_frame(&load(NodeAddr::Shard(tablet))).expect("decodable");
+        assert_eq!((state.op, state.applied_through), (Some(8), Some(2)), "{tablet}");
+        assert_eq!(*state.rows, map.rows_of(&expected, tablet.shard), "{tablet}");
+    }
+    let cancelled = recorder.events.borrow().iter().any(|(_, event)| {
+        matches!(event, HostEvent::Persisted(PersistNote::Coordinator(marks)) if marks.contains(&ProgressMark::Failed { op: 7 }))
+    });
+    assert!(cancelled, "the cancel was persisted as the operation's end");
 }
 
 /// Writes two synced states of a shard into `dir` and returns the paths of the two copies.
