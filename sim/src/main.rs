@@ -1453,6 +1453,39 @@ mod cli {
         }
 
         #[test]
+        fn cancel_fixes_whether_worlds_cancel_their_restore_mid_run_and_a_reproduce_line_repeats_it() {
+            let params = |flag: &str| run_args(&["--cancel", flag]).world.params().expect("valid flags");
+            assert_eq!(params("never").cancel_probability, 0.0);
+            assert_eq!(params("always").cancel_probability, 1.0);
+            let default = run_args(&[]).world.params().expect("valid flags");
+            assert_eq!(default.cancel_probability, WorldParams::sweep_default().cancel_probability);
+            let worlds = |flag: &str| {
+                let params = params(flag);
+                (0..20).map(|seed| lockstep_sim::world::World::generate(seed, &params)).collect::<Vec<_>>()
+            };
+            // Every world restored in one go cancels mid-run; none in segments does (they cancel between segments).
+            assert!(worlds("always").iter().all(|world| world.cancels_mid_run() == (world.segments() == 1)));
+            assert!(worlds("never").iter().all(|world| !world.cancels_mid_run()));
+            assert_eq!(run_args(&["--cancel", "always"]).world.as_flags(), " --cancel always");
+            assert!(Cli::try_parse_from(["lockstep-sim", "run", "--cancel", "sometimes"]).is_err());
+        }
+
+        #[test]
+        fn a_client_that_may_cancel_finds_the_cancel_bugs_and_the_scenario_cancels_when_the_path_did() {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            for (bug, moment) in [("cancel-keeps-hold", 0), ("cancel-overwrites-end", 60_000)] {
+                let emit = dir.path().join(format!("{bug}.toml"));
+                let emit = emit.to_str().expect("a utf-8 path");
+                let args = ["--cancel", "--crashes", "0", "--drops", "0", "--bug", bug, "--emit", emit];
+                assert_eq!(check(check_args(&args)), 1, "{bug}");
+                let written = std::fs::read_to_string(emit).expect("the counterexample is written");
+                assert!(written.contains(&format!("[[restore]]\nop = 1\ncancel_at_ms = {moment}\n")), "{written}");
+            }
+            // Without --cancel the explored client never cancels, and the bug cannot show.
+            assert_eq!(check(check_args(&["--crashes", "0", "--drops", "0", "--bug", "cancel-keeps-hold"])), 0);
+        }
+
+        #[test]
         fn a_start_the_pinned_seeds_of_a_scenario_would_ignore_is_refused() {
             let pinned = Some(vec![1, 2, 3]);
             let error = plan_seeds(&run_args(&["--scenario", SCENARIO, "--start", "5"]), pinned.clone())

@@ -1966,6 +1966,39 @@ at_ms = 1000
     }
 
     #[test]
+    fn a_cancel_at_a_time_races_the_end_unless_the_outcome_says_cancelled_and_is_refused_where_it_cannot_be() {
+        let restore = |keys: &str| format!("{MINIMAL}[[restore]]\nop = 1\n{keys}\n");
+        let world = parse(&restore("cancel_at_ms = 40")).unwrap().world(0);
+        let cancel = world.calls.iter().find(|c| c.call == ClientCall::Cancel { op: 1 }).expect("a cancel");
+        assert_eq!((cancel.at_ms, &cancel.expect), (40, &CallExpect::CancelledOrEnded));
+        assert_eq!(world.expected_ops.get(&1), Some(&OpExpect::CancelRace(Box::new(OpExpect::Done))));
+        assert!(world.cancels_mid_run() && !world.cancels());
+        let world = parse(&restore("cancel_at_ms = 40\noutcome = \"failed:cancelled\"")).unwrap().world(0);
+        let cancel = world.calls.iter().find(|c| c.call == ClientCall::Cancel { op: 1 }).expect("a cancel");
+        assert_eq!(cancel.expect, CallExpect::Cancelled);
+        assert_eq!(world.expected_ops.get(&1), Some(&OpExpect::Failed(FailureExpect::Cancelled)));
+
+        let error = error_of(&restore("cancel_at_ms = 40\nuntil_ms = 1000\nsegments = [1000]"));
+        assert!(error.message.contains("a restore in `segments` is cancelled with `cancel = true`"), "{error}");
+        let error = error_of(&format!("{}[[restore]]\nop = 2\nafter_ended = 1\ncancel_at_ms = 40\n", restore("")));
+        assert!(error.message.contains("a restore with `after_ended` starts at a time not known"), "{error}");
+        let error = error_of(&restore("at_ms = 100\ncancel_at_ms = 40"));
+        assert!(error.message.contains("comes before the restore starts"), "{error}");
+        let error = error_of(&format!(
+            "{}[[restore]]\nop = 2\nexpect = \"refused:target-busy\"\ncancel_at_ms = 40\n",
+            restore("")
+        ));
+        assert!(error.message.contains("a refused restore has nothing to cancel"), "{error}");
+        let error = error_of(&restore("outcome = \"failed:cancelled\""));
+        assert!(
+            error.message.contains("needs `cancel = true`") && error.message.contains("or `cancel_at_ms`"),
+            "{error}"
+        );
+        let error = error_of(&restore("cancel_at_ms = -1"));
+        assert!(error.message.contains("invalid value"), "{error}");
+    }
+
+    #[test]
     fn a_scenario_without_a_full_backup_is_refused() {
         let error = error_of(&MINIMAL.replace("kind = \"full\"", "kind = \"incremental\""));
         assert!(error.message.contains("no full backup"), "{error}");
