@@ -1162,10 +1162,13 @@ mod cli {
             count("determinism")
         );
         println!(
-            "outcomes         done {}, failed {}, unfinished {}; worlds that lost an object: {}, of which {} got it \
-             back and restored again",
+            "outcomes         done {}, failed {} ({} at a lost object, {} cancelled, {} otherwise), unfinished {}; \
+             worlds that lost an object: {}, of which {} got it back and restored again",
             summary.ended_done,
             summary.ended_failed,
+            summary.failed_object_missing,
+            summary.failed_cancelled,
+            summary.ended_failed - summary.failed_object_missing - summary.failed_cancelled,
             summary.ended_unfinished,
             summary.lost_object_worlds,
             summary.restored_again_worlds

@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use lockstep::coordinator::RestoreError;
+use lockstep::protocol::ShardFailure;
 use serde::{Deserialize, Serialize};
 
 use crate::checkers::Invariant;
@@ -468,6 +470,9 @@ pub struct SweepSummary {
     /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
+    /// Of the Failed: cancelled by the client, and failed at a lost object (the rest failed otherwise: a deadline).
+    pub failed_cancelled: u64,
+    pub failed_object_missing: u64,
     pub ended_unfinished: u64,
     /// Seeds that hit each coverage probe.
     pub probes: BTreeMap<Probe, u64>,
@@ -523,9 +528,18 @@ impl SweepSummary {
                 self.cancel_race_won += 1;
             }
         }
-        match outcome.end {
+        match &outcome.end {
             RunEnd::Done => self.ended_done += 1,
-            RunEnd::Failed(_) => self.ended_failed += 1,
+            RunEnd::Failed(error) => {
+                self.ended_failed += 1;
+                match error {
+                    RestoreError::Cancelled { .. } => self.failed_cancelled += 1,
+                    RestoreError::Shard { cause: ShardFailure::ObjectMissing { .. }, .. } => {
+                        self.failed_object_missing += 1;
+                    }
+                    _ => {}
+                }
+            }
             RunEnd::StillRunning | RunEnd::AwaitingSegment | RunEnd::NeverStarted => self.ended_unfinished += 1,
         }
         // Seeds per invariant: a seed may break one twice (a scenario not followed, and an outcome it expects).
@@ -596,6 +610,8 @@ impl SweepSummary {
         self.cancel_race_won += other.cancel_race_won;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
+        self.failed_cancelled += other.failed_cancelled;
+        self.failed_object_missing += other.failed_object_missing;
         self.ended_unfinished += other.ended_unfinished;
         for (probe, count) in other.probes {
             *self.probes.entry(probe).or_default() += count;
