@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use lockstep::bundle::Bundle;
 use lockstep::coordinator::CoordinatorBug;
 use lockstep::model::{BackupManifest, Change, TabletId, apply_changes};
+use lockstep::shard::ShardBug;
 use lockstep_sim::catalog::{CATALOG, KnownBug};
 use lockstep_sim::explore::{
     Counterexample, ExploreConfig, ExploreWorld, Fate, Report, SearchOrder, Sometimes, State, Step, explore, replay,
@@ -122,6 +123,45 @@ fn a_restore_the_client_may_cancel_at_any_moment_is_explored_whole_and_ends_canc
 const CANCEL_STATES: u64 = 40_335;
 
 #[test]
+fn a_restore_again_after_a_cancel_is_explored_whole_and_ends_done() {
+    let (world, report) = run(ExploreConfig { shards: 1, cancel: true, restore_again: true, ..pinned() });
+    assert!(!report.truncated);
+    assert!(report.counterexample.is_none(), "{:?}", report.counterexample);
+    assert!(report.stuck.is_none(), "{:?}", report.stuck);
+    assert_eq!(report.unique_states, RESTORE_AGAIN_STATES);
+    // Without faults: cancelled at once, then restored again, the second restore ends Done and the first stays
+    // cancelled.
+    let mut state = world.initial();
+    let mut taken = Vec::new();
+    while !state.steps(&world).is_empty() {
+        let steps = state.steps(&world);
+        let step = [Step::Cancel, Step::RestoreAgain]
+            .into_iter()
+            .find(|s| steps.contains(s))
+            .unwrap_or_else(|| steps.iter().find(|s| !State::is_fault(s)).expect("a step").clone());
+        taken.push(step.clone());
+        let mut broken = Vec::new();
+        state = state.next(&world, &step, &mut broken, &mut Vec::new());
+        assert!(broken.is_empty(), "{broken:?}");
+    }
+    assert_eq!(taken.iter().filter(|s| matches!(s, Step::Cancel | Step::RestoreAgain)).count(), 2);
+    assert!(matches!(
+        state.outcome(),
+        Some(lockstep::coordinator::OperationStatus::Failed {
+            error: lockstep::coordinator::RestoreError::Cancelled { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        state.outcome_of(lockstep_sim::explore::OP_AGAIN),
+        Some(lockstep::coordinator::OperationStatus::Done { increments: 2, .. })
+    ));
+}
+
+/// Unique states of [`pinned`] with one shard, when the client may cancel and then restores again.
+const RESTORE_AGAIN_STATES: u64 = 29_677;
+
+#[test]
 fn depth_first_search_finds_the_same_states() {
     let (_, breadth) = run(pinned());
     let (_, depth) = run(ExploreConfig { order: SearchOrder::DepthFirst, ..pinned() });
@@ -152,21 +192,26 @@ fn bug_world(bugs: Bugs) -> ExploreConfig {
         )
     });
     let segments = if segmented { 2 } else { 1 };
-    // The bugs of cancels show once the client may cancel.
-    let cancel = bugs.coordinator.is_some_and(|bug| {
-        matches!(
-            bug,
-            CoordinatorBug::CancelKeepsHold | CoordinatorBug::CancelAnswersEnded | CoordinatorBug::CancelOverwritesEnd
-        )
-    });
-    ExploreConfig { tables, shards, segments, bugs, cancel, ..ExploreConfig::default() }
+    // The bugs of cancels show once the client may cancel; a shard that takes an older operation's late request
+    // needs a second restore of its table, which follows a cancel.
+    let restore_again = bugs.shard == Some(ShardBug::ApplyOlderOperations);
+    let cancel = restore_again
+        || bugs.coordinator.is_some_and(|bug| {
+            matches!(
+                bug,
+                CoordinatorBug::CancelKeepsHold
+                    | CoordinatorBug::CancelAnswersEnded
+                    | CoordinatorBug::CancelOverwritesEnd
+            )
+        });
+    let shards = if restore_again { 1 } else { shards };
+    ExploreConfig { tables, shards, segments, bugs, cancel, restore_again, ..ExploreConfig::default() }
 }
 
 /// The catalogued bugs the explorer's world can show: every one but `incrementals-before-newest-full`, which
-/// needs an older full backup than the explored world has, `apply-older-operations`, which needs a second
-/// restore of a table (the explored world runs one), and the host's bugs (the explorer runs no host).
+/// needs an older full backup than the explored world has, and the host's bugs (the explorer runs no host).
 fn explorable() -> impl Iterator<Item = &'static KnownBug> {
-    let unreachable = ["incrementals-before-newest-full", "apply-older-operations"];
+    let unreachable = ["incrementals-before-newest-full"];
     CATALOG.iter().filter(move |b| b.bugs.host.is_none() && !unreachable.contains(&b.name))
 }
 

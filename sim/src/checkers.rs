@@ -12,7 +12,7 @@ use lockstep::protocol::{ClientAnswer, ClientCall, ClientReply, Message, NodeAdd
 use lockstep::shard::ShardDurable;
 
 use crate::events::{Event, EventKind, SimNode};
-use crate::plan::OpExpect;
+use crate::plan::{OpExpect, PlannedCall};
 use crate::tape::Chance;
 use crate::world::World;
 
@@ -154,6 +154,8 @@ struct Walker<'a> {
     /// Highest increment of each operation each tablet has ever durably applied (a newer operation may have
     /// restored over it since).
     reached: BTreeMap<(OperationId, TabletId), IncrementIndex>,
+    /// The newest operation each tablet has durably applied an increment of.
+    newest_op: BTreeMap<TabletId, OperationId>,
     /// Last durable progress of each operation not forgotten.
     progress: BTreeMap<OperationId, ProgressMark>,
     /// Last durable progress of every operation ever seen, forgotten ones included.
@@ -173,6 +175,7 @@ impl<'a> Walker<'a> {
             op_tablets,
             applied,
             reached: BTreeMap::new(),
+            newest_op: BTreeMap::new(),
             progress: BTreeMap::new(),
             last_seen: BTreeMap::new(),
             answers: BTreeMap::new(),
@@ -244,6 +247,15 @@ impl<'a> Walker<'a> {
         backup_id: u64,
         crc: u32,
     ) {
+        // A shard refuses an older operation's request once it holds a newer one's rows: applying it would put
+        // the older restore's rows back over the newer one's.
+        if let Some(newer) = self.newest_op.get(&tablet).copied().filter(|newer| *newer > op) {
+            let detail =
+                format!("{tablet} applied increment {increment} of operation {op} over the rows of operation {newer}");
+            self.violate(Invariant::NoLostIncrement, index, detail);
+        }
+        let newest = self.newest_op.entry(tablet).or_insert(op);
+        *newest = (*newest).max(op);
         // A new operation on a tablet starts over from its full backup.
         let previous =
             self.applied.get(&tablet).copied().flatten().filter(|(o, _, _)| *o == op).map(|(_, k, c)| (k, c));
@@ -403,12 +415,23 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
             violations.push(final_violation(invariant, detail));
         }
     };
+    // The answer the client's cancel of `op` got, if it made one and was answered.
+    let cancel_answer = |op: OperationId| {
+        world.calls.iter().enumerate().find_map(|(index, planned)| {
+            (planned.call == ClientCall::Cancel { op }).then(|| walker.answers.get(&(index as u64 + 1)))?
+        })
+    };
+    // A call made only once a cancel took is not made when it did not.
+    let skipped = |planned: &PlannedCall| {
+        planned.if_cancelled.is_some_and(|op| !matches!(cancel_answer(op), Some(ClientAnswer::Cancelled { .. })))
+    };
     for (op, expect) in &world.expected_ops {
+        let start = world.calls.iter().find(|c| matches!(&c.call, ClientCall::Start(r) if r.op == *op));
+        if start.is_some_and(skipped) {
+            continue;
+        }
         // A cancel that raced the operation's end decides how it must end.
-        let cancel_answer = world.calls.iter().enumerate().find_map(|(index, planned)| {
-            (planned.call == ClientCall::Cancel { op: *op }).then(|| walker.answers.get(&(index as u64 + 1)))?
-        });
-        let expect = &expect.decided(cancel_answer);
+        let expect = &expect.decided(cancel_answer(*op));
         let operation = final_state.coordinator.as_ref().and_then(|c| c.operations.get(op));
         match (operation.map(|o| &o.status), walker.last_seen.get(op)) {
             (Some(OperationStatus::Done { .. }), _) | (None, Some(ProgressMark::Done { .. })) => {
@@ -477,6 +500,13 @@ fn check_final(world: &World, walker: &Walker<'_>, final_state: &FinalState, vio
     }
     for (index, planned) in world.calls.iter().enumerate() {
         let call_id = index as u64 + 1;
+        if skipped(planned) {
+            if walker.answers.contains_key(&call_id) {
+                let detail = format!("client call {call_id} was made although the cancel it waits on did not take");
+                push(violations, Invariant::ExpectedOutcome, detail);
+            }
+            continue;
+        }
         match walker.answers.get(&call_id) {
             None => push(violations, Invariant::Liveness, format!("client call {call_id} was never answered")),
             Some(answer) if !planned.expect.accepts(answer) => {
@@ -921,6 +951,30 @@ mod tests {
         // Answered cancelled: the restore must end cancelled, never Done.
         assert_eq!(invariants(&world, &with_answer(&cancelled), &cancelled_state), vec![]);
         assert_eq!(invariants(&world, &with_answer(&cancelled), &done_state(&world)), vec![Invariant::ExpectedOutcome]);
+    }
+
+    #[test]
+    fn a_restore_again_once_cancelled_is_made_and_judged_only_if_the_cancel_took() {
+        let mut world = world();
+        world.cancel_at(100);
+        world.restore_again_once_cancelled(0);
+        let too_late = ClientAnswer::CancelRefused(lockstep::coordinator::LifecycleError::AlreadyEnded { op: 1 });
+        let mut log = clean_log(&world);
+        log.push(answer(2, too_late));
+        // The cancel came too late: no restore again was made, and none is expected.
+        assert_eq!(invariants(&world, &log, &done_state(&world)), vec![]);
+        // Made anyway, it is a call the plan did not ask for.
+        let mut made = log.clone();
+        made.push(answer(3, ClientAnswer::Started { op: 2 }));
+        assert_eq!(invariants(&world, &made, &done_state(&world)), vec![Invariant::ExpectedOutcome]);
+        // The cancel took: the restore again must be made, answered, and end Done.
+        let mut log = clean_log(&world);
+        log.push(answer(2, ClientAnswer::Cancelled { op: 1 }));
+        let mut state = done_state(&world);
+        let error = lockstep::coordinator::RestoreError::Cancelled { applied: 1 };
+        std::sync::Arc::make_mut(&mut state.coordinator.as_mut().unwrap().operations).get_mut(&1).unwrap().status =
+            OperationStatus::Failed { error, failed_at_ms: 1 };
+        assert_eq!(invariants(&world, &log, &state), vec![Invariant::Liveness]);
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //!   (again after a crash lost a call whose effect was not yet durable, as a client retries until answered);
 //! - with `cancel`, the client's cancel of the restore, once, at any moment after it durably started (after it
 //!   ended too, when the cancel must be refused), taken when the coordinator has carried out what it was doing, so
-//!   that the answer is given once the cancel is durable.
+//!   that the answer is given once the cancel is durable;
+//! - with `restore_again` too, once the cancel is answered cancelled, the client's start of a second restore of the
+//!   same tables (operation 2), while requests of the first may still be in flight.
 //!
 //! States are deduplicated by a 64-bit fingerprint. Breadth-first search gives the shortest path to a
 //! violation. After the search, a liveness check: from every reachable state, with no more faults, the
@@ -49,6 +51,8 @@ pub use symmetry::Symmetry;
 
 /// The operation every explored restore runs.
 pub const OP: u64 = 1;
+/// The second restore of the same tables, once the first is cancelled (`restore_again`).
+pub const OP_AGAIN: u64 = 2;
 
 /// The small world to explore and the bounds of the search.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +82,9 @@ pub struct ExploreConfig {
     pub symmetry: bool,
     /// The client may cancel the restore once, at any moment after it durably started.
     pub cancel: bool,
+    /// With `cancel`, in one segment: once the cancel is answered cancelled, the client restores the same tables
+    /// again, as operation [`OP_AGAIN`].
+    pub restore_again: bool,
 }
 
 impl Default for ExploreConfig {
@@ -97,6 +104,7 @@ impl Default for ExploreConfig {
             bugs: Bugs::default(),
             symmetry: false,
             cancel: false,
+            restore_again: false,
         }
     }
 }
@@ -135,6 +143,10 @@ impl ExploreWorld {
             "a world has a tablet and a full backup"
         );
         assert!((1..=config.increments).contains(&config.segments), "every segment ends at a backup of the chain");
+        assert!(
+            !config.restore_again || (config.cancel && config.segments == 1),
+            "a restore again follows a cancel of a restore in one go"
+        );
         let tables: Vec<TableSpec> = (0..config.tables)
             .map(|t| TableSpec { id: TableId(t), name: format!("t{t}"), shard_count: config.shards, index_of: None })
             .collect();
@@ -251,6 +263,11 @@ impl ExploreWorld {
         }
     }
 
+    /// The client's second restore of the same tables, once the first is cancelled.
+    pub fn request_again(&self) -> RestoreRequest {
+        RestoreRequest { op: OP_AGAIN, ..self.request() }
+    }
+
     /// The point each segment restores to: the time of the backup it ends at, the chain split as evenly as it
     /// goes (segment i of n ends at backup `i * increments / n`), the last at the last backup.
     pub fn segment_points(&self) -> Vec<u64> {
@@ -296,6 +313,7 @@ impl ExploreWorld {
             used: Budget::default(),
             ghost: Ghost::default(),
             cancel: None,
+            again: false,
         };
         let mut sink = Vec::new();
         state.flush_coordinator(self, &mut sink);
@@ -325,6 +343,8 @@ pub struct State {
     /// The client's cancel: not made (`None`), answered cancelled (`Some(true)`), or refused because the
     /// operation had ended (`Some(false)`).
     cancel: Option<bool>,
+    /// The client has started the second restore ([`OP_AGAIN`]).
+    again: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -374,13 +394,13 @@ struct Budget {
     download_faults: u32,
 }
 
-/// What the checkers remember along a path.
+/// What the checkers remember along a path, per operation ([`OP`], then [`OP_AGAIN`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct Ghost {
-    /// Highest durable progress rank of the operation.
-    progress: (u8, u32, u8),
-    /// How the operation durably ended: not yet (0), Done (1) or Failed (2).
-    ended: u8,
+    /// Highest durable progress rank of each operation.
+    progress: [(u8, u32, u8); 2],
+    /// How each operation durably ended: not yet (0), Done (1) or Failed (2).
+    ended: [u8; 2],
 }
 
 /// What can happen next.
@@ -399,6 +419,8 @@ pub enum Step {
     Continue,
     /// The client cancels the restore.
     Cancel,
+    /// The client restores the same tables again.
+    RestoreAgain,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -446,6 +468,7 @@ impl fmt::Display for Step {
             Step::Crash(n) => write!(f, "{} crashes and reboots", node(n)),
             Step::Continue => f.write_str("the client asks for the next segment"),
             Step::Cancel => f.write_str("the client cancels the restore"),
+            Step::RestoreAgain => f.write_str("the client restores the same tables again"),
         }
     }
 }
@@ -517,12 +540,15 @@ impl State {
         if self.may_cancel(world) {
             steps.push(Step::Cancel);
         }
+        if self.may_restore_again(world) {
+            steps.push(Step::RestoreAgain);
+        }
         if self.operation_running() && self.used.crashes < config.max_crashes {
             steps.push(Step::Crash(None));
             steps.extend((0..self.shards.len()).map(|s| Step::Crash(Some(s))));
         }
         // A cancel may come at any time, timeouts too: it does not hold them back.
-        let quiet = steps.iter().all(|s| matches!(s, Step::Crash(_) | Step::Cancel));
+        let quiet = steps.iter().all(|s| matches!(s, Step::Crash(_) | Step::Cancel | Step::RestoreAgain));
         if quiet {
             steps.extend((0..self.coordinator.timers.len()).map(Step::FireCoordinatorTimer));
             for (s, shard) in self.shards.iter().enumerate() {
@@ -532,9 +558,11 @@ impl State {
         steps
     }
 
-    /// Whether the operation has not ended (it runs, waits for a segment, or is not durably started yet).
+    /// Whether the client's latest operation has not ended (it runs, waits for a segment, or is not durably
+    /// started yet).
     fn operation_running(&self) -> bool {
-        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP));
+        let op = if self.again { OP_AGAIN } else { OP };
+        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&op));
         operation
             .is_none_or(|o| matches!(o.status, OperationStatus::Running(_) | OperationStatus::AwaitingSegment { .. }))
     }
@@ -555,19 +583,36 @@ impl State {
         world.config.cancel && self.cancel.is_none() && self.coordinator.outbox.is_empty() && started
     }
 
-    /// The operation ended as it must: Done, or cancelled once the client's cancel was answered so (every
-    /// increment on every shard is checked when Done is persisted).
-    fn is_good_end(&self) -> bool {
+    /// Whether the client restores the tables again now: it may, has not yet, its cancel of the first restore
+    /// was answered cancelled (so that restore has durably ended), and the coordinator has carried out its outputs.
+    fn may_restore_again(&self, world: &ExploreWorld) -> bool {
+        let config = &world.config;
+        config.restore_again && !self.again && self.cancel == Some(true) && self.coordinator.outbox.is_empty()
+    }
+
+    /// The operations ended as they must: Done, or cancelled once the client's cancel was answered so, and then,
+    /// if the client restores again, that restore Done (every increment on every shard is checked when Done is
+    /// persisted).
+    fn is_good_end(&self, world: &ExploreWorld) -> bool {
         match self.outcome() {
             Some(OperationStatus::Done { .. }) => true,
-            Some(OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. }) => self.cancel == Some(true),
+            Some(OperationStatus::Failed { error: RestoreError::Cancelled { .. }, .. })
+                if self.cancel == Some(true) =>
+            {
+                !world.config.restore_again || matches!(self.outcome_of(OP_AGAIN), Some(OperationStatus::Done { .. }))
+            }
             _ => false,
         }
     }
 
-    /// How the operation ended, from the coordinator's disk.
+    /// How the (first) operation ended, from the coordinator's disk.
     pub fn outcome(&self) -> Option<&OperationStatus> {
-        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&OP))?;
+        self.outcome_of(OP)
+    }
+
+    /// How operation `op` ended, from the coordinator's disk.
+    pub fn outcome_of(&self, op: u64) -> Option<&OperationStatus> {
+        let operation = self.coordinator.durable.as_ref().and_then(|d| d.operations.get(&op))?;
         matches!(operation.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. })
             .then_some(&operation.status)
     }
@@ -664,6 +709,14 @@ impl State {
                 }
                 next.flush_coordinator(world, broken);
                 next.check_cancel_answer(broken);
+            }
+            Step::RestoreAgain => {
+                next.again = true;
+                let now_ms = next.now_ms;
+                let coordinator = next.coordinator_mut();
+                let out = coordinator.machine.start(now_ms, world.request_again());
+                coordinator.outbox.extend(out.expect("the cancelled restore's tables are free again"));
+                next.flush_coordinator(world, broken);
             }
             Step::Crash(node) => {
                 next.used.crashes += 1;
@@ -800,8 +853,8 @@ impl State {
             let tablet = self.shards[s].machine.id();
             match output {
                 Output::Persist { state, note } => {
-                    if let PersistNote::ShardApplied { increment, payload_crc32, .. } = note {
-                        self.check_apply(world, tablet, &state, increment, payload_crc32, broken);
+                    if let PersistNote::ShardApplied { op, increment, payload_crc32, .. } = note {
+                        self.check_apply(world, tablet, op, increment, payload_crc32, broken);
                     }
                     self.shard_mut(s).durable = Some(state);
                     return;
@@ -820,26 +873,44 @@ impl State {
         }
     }
 
+    /// Shard `tablet` is about to make durable increment `increment` of operation `op`, applied from a payload
+    /// whose checksum is `crc`.
     fn check_apply(
         &self,
         world: &ExploreWorld,
         tablet: TabletId,
-        state: &ShardDurable,
+        op: u64,
         increment: u32,
         crc: u32,
         broken: &mut Vec<Broken>,
     ) {
         let s = index_of(&world.config, tablet);
-        let before = self.shards[s].durable.as_ref().and_then(|d| d.applied_through);
+        let held = self.shards[s].durable.as_ref().and_then(|d| d.op);
+        if let Some(held) = held
+            && op < held
+        {
+            let detail =
+                format!("{tablet} applied increment {increment} of operation {op} over the rows of operation {held}");
+            broken.push(Broken { invariant: "no-lost-increment", detail });
+            return;
+        }
+        // What the shard holds of this operation: nothing when it held an older one.
+        let applied_of =
+            |durable: Option<&ShardDurable>| durable.filter(|d| d.op == Some(op)).and_then(|d| d.applied_through);
+        let before = applied_of(self.shards[s].durable.as_ref());
         let expected = before.map_or(0, |k| k + 1);
         // Writing the increment it already holds again is no step backwards or forwards.
         if increment != expected && Some(increment) != before {
             let detail = format!("{tablet} applied increment {increment} when the next one was {expected}");
             broken.push(Broken { invariant: "in-order-apply", detail });
         }
+        // A shard that has moved on to a newer operation left this one: its order no longer concerns it (a late
+        // request of a cancelled restore may reach one shard after another has begun the next restore).
+        let moved_on = |durable: Option<&ShardDurable>| durable.and_then(|d| d.op).is_some_and(|held| held > op);
         if increment > 0
             && let Some(behind) = self.shards.iter().position(|other| {
-                other.durable.as_ref().and_then(|d| d.applied_through).is_none_or(|k| k + 1 < increment)
+                let durable = other.durable.as_ref();
+                !moved_on(durable) && applied_of(durable).is_none_or(|k| k + 1 < increment)
             })
         {
             let behind = self.shards[behind].machine.id();
@@ -851,7 +922,6 @@ impl State {
             let detail = format!("{tablet} applied increment {increment} from a damaged copy of {object}");
             broken.push(Broken { invariant: "corrupt-never-applied", detail });
         }
-        let _ = state;
     }
 
     /// The client's cancel was just answered, and what answering it asked carried out: answered cancelled, the
@@ -872,24 +942,27 @@ impl State {
     }
 
     fn check_progress(&mut self, world: &ExploreWorld, marks: &[ProgressMark], broken: &mut Vec<Broken>) {
-        let now = rank(marks);
-        if now < self.ghost.progress {
-            let detail = format!("coordinator persisted {marks:?} after {}", describe_rank(self.ghost.progress));
-            broken.push(Broken { invariant: "progress-never-backwards", detail });
-        }
-        self.ghost.progress = self.ghost.progress.max(now);
-        for mark in marks {
-            let ended = match mark {
-                ProgressMark::Done { .. } => 1,
-                ProgressMark::Failed { .. } => 2,
-                _ => continue,
-            };
-            if self.ghost.ended != 0 && self.ghost.ended != ended {
-                let before = if self.ghost.ended == 1 { "Done" } else { "Failed" };
-                let detail = format!("coordinator persisted {mark:?} after the operation had ended {before}");
+        for (i, op) in [OP, OP_AGAIN].into_iter().enumerate() {
+            let of_op: Vec<ProgressMark> = marks.iter().copied().filter(|m| m.op() == op).collect();
+            let now = rank(&of_op);
+            if now < self.ghost.progress[i] {
+                let detail = format!("coordinator persisted {marks:?} after {}", describe_rank(self.ghost.progress[i]));
                 broken.push(Broken { invariant: "progress-never-backwards", detail });
             }
-            self.ghost.ended = ended;
+            self.ghost.progress[i] = self.ghost.progress[i].max(now);
+            for mark in &of_op {
+                let ended = match mark {
+                    ProgressMark::Done { .. } => 1,
+                    ProgressMark::Failed { .. } => 2,
+                    _ => continue,
+                };
+                if self.ghost.ended[i] != 0 && self.ghost.ended[i] != ended {
+                    let before = if self.ghost.ended[i] == 1 { "Done" } else { "Failed" };
+                    let detail = format!("coordinator persisted {mark:?} after the operation had ended {before}");
+                    broken.push(Broken { invariant: "progress-never-backwards", detail });
+                }
+                self.ghost.ended[i] = ended;
+            }
         }
         for mark in marks {
             let ProgressMark::AwaitingSegment { segment, increments, released, .. } = *mark else { continue };
@@ -907,10 +980,13 @@ impl State {
                 }
             }
         }
-        if marks.iter().any(|m| matches!(m, ProgressMark::Done { .. })) {
+        for done in marks.iter().filter_map(|m| match m {
+            ProgressMark::Done { op, .. } => Some(*op),
+            _ => None,
+        }) {
             let last = world.config.increments - 1;
             for (s, shard) in self.shards.iter().enumerate() {
-                let durable = shard.durable.as_ref();
+                let durable = shard.durable.as_ref().filter(|d| d.op == Some(done));
                 let tablet = shard.machine.id();
                 if durable.and_then(|d| d.applied_through) != Some(last) {
                     let detail = format!("Done while {tablet} holds {:?}", durable.and_then(|d| d.applied_through));
@@ -1029,7 +1105,7 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
         report.max_depth = report.max_depth.max(depth);
         let steps = state.steps(world);
         if steps.is_empty() {
-            good_end[id as usize] = state.is_good_end();
+            good_end[id as usize] = state.is_good_end(world);
         }
         if depth >= world.config.max_depth {
             report.truncated |= !steps.is_empty();
@@ -1091,23 +1167,21 @@ pub fn explore(world: &ExploreWorld, progress: &mut dyn FnMut(&Report)) -> Repor
     report
 }
 
-/// What a persisted coordinator state shows of an operation that has ended: it holds nothing, no table still
-/// restoring under it and no collection in use by it.
+/// What a persisted coordinator state shows of the operations that have ended: they hold nothing, no table still
+/// restoring under one and no collection in use by one.
 fn check_cleaned_up(state: &CoordinatorDurable, broken: &mut Vec<Broken>) {
-    let ended = state
-        .operations
-        .get(&OP)
-        .is_some_and(|o| matches!(o.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. }));
-    if !ended {
-        return;
-    }
-    if let Some((table, _)) = state.tables.iter().find(|(_, t)| **t == TableState::Restoring { op: OP }) {
-        let detail = format!("operation {OP} ended while table {} is still restoring under it", table.0);
-        broken.push(Broken { invariant: "cleaned-up", detail });
-    }
-    if let Some((collection, _)) = state.sources_in_use.iter().find(|(_, op)| **op == OP) {
-        let detail = format!("operation {OP} ended while collection {collection} is still in use by it");
-        broken.push(Broken { invariant: "cleaned-up", detail });
+    for (&op, operation) in state.operations.iter() {
+        if !matches!(operation.status, OperationStatus::Done { .. } | OperationStatus::Failed { .. }) {
+            continue;
+        }
+        if let Some((table, _)) = state.tables.iter().find(|(_, t)| **t == TableState::Restoring { op }) {
+            let detail = format!("operation {op} ended while table {} is still restoring under it", table.0);
+            broken.push(Broken { invariant: "cleaned-up", detail });
+        }
+        if let Some((collection, _)) = state.sources_in_use.iter().find(|(_, user)| **user == op) {
+            let detail = format!("operation {op} ended while collection {collection} is still in use by it");
+            broken.push(Broken { invariant: "cleaned-up", detail });
+        }
     }
 }
 
@@ -1251,6 +1325,11 @@ pub fn counterexample_scenario(world: &ExploreWorld, cex: &Counterexample) -> St
         let (last, earlier) = points.split_last().expect("a segment at least");
         let earlier: Vec<String> = earlier.iter().map(u64::to_string).collect();
         let _ = writeln!(w, "\n[[restore]]\nop = {OP}\nuntil_ms = {last}\nsegments = [{}]", earlier.join(", "));
+    } else if config.restore_again && cex.path.contains(&Step::RestoreAgain) {
+        // Cancelled at once (it races the restore's end: under the file's message delays it may come too late),
+        // then, if the cancel took, the same tables restored again once the first restore has ended.
+        let _ = writeln!(w, "\n[[restore]]\nop = {OP}\ncancel_at_ms = 0");
+        let _ = writeln!(w, "\n[[restore]]\nop = {OP_AGAIN}\nafter_ended = {OP}\nif_cancelled = {OP}");
     } else if let Some(at_ms) = cancel_moment(world, &cex.path) {
         let _ = writeln!(w, "\n[[restore]]\nop = {OP}\ncancel_at_ms = {at_ms}");
     }

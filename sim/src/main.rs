@@ -189,6 +189,10 @@ mod cli {
         /// the cancel must be refused): the restore must then end cancelled if the cancel was answered so.
         #[arg(long)]
         cancel: bool,
+        /// With --cancel, once the cancel is answered cancelled the client restores the same tables again (a second
+        /// operation), while requests of the first may still be in flight.
+        #[arg(long, requires = "cancel")]
+        restore_again: bool,
         /// Node crashes (each one reboots from durable state).
         #[arg(long, default_value_t = 1)]
         crashes: u32,
@@ -736,6 +740,10 @@ mod cli {
             );
             return 2;
         }
+        if args.restore_again && args.segments > 1 {
+            eprintln!("error: --restore-again follows a cancel of a restore in one go; leave out --segments");
+            return 2;
+        }
         if args.segments > args.increments {
             eprintln!(
                 "error: --segments {} is more than --increments {}: every segment ends at a backup of the chain",
@@ -758,6 +766,7 @@ mod cli {
             bugs,
             symmetry: args.symmetry,
             cancel: args.cancel,
+            restore_again: args.restore_again,
         };
         println!(
             "lockstep check: {} table(s) x {} shard(s), {} increment(s){}{}; at most {} crash(es), {} drop(s), {} duplicate(s), {} download fault(s); {}",
@@ -765,7 +774,11 @@ mod cli {
             config.shards,
             config.increments,
             if config.segments > 1 { format!(" in {} segments", config.segments) } else { String::new() },
-            if config.cancel { ", the client may cancel" } else { "" },
+            match (config.cancel, config.restore_again) {
+                (true, true) => ", the client may cancel and then restores again",
+                (true, false) => ", the client may cancel",
+                _ => "",
+            },
             config.max_crashes,
             config.max_drops,
             config.max_duplicates,
@@ -1179,10 +1192,11 @@ mod cli {
             summary.point_in_time_worlds, summary.segmented_worlds, summary.cancelled_worlds
         );
         println!(
-            "cancel mid-run   {} world(s) cancelled their restore at a moment of the run: {} before it ended, {} \
-             too late (refused, the restore had ended)",
+            "cancel mid-run   {} world(s) cancelled their restore at a moment of the run: {} before it ended ({} \
+             then restored again), {} too late (refused, the restore had ended)",
             summary.cancel_race_worlds,
             summary.cancel_race_won,
+            summary.cancel_restarted,
             summary.cancel_race_worlds - summary.cancel_race_won
         );
         println!("faults fired     {:<22} {:>10} {:>8}", "kind", "times", "seeds");
@@ -1486,6 +1500,16 @@ mod cli {
             }
             // Without --cancel the explored client never cancels, and the bug cannot show.
             assert_eq!(check(check_args(&["--crashes", "0", "--drops", "0", "--bug", "cancel-keeps-hold"])), 0);
+            // A restore again follows a cancel that took, of a restore in one go.
+            let emit = dir.path().join("again.toml");
+            let emit = emit.to_str().expect("a utf-8 path");
+            let args =
+                ["--cancel", "--restore-again", "--shards", "1", "--bug", "apply-older-operations", "--emit", emit];
+            assert_eq!(check(check_args(&args)), 1);
+            let written = std::fs::read_to_string(emit).expect("the counterexample is written");
+            assert!(written.contains("[[restore]]\nop = 2\nafter_ended = 1\nif_cancelled = 1\n"), "{written}");
+            assert!(Cli::try_parse_from(["lockstep-sim", "check", "--restore-again"]).is_err(), "needs --cancel");
+            assert_eq!(check(check_args(&["--cancel", "--restore-again", "--segments", "2"])), 2);
         }
 
         #[test]

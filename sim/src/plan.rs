@@ -19,6 +19,9 @@ pub struct PlannedCall {
     /// The call waits for this operation to end this segment of a restore in segments (or to end, whichever
     /// comes first), and is made `at_ms` later.
     pub after_segment: Option<(OperationId, u32)>,
+    /// The call is made only if the client's cancel of this operation was answered cancelled, as an operator's
+    /// script that restores again once its cancel took (a cancel that came too late leaves the restore done).
+    pub if_cancelled: Option<OperationId>,
     pub call: ClientCall,
     pub expect: CallExpect,
 }
@@ -26,7 +29,7 @@ pub struct PlannedCall {
 impl PlannedCall {
     /// `call` at `at_ms` after the run began, expecting `expect`.
     pub fn at(at_ms: u64, call: ClientCall, expect: CallExpect) -> Self {
-        Self { at_ms, after_end_of: None, after_segment: None, call, expect }
+        Self { at_ms, after_end_of: None, after_segment: None, if_cancelled: None, call, expect }
     }
 }
 

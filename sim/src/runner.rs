@@ -14,7 +14,7 @@ use lockstep::io::Transport;
 use lockstep::model::BackupManifest;
 use lockstep::model::TabletId;
 use lockstep::protocol::{
-    ApplyOutcome, ClientRequest, Message, NodeAddr, OperationId, PersistNote, decode_frame, encode_frame,
+    ApplyOutcome, ClientAnswer, ClientRequest, Message, NodeAddr, OperationId, PersistNote, decode_frame, encode_frame,
 };
 use lockstep::shard::ShardDurable;
 use madsim::net::Endpoint;
@@ -445,7 +445,12 @@ impl NodeEnv {
                 }
             }
         });
+        // Operations whose cancel the coordinator answered cancelled.
+        let mut cancelled: Vec<OperationId> = Vec::new();
         for (index, planned) in self.world.calls.iter().enumerate() {
+            if planned.if_cancelled.is_some_and(|op| !cancelled.contains(&op)) {
+                continue;
+            }
             match (planned.after_end_of, planned.after_segment) {
                 (_, Some((op, segment))) => {
                     // As an operator's script polling the operation's status would.
@@ -480,6 +485,9 @@ impl NodeEnv {
                     let Ok(Some((from, answer))) = tokio::time::timeout(wait, answers.recv()).await else { break };
                     let Message::ClientReply(reply) = &answer else { continue };
                     if reply.call_id == call_id {
+                        if let ClientAnswer::Cancelled { op } = reply.answer {
+                            cancelled.push(op);
+                        }
                         observer.record(node, HostEvent::Received { from, msg: answer });
                         break 'answered;
                     }

@@ -262,6 +262,9 @@ struct RestoreDecl {
     cancel: Option<Spanned<bool>>,
     /// For a restore in one go: the client cancels it at this time, racing its end.
     cancel_at_ms: Option<Spanned<u64>>,
+    /// With `after_ended` naming the same operation: the client makes this restore only if its cancel of that
+    /// operation was answered cancelled.
+    if_cancelled: Option<Spanned<u64>>,
     /// `started` or `refused:<refusal>`.
     #[serde(default = "started")]
     expect: Spanned<String>,
@@ -888,6 +891,36 @@ impl Scenario {
         Ok(*op.get_ref())
     }
 
+    /// The operation whose cancel `decl`'s restore waits on (its `if_cancelled`): the one it waits to end, which
+    /// the file cancels.
+    fn if_cancelled(&self, decl: &RestoreDecl) -> Result<Option<OperationId>, Problem> {
+        let Some(op) = &decl.if_cancelled else { return Ok(None) };
+        if decl.after_ended.as_ref().map(|a| *a.get_ref()) != Some(*op.get_ref()) {
+            return Err(problem(
+                op.span(),
+                format!(
+                    "`if_cancelled = {0}` restores again once operation {0}, cancelled, has ended: add `after_ended = {0}`",
+                    op.get_ref()
+                ),
+            ));
+        }
+        let cancelled_by_restore = self.plan.restores.iter().any(|r| {
+            let r = r.get_ref();
+            r.op == *op.get_ref() && (r.cancel_at_ms.is_some() || r.cancel.as_ref().is_some_and(|c| *c.get_ref()))
+        });
+        let cancelled_by_call = self.plan.calls.iter().any(|c| c.get_ref().cancel == Some(*op.get_ref()));
+        if !cancelled_by_restore && !cancelled_by_call {
+            return Err(problem(
+                op.span(),
+                format!(
+                    "nothing in the file cancels operation {}: give it `cancel_at_ms` or `cancel = true`",
+                    op.get_ref()
+                ),
+            ));
+        }
+        Ok(Some(*op.get_ref()))
+    }
+
     fn add_calls(&self, world: &mut World) -> Result<(), Problem> {
         let mut calls: Vec<PlannedCall> = Vec::new();
         let mut expected_ops = BTreeMap::new();
@@ -986,9 +1019,11 @@ impl Scenario {
                 Some(op) => Some(self.started_op(op, "`after_ended`")?),
                 None => None,
             };
+            let if_cancelled = self.if_cancelled(decl)?;
             let call = ClientCall::Start(request);
             let started = expect == CallExpect::Started;
-            let start = PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, call, expect };
+            let start =
+                PlannedCall { at_ms: decl.at_ms, after_end_of, after_segment: None, if_cancelled, call, expect };
             let continue_after_ms = decl.continue_after_ms.as_ref().map_or(0, |ms| *ms.get_ref());
             let (planned, mut op_expect) = in_segments(world, start, &points, &op_expect, continue_after_ms, cancel);
             calls.extend(planned);
@@ -1996,6 +2031,24 @@ at_ms = 1000
         );
         let error = error_of(&restore("cancel_at_ms = -1"));
         assert!(error.message.contains("invalid value"), "{error}");
+    }
+
+    #[test]
+    fn a_restore_again_if_a_cancel_took_needs_that_cancel_and_waits_for_that_end() {
+        let first = format!("{MINIMAL}[[restore]]\nop = 1\ncancel_at_ms = 40\n");
+        let world =
+            parse(&format!("{first}[[restore]]\nop = 2\nafter_ended = 1\nif_cancelled = 1\n")).unwrap().world(0);
+        let again = world.calls.iter().find(|c| matches!(&c.call, ClientCall::Start(r) if r.op == 2)).expect("a start");
+        assert_eq!((again.after_end_of, again.if_cancelled), (Some(1), Some(1)));
+        assert_eq!(world.expected_ops.get(&2), Some(&OpExpect::Done));
+        let error = error_of(&format!("{first}[[restore]]\nop = 2\nif_cancelled = 1\n"));
+        assert!(error.message.contains("add `after_ended = 1`"), "{error}");
+        let uncancelled =
+            format!("{MINIMAL}[[restore]]\nop = 1\n[[restore]]\nop = 2\nafter_ended = 1\nif_cancelled = 1\n");
+        let error = error_of(&uncancelled);
+        assert!(error.message.contains("nothing in the file cancels operation 1"), "{error}");
+        let called = format!("{uncancelled}[[call]]\nat_ms = 10\ncancel = 1\nexpect = \"answered\"\n");
+        assert!(parse(&called).is_ok(), "a [[call]] that cancels the operation will do");
     }
 
     #[test]

@@ -332,7 +332,8 @@ impl Case {
                 && call.after_segment.is_none()
         };
         let cancel_at_ms = if points.len() == 1 { calls.next_if(cancelled_at).map(|call| call.at_ms) } else { None };
-        // Or the same, then the lost object back and a restore again once the first has failed.
+        // Or the same, then a restore again once the first has ended: the lost object back once it failed, or
+        // (with no lost object) only if the cancel took.
         let again_after_ms = match calls.next() {
             None => None,
             Some(again)
@@ -340,7 +341,13 @@ impl Case {
                     && matches!(&again.call, ClientCall::Start(r) if r.op == RESTORED_AGAIN_ID
                         && r.until_ms == world.until_ms && r.last_segment)
                     && again.expect == CallExpect::Started
-                    && world.lost_objects.iter().all(|lost| lost.until_end_of == Some(OPERATION_ID)) =>
+                    && match again.if_cancelled {
+                        None => {
+                            !world.lost_objects.is_empty()
+                                && world.lost_objects.iter().all(|lost| lost.until_end_of == Some(OPERATION_ID))
+                        }
+                        Some(op) => op == OPERATION_ID && world.lost_objects.is_empty() && cancel_at_ms.is_some(),
+                    } =>
             {
                 Some(again.at_ms)
             }
@@ -445,6 +452,13 @@ impl Case {
             let _ = write!(text, "\n[[restore]]\nop = {OPERATION_ID}\n{until}{segments}");
             if self.cancel {
                 let _ = writeln!(text, "outcome = \"failed:cancelled\"");
+            }
+            // Without a lost object, a restore again follows a cancel that took.
+            if let Some(at_ms) = self.again_after_ms {
+                let _ = writeln!(
+                    text,
+                    "\n[[restore]]\nop = {RESTORED_AGAIN_ID}\nafter_ended = {OPERATION_ID}\nif_cancelled = {OPERATION_ID}\nat_ms = {at_ms}\n{until}outcome = \"done\""
+                );
             }
         }
         if let Some((tablet, increment)) = &self.lost {
@@ -814,8 +828,19 @@ impl Shrinker {
         if self.best.cancel_at_ms.is_none() && !self.best.cancel {
             return false;
         }
+        // Without a lost object, a restore again follows the cancel: first without it, then without both.
+        if self.best.lost.is_none() && self.best.again_after_ms.is_some() {
+            let mut case = self.best.clone();
+            case.again_after_ms = None;
+            if self.accept(case) {
+                return true;
+            }
+        }
         let mut case = self.best.clone();
         (case.cancel_at_ms, case.cancel) = (None, false);
+        if case.lost.is_none() {
+            case.again_after_ms = None;
+        }
         self.accept(case)
     }
 
@@ -965,7 +990,10 @@ mod tests {
             }
             other => format!("{other:?}"),
         };
-        format!("{what} at {} after {:?}/{:?}: {}", call.at_ms, call.after_end_of, call.after_segment, call.expect)
+        format!(
+            "{what} at {} after {:?}/{:?} if cancelled {:?}: {}",
+            call.at_ms, call.after_end_of, call.after_segment, call.if_cancelled, call.expect
+        )
     }
 
     /// A generated world that restores to a point in time, in segments (cancelled before the last, or not) or in
@@ -982,7 +1010,7 @@ mod tests {
             ..WorldParams::default()
         };
         let (mut segmented, mut lost_in_segments, mut again, mut cancelled) = (0, 0, 0, 0);
-        let mut cancelled_mid_run = 0;
+        let (mut cancelled_mid_run, mut again_once_cancelled) = (0, 0);
         for seed in 0..60 {
             let world = World::generate(seed, &params);
             let case = Case::of(&world, &[]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -1004,10 +1032,16 @@ mod tests {
             again += usize::from(world.expected_ops.len() > 1);
             cancelled += usize::from(world.cancels());
             cancelled_mid_run += usize::from(world.cancels_mid_run());
+            again_once_cancelled += usize::from(world.calls.iter().any(|c| c.if_cancelled.is_some()));
         }
         assert!(
-            segmented > 20 && lost_in_segments > 5 && again > 5 && cancelled > 2 && cancelled_mid_run > 5,
-            "{segmented} {lost_in_segments} {again} {cancelled} {cancelled_mid_run}"
+            segmented > 20
+                && lost_in_segments > 5
+                && again > 5
+                && cancelled > 2
+                && cancelled_mid_run > 5
+                && again_once_cancelled > 2,
+            "{segmented} {lost_in_segments} {again} {cancelled} {cancelled_mid_run} {again_once_cancelled}"
         );
     }
 }

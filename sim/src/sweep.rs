@@ -467,6 +467,8 @@ pub struct SweepSummary {
     /// the cancel came first (the restore ended cancelled; in the others it had already ended).
     pub cancel_race_worlds: u64,
     pub cancel_race_won: u64,
+    /// Of the worlds where the cancel came first, those whose client then restored the same tables again.
+    pub cancel_restarted: u64,
     /// How each seed's first operation ended: Done, Failed, still running at the bound, never started.
     pub ended_done: u64,
     pub ended_failed: u64,
@@ -526,6 +528,9 @@ impl SweepSummary {
             self.cancel_race_worlds += 1;
             if matches!(outcome.end, RunEnd::Failed(lockstep::coordinator::RestoreError::Cancelled { .. })) {
                 self.cancel_race_won += 1;
+                if world.calls.iter().any(|call| call.if_cancelled.is_some()) {
+                    self.cancel_restarted += 1;
+                }
             }
         }
         match &outcome.end {
@@ -608,6 +613,7 @@ impl SweepSummary {
         self.cancelled_worlds += other.cancelled_worlds;
         self.cancel_race_worlds += other.cancel_race_worlds;
         self.cancel_race_won += other.cancel_race_won;
+        self.cancel_restarted += other.cancel_restarted;
         self.ended_done += other.ended_done;
         self.ended_failed += other.ended_failed;
         self.failed_cancelled += other.failed_cancelled;

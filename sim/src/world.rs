@@ -307,9 +307,13 @@ impl World {
             }
         }
         if world.segments() == 1
-            && let Some(at_ms) = draw_cancel(seed, params.cancel_probability, world.faults.heal_at_ms)
+            && let Some((at_ms, again_after_ms)) = draw_cancel(seed, params.cancel_probability, world.faults.heal_at_ms)
         {
             world.cancel_at(at_ms);
+            // A world that loses an object restores again whichever way its restore ends (below).
+            if let Some(delay_ms) = again_after_ms.filter(|_| world.lost_objects.is_empty()) {
+                world.restore_again_once_cancelled(delay_ms);
+            }
         }
         // Drawn last, so that every other world of a seed is the one it was before restores were retried.
         if !world.lost_objects.is_empty() && rng.gen_bool(params.restore_again_probability) {
@@ -344,6 +348,18 @@ impl World {
         if let Some(expect) = self.expected_ops.get_mut(&OPERATION_ID) {
             *expect = OpExpect::CancelRace(Box::new(expect.clone()));
         }
+    }
+
+    /// Makes the client restore the same tables again `delay_ms` after the world's first restore ended, if its
+    /// cancel of that restore was answered cancelled (expecting Done), as an operator who gave a slow restore up
+    /// and starts it over; requests of the cancelled restore may still be on their way to the shards.
+    pub fn restore_again_once_cancelled(&mut self, delay_ms: u64) {
+        let request = RestoreRequest { op: RESTORED_AGAIN_ID, ..self.restore_request() };
+        let mut call = PlannedCall::at(delay_ms, ClientCall::Start(request), CallExpect::Started);
+        call.after_end_of = Some(OPERATION_ID);
+        call.if_cancelled = Some(OPERATION_ID);
+        self.calls.push(call);
+        self.expected_ops.insert(RESTORED_AGAIN_ID, OpExpect::Done);
     }
 
     /// Makes this world's lost object come back once the restore that met its loss has failed, and the client
@@ -533,6 +549,10 @@ impl World {
                 None => when,
                 Some((op, segment)) => format!("{} ms after segment {segment} of operation {op} ended", call.at_ms),
             };
+            let when = match call.if_cancelled {
+                None => when,
+                Some(op) => format!("{when}, only if its cancel of operation {op} took"),
+            };
             text.push_str(&format!("client {when}: {} (expect {})\n", describe_call(&call.call), call.expect));
         }
         for (op, expect) in &self.expected_ops {
@@ -639,11 +659,18 @@ pub(crate) fn cancelled_before_failing(
 }
 
 /// Whether, with `probability`, the client cancels a world's restore in one go, and when: a moment up to a little
-/// after healing, so that most cancels land while the restore runs and some after it ended. From a generator of
-/// its own, seeded from `seed`.
-fn draw_cancel(seed: u64, probability: f64, heal_at_ms: u64) -> Option<u64> {
+/// after healing, so that most cancels land while the restore runs and some after it ended; and, one time in two,
+/// how long after the cancelled restore has ended the client restores again. From a generator of its own, seeded
+/// from `seed`.
+fn draw_cancel(seed: u64, probability: f64, heal_at_ms: u64) -> Option<(u64, Option<u64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3c41_5ca7_0b0e_d1e5);
-    rng.gen_bool(probability).then(|| rng.gen_range(0..=heal_at_ms.saturating_add(heal_at_ms / 4)))
+    if !rng.gen_bool(probability) {
+        return None;
+    }
+    let at_ms = rng.gen_range(0..=heal_at_ms.saturating_add(heal_at_ms / 4));
+    // Drawn after the moment, so that a seed cancels when it did before restores again were drawn.
+    let again_after_ms = rng.gen_bool(0.5).then(|| rng.gen_range(0..100));
+    Some((at_ms, again_after_ms))
 }
 
 /// A point in time as a description says it.

@@ -462,7 +462,7 @@ impl<'a> Encoder<'a> {
     }
 
     fn state(&mut self, state: &State) {
-        let State { now_ms, coordinator, shards, network, used, ghost, cancel } = state;
+        let State { now_ms, coordinator, shards, network, used, ghost, cancel, again } = state;
         self.word(*now_ms);
         self.coordinator_node(coordinator);
         let mut placed: Vec<(usize, usize)> = (0..shards.len()).map(|i| (self.renaming.nodes[i], i)).collect();
@@ -480,6 +480,7 @@ impl<'a> Encoder<'a> {
         self.raw(used);
         self.raw(ghost);
         self.raw(cancel);
+        self.raw(again);
     }
 
     fn coordinator_node(&mut self, node: &CoordinatorNode) {
