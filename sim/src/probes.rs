@@ -31,7 +31,8 @@ pub enum Probe {
     CleanFailedReached,
     /// A shard reported an object missing for good.
     ObjectMissingReported,
-    /// A tablet applied a newer operation's rows over those of an older one (a restore again after a failure).
+    /// A tablet applied a newer operation's rows over those of an older one (a restore again after a failure or a
+    /// cancel).
     RestoredAgain,
     /// The coordinator took the client's call for the next segment of a restore in segments.
     SegmentContinued,
