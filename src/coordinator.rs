@@ -1020,7 +1020,7 @@ impl Coordinator {
             }
             OperationStatus::Done { increments, .. } if has(&self.config, CoordinatorBug::CancelOverwritesEnd) => {
                 let (applied, mut out) = (*increments, Vec::new());
-                let operation = &mut self.operations_mut().get_mut(&op).expect("the operation was just found");
+                let operation = self.operations_mut().get_mut(&op).expect("the operation was just found");
                 operation.status =
                     OperationStatus::Failed { error: RestoreError::Cancelled { applied }, failed_at_ms: now_ms };
                 let tables: Vec<TableId> = operation.tables.iter().map(|t| t.id).collect();
