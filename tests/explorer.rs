@@ -158,6 +158,30 @@ fn a_restore_again_after_a_cancel_is_explored_whole_and_ends_done() {
     ));
 }
 
+#[test]
+fn a_restore_again_refused_because_a_cancel_kept_the_tables_is_a_violation_not_a_panic() {
+    let bugs = Bugs { coordinator: Some(CoordinatorBug::CancelKeepsHold), shard: None, host: None };
+    let config = ExploreConfig { shards: 1, cancel: true, restore_again: true, bugs, ..pinned() };
+    let world = ExploreWorld::new(config);
+    let mut state = world.initial();
+    loop {
+        let steps = state.steps(&world);
+        let step = [Step::Cancel, Step::RestoreAgain]
+            .into_iter()
+            .find(|s| steps.contains(s))
+            .unwrap_or_else(|| steps.iter().find(|s| !State::is_fault(s)).expect("a step").clone());
+        let mut broken = Vec::new();
+        state = state.next(&world, &step, &mut broken, &mut Vec::new());
+        if step == Step::RestoreAgain {
+            assert!(
+                broken.iter().any(|b| b.invariant == "expected-outcome" && b.detail.contains("was refused")),
+                "{broken:?}"
+            );
+            break;
+        }
+    }
+}
+
 /// Unique states of [`pinned`] with one shard, when the client may cancel and then restores again.
 const RESTORE_AGAIN_STATES: u64 = 29_677;
 

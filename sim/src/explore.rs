@@ -714,8 +714,14 @@ impl State {
                 next.again = true;
                 let now_ms = next.now_ms;
                 let coordinator = next.coordinator_mut();
-                let out = coordinator.machine.start(now_ms, world.request_again());
-                coordinator.outbox.extend(out.expect("the cancelled restore's tables are free again"));
+                match coordinator.machine.start(now_ms, world.request_again()) {
+                    Ok(out) => coordinator.outbox.extend(out),
+                    // A cancel that took frees the tables: a refusal here is a coordinator that kept them.
+                    Err(error) => {
+                        let detail = format!("the restore again after a cancel that took was refused: {error}");
+                        broken.push(Broken { invariant: "expected-outcome", detail });
+                    }
+                }
                 next.flush_coordinator(world, broken);
             }
             Step::Crash(node) => {
